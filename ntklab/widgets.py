@@ -1,0 +1,61 @@
+"""ipywidgets explorers of the book. A static page has no kernel behind it, so every chapter
+shows a static figure of the same thing before an explorer.
+
+Introduced in chapter 1 (Primer).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import matplotlib.pyplot as plt
+import torch
+
+__all__ = ["attack_explorer"]
+
+
+def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    attack: Callable, *, eps_max: float = 0.3, eps_step: float = 0.01):
+    """An eps slider and an image picker: shows the clean image, the adversarial one made by
+    ``attack(model, x, y, eps=eps)`` and the perturbation, with the model's predictions.
+
+    images: (N, C, H, W) in [0, 1]; labels: (N,) int64. Returns the ipywidgets container.
+    """
+    import ipywidgets as widgets
+
+    if images.dim() != 4 or labels.shape != (images.shape[0],):
+        raise ValueError("images must be (N, C, H, W) and labels (N,)")
+    out = widgets.Output()
+    eps = widgets.FloatSlider(value=min(0.1, eps_max), min=0.0, max=eps_max, step=eps_step,
+                              description="eps", readout_format=".2f", continuous_update=False)
+    index = widgets.IntSlider(value=0, min=0, max=images.shape[0] - 1, description="image",
+                              continuous_update=False)
+
+    def draw(*_):
+        x, y = images[index.value : index.value + 1], labels[index.value : index.value + 1]
+        x_adv = attack(model, x, y, eps=eps.value)
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            p_clean = model(x).softmax(1)[0]
+            p_adv = model(x_adv).softmax(1)[0]
+            model.train(was_training)
+        out.clear_output(wait=True)
+        with out:
+            fig, axes = plt.subplots(1, 3, figsize=(7, 2.6))
+            delta = (x_adv - x)[0, 0].cpu()
+            axes[0].imshow(x[0].permute(1, 2, 0).squeeze(-1).cpu(), cmap="gray", vmin=0, vmax=1)
+            axes[0].set_title(f"clean: {int(p_clean.argmax())} ({float(p_clean.max()):.2f})")
+            axes[1].imshow(x_adv[0].permute(1, 2, 0).squeeze(-1).cpu(), cmap="gray", vmin=0, vmax=1)
+            axes[1].set_title(f"adversarial: {int(p_adv.argmax())} ({float(p_adv.max()):.2f})")
+            lim = max(float(delta.abs().max()), 1e-8)
+            axes[2].imshow(delta, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            axes[2].set_title("perturbation")
+            for ax in axes:
+                ax.set_xticks([])
+                ax.set_yticks([])
+            plt.show()
+
+    eps.observe(draw, names="value")
+    index.observe(draw, names="value")
+    draw()
+    return widgets.VBox([widgets.HBox([eps, index]), out])

@@ -1,0 +1,90 @@
+import pytest
+import random
+
+import numpy as np
+import torch
+
+from ntklab import config
+
+
+def test_default_profile_is_quick(monkeypatch):
+    monkeypatch.delenv("NTKLAB_PROFILE", raising=False)
+    assert config.get_profile().name == "quick"
+
+
+def test_env_var_selects_profile(monkeypatch):
+    monkeypatch.setenv("NTKLAB_PROFILE", "smoke")
+    assert config.get_profile().name == "smoke"
+    # an explicit argument wins over the environment
+    assert config.get_profile("paper").name == "paper"
+
+
+def test_profile_name_is_case_insensitive():
+    assert config.get_profile(" Quick ").name == "quick"
+
+
+def test_unknown_profile_lists_valid_ones(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown profile 'fast'.*smoke, quick, paper"):
+        config.get_profile("fast")
+    monkeypatch.setenv("NTKLAB_PROFILE", "huge")
+    with pytest.raises(ValueError, match=r"'huge' \(from \$NTKLAB_PROFILE\)"):
+        config.get_profile()
+
+
+def test_profiles_match_the_design():
+    quick, paper, smoke = (config.get_profile(n) for n in ("quick", "paper", "smoke"))
+    assert quick.dataset == "mnist5k" and quick.model == "small_cnn"
+    assert paper.dataset == "cifar10" and paper.model == "preact_resnet18"
+    assert paper.eps == pytest.approx(8 / 255) and paper.pgd_steps == 10
+    assert paper.epochs == 200 and paper.lr_milestones == (100, 150)
+    assert smoke.n_train < 1000 and smoke.model_kwargs["width"] < quick.model_kwargs["width"]
+    for p in (quick, paper, smoke):
+        assert 0 < p.pgd_alpha <= p.eps
+
+
+def test_profile_replace_and_dict():
+    p = config.get_profile("quick").replace(epochs=3)
+    assert p.epochs == 3 and config.get_profile("quick").epochs != 3
+    assert p.to_dict()["epochs"] == 3
+    with pytest.raises(dataclasses_error()):
+        config.get_profile("quick").epochs = 5
+
+
+def dataclasses_error():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+def test_device_auto_and_forced(monkeypatch):
+    monkeypatch.delenv("NTKLAB_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert config.get_device().type == expected
+    assert config.get_device("auto").type == expected
+    assert config.get_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("NTKLAB_DEVICE", "cpu")
+    assert config.get_device() == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        config.get_device("cuda")
+
+
+def test_unknown_device():
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        config.get_device("gpu0")
+
+
+def test_seed_everything_repeats_all_generators():
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    config.seed_everything(123)
+    a = draw()
+    config.seed_everything(123)
+    assert draw() == a
+    config.seed_everything(124)
+    assert draw() != a
+    with pytest.raises(ValueError, match="non-negative integer"):
+        config.seed_everything(-1)

