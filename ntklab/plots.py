@@ -50,20 +50,31 @@ def kernel_heatmap(K, labels=None, *, ax=None, title: str | None = None, cmap: s
 
 
 def image_grid(images, *, titles: Sequence[str] | None = None, nrow: int | None = None,
-               fig=None, cmap: str = "gray", signed: bool = False):
-    """Show images (N, C, H, W) in [0, 1] (or, with ``signed=True``, perturbations centred on 0)
-    in a grid of ``nrow`` rows. Returns the Figure."""
+               fig=None, cmap: str = "gray", signed=False):
+    """Show images (N, C, H, W) in [0, 1] in a grid of ``nrow`` rows. Returns the Figure.
+
+    ``signed``: ``True`` shows perturbations (values centred on 0, red positive, blue negative, on
+    a common symmetric scale); a sequence of N booleans chooses per image, e.g. to put a row of
+    perturbations under rows of images.
+    """
     images = _np(images)
     if images.ndim != 4:
         raise ValueError(f"image_grid expects (N, C, H, W), got shape {images.shape}")
     n = images.shape[0]
+    flags = [bool(signed)] * n if isinstance(signed, (bool, np.bool_)) else [bool(s) for s in signed]
+    if len(flags) != n:
+        raise ValueError(f"signed needs one flag per image ({n}), got {len(flags)}")
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"titles needs one title per image ({n}), got {len(titles)}")
     nrow = nrow or 1
     ncol = int(np.ceil(n / nrow))
     fig = fig or plt.figure(figsize=(1.3 * ncol, 1.45 * nrow))
-    lim = np.abs(images).max() if signed else 1.0
+    signed_values = images[np.array(flags)] if any(flags) else np.zeros(1)
+    signed_lim = max(float(np.abs(signed_values).max()), 1e-12)
     for i in range(n):
         ax = fig.add_subplot(nrow, ncol, i + 1)
         img = images[i].transpose(1, 2, 0)
+        signed, lim = flags[i], (signed_lim if flags[i] else 1.0)
         if img.shape[2] == 1:
             ax.imshow(img[:, :, 0], cmap="RdBu_r" if signed else cmap,
                       vmin=-lim if signed else 0, vmax=lim)

@@ -1,0 +1,45 @@
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ntklab import plots  # noqa: E402
+
+
+def test_kernel_heatmap_draws_class_lines_and_checks_shapes():
+    K = torch.eye(6)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    fig, ax = plt.subplots()
+    plots.kernel_heatmap(K, labels, ax=ax, title="K")
+    assert len(ax.lines) == 4  # two boundaries, horizontal and vertical
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="square"):
+        plots.kernel_heatmap(torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"labels must have shape \(6,\)"):
+        plots.kernel_heatmap(K, labels[:5])
+    plt.close("all")
+
+
+def test_image_grid_signed_rows_use_a_symmetric_scale():
+    images = torch.rand(4, 1, 8, 8)
+    images[2:] -= 0.5
+    fig = plots.image_grid(images, nrow=2, signed=[False, False, True, True], titles=list("abcd"))
+    axes = fig.get_axes()
+    assert len(axes) == 4
+    lo, hi = axes[3].images[0].get_clim()
+    assert lo == pytest.approx(-hi) and hi == pytest.approx(float(images[2:].abs().max()))
+    assert axes[0].images[0].get_clim() == (0, 1.0)
+    with pytest.raises(ValueError, match="one flag per image"):
+        plots.image_grid(images, signed=[True])
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        plots.image_grid(np.zeros((3, 8, 8)))
+    plt.close("all")
+
+
+def test_accuracy_curves():
+    ax = plots.accuracy_curves([0, 0.1], {"a": [1.0, 0.5], "b": [1.0, 0.2]})
+    assert len(ax.lines) == 2 and ax.get_legend() is not None
+    plt.close("all")

@@ -1,0 +1,26 @@
+import matplotlib
+
+matplotlib.use("Agg")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ntklab import widgets  # noqa: E402
+
+
+def test_attack_explorer_redraws_with_the_chosen_eps(trained_cnn, mnist_small):
+    x, y = mnist_small[1].tensors[0][:5], mnist_small[1].tensors[1][:5]
+    calls = []
+
+    def attack(model, xb, yb, eps):
+        calls.append((xb.shape, eps))
+        return (xb + eps).clamp(0, 1)
+
+    box = widgets.attack_explorer(trained_cnn, x, y, attack, eps_max=0.3)
+    eps_slider, index_slider = box.children[0].children
+    assert calls == [((1, 1, 28, 28), pytest.approx(0.1))]
+    eps_slider.value = 0.2
+    index_slider.value = 3
+    assert [c[1] for c in calls][-2:] == [pytest.approx(0.2), pytest.approx(0.2)]
+    assert index_slider.max == 4 and eps_slider.max == pytest.approx(0.3)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\) and labels \(N,\)"):
+        widgets.attack_explorer(trained_cnn, x[0], y, attack)
