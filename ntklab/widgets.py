@@ -47,7 +47,7 @@ def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.
             axes[0].set_title(f"clean: {int(p_clean.argmax())} ({float(p_clean.max()):.2f})")
             axes[1].imshow(x_adv[0].permute(1, 2, 0).squeeze(-1).detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             axes[1].set_title(f"adversarial: {int(p_adv.argmax())} ({float(p_adv.max()):.2f})")
-            lim = max(float(delta.abs().max()), 1e-8)
+            lim = max(float(abs(delta).max()), 1e-8)
             axes[2].imshow(delta, cmap="RdBu_r", vmin=-lim, vmax=lim)
             axes[2].set_title("perturbation")
             for ax in axes:
