@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "cache_dir", "DEFAULT"]
+__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "cache_dir", "atomic_save",
+           "DEFAULT"]
 
 DEFAULT = "mnist5k"
 _SPLITS = ("train", "test")
@@ -79,7 +80,9 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "ntklab"
 
 
-def _atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then an atomic rename: a reader never
+    sees a partial file, and an interrupted write leaves the old file (or none) in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -131,7 +134,7 @@ def _load_embedded(name: str, split: str) -> TensorDataset:
         data = {"train_x": torch.from_numpy(X[tr]), "train_y": torch.from_numpy(y[tr]),
                 "test_x": torch.from_numpy(X[te]), "test_y": torch.from_numpy(y[te])}
         try:
-            _atomic_save(data, path)
+            atomic_save(data, path)
         except OSError:  # a read-only home still works, only slower
             pass
     return TensorDataset(data[f"{split}_x"], data[f"{split}_y"])

@@ -5,6 +5,10 @@ import torch
 import ntklab
 from ntklab.models import SmallCNN
 
+# The tests use tiny models, which gain nothing from a second thread; on a busy 2-core machine two
+# threads per process slow them down many times over. Chapters run by nbval use their own kernels.
+torch.set_num_threads(1)
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")

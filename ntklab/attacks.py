@@ -1,0 +1,458 @@
+"""L-inf adversarial attacks on images in [0, 1] (the normalisation lives inside the model).
+
+* :func:`fgsm` — Goodfellow et al. 2015, one signed step of ``eps`` from ``x``;
+* :func:`fgsm_rs` — Wong et al. 2020 ("Fast is better than free"): uniform start, step ``1.25 eps``;
+* :func:`n_fgsm` — de Jorge et al. 2022 (N-FGSM): larger uniform noise, no projection;
+* :func:`fgsm_aniso` — FGSM after anisotropic Gaussian noise, our construction of the fix of
+  Li et al., arXiv 2312.02236 (catastrophic overfitting);
+* :func:`pgd` — Madry et al. 2018, PGD-k with random start and restarts;
+* :func:`trades_loss` — Zhang et al. 2019, the TRADES training loss and its adversarial examples;
+* :func:`adversarial_examples` — any of :data:`ATTACKS` by name (the training loop uses it).
+
+Every attack takes ``model`` (logits out), ``x`` of shape (N, C, H, W) with values in [0, 1] and
+``y`` of shape (N,) with integer labels, and returns a detached tensor of the shape, dtype and device
+of ``x``, inside [0, 1] and within ``eps`` of ``x`` in L-inf (up to float rounding; :func:`n_fgsm`
+is the documented exception). Gradients are taken with respect to the input only
+(``torch.autograd.grad``): no parameter gradient is computed or accumulated, so a PGD step costs
+about one forward and one backward pass.
+
+The BN mode while crafting is explicit (``bn_mode``), see :func:`attack_mode`: ``"eval"`` (the
+default) uses the running statistics, ``"train"`` the statistics of the attacked batch itself,
+``"keep"`` leaves the BN layers as they are. Other layers (dropout) are in eval mode while crafting.
+Afterwards every submodule's mode, the parameters, the buffers (BN running statistics included)
+and the parameters' ``.grad`` are as before.
+
+Introduced in chapter 1 (Primer: :func:`fgsm`, :func:`pgd`); chapter 3 is about ``bn_mode``;
+chapter 4 uses :func:`trades_loss`; chapter 6 compares the single-step variants.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Iterator
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ntklab.models import bn_layers
+
+__all__ = ["fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd", "trades_loss", "adversarial_examples",
+           "attack_mode", "ATTACKS", "BN_MODES"]
+
+ATTACKS = ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd")
+BN_MODES = ("eval", "train", "keep")
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+# ------------------------------------------------------------------ shared machinery
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
+    """Within the block, every submodule of ``model`` is in eval mode except the BN layers, which
+    are in ``bn_mode``: ``"eval"`` (running statistics), ``"train"`` (statistics of the batch) or
+    ``"keep"`` (each BN layer's current mode).
+
+    PyTorch's train-mode BN also updates its running statistics at every forward pass; here every
+    BN layer that is in train mode inside the block gets its running buffers (mean, variance,
+    ``num_batches_tracked``) back on exit, so crafting an attack in ``"train"`` mode leaves the
+    model's buffers unchanged. Every submodule's mode is restored on exit, exceptions included.
+    BN layers built without running statistics (``track_running_stats=False``) use the batch
+    statistics in either mode. Chapter 3 is about this choice.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {', '.join(map(repr, BN_MODES))}, got {bn_mode!r}")
+    flags = [(m, m.training) for m in model.modules()]
+    bns = bn_layers(model)
+    bn_flags = [m.training for m in bns]
+    saved = []
+    try:
+        for m, _ in flags:
+            m.training = False
+        for m, was_training in zip(bns, bn_flags):
+            m.training = bn_mode == "train" or (bn_mode == "keep" and was_training)
+            if m.training:
+                bufs = {k: getattr(m, k).detach().clone() for k in _BN_BUFFERS
+                        if getattr(m, k, None) is not None}
+                if bufs:
+                    saved.append((m, bufs))
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, bufs in saved:
+                for k, value in bufs.items():
+                    getattr(m, k).copy_(value)
+        for m, flag in flags:
+            m.training = flag
+
+
+def _number(name: str, value, *, positive: bool = False, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if not positive and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def _count(name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_inputs(x, y, *, eps, alpha=None, steps=None, restarts=None, noise=None,
+                  bn_mode="eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the arguments shared by the attacks; return ``(x, y)`` detached, ``y`` on x's device.
+
+    Raises ``ValueError`` with a message naming the argument at fault.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor with values in [0, 1], got {x.dtype}")
+    if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y must have shape (N,) = ({x.shape[0]},) to match x, got {shape}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+    _number("eps", eps)
+    _number("alpha", alpha, positive=True, allow_none=True)
+    _number("noise", noise, allow_none=True)
+    _count("steps", steps, allow_none=True)
+    _count("restarts", restarts, allow_none=True)
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {', '.join(map(repr, BN_MODES))}, got {bn_mode!r}")
+    if x.numel():
+        nan, low, high = torch.stack([x.isnan().any(), (x < 0).any(), (x > 1).any()]).tolist()
+        if nan:
+            raise ValueError("x contains NaN")
+        if low or high:
+            raise ValueError(f"x must lie in [0, 1] (normalisation is inside the model), got values in "
+                             f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    return x.detach(), y.detach().to(x.device)
+
+
+def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient of the mean cross-entropy with respect to the input ``x_adv`` only."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+    return grad
+
+
+def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch.Tensor:
+    """Back to the eps-ball around ``x`` (L-inf) and to [0, 1]."""
+    delta = torch.clamp(x_adv - x, min=-eps, max=eps)
+    return torch.clamp(x + delta, min=0, max=1).detach()
+
+
+def _uniform(x: torch.Tensor, radius: float, generator) -> torch.Tensor:
+    """Noise uniform in [-radius, radius]^d, shaped like ``x``."""
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (2 * u - 1) * radius
+
+
+# ------------------------------------------------------------------ single-step attacks
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+         bn_mode: str = "eval") -> torch.Tensor:
+    r"""FGSM, the fast gradient sign method (Goodfellow, Shlens & Szegedy, ICLR 2015).
+
+    Distance: L-inf. ``x' = clip_[0,1](x + eps * sign(grad_x CE(f(x), y)))``: zero start, one step
+    of ``eps``.
+
+    Arguments:
+        model: maps (N, C, H, W) in [0, 1] to logits (N, K).
+        x: (N, C, H, W) images in [0, 1]. y: (N,) integer labels.
+        eps (float): L-inf radius, >= 0 (0 returns ``x``).
+        bn_mode (str): BN mode while crafting, ``"eval"`` (default), ``"train"`` or ``"keep"``
+            (see :func:`attack_mode`).
+
+    Returns (N, C, H, W) in [0, 1], ``||x' - x||_inf <= eps``. Chapter 1 (Primer).
+
+    Example::
+
+        >>> x_adv = ntklab.attacks.fgsm(model, x, y, eps=0.3)
+    """
+    x, y = _check_inputs(x, y, eps=eps, bn_mode=bn_mode)
+    if eps == 0:
+        return x.clone()
+    with attack_mode(model, bn_mode):
+        grad = _input_grad(model, x, y)
+    return torch.clamp(x + eps * grad.sign(), min=0, max=1).detach()
+
+
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+            alpha: float | None = None, bn_mode: str = "eval", generator=None) -> torch.Tensor:
+    r"""FGSM with a random start, "FGSM-RS" (Wong, Rice & Kolter, ICLR 2020, "Fast is better
+    than free: revisiting adversarial training").
+
+    Distance: L-inf. Start at ``x + u`` with ``u`` uniform in ``[-eps, eps]^d`` (isotropic noise),
+    clipped to [0, 1]; one signed step of ``alpha`` from there; projected back to the eps-ball and
+    to [0, 1].
+
+    Arguments:
+        model, x, y, bn_mode: as in :func:`fgsm`.
+        eps (float): L-inf radius, >= 0.
+        alpha (float): step size, > 0 (default ``1.25 * eps``, the paper's choice).
+        generator (torch.Generator, optional): for the noise (on x's device).
+
+    Returns (N, C, H, W) in [0, 1], ``||x' - x||_inf <= eps``. Chapter 6.
+
+    Example::
+
+        >>> x_adv = ntklab.attacks.fgsm_rs(model, x, y, eps=0.3)
+    """
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode)
+    if eps == 0:
+        return x.clone()
+    alpha = 1.25 * eps if alpha is None else alpha
+    x_adv = torch.clamp(x + _uniform(x, eps, generator), min=0, max=1)
+    with attack_mode(model, bn_mode):
+        grad = _input_grad(model, x_adv, y)
+    return _project(x, x_adv + alpha * grad.sign(), eps)
+
+
+def n_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+           alpha: float | None = None, noise: float | None = None, bn_mode: str = "eval",
+           generator=None) -> torch.Tensor:
+    r"""N-FGSM (de Jorge, Bibi, Volpi, Sanyal, Torr, Rogez & Dokania, NeurIPS 2022, "Make some
+    noise: reliable and efficient single-step adversarial training").
+
+    Distance: L-inf, but **not** confined to the eps-ball. Start at ``x + u`` with ``u`` uniform
+    in ``[-noise, noise]^d``, clipped to [0, 1]; one signed step of ``alpha``; clipped to [0, 1]
+    only. There is no projection back to the eps-ball (the paper's point: the stronger noise and
+    the unprojected step avoid catastrophic overfitting), so the invariant is
+    ``||x' - x||_inf <= noise + alpha`` (``3 eps`` with the defaults), not ``eps``.
+
+    Arguments:
+        model, x, y, bn_mode: as in :func:`fgsm`.
+        eps (float): the nominal radius, >= 0; sets the defaults below (0 returns ``x``).
+        alpha (float): step size, > 0 (default ``eps``).
+        noise (float): half-width of the uniform noise, >= 0 (default ``2 * eps``).
+        generator (torch.Generator, optional): for the noise (on x's device).
+
+    Returns (N, C, H, W) in [0, 1]. Chapter 6.
+
+    Example::
+
+        >>> x_adv = ntklab.attacks.n_fgsm(model, x, y, eps=0.3)   # up to 0.9 away from x
+    """
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, noise=noise, bn_mode=bn_mode)
+    if eps == 0:
+        return x.clone()
+    alpha = eps if alpha is None else alpha
+    noise = 2 * eps if noise is None else noise
+    x_adv = torch.clamp(x + _uniform(x, noise, generator), min=0, max=1)
+    with attack_mode(model, bn_mode):
+        grad = _input_grad(model, x_adv, y)
+    return torch.clamp(x_adv + alpha * grad.sign(), min=0, max=1).detach()
+
+
+def fgsm_aniso(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+               alpha: float | None = None, low: float = math.exp(-3), high: float = 1.0,
+               bn_mode: str = "eval", generator=None) -> torch.Tensor:
+    r"""FGSM after anisotropic Gaussian noise: our construction of the fix for catastrophic
+    overfitting proposed by Li et al., arXiv 2312.02236 ("Rethinking adversarial training with
+    neural tangent kernel", section on catastrophic overfitting).
+
+    Distance: L-inf. The paper's exact construction is not available to us; this one is our
+    documented choice (the one measured in the pilot runs). For every example and every pixel
+    independently, and afresh at every call (every mini-batch), draw a standard deviation
+    ``sigma = s * eps`` with ``log s`` uniform in ``[log low, log high]``; start at
+    ``x + sigma * z``, ``z ~ N(0, 1)``, clipped to the eps-ball and to [0, 1]; take one signed
+    step of ``alpha``; project back to the eps-ball and to [0, 1].
+
+    Why anisotropic: the noise has a different scale along every pixel direction (with the
+    defaults the per-pixel scales span a factor e^3, about 20), so its covariance
+    ``diag(sigma^2)`` is far from a multiple of the identity. FGSM-RS (:func:`fgsm_rs`) draws the
+    same uniform law along every direction (isotropic). The log-uniform scale law, the Gaussian,
+    the per-pixel-per-example draw and the clipping are our choices, not the paper's.
+
+    Arguments:
+        model, x, y, bn_mode: as in :func:`fgsm`.
+        eps (float): L-inf radius, >= 0.
+        alpha (float): step size, > 0 (default ``eps``).
+        low, high (float): range of the per-pixel scale ``s``, ``0 < low <= high``
+            (default ``e^-3`` and 1).
+        generator (torch.Generator, optional): for the noise (on x's device).
+
+    Returns (N, C, H, W) in [0, 1], ``||x' - x||_inf <= eps``. Chapter 6.
+
+    Example::
+
+        >>> x_adv = ntklab.attacks.fgsm_aniso(model, x, y, eps=0.3)
+    """
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode)
+    low, high = _number("low", low, positive=True), _number("high", high, positive=True)
+    if low > high:
+        raise ValueError(f"need low <= high, got low={low}, high={high}")
+    if eps == 0:
+        return x.clone()
+    alpha = eps if alpha is None else alpha
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    sigma = eps * torch.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x_adv = _project(x, x + sigma * z, eps)
+    with attack_mode(model, bn_mode):
+        grad = _input_grad(model, x_adv, y)
+    return _project(x, x_adv + alpha * grad.sign(), eps)
+
+
+# ------------------------------------------------------------------ multi-step attacks
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+        random_start: bool = True, restarts: int = 1, bn_mode: str = "eval",
+        generator=None) -> torch.Tensor:
+    r"""PGD, projected gradient descent on the cross-entropy (Madry, Makelov, Schmidt, Tsipras &
+    Vladu, ICLR 2018, "Towards deep learning models resistant to adversarial attacks").
+
+    Distance: L-inf. Start at ``x`` plus noise uniform in ``[-eps, eps]^d`` (or at ``x`` with
+    ``random_start=False``), clipped to [0, 1]; ``steps`` times: a signed step of ``alpha``, then
+    projection onto the eps-ball and [0, 1]. The last iterate is returned. With ``restarts > 1``
+    the attack runs from several random starts and keeps, per example, a perturbation that
+    misclassifies if one does, else the one with the highest loss.
+
+    Arguments:
+        model, x, y, bn_mode: as in :func:`fgsm`.
+        eps (float): L-inf radius, >= 0 (0 returns ``x``).
+        alpha (float): step size, > 0 (eps / 4 is a common choice).
+        steps (int): number of steps, >= 1.
+        random_start (bool): uniform start in the eps-ball (default True).
+        restarts (int): number of runs, >= 1 (> 1 needs ``random_start``).
+        generator (torch.Generator, optional): for the random starts (on x's device).
+
+    Returns (N, C, H, W) in [0, 1], ``||x' - x||_inf <= eps``. Cost: ``restarts * steps`` forward
+    and backward passes (plus one forward per restart when ``restarts > 1``). Chapter 1 (Primer).
+
+    Example::
+
+        >>> x_adv = ntklab.attacks.pgd(model, x, y, eps=0.3, alpha=0.075, steps=10)
+    """
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, steps=steps, restarts=restarts, bn_mode=bn_mode)
+    if alpha is None:
+        raise ValueError("alpha (the step size) is required for pgd, e.g. eps / 4")
+    if restarts > 1 and not random_start:
+        raise ValueError("restarts > 1 needs random_start=True (every run would be the same)")
+    if eps == 0:
+        return x.clone()
+    best, best_loss, best_wrong = None, None, None
+    with attack_mode(model, bn_mode):
+        for _ in range(restarts):
+            x_adv = x.clone()
+            if random_start:
+                x_adv = torch.clamp(x_adv + _uniform(x, eps, generator), min=0, max=1)
+            for _ in range(steps):
+                grad = _input_grad(model, x_adv, y)
+                x_adv = _project(x, x_adv + alpha * grad.sign(), eps)
+            if restarts == 1:
+                return x_adv
+            with torch.no_grad():
+                logits = model(x_adv)
+                loss = F.cross_entropy(logits, y, reduction="none")
+                wrong = logits.argmax(1) != y
+            if best is None:
+                best, best_loss, best_wrong = x_adv, loss, wrong
+                continue
+            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+            best = torch.where(better.view(-1, 1, 1, 1), x_adv, best)
+            best_loss = torch.where(better, loss, best_loss)
+            best_wrong = best_wrong | wrong
+    return best
+
+
+def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
+                steps: int, beta: float = 6.0, bn_mode: str = "eval",
+                generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The TRADES loss and its adversarial examples (Zhang, Yu, Jiao, Xing, El Ghaoui & Jordan,
+    ICML 2019, "Theoretically principled trade-off between robustness and accuracy").
+
+    Distance: L-inf. Crafting (BN in ``bn_mode``, other layers in eval mode): start at ``x`` plus
+    Gaussian noise of std 0.001, then ``steps`` signed steps of ``alpha`` that increase
+    ``KL(f(x) || f(x'))`` (softmax outputs; ``f(x)`` computed once, fixed), each projected onto the
+    eps-ball and [0, 1]. Then, in the model's own mode (usually train mode, inside a training loop),
+
+        ``loss = CE(f(x), y) + beta * KL(f(x) || f(x'))``,
+
+    the KL averaged over the batch (``batchmean``), with gradients flowing through both ``f(x)``
+    and ``f(x')`` as in the authors' code. The loss is ready for ``loss.backward()``. Two forward
+    passes are made for it (``x`` and ``x'``; in train mode each updates the BN running statistics,
+    the reference code makes a third on ``x``).
+
+    Arguments:
+        model, x, y, bn_mode: as in :func:`fgsm` (``bn_mode`` applies to the crafting only).
+        eps (float): L-inf radius, >= 0 (0: ``x' = x``). alpha (float): step size, > 0.
+        steps (int): number of steps, >= 1. beta (float): weight of the KL term, >= 0 (default 6).
+        generator (torch.Generator, optional): for the start noise (on x's device).
+
+    Returns ``(loss, x_adv)``: a scalar tensor attached to the parameters, and the detached
+    (N, C, H, W) adversarial examples in [0, 1] within eps of ``x``. Chapter 4.
+
+    Example::
+
+        >>> loss, x_adv = ntklab.attacks.trades_loss(model, x, y, eps=0.3, alpha=0.075, steps=10)
+        >>> loss.backward()
+    """
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, steps=steps, bn_mode=bn_mode)
+    if alpha is None:
+        raise ValueError("alpha (the step size) is required for trades_loss, e.g. eps / 4")
+    beta = _number("beta", beta)
+    x_adv = x.clone()
+    if eps > 0:
+        with attack_mode(model, bn_mode):
+            with torch.no_grad():
+                log_p_nat = F.log_softmax(model(x), dim=1)
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_adv = _project(x, x + 0.001 * z, eps)
+            for _ in range(steps):
+                xa = x_adv.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    kl = F.kl_div(F.log_softmax(model(xa), dim=1), log_p_nat, reduction="sum",
+                                  log_target=True)
+                    (grad,) = torch.autograd.grad(kl, xa)
+                x_adv = _project(x, x_adv + alpha * grad.sign(), eps)
+    logits = model(x)
+    loss_robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.log_softmax(logits, dim=1),
+                           reduction="batchmean", log_target=True)
+    return F.cross_entropy(logits, y) + beta * loss_robust, x_adv
+
+
+# ------------------------------------------------------------------ by name
+def adversarial_examples(strategy: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                         eps: float, alpha: float | None = None, steps: int | None = None,
+                         bn_mode: str = "eval", **kw) -> torch.Tensor:
+    """Adversarial examples by the attack's name, one of :data:`ATTACKS`:
+    ``"fgsm"``, ``"fgsm_rs"``, ``"n_fgsm"``, ``"fgsm_aniso"``, ``"pgd"``.
+
+    eps, alpha, bn_mode: passed on (``alpha=None``: the attack's default; ``eps / 4`` for PGD).
+    steps: required for ``"pgd"``; the single-step attacks accept only ``None`` or 1.
+    kw: further keyword arguments of the attack (``noise``, ``low``, ``high``, ``random_start``,
+    ``restarts``, ``generator``). ``"fgsm"`` takes no ``alpha`` (its step is ``eps``): giving one
+    raises ``ValueError`` rather than being silently ignored.
+
+    Example::
+
+        >>> x_adv = ntklab.attacks.adversarial_examples("pgd", model, x, y, eps=0.3, steps=10)
+    """
+    if strategy not in ATTACKS:
+        raise ValueError(f"unknown attack {strategy!r}; valid attacks are: {', '.join(ATTACKS)}")
+    if strategy == "pgd":
+        if steps is None:
+            raise ValueError("steps is required for the 'pgd' attack")
+        alpha = eps / 4 if alpha is None else alpha
+        return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, bn_mode=bn_mode, **kw)
+    if steps not in (None, 1):
+        raise ValueError(f"{strategy!r} is a single-step attack; steps must be None or 1, got {steps!r}")
+    if strategy == "fgsm":
+        if alpha is not None:
+            raise ValueError("'fgsm' takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' "
+                             "for another step size")
+        return fgsm(model, x, y, eps=eps, bn_mode=bn_mode, **kw)
+    fn = {"fgsm_rs": fgsm_rs, "n_fgsm": n_fgsm, "fgsm_aniso": fgsm_aniso}[strategy]
+    return fn(model, x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, **kw)

@@ -1,0 +1,239 @@
+"""Callbacks of the training loop: kernel snapshots and the catastrophic-overfitting check.
+
+A callback is any object with some of the methods of :class:`Callback` (all optional):
+
+* ``on_train_begin(model, history)``: before the first epoch, and again when a run resumes;
+* ``on_epoch_end(epoch, model, history)``: after epoch ``epoch`` (0-based) was trained and evaluated;
+  ``history`` already holds that epoch's row, so ``history.log(key, value)`` adds to it and
+  ``history.request_stop(reason)`` ends training after this epoch;
+* ``on_train_end(model, history)``: after the last epoch (not when a finished run is reloaded);
+* ``state_dict()`` / ``load_state_dict(state)``: what must survive a checkpoint (tensors and plain
+  containers only, since checkpoints are loaded with ``weights_only=True``); ``None`` for no state.
+
+The loop (:func:`ntklab.train.train`) runs callbacks with the model on the training device and with
+a forked random state seeded from the run's seed and the epoch, so that taking measurements never
+changes the training trajectory. Their wall time is recorded apart
+from the training time. Introduced in chapter 4 (kernel snapshots) and chapter 6 (the check).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "evaluating"]
+
+log = logging.getLogger("ntklab.train")
+
+
+class Callback:
+    """Base class with no-op hooks; subclass it or write any object with the same methods."""
+
+    def on_train_begin(self, model: nn.Module, history) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, history) -> None:
+        pass
+
+    def on_train_end(self, model: nn.Module, history) -> None:
+        pass
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore every module's own mode afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+class KernelSnapshots(Callback):
+    """Empirical NTK of a fixed probe set at chosen epochs: the C-NTK on the clean probe inputs and,
+    with ``ae=True``, the AE-NTK on PGD adversarial examples of the same inputs, crafted against the
+    model at that snapshot (the two kernels of Li et al., arXiv 2312.02236, section 4).
+
+    probe_x: (n, C, H, W) in [0, 1]; probe_y: (n,) labels (needed for the AEs).
+    epochs: numbers of completed epochs at which to take a snapshot, 0 meaning at initialisation
+        (before any training); ``None``: at 0 and after every epoch.
+    kind, implementation, chunk_size: passed to :func:`ntklab.ntk.empirical_ntk`; a snapshot has
+        shape (n, n) for ``"trace"`` and ``"logit"``, (n, n, k) for ``"diagonal"``, (n, n, k, k) for
+        ``"full"`` (k classes). Kernels are computed with the model in eval mode.
+    eps, alpha, steps, attack_bn_mode: the L-inf PGD of the AEs (Madry et al. 2018), alpha defaults
+        to eps / 4.
+    dtype: storage type of the kernels, on the CPU (``torch.float16`` halves the memory).
+
+    After training: ``snapshot_epochs`` (list of ints), ``kernels("clean")`` / ``kernels("ae")``
+    stacked to (T, n, n, ...) float32, ``kernel(epoch, which)``, and the probe accuracies
+    ``probe_clean_acc`` / ``probe_ae_acc`` (one per snapshot). Introduced in chapter 4.
+    """
+
+    def __init__(self, probe_x: torch.Tensor, probe_y: torch.Tensor | None = None,
+                 epochs: Iterable[int] | None = None, *, kind: str = "trace", ae: bool = True,
+                 eps: float = 0.3, alpha: float | None = None, steps: int = 10,
+                 implementation: str = "auto", chunk_size: int | None = None,
+                 attack_bn_mode: str = "eval", dtype: torch.dtype = torch.float32):
+        if ae and probe_y is None:
+            raise ValueError("KernelSnapshots with ae=True needs probe_y (the labels of the probe inputs)")
+        if epochs is not None:
+            epochs = sorted({int(e) for e in epochs})
+            if epochs and epochs[0] < 0:
+                raise ValueError(f"snapshot epochs must be >= 0, got {epochs}")
+        self.probe_x, self.probe_y = probe_x, probe_y
+        self.epochs = epochs
+        self.kind, self.ae, self.implementation, self.chunk_size = kind, ae, implementation, chunk_size
+        self.eps, self.alpha, self.steps = eps, (eps / 4 if alpha is None else alpha), steps
+        self.attack_bn_mode, self.dtype = attack_bn_mode, dtype
+        self._state = {"epoch": [], "clean": [], "ae": [], "probe_clean_acc": [], "probe_ae_acc": []}
+
+    # -- results ---------------------------------------------------------------------------
+    @property
+    def snapshot_epochs(self) -> list[int]:
+        return list(self._state["epoch"])
+
+    @property
+    def probe_clean_acc(self) -> list[float]:
+        return list(self._state["probe_clean_acc"])
+
+    @property
+    def probe_ae_acc(self) -> list[float]:
+        return list(self._state["probe_ae_acc"])
+
+    def kernels(self, which: str = "clean") -> torch.Tensor:
+        """All snapshots of the ``"clean"`` (C-NTK) or ``"ae"`` (AE-NTK) kernel, (T, n, n, ...) float32."""
+        if which not in ("clean", "ae"):
+            raise ValueError(f"which must be 'clean' or 'ae', got {which!r}")
+        if which == "ae" and not self.ae:
+            raise ValueError("this KernelSnapshots was made with ae=False")
+        if not self._state[which]:
+            raise ValueError("no snapshot was taken yet")
+        return torch.stack([k.float() for k in self._state[which]])
+
+    def kernel(self, epoch: int, which: str = "clean") -> torch.Tensor:
+        """The snapshot after ``epoch`` completed epochs, float32."""
+        if epoch not in self._state["epoch"]:
+            raise KeyError(f"no snapshot at epoch {epoch}; snapshots: {self.snapshot_epochs}")
+        return self._state[which][self._state["epoch"].index(epoch)].float()
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _wanted(self, completed: int) -> bool:
+        return (self.epochs is None or completed in self.epochs) and completed not in self._state["epoch"]
+
+    def on_train_begin(self, model, history):
+        if self._wanted(0) and len(history) == 0:
+            self.snapshot(model, 0)
+
+    def on_epoch_end(self, epoch, model, history):
+        if self._wanted(epoch + 1):
+            self.snapshot(model, epoch + 1)
+
+    def snapshot(self, model: nn.Module, completed: int) -> None:
+        """Compute and store the kernels of ``model`` now, filed under ``completed`` epochs."""
+        from ntklab import attacks, ntk
+
+        dev = _device_of(model)
+        x = self.probe_x.to(dev)
+        kw = dict(kind=self.kind, implementation=self.implementation, chunk_size=self.chunk_size)
+        with evaluating(model):
+            clean = ntk.empirical_ntk(model, x, **kw)
+            st = self._state
+            st["clean"].append(clean.detach().to("cpu", self.dtype))
+            if self.probe_y is not None:
+                y = self.probe_y.to(dev)
+                st["probe_clean_acc"].append(_accuracy(model, x, y))
+            if self.ae:
+                x_adv = attacks.pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                                    bn_mode=self.attack_bn_mode)
+                st["ae"].append(ntk.empirical_ntk(model, x_adv, **kw).detach().to("cpu", self.dtype))
+                st["probe_ae_acc"].append(_accuracy(model, x_adv, y))
+            st["epoch"].append(int(completed))
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self):
+        return {k: list(v) for k, v in self._state.items()}
+
+    def load_state_dict(self, state) -> None:
+        self._state = {k: list(state.get(k, [])) for k in self._state}
+
+
+class CatastrophicOverfittingDetector(Callback):
+    """After each epoch, PGD robust accuracy on a fixed batch (the check of Wong et al. 2020,
+    "Fast is better than free", and their fast_adversarial code); a fall of more than ``drop``
+    below the best value so far is catastrophic overfitting (CO).
+
+    x: (n, C, H, W) in [0, 1], y: (n,) — a fixed batch, e.g. the first training batch.
+    eps, alpha, steps, restarts, bn_mode: the L-inf PGD (alpha defaults to eps / 4); the model is
+        in eval mode for the check.
+    drop: the fall in robust accuracy (in [0, 1]) that counts as CO.
+    stop: end training after the epoch at which CO is found (Wong et al. then keep the weights of
+        the epoch before; here the history and checkpoints make that choice the caller's).
+
+    Each epoch it logs ``co_robust_acc`` and ``co_flag`` into the history; a flag is also logged to
+    the ``ntklab.train`` logger as a warning. ``flagged_epochs`` lists the 0-based epochs flagged.
+    Introduced in chapter 6.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
+                 steps: int = 10, drop: float = 0.2, *, stop: bool = False, restarts: int = 1,
+                 bn_mode: str = "eval"):
+        if not 0 < drop <= 1:
+            raise ValueError(f"drop must be in (0, 1], got {drop}")
+        self.x, self.y, self.eps, self.steps, self.restarts = x, y, eps, steps, restarts
+        self.alpha = eps / 4 if alpha is None else alpha
+        self.drop, self.stop, self.bn_mode = drop, stop, bn_mode
+        self.best: float | None = None
+        self.flagged_epochs: list[int] = []
+
+    def robust_accuracy(self, model: nn.Module) -> float:
+        """PGD accuracy of ``model`` on the fixed batch."""
+        from ntklab import attacks
+
+        dev = _device_of(model)
+        x, y = self.x.to(dev), self.y.to(dev)
+        with evaluating(model):
+            x_adv = attacks.pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                                restarts=self.restarts, bn_mode=self.bn_mode)
+            return _accuracy(model, x_adv, y)
+
+    def on_epoch_end(self, epoch, model, history):
+        acc = self.robust_accuracy(model)
+        flagged = self.best is not None and acc < self.best - self.drop
+        history.log("co_robust_acc", acc)
+        history.log("co_flag", flagged)
+        if flagged:
+            self.flagged_epochs.append(int(epoch))
+            msg = (f"catastrophic overfitting at epoch {epoch}: PGD accuracy on the check batch fell "
+                   f"to {acc:.3f} from a best of {self.best:.3f}")
+            log.warning(msg)
+            if self.stop:
+                history.request_stop(msg)
+        self.best = acc if self.best is None else max(self.best, acc)
+
+    def state_dict(self):
+        return {"best": self.best, "flagged_epochs": list(self.flagged_epochs)}
+
+    def load_state_dict(self, state) -> None:
+        self.best = state["best"]
+        self.flagged_epochs = list(state["flagged_epochs"])

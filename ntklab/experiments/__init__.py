@@ -1,0 +1,118 @@
+"""The book's experiments: one module per chapter, a registry, and shared helpers.
+
+Each experiment is a function ``fn(profile, device, *, force=False, progress=True) -> dict`` that
+computes its result under a :class:`ntklab.config.Profile` (or loads it from the result cache,
+:mod:`ntklab.experiments.cache`) and registers itself with :func:`register`. Every module of this
+package (except ``cache`` and names starting with ``_``) is imported here, so a chapter adds its
+experiment by adding a module, without editing this file.
+
+    >>> import ntklab.experiments as ex
+    >>> ex.list_experiments()              # {name: one-line description}
+    >>> res = ex.run("strategies", profile="smoke", device="cpu")
+
+Command line: ``python -m ntklab list`` and ``python -m ntklab run NAME --profile quick``.
+Introduced in chapter 1; each chapter names the experiment it runs.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pkgutil
+from typing import Callable
+
+from torch import nn
+
+from ntklab.config import Profile, get_device, get_profile
+from ntklab.experiments.cache import cached, result_path, using_root
+
+__all__ = ["EXPERIMENTS", "register", "run", "list_experiments", "model_from_profile",
+           "data_from_profile", "train_kwargs", "cached", "result_path"]
+
+EXPERIMENTS: dict[str, Callable] = {}
+
+
+def register(name: str, description: str) -> Callable[[Callable], Callable]:
+    """Decorator: add ``fn`` to :data:`EXPERIMENTS` under ``name`` with a one-line ``description``."""
+
+    def deco(fn: Callable) -> Callable:
+        if name in EXPERIMENTS and EXPERIMENTS[name] is not fn:
+            raise ValueError(f"experiment {name!r} is registered twice")
+        fn.description = description.strip().splitlines()[0]
+        EXPERIMENTS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_experiments() -> dict[str, str]:
+    """``{name: one-line description}`` of every registered experiment, sorted by name."""
+    return {name: EXPERIMENTS[name].description for name in sorted(EXPERIMENTS)}
+
+
+def run(name: str, profile: str | Profile | None = None, device=None, *, force: bool = False,
+        out: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Run (or load from the cache) experiment ``name`` under ``profile`` on ``device``.
+
+    profile: a name (``smoke``, ``quick``, ``paper``), a :class:`Profile`, or ``None`` for
+    ``$NTKLAB_PROFILE`` or ``quick``. device: see :func:`ntklab.config.get_device`.
+    out: folder of the result cache for this run (default: see :mod:`ntklab.experiments.cache`).
+    Raises ``ValueError`` for an unknown experiment, profile or device.
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS)) or 'none'}")
+    if not isinstance(profile, Profile):
+        profile = get_profile(profile)
+    device = get_device(device)
+    with using_root(out):
+        return EXPERIMENTS[name](profile, device, force=force, progress=progress)
+
+
+def model_from_profile(profile: Profile) -> nn.Module:
+    """The profile's model, built for its data set (channels, classes, image size, and the
+    normalisation statistics inside the model). Seed before calling for a reproducible init."""
+    from ntklab import data, models
+
+    info = data.info(profile.dataset)
+    kw = {"in_channels": info["channels"], "num_classes": info["num_classes"],
+          "mean": info["mean"], "std": info["std"]}
+    accepted = inspect.signature(models.MODELS[profile.model]).parameters if profile.model in models.MODELS else {}
+    if "image_size" in accepted:
+        kw["image_size"] = info["image_size"]
+    if "in_features" in accepted:
+        kw["in_features"] = info["channels"] * info["image_size"] ** 2
+    kw.update(profile.model_kwargs)
+    return models.build_model(profile.model, **kw)
+
+
+def data_from_profile(profile: Profile):
+    """``(train, test)`` TensorDatasets: class-balanced subsets of ``n_train`` and ``n_test``
+    examples (``None``: all) of the profile's data set, drawn with the profile's seed."""
+    from ntklab import data
+
+    train = data.subset(data.load(profile.dataset, "train"), profile.n_train, seed=profile.seed)
+    test = data.subset(data.load(profile.dataset, "test"), profile.n_test, seed=profile.seed)
+    return train, test
+
+
+def train_kwargs(profile: Profile, strategy: str) -> dict:
+    """Keyword arguments of :func:`ntklab.train.train` for ``strategy`` under ``profile``:
+    optimisation, schedule (multistep at ``lr_milestones``), eps, the evaluation PGD and, for PGD
+    and TRADES, the profile's step size and steps (FGSM variants keep their own default step)."""
+    kw = dict(strategy=strategy, epochs=profile.epochs, lr_schedule="multistep", lr=profile.lr,
+              momentum=profile.momentum, weight_decay=profile.weight_decay,
+              milestones=tuple(profile.lr_milestones), gamma=profile.lr_gamma,
+              batch_size=profile.batch_size, eps=profile.eps, eval_size=profile.n_eval,
+              eval_steps=profile.eval_pgd_steps, eval_alpha=profile.pgd_alpha, seed=profile.seed)
+    if strategy in ("pgd", "trades"):
+        kw.update(alpha=profile.pgd_alpha, steps=profile.pgd_steps)
+    return kw
+
+
+def _import_all() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name != "cache" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

@@ -1,0 +1,543 @@
+"""One training loop for every strategy of the book, with schedules, callbacks, timing and resume.
+
+Strategies (``strategy=``), each a minimisation of the cross-entropy on the inputs named:
+
+* ``"normal"``: clean inputs;
+* ``"fgsm"``: FGSM examples from the clean point, step eps (Goodfellow et al. 2015);
+* ``"fgsm_rs"``: FGSM after a uniform random start (Wong et al. 2020, "Fast is better than free");
+* ``"n_fgsm"``: noise plus FGSM without projection (de Jorge et al. 2022);
+* ``"fgsm_aniso"``: FGSM after anisotropic noise (Li et al., arXiv 2312.02236, section 5);
+* ``"pgd"``: PGD-k examples (Madry et al. 2018);
+* ``"trades"``: the TRADES loss, clean cross-entropy plus beta times the KL term (Zhang et al. 2019).
+
+``switch_epoch=s`` trains normally for epochs 0..s-1 and with ``strategy`` from epoch s on: the
+cost-saving schedule that Li et al. derive from the "kernel learning, lazy training, kernel learning"
+evolution of the NTK (chapter 5). The optimiser is SGD with momentum and weight decay; the learning
+rate follows a :class:`LRSchedule`. Inputs are images in [0, 1]; the attacks come from
+:mod:`ntklab.attacks` and never touch parameter gradients.
+
+:func:`train` returns a :class:`History`; with ``checkpoint_dir`` a run survives interruption and
+resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`. Introduced in chapter 1;
+the strategies are compared in chapter 4.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ntklab.callbacks import CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
+from ntklab.config import get_device
+from ntklab.data import subset
+
+__all__ = ["train", "History", "STRATEGIES", "SCHEDULES", "LRSchedule", "MultiStepLR", "CosineLR",
+           "ConstantLR", "make_schedule", "Callback", "KernelSnapshots",
+           "CatastrophicOverfittingDetector", "CHECKPOINT_NAME"]
+
+STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd", "trades")
+SCHEDULES = ("multistep", "cosine", "constant")
+CHECKPOINT_NAME = "checkpoint.pt"
+_FORMAT = 1
+_TIME_KEYS = ("time_attack", "time_update", "time_eval", "time_callbacks")
+
+
+# ------------------------------------------------------------------ learning-rate schedules
+class LRSchedule:
+    """The learning rate as a function of the 0-based epoch and the batch within it.
+
+    Subclasses define ``__call__(epoch, batch=0, num_batches=1) -> float`` and ``describe()``
+    (a dict of primitives that identifies the schedule in checkpoints). ``per_batch``: whether the
+    rate changes within an epoch. Schedules are stateless, so resuming needs only the epoch.
+    """
+
+    per_batch = False
+
+    def __call__(self, epoch: int, batch: int = 0, num_batches: int = 1) -> float:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"class": type(self).__name__, **{k: v for k, v in vars(self).items()}}
+
+
+class MultiStepLR(LRSchedule):
+    """``lr * gamma ** (number of milestones <= epoch)``, constant within an epoch: milestones
+    (100, 150) of 200 epochs give lr for epochs 0-99, lr*gamma for 100-149, lr*gamma^2 after."""
+
+    def __init__(self, lr: float, milestones: Sequence[int] = (), gamma: float = 0.1):
+        self.lr, self.milestones, self.gamma = float(lr), sorted(int(m) for m in milestones), float(gamma)
+
+    def __call__(self, epoch, batch=0, num_batches=1):
+        return self.lr * self.gamma ** sum(m <= epoch for m in self.milestones)
+
+
+class CosineLR(LRSchedule):
+    """Cosine annealing from ``lr`` to ``min_lr`` over ``epochs``, updated every batch:
+    ``min_lr + (lr - min_lr) (1 + cos(pi t / epochs)) / 2`` with t = epoch + batch / num_batches."""
+
+    per_batch = True
+
+    def __init__(self, lr: float, epochs: int, min_lr: float = 0.0):
+        self.lr, self.epochs, self.min_lr = float(lr), int(epochs), float(min_lr)
+
+    def __call__(self, epoch, batch=0, num_batches=1):
+        t = (epoch + batch / max(num_batches, 1)) / max(self.epochs, 1)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class ConstantLR(LRSchedule):
+    """The same ``lr`` throughout."""
+
+    def __init__(self, lr: float):
+        self.lr = float(lr)
+
+    def __call__(self, epoch, batch=0, num_batches=1):
+        return self.lr
+
+
+def make_schedule(lr_schedule, *, lr: float, epochs: int, milestones=(), gamma: float = 0.1) -> LRSchedule:
+    """An :class:`LRSchedule` from a name in :data:`SCHEDULES` (or an ``LRSchedule``, returned as is)."""
+    if isinstance(lr_schedule, LRSchedule):
+        return lr_schedule
+    if lr_schedule == "multistep":
+        return MultiStepLR(lr, milestones, gamma)
+    if lr_schedule == "cosine":
+        return CosineLR(lr, epochs)
+    if lr_schedule == "constant":
+        return ConstantLR(lr)
+    raise ValueError(f"unknown lr_schedule {lr_schedule!r}; use one of {', '.join(SCHEDULES)} "
+                     f"or an LRSchedule object")
+
+
+# ------------------------------------------------------------------ history
+@dataclass
+class History:
+    """Per-epoch record of a run (lists of equal length, one entry per epoch trained).
+
+    epoch: 0-based index; strategy: the one used that epoch ("normal" before ``switch_epoch``);
+    lr: the learning rate at the epoch's first batch; loss: mean training loss; train_acc: accuracy
+    on the inputs the update saw (the adversarial examples under AT; ``None`` for TRADES, whose
+    loss hides its logits); clean_acc, pgd_acc: on the fixed evaluation subset (``None`` when not
+    evaluated that epoch); time_attack, time_update, time_eval, time_callbacks: wall seconds
+    (for TRADES the loss's own forward passes fall in time_attack, inside ``trades_loss``).
+    extra: per-epoch values logged by callbacks (``log``), padded with ``None``.
+    ``training_time`` = attack + update time, excluding measurement. JSON-ready via ``to_dict``.
+    """
+
+    epoch: list = field(default_factory=list)
+    strategy: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    train_acc: list = field(default_factory=list)
+    clean_acc: list = field(default_factory=list)
+    pgd_acc: list = field(default_factory=list)
+    time_attack: list = field(default_factory=list)
+    time_update: list = field(default_factory=list)
+    time_eval: list = field(default_factory=list)
+    time_callbacks: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    time_begin: float = 0.0  # callbacks' on_train_begin (e.g. the kernel at initialisation)
+    stop_reason: str | None = None
+    finished: bool = False
+
+    _ROW = ("epoch", "strategy", "lr", "loss", "train_acc", "clean_acc", "pgd_acc") + _TIME_KEYS
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def append(self, **row) -> None:
+        """Add one epoch; missing fields are ``None`` (times: 0.0)."""
+        unknown = set(row) - set(self._ROW)
+        if unknown:
+            raise ValueError(f"unknown history fields {sorted(unknown)}")
+        for key in self._ROW:
+            getattr(self, key).append(row.get(key, 0.0 if key in _TIME_KEYS else None))
+        for values in self.extra.values():
+            values.append(None)
+
+    def log(self, key: str, value) -> None:
+        """Set ``extra[key]`` for the latest epoch (a number, string, bool or None)."""
+        if not len(self):
+            raise ValueError("history.log needs at least one epoch")
+        values = self.extra.setdefault(key, [None] * len(self))
+        values[-1] = value
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current epoch."""
+        self.stop_reason = reason
+
+    @property
+    def training_time(self) -> float:
+        """Seconds spent crafting attacks and updating weights (evaluation and callbacks excluded)."""
+        return float(sum(self.time_attack) + sum(self.time_update))
+
+    @property
+    def measurement_time(self) -> float:
+        """Seconds spent in evaluation and callbacks."""
+        return float(sum(self.time_eval) + sum(self.time_callbacks) + self.time_begin)
+
+    def to_dict(self) -> dict:
+        """Plain dict of lists and numbers (JSON-serialisable; also safe for ``weights_only``)."""
+        d = dataclasses.asdict(self)
+        d["extra"] = {k: list(v) for k, v in self.extra.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (dict(v) if k == "extra" else list(v) if isinstance(v, (list, tuple)) else v)
+                      for k, v in d.items() if k in names})
+
+
+# ------------------------------------------------------------------ helpers
+def _tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = data.tensors[:2] if isinstance(data, TensorDataset) else data
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"inputs and labels differ in length: {x.shape[0]} and {y.shape[0]}")
+    return x, y
+
+
+class _Clock:
+    """Sums named intervals: ``perf_counter`` on the CPU; CUDA events on the GPU, read once per
+    epoch so that timing costs no host synchronisation per batch."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self._pending: list = []
+
+    def now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def add(self, name: str, start, end) -> None:
+        if self.cuda:
+            self._pending.append((name, start, end))
+        else:
+            self.totals[name] = self.totals.get(name, 0.0) + (end - start)
+
+    def collect(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, s, e in self._pending:
+                self.totals[name] = self.totals.get(name, 0.0) + s.elapsed_time(e) / 1000.0
+        totals, self.totals, self._pending = self.totals, {}, []
+        return totals
+
+
+@contextlib.contextmanager
+def _measurement_rng(device: torch.device, seed: int, epoch: int, salt: int):
+    """Random numbers for evaluation and callbacks, seeded from (seed, epoch, salt), drawn from a
+    fork so the training stream is untouched (measuring never changes the trajectory)."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 1_000_003 + epoch * 101 + salt) % 2**63)
+        yield
+
+
+def _plain(obj):
+    """Tuples to lists, recursively (configs compare the same before and after a checkpoint)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _check_config(saved: dict, now: dict, where: Path) -> None:
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        same = math.isclose(a, b, rel_tol=1e-6) if key == "data_sum" and None not in (a, b) else a == b
+        if not same:
+            diffs.append(f"{key}: checkpoint {a!r}, this call {b!r}")
+    if diffs:
+        raise ValueError(f"the checkpoint in {where} was written by a different run ("
+                         + "; ".join(diffs) + "). Use another checkpoint_dir, or delete it to start over.")
+
+
+def _attack_kwargs(strategy, eps, alpha, steps, bn_mode) -> dict:
+    """The attack's arguments, checked before the first batch (not after a switch epoch)."""
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    if strategy in ("pgd", "trades"):
+        alpha = eps / 4 if alpha is None else alpha
+        steps = 10 if steps is None else steps
+    elif steps not in (None, 1):
+        raise ValueError(f"{strategy!r} is single-step: steps must be None or 1, got {steps!r}")
+    if strategy == "fgsm" and alpha is not None:
+        raise ValueError("'fgsm' takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' for another step")
+    return {"eps": eps, "alpha": alpha, "steps": steps, "bn_mode": bn_mode}
+
+
+# ------------------------------------------------------------------ one epoch
+def _train_epoch(model, opt, x, y, perm, strategy, schedule, epoch, batch_size, attack_kw, beta,
+                 device, clock, bar):
+    """One pass over ``perm``; returns (mean loss, train accuracy or None). No host sync per batch."""
+    from ntklab import attacks
+
+    model.train()
+    batches = perm.split(batch_size)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for b, idx in enumerate(batches):
+        if schedule.per_batch:
+            for group in opt.param_groups:
+                group["lr"] = schedule(epoch, b, len(batches))
+        xb = x[idx].to(device, non_blocking=True)
+        yb = y[idx].to(device, non_blocking=True)
+        t0 = clock.now()
+        logits = None
+        if strategy == "trades":  # the inner maximisation lives inside the loss: timed as attack
+            loss, _ = attacks.trades_loss(model, xb, yb, beta=beta, **attack_kw)
+        elif strategy != "normal":
+            xb = attacks.adversarial_examples(strategy, model, xb, yb, **attack_kw)
+        t1 = clock.now()
+        if strategy != "normal":
+            clock.add("attack", t0, t1)
+        if strategy != "trades":
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        clock.add("update", t1, clock.now())
+        loss_sum += loss.detach() * len(idx)
+        if logits is not None:
+            correct += (logits.detach().argmax(1) == yb).sum()
+        bar.update(1)
+    n = len(perm)
+    return (loss_sum / n).item(), (None if strategy == "trades" else correct.item() / n)
+
+
+# ------------------------------------------------------------------ the loop
+def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
+          lr_schedule="multistep", lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
+          milestones: Sequence[int] = (), gamma: float = 0.1, batch_size: int = 128,
+          eps: float = 0.3, alpha: float | None = None, steps: int | None = None, beta: float = 6.0,
+          attack_bn_mode: str = "eval", switch_epoch: int | None = None, callbacks=(),
+          eval_set=None, eval_every: int = 1, eval_size: int | None = 500, eval_eps: float | None = None,
+          eval_alpha: float | None = None, eval_steps: int = 10, device=None, seed: int = 0,
+          checkpoint_dir=None, progress: bool = True) -> History:
+    """Train ``model`` in place with one of :data:`STRATEGIES`; return its :class:`History`.
+
+    train_set, eval_set: ``TensorDataset`` or ``(x, y)``; x (N, C, H, W) in [0, 1], y (N,) int64.
+    strategy: see the module docstring; unknown names raise ``ValueError``.
+    epochs: number of passes; each reshuffles with a ``torch.Generator`` seeded from ``seed``
+        (seed the model's initialisation yourself, before building it). The last batch may be smaller.
+    lr_schedule: ``"multistep"`` (``lr`` times ``gamma`` at each of ``milestones``, per epoch),
+        ``"cosine"`` (per batch, to 0 at the end), ``"constant"``, or an :class:`LRSchedule`.
+    eps, alpha, steps, beta, attack_bn_mode: the attack's L-inf radius (pixel scale), step size
+        (``None``: the attack's default; eps / 4 for PGD and TRADES), steps (``None``: 10 for PGD
+        and TRADES), the TRADES weight, and the BN mode during the attack ("eval" or "train").
+    switch_epoch: train normally before this 0-based epoch and with ``strategy`` from it on.
+    callbacks: objects with the hooks of :class:`ntklab.callbacks.Callback`.
+    eval_set, eval_every, eval_size, eval_eps, eval_alpha, eval_steps: every ``eval_every``
+        epochs (and after the last), clean and PGD-``eval_steps`` accuracy (radius ``eval_eps``,
+        default ``eps``) on a fixed class-balanced subset of ``eval_size`` examples of ``eval_set``.
+    device: see :func:`ntklab.config.get_device`; the model and the batches are moved there.
+    checkpoint_dir: after every epoch, write model, optimiser, schedule, random states, history and
+        callback states atomically to ``checkpoint_dir/checkpoint.pt``; calling ``train`` again with
+        the same arguments resumes there (a finished run returns at once, its weights and callback
+        states loaded); different arguments raise ``ValueError``.
+    progress: tqdm bars for epochs and batches.
+
+    Returns the history; the model is left in eval mode. Introduced in chapter 1.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid strategies are: {', '.join(STRATEGIES)}")
+    if int(epochs) < 0 or int(batch_size) < 1:
+        raise ValueError("epochs must be >= 0 and batch_size >= 1")
+    if switch_epoch is not None and not 0 <= switch_epoch <= epochs:
+        raise ValueError(f"switch_epoch must be in [0, epochs={epochs}], got {switch_epoch}")
+    schedule = make_schedule(lr_schedule, lr=lr, epochs=epochs, milestones=milestones, gamma=gamma)
+    device = get_device(device)
+    model.to(device)
+    x, y = _tensors(train_set)
+    if len(y) and not (0 <= float(x.min()) and float(x.max()) <= 1):  # once here, not per batch
+        raise ValueError("training inputs must lie in [0, 1] (the normalisation is inside the model)")
+    data_sum, label_sum = float(x.sum(dtype=torch.float64)), int(y.sum())
+    if device.type == "cuda" and x.nbytes <= 2**30:  # small sets live on the GPU, big ones move per batch
+        x, y = x.to(device), y.to(device)
+    attack_kw = _attack_kwargs(strategy, eps, alpha, steps, attack_bn_mode)
+    alpha, steps = attack_kw["alpha"], attack_kw["steps"]
+
+    eval_xy = None
+    if eval_set is not None and eval_every:
+        sub = subset(TensorDataset(*_tensors(eval_set)), eval_size, seed=seed)
+        eval_xy = (sub.tensors[0].to(device), sub.tensors[1].to(device))
+    eval_eps = eps if eval_eps is None else eval_eps
+
+    opt = torch.optim.SGD(model.parameters(), lr=schedule(0), momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    callbacks = list(callbacks)
+    config = _plain({
+        "strategy": strategy, "epochs": int(epochs), "schedule": schedule.describe(),
+        "momentum": momentum, "weight_decay": weight_decay, "batch_size": int(batch_size),
+        "eps": eps, "alpha": alpha, "steps": steps, "beta": beta, "attack_bn_mode": attack_bn_mode,
+        "switch_epoch": switch_epoch, "eval_every": eval_every, "eval_size": eval_size,
+        "eval_eps": eval_eps, "eval_alpha": eval_alpha, "eval_steps": eval_steps, "seed": seed,
+        "n_train": len(y), "data_sum": data_sum, "label_sum": label_sum,
+        "model": type(model).__name__,
+    })
+    history = History()
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        history = _resume(ckpt, config, model, opt, gen, callbacks, device)
+        if history.finished:
+            model.eval()
+            return history
+
+    begin = time.perf_counter()
+    with _measurement_rng(device, seed, -1, 0):
+        for cb in callbacks:
+            _call(cb, "on_train_begin", model, history)
+    history.time_begin += time.perf_counter() - begin
+    clock = _Clock(device)
+    n_batches = math.ceil(len(y) / batch_size)
+    with _bar(progress, total=epochs, initial=len(history), desc=f"{strategy} epochs") as epoch_bar:
+        for epoch in range(len(history), epochs):
+            current = "normal" if switch_epoch is not None and epoch < switch_epoch else strategy
+            for group in opt.param_groups:
+                group["lr"] = schedule(epoch)
+            perm = torch.randperm(len(y), generator=gen).to(x.device)
+            with _bar(progress, total=n_batches, leave=False, desc=f"epoch {epoch}") as batch_bar:
+                loss, acc = _train_epoch(model, opt, x, y, perm, current, schedule, epoch, batch_size,
+                                         attack_kw, beta, device, clock, batch_bar)
+            times = clock.collect()
+            row = dict(epoch=epoch, strategy=current, lr=schedule(epoch), loss=loss, train_acc=acc,
+                       time_attack=times.get("attack", 0.0), time_update=times.get("update", 0.0))
+            if eval_xy is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+                row.update(_evaluate(model, eval_xy, eval_eps, eval_alpha, eval_steps, device, seed, epoch))
+            history.append(**row)
+            start = time.perf_counter()
+            with _measurement_rng(device, seed, epoch, 1):
+                for cb in callbacks:
+                    _call(cb, "on_epoch_end", epoch, model, history)
+            history.time_callbacks[-1] = time.perf_counter() - start
+            history.finished = bool(history.stop_reason) or epoch + 1 == epochs
+            if ckpt is not None:
+                _save(ckpt, config, model, opt, gen, callbacks, history)
+            epoch_bar.update(1)
+            epoch_bar.set_postfix(_postfix(history))
+            if history.finished:
+                break
+    history.finished = True
+    for cb in callbacks:
+        _call(cb, "on_train_end", model, history)
+    model.eval()
+    return history
+
+
+def _call(cb, hook, *args):
+    fn = getattr(cb, hook, None)
+    if fn is not None:
+        fn(*args)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kw):
+        pass
+
+
+def _bar(progress: bool, **kw):
+    """A tqdm.auto bar (a context manager), or a silent stand-in when ``progress`` is off."""
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(**kw)
+
+
+def _postfix(history: History) -> dict:
+    out = {"loss": f"{history.loss[-1]:.3f}"}
+    for key in ("train_acc", "clean_acc", "pgd_acc"):
+        value = getattr(history, key)[-1]
+        if value is not None:
+            out[key] = f"{value:.3f}"
+    return out
+
+
+def _evaluate(model, eval_xy, eps, alpha, steps, device, seed, epoch) -> dict:
+    from ntklab import evaluate
+
+    start = time.perf_counter()
+    with _measurement_rng(device, seed, epoch, 2), evaluating(model):
+        clean = evaluate.clean_accuracy(model, eval_xy, device=device)
+        robust = evaluate.pgd_accuracy(model, eval_xy, eps=eps, alpha=alpha, steps=steps)
+    return {"clean_acc": float(clean), "pgd_acc": float(robust), "time_eval": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------ checkpoints
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "generator": gen.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _callback_states(callbacks) -> list:
+    states = []
+    for cb in callbacks:
+        fn = getattr(cb, "state_dict", None)
+        state = fn() if fn is not None else None
+        if state is not None:
+            states.append({"name": type(cb).__name__, "state": state})
+    return states
+
+
+def _save(path: Path, config, model, opt, gen, callbacks, history) -> None:
+    from ntklab.data import atomic_save
+
+    atomic_save({"format": _FORMAT, "config": config, "model": model.state_dict(),
+                  "optimizer": opt.state_dict(), "schedule": config["schedule"], "rng": _rng_state(gen),
+                  "history": history.to_dict(), "callbacks": _callback_states(callbacks)}, path)
+
+
+def _resume(path: Path, config, model, opt, gen, callbacks, device) -> History:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read the checkpoint {path} ({err}); delete it to start over") from err
+    if state.get("format") != _FORMAT:
+        raise ValueError(f"the checkpoint {path} has format {state.get('format')}, expected {_FORMAT}")
+    _check_config(state["config"], config, path.parent)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"the checkpoint in {path.parent} holds another model's weights: {err}") from err
+    opt.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"].cpu())
+    gen.set_state(rng["generator"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    stateful = [cb for cb in callbacks if getattr(cb, "state_dict", None) and cb.state_dict() is not None]
+    saved = state["callbacks"]
+    if [type(cb).__name__ for cb in stateful] != [s["name"] for s in saved]:
+        raise ValueError(f"the checkpoint in {path.parent} has states of callbacks "
+                         f"{[s['name'] for s in saved]}, this call passes {[type(cb).__name__ for cb in stateful]}")
+    for cb, s in zip(stateful, saved):
+        cb.load_state_dict(s["state"])
+    return History.from_dict(state["history"])

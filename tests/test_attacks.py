@@ -1,0 +1,347 @@
+"""ntklab.attacks: invariants of every attack, BN-mode handling, input checks, and a cross-check
+against torchattacks."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ntklab import attacks
+from ntklab.models import bn_layers, set_bn_running_stats
+
+EPS = 0.1
+
+
+def run(name, model, x, y, *, eps=EPS, bn_mode="eval", **kw):
+    """Every attack with small, fast settings (PGD: 3 steps, 2 restarts)."""
+    if name == "pgd":
+        kw = {"alpha": eps / 4 if eps else 0.01, "steps": 3, "restarts": 2, **kw}
+    if name == "trades":
+        kw = {"alpha": eps / 4 if eps else 0.01, "steps": 3, **kw}
+        return attacks.trades_loss(model, x, y, eps=eps, bn_mode=bn_mode, **kw)[1]
+    return attacks.adversarial_examples(name, model, x, y, eps=eps, bn_mode=bn_mode, **kw)
+
+
+def radius(name, eps=EPS):
+    return 3 * eps if name == "n_fgsm" else eps  # n_fgsm: noise (2 eps) + alpha (eps)
+
+
+def snapshot(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            [m.training for m in model.modules()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()])
+
+
+def assert_same_state(model, snap):
+    state, flags, grads = snap
+    now = model.state_dict()
+    assert state.keys() == now.keys()
+    for k in state:
+        assert torch.equal(state[k], now[k]), f"{k} changed"
+    assert [m.training for m in model.modules()] == flags
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None) if g is None else torch.equal(p.grad, g)
+
+
+@pytest.fixture(scope="module")
+def batch(mnist_small):
+    x, y = mnist_small[1].tensors
+    return x[:64], y[:64]
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+ALL = attacks.ATTACKS + ("trades",)
+
+
+# ------------------------------------------------------------------ invariants
+@pytest.mark.parametrize("name", ALL)
+def test_output_in_ball_in_range_same_shape_dtype(name, trained_cnn, batch):
+    x, y = batch
+    out = run(name, trained_cnn, x, y)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+    assert not out.requires_grad
+    assert out.min() >= 0 and out.max() <= 1
+    dist = (out - x).abs().amax()
+    assert dist <= radius(name) + 1e-6
+    assert dist > 0.5 * EPS  # the attack did move the inputs
+
+
+def test_n_fgsm_leaves_the_eps_ball_but_not_noise_plus_alpha(trained_cnn, batch):
+    x, y = batch
+    out = attacks.n_fgsm(trained_cnn, x, y, eps=EPS, noise=0.15, alpha=0.05)
+    dist = (out - x).abs().amax()
+    assert EPS + 0.05 < dist <= 0.2 + 1e-6
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bn_mode", ["eval", "train", "keep"])
+def test_model_state_unchanged(name, bn_mode, trained_cnn, batch):
+    model = copy.deepcopy(trained_cnn)
+    model.train()
+    model.features[1].eval()  # mixed modes: first BN in eval, second BN in train mode
+    for p in list(model.parameters())[:2]:
+        p.grad = torch.randn_like(p)  # existing gradients must stay as they are
+    snap = snapshot(model)
+    if name == "trades":  # the loss itself is computed in the model's own mode
+        model.eval()
+        snap = snapshot(model)
+    run(name, model, *batch, bn_mode=bn_mode)
+    assert_same_state(model, snap)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_parameter_gradient_is_computed(name, trained_cnn, batch):
+    model = copy.deepcopy(trained_cnn)
+    fired = []
+    for p in model.parameters():
+        p.register_hook(lambda g: fired.append(1))
+    run(name, model, *batch)
+    assert not fired
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_crafting_in_train_mode_would_move_running_stats(trained_cnn, batch):
+    """The restoring of BN buffers is needed: a train-mode forward does change them."""
+    model = copy.deepcopy(trained_cnn).train()
+    before = bn_layers(model)[0].running_mean.clone()
+    with torch.no_grad():
+        model(batch[0])
+    assert not torch.equal(before, bn_layers(model)[0].running_mean)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_robust_accuracy_at_most_clean(name, trained_cnn, mnist_small):
+    x, y = mnist_small[1].tensors
+    clean = accuracy(trained_cnn, x, y)
+    robust = accuracy(trained_cnn, run(name, trained_cnn, x, y), y)
+    assert robust < clean
+
+
+def test_pgd_at_least_as_strong_as_fgsm(trained_cnn, mnist_small):
+    x, y = mnist_small[1].tensors
+    torch.manual_seed(0)
+    acc_pgd = accuracy(trained_cnn, attacks.pgd(trained_cnn, x, y, eps=EPS, alpha=EPS / 4, steps=10), y)
+    acc_fgsm = accuracy(trained_cnn, attacks.fgsm(trained_cnn, x, y, eps=EPS), y)
+    assert acc_pgd <= acc_fgsm + 0.01
+
+
+def test_pgd_restarts_never_weaker(trained_cnn, mnist_small):
+    x, y = (t[:100] for t in mnist_small[1].tensors)
+    kw = dict(eps=EPS, alpha=EPS / 4, steps=3)
+    one = attacks.pgd(trained_cnn, x, y, restarts=1, generator=torch.Generator().manual_seed(3), **kw)
+    three = attacks.pgd(trained_cnn, x, y, restarts=3, generator=torch.Generator().manual_seed(3), **kw)
+    with torch.no_grad():
+        wrong1 = trained_cnn(one).argmax(1) != y
+        wrong3 = trained_cnn(three).argmax(1) != y
+        loss1 = F.cross_entropy(trained_cnn(one), y, reduction="none")
+        loss3 = F.cross_entropy(trained_cnn(three), y, reduction="none")
+    assert (wrong3 | ~wrong1).all()  # every example the first run broke stays broken
+    keep = wrong1 == wrong3
+    assert (loss3[keep] >= loss1[keep] - 1e-5).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_eps_zero_returns_x(name, trained_cnn, batch):
+    x, y = batch
+    assert torch.equal(run(name, trained_cnn, x, y, eps=0.0), x)
+
+
+def test_other_dtype(trained_cnn, batch):
+    model = copy.deepcopy(trained_cnn).double()
+    x, y = batch[0][:16].double(), batch[1][:16]
+    for name in ("fgsm", "pgd"):
+        out = run(name, model, x, y)
+        assert out.dtype == torch.float64 and (out - x).abs().max() <= EPS + 1e-12
+
+
+def test_generator_makes_random_attacks_reproducible(trained_cnn, batch):
+    x, y = batch[0][:16], batch[1][:16]
+    for name in ("fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd"):
+        kw = dict(steps=1, restarts=1) if name == "pgd" else {}
+        a = run(name, trained_cnn, x, y, generator=torch.Generator().manual_seed(1), **kw)
+        b = run(name, trained_cnn, x, y, generator=torch.Generator().manual_seed(1), **kw)
+        c = run(name, trained_cnn, x, y, generator=torch.Generator().manual_seed(2), **kw)
+        assert torch.equal(a, b) and not torch.equal(a, c), name
+
+
+def test_fgsm_aniso_noise_is_anisotropic(trained_cnn):
+    """With a negligible step the output is the noisy start: per-pixel scales spread over
+    [e^-3, 1] eps give far more tiny perturbations than one common scale eps does."""
+    x = torch.full((8, 1, 28, 28), 0.5)
+    y = torch.zeros(8, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    aniso = attacks.fgsm_aniso(trained_cnn, x, y, eps=EPS, alpha=1e-7, generator=g) - x
+    iso = attacks.fgsm_aniso(trained_cnn, x, y, eps=EPS, alpha=1e-7, low=1.0, high=1.0, generator=g) - x
+    small = lambda d: (d.abs() < 0.05 * EPS).float().mean().item()
+    assert small(iso) < 0.06  # N(0, eps^2): P(|z| < 0.05) = 0.04
+    assert small(aniso) > 2 * small(iso)
+    assert aniso.abs().max() <= EPS + 1e-6
+
+
+# ------------------------------------------------------------------ BN modes
+def skewed(model):
+    model = copy.deepcopy(model)
+    for m in bn_layers(model):
+        m.running_mean += 3.0
+        m.running_var *= 20.0
+    return model
+
+
+def test_bn_train_uses_batch_statistics(trained_cnn, batch):
+    x, y = batch
+    bad = skewed(trained_cnn)
+    # batch statistics do not depend on the running ones: same result as on the unskewed model
+    # and as on a model without running statistics at all
+    no_running = set_bn_running_stats(copy.deepcopy(trained_cnn), False)
+    a = attacks.fgsm(bad, x, y, eps=EPS, bn_mode="train")
+    assert torch.equal(a, attacks.fgsm(trained_cnn, x, y, eps=EPS, bn_mode="train"))
+    assert torch.allclose(a, attacks.fgsm(no_running, x, y, eps=EPS, bn_mode="eval"))
+    # ... while eval mode uses the (skewed) running statistics
+    assert not torch.equal(a, attacks.fgsm(bad, x, y, eps=EPS, bn_mode="eval"))
+    # "keep" follows the model's own BN mode
+    assert torch.equal(attacks.fgsm(copy.deepcopy(bad).train(), x, y, eps=EPS, bn_mode="keep"), a)
+    assert torch.equal(attacks.fgsm(bad, x, y, eps=EPS, bn_mode="keep"),
+                       attacks.fgsm(bad, x, y, eps=EPS, bn_mode="eval"))
+
+
+def test_dropout_is_off_while_crafting():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                          nn.Dropout(0.5), nn.Linear(32, 3)).train()
+    x, y = torch.rand(10, 1, 4, 4), torch.randint(0, 3, (10,))
+    a = attacks.fgsm(model, x, y, eps=EPS, bn_mode="keep")
+    b = attacks.fgsm(model, x, y, eps=EPS, bn_mode="keep")
+    assert torch.equal(a, b)
+    assert model.training and model[4].training
+
+
+def test_attack_mode_restores_after_an_error(trained_cnn):
+    model = copy.deepcopy(trained_cnn).train()
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with attacks.attack_mode(model, "train"):
+            model(torch.rand(4, 1, 28, 28))
+            raise RuntimeError("boom")
+    assert_same_state(model, snap)
+
+
+# ------------------------------------------------------------------ TRADES
+def test_trades_loss_value_and_gradient(trained_cnn, batch):
+    model = copy.deepcopy(trained_cnn)
+    x, y = batch
+    loss, x_adv = attacks.trades_loss(model, x, y, eps=EPS, alpha=EPS / 4, steps=5, beta=6.0)
+    logits = model(x)
+    kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
+    assert torch.allclose(loss, F.cross_entropy(logits, y) + 6.0 * kl, rtol=1e-5, atol=1e-6)
+    # the inner maximisation increases the KL well beyond that of the start noise
+    with torch.no_grad():
+        start = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+        kl0 = F.kl_div(F.log_softmax(model(start), 1), F.softmax(logits, 1), reduction="batchmean")
+    assert kl > 10 * kl0
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    loss0, _ = attacks.trades_loss(model, x, y, eps=0.0, alpha=0.01, steps=1)
+    assert torch.allclose(loss0, F.cross_entropy(model(x), y), atol=1e-6)
+
+
+# ------------------------------------------------------------------ input checks
+BAD = [
+    (dict(eps=-0.1), "eps must be >= 0"),
+    (dict(eps=float("nan")), "eps must be a finite number"),
+    (dict(alpha=0.0), "alpha must be > 0"),
+    (dict(alpha=-1.0), "alpha must be > 0"),
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(steps=2.5), "steps must be an integer >= 1"),
+    (dict(restarts=0), "restarts must be an integer >= 1"),
+    (dict(restarts=2, random_start=False), "restarts > 1 needs random_start"),
+    (dict(bn_mode="batch"), "bn_mode must be one of"),
+]
+
+
+@pytest.mark.parametrize("kw, match", BAD)
+def test_pgd_rejects_bad_arguments(kw, match, trained_cnn, batch):
+    args = {**dict(eps=EPS, alpha=0.01, steps=2), **kw}
+    with pytest.raises(ValueError, match=match):
+        attacks.pgd(trained_cnn, *batch, **args)
+
+
+def bad_x(x):
+    return {
+        "above 1": (x + 0.5, r"x must lie in \[0, 1\]"),
+        "below 0": (x - 0.5, r"x must lie in \[0, 1\]"),
+        "nan": (torch.where(x > 0.5, torch.nan, x), "x contains NaN"),
+        "3-D": (x[:, 0], r"x must be a 4-D tensor \(N, C, H, W\)"),
+        "integer": ((x * 255).to(torch.uint8), "x must be a floating-point tensor"),
+    }
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("case", ["above 1", "below 0", "nan", "3-D", "integer", "y shape",
+                                  "y float", "y 2-D"])
+def test_every_attack_checks_its_inputs(name, case, trained_cnn, batch):
+    x, y = batch
+    if case in bad_x(x):
+        x, match = bad_x(x)[case]
+    elif case == "y shape":
+        y, match = y[:-1], r"y must have shape \(N,\)"
+    elif case == "y float":
+        y, match = y.float(), "y must hold integer class labels"
+    else:
+        y, match = y[:, None], r"y must have shape \(N,\)"
+    with pytest.raises(ValueError, match=match):
+        run(name, trained_cnn, x, y)
+
+
+def test_single_step_specific_checks(trained_cnn, batch):
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        attacks.n_fgsm(trained_cnn, *batch, eps=EPS, noise=-0.1)
+    with pytest.raises(ValueError, match="low <= high"):
+        attacks.fgsm_aniso(trained_cnn, *batch, eps=EPS, low=0.5, high=0.1)
+    with pytest.raises(ValueError, match="low must be > 0"):
+        attacks.fgsm_aniso(trained_cnn, *batch, eps=EPS, low=0.0)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        attacks.fgsm_rs(trained_cnn, *batch, eps=EPS, alpha=0)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        attacks.trades_loss(trained_cnn, *batch, eps=EPS, alpha=0.01, steps=1, beta=-1)
+
+
+def test_dispatcher(trained_cnn, batch):
+    x, y = batch
+    assert attacks.ATTACKS == ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd")
+    with pytest.raises(ValueError, match="unknown attack 'cw'; valid attacks are: fgsm, fgsm_rs"):
+        attacks.adversarial_examples("cw", trained_cnn, x, y, eps=EPS)
+    with pytest.raises(ValueError, match="steps is required"):
+        attacks.adversarial_examples("pgd", trained_cnn, x, y, eps=EPS)
+    with pytest.raises(ValueError, match="'fgsm' takes no alpha"):
+        attacks.adversarial_examples("fgsm", trained_cnn, x, y, eps=EPS, alpha=0.1)
+    with pytest.raises(ValueError, match="single-step attack"):
+        attacks.adversarial_examples("fgsm_rs", trained_cnn, x, y, eps=EPS, steps=3)
+    assert torch.equal(attacks.adversarial_examples("fgsm", trained_cnn, x, y, eps=EPS),
+                       attacks.fgsm(trained_cnn, x, y, eps=EPS))
+    g = lambda: torch.Generator().manual_seed(0)
+    assert torch.equal(
+        attacks.adversarial_examples("pgd", trained_cnn, x, y, eps=EPS, steps=2, generator=g()),
+        attacks.pgd(trained_cnn, x, y, eps=EPS, alpha=EPS / 4, steps=2, generator=g()))
+
+
+# ------------------------------------------------------------------ cross-check: torchattacks
+def test_fgsm_matches_torchattacks(trained_cnn, mnist_small):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = mnist_small[1].tensors
+    ours = attacks.fgsm(trained_cnn, x, y, eps=EPS)
+    theirs = torchattacks.FGSM(trained_cnn, eps=EPS)(x, y)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_pgd_matches_torchattacks(trained_cnn, mnist_small):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = mnist_small[1].tensors
+    ours = attacks.pgd(trained_cnn, x, y, eps=EPS, alpha=EPS / 4, steps=10, random_start=False)
+    theirs = torchattacks.PGD(trained_cnn, eps=EPS, alpha=EPS / 4, steps=10, random_start=False)(x, y)
+    assert abs(accuracy(trained_cnn, ours, y) - accuracy(trained_cnn, theirs, y)) <= 0.01
+    assert (ours - theirs).abs().gt(1e-5).float().mean() < 0.01  # the same points, nearly everywhere

@@ -1,0 +1,199 @@
+"""Tests of the result cache, the experiment registry and the ``strategies`` experiment."""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import ntklab
+from ntklab import experiments
+from ntklab.config import get_profile
+from ntklab.experiments import cache
+
+CONFIG = {"eps": 0.3, "epochs": 2, "milestones": (1,), "name": "x"}
+
+
+class Counter:
+    def __init__(self, value=None):
+        self.calls = 0
+        self.value = value if value is not None else {"acc": 0.5, "k": torch.arange(6.0).reshape(2, 3)}
+
+    def __call__(self):
+        self.calls += 1
+        return self.value
+
+
+# ---------------------------------------------------------------- cache
+def test_cache_computes_once(tmp_path):
+    compute = Counter()
+    first = cache.cached("demo", CONFIG, compute, root=tmp_path)
+    second = cache.cached("demo", dict(reversed(list(CONFIG.items()))), compute, root=tmp_path)  # key order
+    assert compute.calls == 1
+    assert second["acc"] == first["acc"] == 0.5 and torch.equal(second["k"], first["k"])
+    path = cache.result_path("demo", CONFIG, root=tmp_path)
+    assert path.exists() and path.parent == tmp_path / "demo"
+    assert json.loads(path.with_suffix(".json").read_text())["config"]["eps"] == 0.3
+
+
+def test_cache_different_config_or_name_is_another_entry(tmp_path):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    cache.cached("demo", {**CONFIG, "eps": 0.2}, compute, root=tmp_path)
+    cache.cached("other", CONFIG, compute, root=tmp_path)
+    assert compute.calls == 3
+    assert len({cache.result_path(n, c, root=tmp_path) for n, c in
+                [("demo", CONFIG), ("demo", {**CONFIG, "eps": 0.2}), ("other", CONFIG)]}) == 3
+
+
+def test_cache_key_includes_version(tmp_path, monkeypatch):
+    before = cache.result_path("demo", CONFIG, root=tmp_path)
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    monkeypatch.setattr(ntklab, "__version__", "999.0")
+    assert cache.result_path("demo", CONFIG, root=tmp_path) != before
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    assert compute.calls == 2
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign"])
+def test_cache_corrupt_entry_is_recomputed_with_warning(tmp_path, damage):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    path = cache.result_path("demo", CONFIG, root=tmp_path)
+    blob = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"not a torch file")
+    elif damage == "truncated":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # a readable file that is not an entry of this cache
+        torch.save({"something": "else"}, path)
+    with pytest.warns(UserWarning, match="unreadable.*recomputing"):
+        result = cache.cached("demo", CONFIG, compute, root=tmp_path)
+    assert compute.calls == 2 and result["acc"] == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.cached("demo", CONFIG, compute, root=tmp_path)  # repaired: no warning, no compute
+    assert compute.calls == 2
+
+
+def test_cache_force_recomputes(tmp_path):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    cache.cached("demo", CONFIG, compute, root=tmp_path, force=True)
+    assert compute.calls == 2
+
+
+def test_cache_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTKLAB_RESULTS", str(tmp_path / "env"))
+    assert cache.results_root() == tmp_path / "env"
+    with cache.using_root(tmp_path / "ctx"):
+        assert cache.result_path("d", CONFIG).parent == tmp_path / "ctx" / "d"
+        assert cache.results_root(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("NTKLAB_RESULTS")
+    monkeypatch.setenv("NTKLAB_CACHE", str(tmp_path / "user"))
+    assert cache.results_root() == tmp_path / "user" / "results"
+
+
+def test_cache_converts_numpy_and_rejects_objects(tmp_path):
+    value = {"a": np.float64(0.25), "b": np.arange(3), "c": [1, "x", None, (2.0, True)],
+             "t": torch.ones(2, requires_grad=True)}
+    result = cache.cached("np", CONFIG, Counter(value), root=tmp_path)
+    loaded = cache.cached("np", CONFIG, Counter(), root=tmp_path)
+    for r in (result, loaded):
+        assert type(r["a"]) is float and torch.equal(r["b"], torch.arange(3))
+        assert r["c"] == [1, "x", None, (2.0, True)] and not r["t"].requires_grad
+    with pytest.raises(TypeError, match=r"result\['o'\] is a object"):
+        cache.cached("bad", CONFIG, Counter({"o": object()}), root=tmp_path)
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        cache.result_path("bad", {"f": object()})
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------- registry and helpers
+def test_registry_lists_strategies():
+    listed = experiments.list_experiments()
+    assert "strategies" in listed and "chapter 4" in listed["strategies"]
+    assert all(isinstance(d, str) and "\n" not in d and d for d in listed.values())
+    with pytest.raises(ValueError, match="unknown experiment 'nope'; available: .*strategies"):
+        experiments.run("nope", "smoke", "cpu")
+    with pytest.raises(ValueError, match="unknown profile"):
+        experiments.run("strategies", "huge", "cpu")
+
+
+def test_register_refuses_a_second_function_under_a_name():
+    @experiments.register("_test_dummy", "a dummy\nsecond line dropped")
+    def dummy(profile, device, *, force=False, progress=True):
+        return {"profile": profile.name}
+
+    try:
+        assert experiments.list_experiments()["_test_dummy"] == "a dummy"
+        assert experiments.run("_test_dummy", "smoke", "cpu") == {"profile": "smoke"}
+        with pytest.raises(ValueError, match="registered twice"):
+            experiments.register("_test_dummy", "other")(lambda *a, **k: None)
+    finally:
+        experiments.EXPERIMENTS.pop("_test_dummy")
+
+
+@pytest.mark.parametrize("dataset, size", [("mnist5k", 28), ("digits", 8)])
+def test_model_from_profile(dataset, size):
+    profile = get_profile("smoke").replace(dataset=dataset)
+    model = experiments.model_from_profile(profile)
+    assert model(torch.rand(2, 1, size, size)).shape == (2, 10)
+    assert model.normalize.mean.flatten().tolist() == pytest.approx(ntklab.data.stats(dataset)[0])
+    assert model.features[0].out_channels == 4  # model_kwargs width 4
+
+
+def test_data_and_train_kwargs_from_profile():
+    profile = get_profile("smoke")
+    train_set, test_set = experiments.data_from_profile(profile)
+    assert len(train_set) == profile.n_train and len(test_set) == profile.n_test
+    assert experiments.train_kwargs(profile, "pgd")["steps"] == profile.pgd_steps
+    kw = experiments.train_kwargs(profile, "fgsm")
+    assert "alpha" not in kw and kw["eps"] == profile.eps and kw["epochs"] == profile.epochs
+
+
+# ---------------------------------------------------------------- the strategies experiment
+@pytest.fixture(scope="module")
+def strategies_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("strategies")
+    with cache.track() as paths:
+        result = experiments.run("strategies", "smoke", "cpu", out=out, progress=False)
+    return result, out, paths
+
+
+def test_strategies_result(strategies_run):
+    result, out, paths = strategies_run
+    profile = get_profile("smoke")
+    assert result["strategies"] == ["normal", "fgsm", "pgd"]
+    assert [(p.parent, how) for p, how in paths] == [(out / "strategies", "computed")]
+    for s in result["strategies"]:
+        h = result["histories"][s]
+        assert len(h["epoch"]) == profile.epochs and set(h["strategy"]) == {s}
+        assert 0 <= result["robust_acc"][s] <= result["clean_acc"][s] <= 1
+        assert result["training_time"][s] == pytest.approx(sum(h["time_attack"]) + sum(h["time_update"]))
+        k = result["kernels"][s]
+        assert k["epochs"] == [0, 1, 2]
+        assert k["clean"].shape == k["ae"].shape == (3, profile.n_probe, profile.n_probe)
+    # same initialisation for every strategy: identical kernels at epoch 0
+    assert torch.equal(result["kernels"]["normal"]["clean"][0], result["kernels"]["pgd"]["clean"][0])
+    assert set(result["histories"]["normal"]["time_attack"]) == {0.0}
+    assert min(result["histories"]["pgd"]["time_attack"]) > 0
+
+
+def test_strategies_second_run_loads_the_cache(strategies_run, monkeypatch):
+    result, out, _ = strategies_run
+    import ntklab.train
+
+    monkeypatch.setattr(ntklab.train, "train", lambda *a, **k: pytest.fail("recomputed"))
+    with cache.track() as paths:
+        again = experiments.run("strategies", "smoke", "cpu", out=out, progress=False)
+    assert [how for _, how in paths] == ["loaded"]
+    assert again["clean_acc"] == result["clean_acc"]
+    assert torch.equal(again["kernels"]["fgsm"]["ae"], result["kernels"]["fgsm"]["ae"])
+    assert sorted(os.listdir(out / "strategies")) == sorted(
+        [p.name for p, _ in paths] + [paths[0][0].with_suffix(".json").name,
+                                      paths[0][0].with_suffix(".checkpoints").name])

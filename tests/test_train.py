@@ -1,0 +1,320 @@
+"""Tests of the training loop (ntklab.train) and its callbacks (ntklab.callbacks): strategies,
+switch epoch, LR schedules, timing, checkpoint/resume, kernel snapshots, the CO detector."""
+import copy
+import json
+import logging
+import math
+import os
+import time
+
+import pytest
+import torch
+
+import ntklab
+from ntklab.callbacks import Callback, CatastrophicOverfittingDetector, KernelSnapshots
+from ntklab.models import SmallCNN
+from ntklab.train import (CHECKPOINT_NAME, STRATEGIES, ConstantLR, CosineLR, History, MultiStepLR,
+                          make_schedule, train)
+
+MEAN, STD = ntklab.data.stats("mnist5k")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(train, test): 256 and 64 class-balanced embedded MNIST images."""
+    train_set = ntklab.data.subset(ntklab.data.load("mnist5k", "train"), 256, seed=0)
+    test_set = ntklab.data.subset(ntklab.data.load("mnist5k", "test"), 64, seed=0)
+    return train_set, test_set
+
+
+def cnn(seed=0):
+    torch.manual_seed(seed)
+    return SmallCNN(width=4, mean=MEAN, std=STD)
+
+
+def fit(train_set, **kw):
+    kw = {"strategy": "normal", "epochs": 1, "batch_size": 64, "device": "cpu", "progress": False, **kw}
+    model = kw.pop("model", None) or cnn()
+    return model, train(model, train_set, **kw)
+
+
+def strip_times(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith("time_")}
+
+
+class Interrupt(Callback):
+    """Raises KeyboardInterrupt at the end of a given epoch, like Ctrl-C."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_epoch_end(self, epoch, model, history):
+        if epoch == self.at:
+            raise KeyboardInterrupt
+
+
+class CountEpochs(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_epoch_end(self, epoch, model, history):
+        self.seen.append(epoch)
+
+
+# ---------------------------------------------------------------- learning
+def test_normal_training_learns(mnist_small):
+    train_set, test_set = mnist_small
+    _, h = fit(train_set, epochs=3, batch_size=32, eval_set=test_set, eval_size=200)
+    assert h.loss[-1] < h.loss[0] - 0.3
+    assert h.train_acc[-1] > 0.5 and h.clean_acc[-1] > 0.5  # chance is 0.1
+    assert all(0 <= a <= c for a, c in zip(h.pgd_acc, h.clean_acc))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_runs_one_epoch(tiny, strategy):
+    steps = 2 if strategy in ("pgd", "trades") else None
+    model, h = fit(tiny[0], strategy=strategy, eps=0.1, steps=steps)
+    assert h.strategy == [strategy] and len(h) == 1 and h.finished
+    assert math.isfinite(h.loss[0])
+    assert (h.time_attack[0] > 0) == (strategy != "normal")
+    assert (h.train_acc[0] is None) == (strategy == "trades")
+    assert not model.training
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_switch_epoch_changes_strategy(tiny):
+    _, h = fit(tiny[0], strategy="pgd", steps=1, epochs=3, switch_epoch=2)
+    assert h.strategy == ["normal", "normal", "pgd"]
+    assert h.time_attack[:2] == [0.0, 0.0] and h.time_attack[2] > 0
+
+
+def test_progress_bars(tiny, capsys):
+    fit(ntklab.data.subset(tiny[0], 64, seed=0), epochs=2, progress=True)
+    err = capsys.readouterr().err
+    assert "normal epochs" in err and "2/2" in err and "loss=" in err
+    fit(ntklab.data.subset(tiny[0], 64, seed=0), epochs=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_unknown_strategy_and_schedule(tiny):
+    with pytest.raises(ValueError, match="valid strategies are: normal, fgsm"):
+        fit(tiny[0], strategy="free_at")
+    with pytest.raises(ValueError, match="multistep, cosine, constant"):
+        fit(tiny[0], lr_schedule="linear")
+    with pytest.raises(ValueError, match="switch_epoch"):
+        fit(tiny[0], epochs=2, switch_epoch=3)
+    with pytest.raises(ValueError, match="single-step"):
+        fit(tiny[0], strategy="fgsm_rs", steps=5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fit((tiny[0].tensors[0] * 255, tiny[0].tensors[1]))
+
+
+# ---------------------------------------------------------------- learning-rate schedules
+def test_schedule_values():
+    ms = make_schedule("multistep", lr=0.1, epochs=200, milestones=(100, 150), gamma=0.1)
+    assert [ms(e) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    cos = CosineLR(0.1, epochs=4)
+    assert cos.per_batch and cos(0) == pytest.approx(0.1) and cos(4) == pytest.approx(0.0)
+    assert cos(1, batch=5, num_batches=10) == pytest.approx(0.05 * (1 + math.cos(math.pi * 1.5 / 4)))
+    assert ConstantLR(0.3)(7) == 0.3
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("multistep", [0.1, 0.01, 0.001]),
+    ("constant", [0.1, 0.1, 0.1]),
+    ("cosine", [0.1, 0.075, 0.025]),
+    (MultiStepLR(0.2, (2,), 0.5), [0.2, 0.2, 0.1]),
+])
+def test_history_records_schedule(tiny, schedule, expected, monkeypatch):
+    used, lrs = [None], []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):  # the rate the optimiser really uses
+        used[0] = self.param_groups[0]["lr"]
+        return real_step(self, *a, **k)
+
+    class LastLR(Callback):  # the rate of each epoch's last batch
+        def on_epoch_end(self, epoch, model, history):
+            lrs.append(used[0])
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    _, h = fit(tiny[0], epochs=3, lr=0.1, lr_schedule=schedule, milestones=(1, 2), batch_size=128,
+               callbacks=[LastLR()])
+    assert h.lr == pytest.approx(expected)
+    if schedule == "cosine":  # per batch: the second (last) batch of each epoch is lower still
+        assert lrs == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * (e + 0.5) / 3)) for e in range(3)])
+    else:
+        assert lrs == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- history and timing
+def test_history_times_and_serialisation(tiny):
+    train_set, test_set = tiny
+
+    class Slow(Callback):
+        def on_epoch_end(self, epoch, model, history):
+            time.sleep(0.1)
+
+    start = time.perf_counter()
+    _, h = fit(train_set, strategy="fgsm", epochs=2, eval_set=test_set, eval_every=2, callbacks=[Slow()])
+    wall = time.perf_counter() - start
+    for key in ("time_attack", "time_update", "time_eval", "time_callbacks"):
+        values = getattr(h, key)
+        assert len(values) == 2 and all(v >= 0 for v in values)
+    assert h.clean_acc[0] is None and h.clean_acc[1] is not None  # eval_every=2
+    assert h.time_eval[1] > 0 and min(h.time_callbacks) >= 0.1
+    assert h.training_time == pytest.approx(sum(h.time_attack) + sum(h.time_update))
+    # measurement is not training: both fit in the wall time only if they are disjoint
+    assert h.training_time + h.measurement_time <= wall
+    back = History.from_dict(json.loads(json.dumps(h.to_dict())))
+    assert back == h and back.training_time == h.training_time
+
+
+def test_history_log_pads_extra():
+    h = History()
+    h.append(epoch=0, strategy="normal")
+    h.append(epoch=1, strategy="normal")
+    h.log("x", 1.5)
+    h.append(epoch=2, strategy="normal")
+    assert h.extra["x"] == [None, 1.5, None]
+    with pytest.raises(ValueError):
+        h.append(epoch=3, bogus=1)
+
+
+# ---------------------------------------------------------------- checkpoint and resume
+RESUME_KW = dict(strategy="fgsm_rs", epochs=3, eps=0.2, lr_schedule="cosine", eval_every=1, seed=3)
+
+
+def snapshots(probe):
+    return KernelSnapshots(probe[0], probe[1], epochs=(0, 1, 3), eps=0.2, steps=2)
+
+
+def test_resume_after_interruption_is_bitwise_identical(tiny, tmp_path):
+    train_set, test_set = tiny
+    probe = ntklab.data.subset(train_set, 8, seed=1).tensors
+    ref_snaps = snapshots(probe)
+    ref, h_ref = fit(train_set, model=cnn(0), eval_set=test_set, callbacks=[ref_snaps], **RESUME_KW)
+
+    snaps = snapshots(probe)
+    with pytest.raises(KeyboardInterrupt):
+        fit(train_set, model=cnn(0), eval_set=test_set, callbacks=[snaps, Interrupt(at=1)],
+            checkpoint_dir=tmp_path, **RESUME_KW)
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["history"]["epoch"] == [0] and not saved["history"]["finished"]
+
+    resumed_snaps, count = snapshots(probe), CountEpochs()
+    model = cnn(seed=99)  # another init: the weights must come from the checkpoint
+    _, h = fit(train_set, model=model, eval_set=test_set, callbacks=[resumed_snaps, count],
+               checkpoint_dir=tmp_path, **RESUME_KW)
+    assert count.seen == [1, 2]  # epoch 0 was not trained again
+    for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert strip_times(h.to_dict()) == strip_times(h_ref.to_dict())
+    assert resumed_snaps.snapshot_epochs == ref_snaps.snapshot_epochs == [0, 1, 3]
+    assert torch.equal(resumed_snaps.kernels("ae"), ref_snaps.kernels("ae"))
+
+    # a finished run returns at once, with its weights and callback states
+    again, count2, model2 = snapshots(probe), CountEpochs(), cnn(seed=5)
+    _, h2 = fit(train_set, model=model2, eval_set=test_set, callbacks=[again, count2],
+                checkpoint_dir=tmp_path, **RESUME_KW)
+    assert count2.seen == [] and h2.to_dict() == h.to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert torch.equal(again.kernels("clean"), ref_snaps.kernels("clean"))
+
+    with pytest.raises(ValueError, match=r"different run \(.*eps: checkpoint 0.2, this call 0.3"):
+        fit(train_set, model=cnn(0), eval_set=test_set, callbacks=[snapshots(probe)],
+            checkpoint_dir=tmp_path, **{**RESUME_KW, "eps": 0.3})
+
+
+def test_measurement_does_not_change_training(tiny):
+    """Evaluation and callbacks draw random numbers from a fork: same weights with or without."""
+    a, _ = fit(tiny[0], strategy="fgsm_rs", epochs=2, eps=0.2)
+    b, _ = fit(tiny[0], strategy="fgsm_rs", epochs=2, eps=0.2, eval_set=tiny[1],
+               callbacks=[CatastrophicOverfittingDetector(*tiny[1].tensors, eps=0.2, steps=2)])
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_checkpoint_write_is_atomic(tiny, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f, *a, **k):  # the second checkpoint dies half-way through writing
+        calls.append(f)
+        if len(calls) == 2:
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        fit(tiny[0], epochs=3, checkpoint_dir=tmp_path)
+    assert os.listdir(tmp_path) == [CHECKPOINT_NAME]  # no temporary file left behind
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["history"]["epoch"] == [0]  # the previous checkpoint, intact
+
+
+# ---------------------------------------------------------------- callbacks
+def test_kernel_snapshots_shapes_and_epochs(tiny):
+    train_set = tiny[0]
+    px, py = ntklab.data.subset(train_set, 6, seed=2).tensors
+    model = cnn()
+    initial = copy.deepcopy(model)
+    snaps = KernelSnapshots(px, py, epochs=(0, 2), eps=0.1, steps=2)
+    diag = KernelSnapshots(px, epochs=(1,), kind="diagonal", ae=False, dtype=torch.float16)
+    _, h = fit(train_set, model=model, epochs=2, callbacks=[snaps, diag])
+    assert snaps.snapshot_epochs == [0, 2] and diag.snapshot_epochs == [1]
+    clean, ae = snaps.kernels("clean"), snaps.kernels("ae")
+    assert clean.shape == ae.shape == (2, 6, 6) and clean.dtype == torch.float32 and clean.device.type == "cpu"
+    assert diag.kernels("clean").shape == (1, 6, 6, 10) and diag._state["clean"][0].dtype == torch.float16
+    assert not torch.allclose(clean, ae)
+    assert torch.allclose(snaps.kernel(0), ntklab.ntk.empirical_ntk(initial, px, kind="trace"), rtol=1e-4)
+    assert torch.allclose(snaps.kernel(2), ntklab.ntk.empirical_ntk(model, px, kind="trace"), rtol=1e-4)
+    assert not torch.allclose(snaps.kernel(0), snaps.kernel(2), rtol=1e-3)
+    assert len(snaps.probe_ae_acc) == 2 and all(0 <= a <= 1 for a in snaps.probe_ae_acc)
+    with pytest.raises(ValueError, match="ae=False"):
+        diag.kernels("ae")
+    with pytest.raises(ValueError, match="probe_y"):
+        KernelSnapshots(px)
+
+
+def _break(model):
+    """Constant predictions (class 0): any robust accuracy collapses to the share of class 0."""
+    last = model.classifier[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.arange(10.0).flip(0))
+
+
+def test_co_detector_flags_a_drop(trained_cnn, mnist_small, caplog):
+    x, y = mnist_small[1].tensors
+    model = copy.deepcopy(trained_cnn)
+    det = CatastrophicOverfittingDetector(x[:100], y[:100], eps=0.03, alpha=0.01, steps=5, drop=0.2)
+    h = History()
+    for epoch in range(3):
+        h.append(epoch=epoch, strategy="fgsm")
+        if epoch == 2:
+            _break(model)
+        with caplog.at_level(logging.WARNING, logger="ntklab.train"):
+            det.on_epoch_end(epoch, model, h)
+    assert h.extra["co_flag"] == [False, False, True]
+    assert h.extra["co_robust_acc"][0] > 0.5 and h.extra["co_robust_acc"][2] < 0.2
+    assert det.flagged_epochs == [2] and "catastrophic overfitting at epoch 2" in caplog.text
+    assert h.stop_reason is None  # stop=False only flags
+
+
+def test_co_detector_stops_the_loop(trained_cnn, mnist_small):
+    train_set, test_set = mnist_small
+    x, y = test_set.tensors
+
+    class Breaker(Callback):
+        def on_epoch_end(self, epoch, model, history):
+            if epoch == 1:
+                _break(model)
+
+    det = CatastrophicOverfittingDetector(x[:100], y[:100], eps=0.03, steps=5, stop=True)
+    model = copy.deepcopy(trained_cnn)
+    _, h = fit(ntklab.data.subset(train_set, 128, seed=0), model=model, epochs=5, lr=0.0,
+               lr_schedule="constant", weight_decay=0.0, callbacks=[Breaker(), det])
+    assert len(h) == 2 and h.finished and "catastrophic overfitting" in h.stop_reason
+    assert h.extra["co_flag"] == [False, True]
