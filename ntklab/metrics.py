@@ -1,0 +1,238 @@
+"""Kernel metrics: how far a kernel moved, how fast, how concentrated its spectrum is, how class-specific it is.
+
+Introduced in the book's chapter 4 (Threefold evolution), which follows Li et al. (arXiv 2312.02236)
+in watching the empirical NTK of :func:`ntklab.ntk.empirical_ntk` change over training. Every
+function takes a kernel in one of three forms, as a torch tensor or a numpy array:
+
+* a full kernel (n, n, k, k), flattened to an (nk, nk) matrix with row index ``i * k + a``;
+* an (n, n) matrix (a trace, logit or single-class kernel);
+* an (nk, nk) matrix already flattened.
+
+Results are numpy floats / arrays, computed in float64.
+
+Centring. ``center=True`` replaces each kernel matrix K (m x m) by H K H with H = I - 11^T / m,
+as in centred kernel alignment (Cortes, Mohri & Rostamizadeh 2012; Kornblith et al. 2019). The
+kernel of a ReLU network has a large constant component (all its features are non-negative), and
+that mean dominates the uncentred Frobenius inner products: on the book's pilot CNN the uncentred
+trace kernel moved only 0.05 in kernel distance from its initialisation over training, the centred
+one 0.25 (``shared/PILOT.md``). Centring removes what is common to all inputs, so that distances
+and spectra measure how the kernel separates inputs. ``H (K + c 11^T) H = H K H``: a centred
+metric ignores any constant added to the kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["center_kernel", "kernel_distance", "kernel_velocity", "effective_rank", "top_concentration",
+           "polar_dynamics", "alignment", "kernel_specialization"]
+
+
+def _to_numpy(K, name="K"):
+    if hasattr(K, "detach"):                                     # a torch tensor
+        K = K.detach().cpu().double().numpy()
+    K = np.asarray(K, dtype=np.float64)
+    if not np.all(np.isfinite(K)):
+        raise ValueError(f"{name} has non-finite entries")
+    return K
+
+
+def _as_matrix(K, name="K"):
+    """A kernel as an (m, m) float64 matrix: (n, n) stays, (n, n, k, k) becomes (nk, nk), index i*k + a."""
+    K = _to_numpy(K, name)
+    if K.ndim == 4:
+        n, n2, k, k2 = K.shape
+        if n != n2 or k != k2:
+            raise ValueError(f"a full kernel {name} must have shape (n, n, k, k), got {K.shape}")
+        return K.transpose(0, 2, 1, 3).reshape(n * k, n * k)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"{name} must be a square (m, m) matrix or a full kernel (n, n, k, k), "
+                         f"got shape {K.shape}")
+    return K
+
+
+def _center(M):
+    return M - M.mean(0, keepdims=True) - M.mean(1, keepdims=True) + M.mean()
+
+
+def center_kernel(K):
+    """The centred kernel H K H, H = I - 11^T / m (Cortes et al. 2012; Kornblith et al. 2019; chapter 4).
+
+    Centring removes the component common to all inputs, which dominates the uncentred NTK of a
+    ReLU network (see the module docstring), so that what remains is how the kernel tells inputs
+    apart. K: (m, m) or a full kernel (n, n, k, k), centred as its (nk, nk) flattening. Returns the
+    same shape, as numpy float64. Rows and columns of the result sum to zero; H (K + c 11^T) H = H K H.
+    """
+    M = _center(_as_matrix(K))
+    K = _to_numpy(K)
+    if K.ndim == 4:
+        n, _, k, _ = K.shape
+        return M.reshape(n, k, n, k).transpose(0, 2, 1, 3)
+    return M
+
+
+def _matrix(K, center, name="K"):
+    M = _as_matrix(K, name)
+    return _center(M) if center else M
+
+
+def _cosine(M1, M2):
+    n1, n2 = np.linalg.norm(M1), np.linalg.norm(M2)
+    if n1 == 0 or n2 == 0:
+        raise ValueError("kernel distance is undefined for a zero kernel "
+                         "(after centring, a constant kernel is zero)")
+    return float(np.sum(M1 * M2) / (n1 * n2))
+
+
+def kernel_distance(K1, K2, *, center: bool = False) -> float:
+    """Kernel distance KD = 1 - <K1, K2>_F / (||K1||_F ||K2||_F) (Fort et al. 2020; Tsilivis & Kempe 2022).
+
+    In [0, 2] (in [0, 1] for PSD kernels): 0 for kernels that are positive multiples of each other,
+    1 for orthogonal ones. K1, K2: kernels of the same shape ((m, m) or (n, n, k, k)). ``center``:
+    compare H K1 H and H K2 H (see the module docstring). Used in chapter 4 (Threefold evolution)
+    for the distance between snapshots and between training strategies, as in Li et al. (2312.02236).
+    """
+    K1, K2 = _to_numpy(K1, "K1"), _to_numpy(K2, "K2")
+    if K1.shape != K2.shape:
+        raise ValueError(f"K1 and K2 must have the same shape, got {K1.shape} and {K2.shape}")
+    return 1.0 - _cosine(_matrix(K1, center, "K1"), _matrix(K2, center, "K2"))
+
+
+def kernel_velocity(kernels: Sequence, times: Sequence[float] | None = None, *, center: bool = False) -> np.ndarray:
+    """Kernel velocity KD(K_t, K_{t+1}) / (time_{t+1} - time_t) between consecutive snapshots (chapter 4).
+
+    The speed of kernel learning of Fort et al. (2020), the quantity whose three phases Li et al.
+    (2312.02236) describe. kernels: a sequence of T >= 2 kernels of one shape; times: T strictly
+    increasing times (epochs, steps, or learning-rate-weighted time), default 0, 1, ..., T-1.
+    Returns an array of T - 1 velocities (>= 0 for PSD kernels).
+    """
+    mats = [_matrix(K, center, f"kernels[{t}]") for t, K in enumerate(kernels)]
+    if len(mats) < 2:
+        raise ValueError(f"kernel velocity needs at least 2 kernels, got {len(mats)}")
+    if any(M.shape != mats[0].shape for M in mats):
+        raise ValueError("all kernels must have the same shape")
+    t = np.arange(len(mats), dtype=np.float64) if times is None else np.asarray(times, dtype=np.float64)
+    if t.shape != (len(mats),):
+        raise ValueError(f"times must have one entry per kernel ({len(mats)}), got shape {t.shape}")
+    dt = np.diff(t)
+    if np.any(dt <= 0):
+        raise ValueError("times must be strictly increasing")
+    return np.array([(1.0 - _cosine(a, b)) / d for a, b, d in zip(mats[:-1], mats[1:], dt)])
+
+
+def _eigvals(K, center):
+    M = _matrix(K, center)
+    return np.linalg.eigvalsh((M + M.T) / 2)
+
+
+def effective_rank(K, *, center: bool = False) -> float:
+    """Effective rank exp(H(p)) (Roy & Vetterli 2007; chapter 4).
+
+    p_i = lambda_i / sum_j lambda_j over the eigenvalues lambda_i >= 0 and H the Shannon entropy.
+    In [1, m] for an (m, m) kernel: m for a multiple of the identity, 1 for rank one. Negative
+    eigenvalues (rounding, or a kernel that is not PSD) are left out. Chapter 4 and chapter 6 use it
+    to see the spectrum of the NTK concentrate (Li et al. 2312.02236; Tsilivis & Kempe 2022).
+    """
+    lam = _eigvals(K, center)
+    lam = lam[lam > 0]
+    if lam.size == 0 or lam.sum() == 0:
+        raise ValueError("effective rank is undefined: the kernel has no positive eigenvalue")
+    p = lam / lam.sum()
+    return float(math.exp(-np.sum(p * np.log(p))))
+
+
+def top_concentration(K, q: int, *, center: bool = False) -> float:
+    """Share of the q largest squared eigenvalues: sum of the q largest lambda_i^2 / sum_i lambda_i^2.
+
+    In (0, 1]: 1 for rank <= q. Tsilivis & Kempe (2022) measure how much of a kernel lives in its top
+    eigenspaces this way; the book uses it in chapters 4 and 6 (Li et al. 2312.02236).
+    q: an integer in [1, m] for an (m, m) kernel.
+    """
+    lam2 = np.sort(_eigvals(K, center) ** 2)[::-1]
+    if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 1 <= q <= lam2.size:
+        raise ValueError(f"q must be an integer in [1, {lam2.size}], got {q!r}")
+    if lam2.sum() == 0:
+        raise ValueError("top concentration is undefined for a zero kernel")
+    return float(lam2[:q].sum() / lam2.sum())
+
+
+def polar_dynamics(kernels: Sequence, *, center: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel trajectory in polar form (chapter 4).
+
+    radius_t = ||K_t - K_0||_F / ||K_T - K_0||_F and angle_t = arccos(1 - KD(K_t, K_0)).
+
+    The radius runs from 0 (at t = 0) to 1 (at the last snapshot T); the angle (radians, in [0, pi])
+    is how far the kernel has turned from its initial direction, whatever its scale (after Fort et
+    al. 2020 and Li et al. 2312.02236; chapter 4). kernels: T >= 2 kernels of one shape, the
+    first and last different. Returns (radius, angle), two arrays of length T.
+    """
+    mats = [_matrix(K, center, f"kernels[{t}]") for t, K in enumerate(kernels)]
+    if len(mats) < 2:
+        raise ValueError(f"polar dynamics needs at least 2 kernels, got {len(mats)}")
+    if any(M.shape != mats[0].shape for M in mats):
+        raise ValueError("all kernels must have the same shape")
+    total = np.linalg.norm(mats[-1] - mats[0])
+    if total == 0:
+        raise ValueError("polar dynamics is undefined when the last kernel equals the first")
+    radius = np.array([np.linalg.norm(M - mats[0]) / total for M in mats])
+    angle = np.array([math.acos(min(1.0, max(-1.0, _cosine(M, mats[0])))) for M in mats])
+    return radius, angle
+
+
+def alignment(K, u) -> float:
+    """Kernel-target alignment A(K, u) = u^T K u / (||K||_F ||u||^2) (Cristianini et al. 2002; chapter 4).
+
+    K: an (m, m) kernel (a full kernel is flattened); u: m target values, e.g. a class indicator.
+    In [-1, 1]; 1 when K is a positive multiple of u u^T. Li et al. (2312.02236) build kernel
+    specialization (:func:`kernel_specialization`) from it.
+    """
+    M = _as_matrix(K)
+    u = _to_numpy(u, "u")
+    if u.shape != (M.shape[0],):
+        raise ValueError(f"u must be a vector of length {M.shape[0]} (one entry per kernel row), "
+                         f"got shape {u.shape}")
+    nk, nu = np.linalg.norm(M), float(u @ u)
+    if nk == 0 or nu == 0:
+        raise ValueError("alignment is undefined for a zero kernel or a zero vector u")
+    return float(u @ M @ u / (nk * nu))
+
+
+def kernel_specialization(K_full, labels) -> tuple[float, np.ndarray]:
+    """Kernel specialization of a full NTK (Li et al., arXiv 2312.02236; book chapters 3 and 4).
+
+    For output c, K_c = K_full[:, :, c, c] (n, n); u_c is the indicator of the inputs of class c;
+    S[c, c'] = A(K_c, u_{c'}) with A the alignment of :func:`alignment`; KS = mean_c S[c, c] divided by
+    mean_{c != c'} S[c, c']. KS > 1 when each logit's kernel is aligned with its own class more than
+    with the others. K_full: (n, n, k, k) with k >= 2; labels: n integers in [0, k), every class
+    present. Returns (KS, S) with S a (k, k) array.
+    """
+    K = _to_numpy(K_full, "K_full")
+    if K.ndim != 4 or K.shape[0] != K.shape[1] or K.shape[2] != K.shape[3]:
+        raise ValueError(f"K_full must be a full kernel of shape (n, n, k, k), got shape {K.shape}")
+    n, _, k, _ = K.shape
+    if k < 2:
+        raise ValueError("kernel specialization needs k >= 2 outputs")
+    y = _to_numpy(labels, "labels")
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) (one per input), got {y.shape}")
+    if np.any(y != np.round(y)) or y.min() < 0 or y.max() >= k:
+        raise ValueError(f"labels must be integers in [0, {k})")
+    y = y.astype(int)
+    missing = sorted(set(range(k)) - set(y.tolist()))
+    if missing:
+        raise ValueError(f"every class needs at least one input; classes {missing} have none")
+    U = np.eye(k)[y]                                              # (n, k) indicators
+    S = np.empty((k, k))
+    for c in range(k):
+        Kc = K[:, :, c, c]
+        norm = np.linalg.norm(Kc)
+        if norm == 0:
+            raise ValueError(f"the kernel of output {c} is zero")
+        S[c] = np.einsum("ic,ij,jc->c", U, Kc, U) / (norm * U.sum(0))
+    off = ~np.eye(k, dtype=bool)
+    denominator = S[off].mean()
+    if denominator == 0:
+        raise ValueError("kernel specialization is undefined: the off-diagonal alignments average to zero")
+    return float(np.mean(np.diag(S)) / denominator), S

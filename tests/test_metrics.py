@@ -1,0 +1,173 @@
+"""Tests of ntklab.metrics: known answers, invariances, and an independent numpy computation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ntklab import metrics
+
+
+def random_psd(m, rank=None, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(m, rank or m))
+    return X @ X.T
+
+
+def flat(K):
+    """(n, n, k, k) -> (nk, nk) with index i*k + a, written out with loops."""
+    n, _, k, _ = K.shape
+    M = np.empty((n * k, n * k))
+    for i in range(n):
+        for j in range(n):
+            for a in range(k):
+                for b in range(k):
+                    M[i * k + a, j * k + b] = K[i, j, a, b]
+    return M
+
+
+def test_kernel_distance_known_answers():
+    K = random_psd(6)
+    assert metrics.kernel_distance(K, 3.0 * K) == pytest.approx(0.0, abs=1e-12)
+    e1, e2 = np.zeros((4, 4)), np.zeros((4, 4))
+    e1[0, 0], e2[1, 1] = 1.0, 1.0
+    assert metrics.kernel_distance(e1, e2) == pytest.approx(1.0)
+    assert metrics.kernel_distance(torch.tensor(K), torch.tensor(2 * K)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kernel_distance_against_numpy_and_centring():
+    K1, K2 = random_psd(8, seed=1), random_psd(8, seed=2)
+    expected = 1 - np.trace(K1 @ K2) / (np.linalg.norm(K1) * np.linalg.norm(K2))
+    assert metrics.kernel_distance(K1, K2) == pytest.approx(expected, rel=1e-12)
+    H = np.eye(8) - np.ones((8, 8)) / 8
+    C1, C2 = H @ K1 @ H, H @ K2 @ H
+    expected_c = 1 - np.sum(C1 * C2) / (np.linalg.norm(C1) * np.linalg.norm(C2))
+    assert metrics.kernel_distance(K1, K2, center=True) == pytest.approx(expected_c, rel=1e-12)
+    # a constant added to a kernel changes the uncentred distance but not the centred one
+    assert metrics.kernel_distance(K1, K2 + 50.0, center=True) == pytest.approx(expected_c, rel=1e-9)
+    assert abs(metrics.kernel_distance(K1, K2 + 50.0) - expected) > 1e-3
+
+
+def test_full_kernels_are_flattened_i_k_plus_a():
+    rng = np.random.default_rng(3)
+    n, k = 3, 2
+    J = rng.normal(size=(n, k, 5))
+    K = np.einsum("iaf,jbf->ijab", J, J)
+    M = flat(K)
+    K2 = K + 0.1 * np.einsum("iaf,jbf->ijab", J ** 2, J ** 2)
+    assert metrics.kernel_distance(K, K2) == pytest.approx(metrics.kernel_distance(M, flat(K2)), rel=1e-12)
+    assert metrics.effective_rank(K) == pytest.approx(metrics.effective_rank(M), rel=1e-10)
+    C = metrics.center_kernel(K)
+    assert C.shape == K.shape
+    H = np.eye(n * k) - np.ones((n * k, n * k)) / (n * k)
+    np.testing.assert_allclose(flat(C), H @ M @ H, atol=1e-12)
+
+
+def test_center_kernel():
+    K = random_psd(5, seed=4)
+    C = metrics.center_kernel(K)
+    np.testing.assert_allclose(C.sum(0), 0, atol=1e-10)
+    np.testing.assert_allclose(metrics.center_kernel(K + 7.0), C, atol=1e-10)
+
+
+def test_effective_rank():
+    assert metrics.effective_rank(np.eye(7)) == pytest.approx(7.0)
+    assert metrics.effective_rank(random_psd(6, rank=1)) == pytest.approx(1.0, rel=1e-6)
+    K = random_psd(9, seed=5)
+    lam = np.linalg.eigvalsh(K)
+    p = lam[lam > 0] / lam[lam > 0].sum()
+    assert metrics.effective_rank(K) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-10)
+
+
+def test_top_concentration():
+    assert metrics.top_concentration(random_psd(6, rank=1), 1) == pytest.approx(1.0)
+    assert metrics.top_concentration(np.eye(4), 1) == pytest.approx(0.25)
+    K = random_psd(8, seed=6)
+    lam2 = np.sort(np.linalg.eigvalsh(K))[::-1] ** 2
+    assert metrics.top_concentration(K, 3) == pytest.approx(lam2[:3].sum() / lam2.sum(), rel=1e-10)
+    with pytest.raises(ValueError, match=r"q must be an integer in \[1, 8\]"):
+        metrics.top_concentration(K, 0)
+    with pytest.raises(ValueError, match="q must be"):
+        metrics.top_concentration(K, 9)
+
+
+def test_kernel_velocity():
+    Ks = [random_psd(5, seed=s) for s in range(4)]
+    times = [0.0, 1.0, 3.0, 3.5]
+    v = metrics.kernel_velocity(Ks, times)
+    expected = [metrics.kernel_distance(Ks[t], Ks[t + 1]) / (times[t + 1] - times[t]) for t in range(3)]
+    np.testing.assert_allclose(v, expected, rtol=1e-12)
+    np.testing.assert_allclose(metrics.kernel_velocity(Ks), expected * np.diff(times), rtol=1e-12)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        metrics.kernel_velocity(Ks, [0, 1, 1, 2])
+    with pytest.raises(ValueError, match="one entry per kernel"):
+        metrics.kernel_velocity(Ks, [0, 1])
+
+
+def test_polar_dynamics():
+    K0 = random_psd(5, seed=7)
+    Ks = [K0, K0 + 0.5 * random_psd(5, seed=8), 2 * K0, K0 + random_psd(5, seed=9)]
+    radius, angle = metrics.polar_dynamics(Ks)
+    assert radius[0] == 0 and radius[-1] == pytest.approx(1.0) and angle[0] == pytest.approx(0.0, abs=1e-6)
+    assert angle[2] == pytest.approx(0.0, abs=1e-6)            # a rescaled kernel has not turned
+    expected = np.linalg.norm(Ks[1] - K0) / np.linalg.norm(Ks[3] - K0)
+    assert radius[1] == pytest.approx(expected, rel=1e-12)
+    cos = np.sum(Ks[1] * K0) / (np.linalg.norm(Ks[1]) * np.linalg.norm(K0))
+    assert angle[1] == pytest.approx(np.arccos(cos), rel=1e-9)
+
+
+def test_alignment():
+    u = np.array([1.0, -1.0, 1.0])
+    assert metrics.alignment(np.outer(u, u), u) == pytest.approx(1.0)
+    K = random_psd(3, seed=10)
+    assert metrics.alignment(K, u) == pytest.approx(u @ K @ u / (np.linalg.norm(K) * 3), rel=1e-12)
+    with pytest.raises(ValueError, match="length 3"):
+        metrics.alignment(K, np.ones(4))
+
+
+def class_block_kernel(labels, k, strength):
+    """A full kernel whose output-c block is large on pairs of class-c inputs."""
+    n = len(labels)
+    rng = np.random.default_rng(11)
+    J = 0.1 * rng.normal(size=(n, k, 20))
+    for i, c in enumerate(labels):
+        J[i, c, c] += strength
+    return np.einsum("iaf,jbf->ijab", J, J)
+
+
+def test_kernel_specialization():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    K = class_block_kernel(labels, 3, strength=1.0)
+    ks, S = metrics.kernel_specialization(K, labels)
+    assert S.shape == (3, 3) and ks > 1.5
+    # independent computation of S with explicit loops
+    for c in range(3):
+        Kc = K[:, :, c, c]
+        for d in range(3):
+            u = (labels == d).astype(float)
+            assert S[c, d] == pytest.approx(u @ Kc @ u / (np.linalg.norm(Kc) * u.sum()), rel=1e-12)
+    off = S[~np.eye(3, dtype=bool)].mean()
+    assert ks == pytest.approx(np.diag(S).mean() / off, rel=1e-12)
+    ks_flat, _ = metrics.kernel_specialization(class_block_kernel(labels, 3, strength=0.0), labels)
+    assert ks_flat < ks
+    with pytest.raises(ValueError, match="labels must have shape"):
+        metrics.kernel_specialization(K, labels[:-1])
+    with pytest.raises(ValueError, match="classes \\[2\\] have none"):
+        metrics.kernel_specialization(K, np.array([0, 1, 0, 0, 1, 1, 0, 1]))
+    with pytest.raises(ValueError, match="full kernel"):
+        metrics.kernel_specialization(K[:, :, 0, 0], labels)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="square"):
+        metrics.effective_rank(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.kernel_distance(np.eye(3), np.eye(4))
+    with pytest.raises(ValueError, match=r"\(n, n, k, k\)"):
+        metrics.kernel_distance(np.ones((2, 3, 2, 2)), np.ones((2, 3, 2, 2)))
+    with pytest.raises(ValueError, match="zero kernel"):
+        metrics.kernel_distance(np.ones((3, 3)), np.eye(3), center=True)
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.polar_dynamics([np.eye(3)])
+    with pytest.raises(ValueError, match="last kernel equals the first"):
+        metrics.polar_dynamics([np.eye(3), 2 * np.eye(3), np.eye(3)])

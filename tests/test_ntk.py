@@ -1,0 +1,315 @@
+"""Tests of ntklab.ntk: every implementation and kind against a plain autograd loop."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ntklab import _ntk_structured
+from ntklab.models import PreActResNet18, SmallCNN, TwoLayerNet, set_bn_running_stats
+from ntklab.ntk import empirical_ntk
+
+KINDS = ("full", "trace", "diagonal", "logit")
+IMPLEMENTATIONS = ("jacobian", "structured", "auto")
+LOGIT = 1
+
+
+def reference_ntk(model, x1, x2):
+    """The definition, literally: per input and output, torch.autograd.grad, flattened, dot products."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def jacobian(x):
+        rows = []
+        for i in range(x.shape[0]):
+            y = model(x[i:i + 1])[0]
+            per_output = []
+            for a in range(y.shape[0]):
+                grads = torch.autograd.grad(y[a], params, retain_graph=True, allow_unused=True)
+                per_output.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                                             for g, p in zip(grads, params)]))
+            rows.append(torch.stack(per_output))
+        return torch.stack(rows)                                  # (n, k, P)
+
+    j1, j2 = jacobian(x1), jacobian(x2)
+    return torch.einsum("iaf,jbf->ijab", j1, j2)
+
+
+def select(K_full, kind):
+    return {"full": K_full, "trace": K_full.diagonal(dim1=2, dim2=3).sum(-1),
+            "diagonal": K_full.diagonal(dim1=2, dim2=3), "logit": K_full[:, :, LOGIT, LOGIT]}[kind]
+
+
+def with_bn_statistics(model, shape):
+    """Non-trivial running statistics and affine parameters, then eval mode."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, *shape) * 2 + 0.5)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model.eval()
+
+
+class Shared(nn.Module):
+    """Weight sharing (one Linear used twice), a raw scale parameter and a LayerNorm: the fallback paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.scale = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x.flatten(1)))
+        h = torch.tanh(self.hidden(torch.tanh(self.hidden(h))))
+        return self.out(self.norm(h)) * self.scale
+
+
+class Misc(nn.Module):
+    """Every structured path: convs with bias and few output pixels (factored), linear layers on
+    sequences (P > 1, factored and materialised), a plain linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, stride=2)
+        self.conv2 = nn.Conv2d(16, 8, 2)
+        self.tok1 = nn.Linear(16, 6)
+        self.tok2 = nn.Linear(16, 32)
+        self.head = nn.Linear(8 + 6 + 32, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))                             # (n, 16, 2, 2)
+        t = h.flatten(2).transpose(1, 2)                          # (n, 4, 16): 4 tokens
+        feats = [torch.relu(self.conv2(h)).flatten(1), torch.tanh(self.tok1(t)).mean(1),
+                 torch.tanh(self.tok2(t[:, :2])).mean(1)]
+        return self.head(torch.cat(feats, 1))
+
+
+def build(name):
+    torch.manual_seed(0)
+    if name == "mlp":
+        # an in-place ReLU changes a linear layer's output after the fact: the recorder must notice
+        return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(inplace=True), nn.Linear(16, 16),
+                             nn.ReLU(), nn.Linear(16, 3)), (1, 3, 4)
+    if name == "small_cnn":                                       # width 16: conv2 is streamed too
+        return with_bn_statistics(SmallCNN(width=16), (1, 28, 28)), (1, 28, 28)
+    if name == "frozen_bias":                                     # theta excludes frozen parameters
+        model = SmallCNN(width=4, bn=False)
+        for m in model.modules():
+            if getattr(m, "bias", None) is not None:
+                m.bias.requires_grad_(False)
+        return model, (1, 28, 28)
+    if name == "conv_bn":           # conv bias followed by BN; per-sample gradients laid out both ways
+        net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 3),
+                            nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
+        return with_bn_statistics(net, (1, 6, 6)), (1, 6, 6)
+    if name == "strided_conv":                                    # stride, dilation, tuple padding
+        net = nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(3 * 10 * 5, 3))
+        return net, (2, 10, 10)
+    if name == "small_cnn_no_bn":         # conv biases; conv2's 10k-long per-sample gradients are streamed
+        return SmallCNN(width=24, bn=False), (1, 28, 28)
+    if name == "resnet":
+        return with_bn_statistics(PreActResNet18(width=4), (3, 8, 8)), (3, 8, 8)
+    if name == "two_layer":
+        return TwoLayerNet(in_features=64, width=32, num_classes=4, freeze_second=False), (1, 8, 8)
+    if name == "shared":
+        return Shared(), (1, 3, 4)
+    if name == "misc":
+        return Misc(), (3, 4, 4)
+    raise KeyError(name)
+
+
+_CASES = {}
+
+
+def case(name):
+    """(model, x1, x2, reference K(x1, x2), reference K(x1, x1)), computed once per model."""
+    if name not in _CASES:
+        model, shape = build(name)
+        torch.manual_seed(1)
+        x1, x2 = torch.rand(5, *shape), torch.rand(3, *shape)
+        _CASES[name] = (model, x1, x2, reference_ntk(model, x1, x2), reference_ntk(model, x1, x1))
+    return _CASES[name]
+
+
+def rel_err(K, R):
+    return ((K - R).abs().max() / R.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "small_cnn_no_bn", "conv_bn", "strided_conv", "frozen_bias",
+                                  "resnet", "two_layer", "shared", "misc"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_against_autograd_loop(name, implementation):
+    model, x1, x2, R12, R11 = case(name)
+    for kind in KINDS:
+        logit = LOGIT if kind == "logit" else None
+        for other, R in ((x2, R12), (None, R11)):
+            K = empirical_ntk(model, x1, other, kind=kind, logit=logit, implementation=implementation)
+            expected = select(R, kind)
+            assert K.shape == expected.shape and K.dtype == torch.float32
+            assert rel_err(K, expected) < 1e-4, (name, implementation, kind, other is None)
+
+
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "conv_bn", "strided_conv", "frozen_bias", "resnet",
+                                  "two_layer", "misc"])
+def test_structured_needs_no_fallback(name, monkeypatch):
+    """The book's models are handled layer by layer: torch.func is never called."""
+    model, x1, x2, R12, _ = case(name)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("structured implementation fell back to torch.func")
+
+    monkeypatch.setattr(_ntk_structured, "func_jacobians", forbidden)
+    for kind in ("full", "trace"):
+        K = empirical_ntk(model, x1, x2, kind=kind, implementation="auto")
+        assert rel_err(K, select(R12, kind)) < 1e-4
+
+
+def test_unused_parameters():
+    """Parameters that do not reach the output contribute nothing (and do not break anything)."""
+    class WithUnused(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.unused = net, nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.net(x)
+
+    mlp, shape = build("mlp")
+    x = torch.rand(4, *shape)
+    model = WithUnused(mlp)
+    R = reference_ntk(model, x, x)
+    for implementation in IMPLEMENTATIONS:
+        assert rel_err(empirical_ntk(model, x, implementation=implementation), R) < 1e-4
+    only_unused = WithUnused(nn.Flatten())
+    assert torch.count_nonzero(empirical_ntk(only_unused, x, implementation="structured")) == 0
+
+
+def test_float64():
+    model, shape = build("mlp")
+    model = model.double()
+    x1, x2 = torch.rand(4, *shape, dtype=torch.float64), torch.rand(3, *shape, dtype=torch.float64)
+    R = reference_ntk(model, x1, x2)
+    for implementation in ("jacobian", "structured"):
+        K = empirical_ntk(model, x1, x2, implementation=implementation)
+        assert K.dtype == torch.float64 and rel_err(K, R) < 1e-12
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "structured"])
+@pytest.mark.parametrize("kind", ["full", "trace"])
+def test_chunk_size_does_not_change_the_result(implementation, kind):
+    model, x1, x2, _, _ = case("small_cnn")
+    for other in (x2, None):
+        whole = empirical_ntk(model, x1, other, kind=kind, implementation=implementation)
+        for chunk in (1, 2):
+            K = empirical_ntk(model, x1, other, kind=kind, implementation=implementation, chunk_size=chunk)
+            assert rel_err(K, whole) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "misc"])
+def test_micro_batches_inside_a_block(name, monkeypatch):
+    """Activations are processed in micro-batches (here of one input) without changing the result."""
+    import ntklab.ntk
+    model, x1, x2, R12, R11 = case(name)
+    monkeypatch.setattr(ntklab.ntk, "MICRO_BYTES", 1)
+    for kind in ("full", "diagonal"):
+        assert rel_err(empirical_ntk(model, x1, x2, kind=kind), select(R12, kind)) < 1e-4
+        assert rel_err(empirical_ntk(model, x1, kind=kind, chunk_size=3), select(R11, kind)) < 1e-4
+
+
+def test_symmetric_gram_in_strips():
+    """nk >= 512 rows: the symmetric Gram is computed in row strips (upper triangle only)."""
+    model, shape = build("small_cnn")
+    x = torch.rand(60, *shape)
+    K = empirical_ntk(model, x, implementation="structured")
+    assert rel_err(K, empirical_ntk(model, x, implementation="jacobian", chunk_size=60)) < 1e-4
+
+
+def test_symmetry_without_x2():
+    model, x1, _, _, _ = case("small_cnn")
+    K = empirical_ntk(model, x1, chunk_size=2)
+    assert torch.allclose(K, K.permute(1, 0, 3, 2))
+
+
+def _state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()])
+
+
+def _assert_same_state(model, state):
+    tensors, flags = state
+    after = model.state_dict()
+    assert tensors.keys() == after.keys()
+    assert all(torch.equal(tensors[k], after[k]) for k in tensors)
+    assert flags == [m.training for m in model.modules()]
+
+
+def test_model_state_is_restored():
+    model, shape = build("small_cnn")
+    model.train()
+    model.classifier.eval()                      # a mixed state must come back as it was
+    state = _state(model)
+    x = torch.rand(4, *shape)
+    K = empirical_ntk(model, x, kind="trace")
+    _assert_same_state(model, state)
+    assert all(p.grad is None for p in model.parameters())
+    assert rel_err(K, select(reference_ntk(model, x, x), "trace")) < 1e-4    # computed in eval mode
+    model.train()
+    model.classifier.eval()
+    with pytest.raises(ValueError):              # the model itself rejects 20x20 images
+        empirical_ntk(model, torch.rand(3, 1, 20, 20))
+    _assert_same_state(model, state)
+
+
+def test_bn_without_running_statistics():
+    """Batch statistics couple the inputs of a batch: 'structured' refuses, 'auto' uses the Jacobian."""
+    model, shape = build("small_cnn")
+    set_bn_running_stats(model, False)
+    x = torch.rand(3, *shape)
+    with pytest.raises(ValueError, match="independent"):
+        empirical_ntk(model, x, implementation="structured")
+    K = empirical_ntk(model, x, kind="trace")
+    assert torch.allclose(K, empirical_ntk(model, x, kind="trace", implementation="jacobian"))
+
+
+def test_bad_inputs():
+    model, shape = build("mlp")
+    x = torch.rand(4, *shape)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        empirical_ntk(model, torch.rand(12))
+    with pytest.raises(ValueError, match="same feature shape"):
+        empirical_ntk(model, x, torch.rand(4, 1, 4, 3))
+    with pytest.raises(ValueError, match="unknown kind"):
+        empirical_ntk(model, x, kind="eigen")
+    with pytest.raises(ValueError, match="unknown implementation"):
+        empirical_ntk(model, x, implementation="fast")
+    with pytest.raises(ValueError, match="needs logit"):
+        empirical_ntk(model, x, kind="logit")
+    with pytest.raises(ValueError, match=r"logit must be in \[0, 3\)"):
+        empirical_ntk(model, x, kind="logit", logit=3)
+    with pytest.raises(ValueError, match="only used with kind='logit'"):
+        empirical_ntk(model, x, kind="trace", logit=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        empirical_ntk(model, x, chunk_size=0)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        empirical_ntk(nn.Flatten(), x)
+    frozen, _ = build("mlp")
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        empirical_ntk(frozen, x)
+
+
+@pytest.mark.slow
+def test_bench_quick():
+    """bench/ntk.py --quick runs and reports its ratios (a few minutes; only with --runslow)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "ntk.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "speed-up" in out.stdout
