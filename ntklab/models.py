@@ -111,7 +111,8 @@ class SmallCNN(nn.Module):
 
 
 class _PreActBlock(nn.Module):
-    expansion = 1
+    """BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus a (1x1-conv) shortcut: the pre-activation basic block
+    of PreAct ResNets and of Wide ResNets (without dropout)."""
 
     def __init__(self, in_planes, planes, stride, bn, track):
         super().__init__()
@@ -163,24 +164,6 @@ class PreActResNet18(nn.Module):
         return self.linear(out)
 
 
-class _WideBasic(nn.Module):
-    def __init__(self, in_planes, planes, stride, bn, track):
-        super().__init__()
-        self.bn1 = _bn2d(in_planes, bn, track)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = _bn2d(planes, bn, track)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
-
-
 class WideResNet(nn.Module):
     """Wide ResNet WRN-depth-widen (Zagoruyko & Komodakis 2016); WRN-34-10 is the TRADES model.
 
@@ -204,7 +187,7 @@ class WideResNet(nn.Module):
         for stage in range(3):
             for i in range(n):
                 stride = 2 if (stage > 0 and i == 0) else 1
-                layers.append(_WideBasic(in_planes, widths[stage + 1], stride, bn, track_running_stats))
+                layers.append(_PreActBlock(in_planes, widths[stage + 1], stride, bn, track_running_stats))
                 in_planes = widths[stage + 1]
         self.layers = nn.Sequential(*layers)
         self.bn = _bn2d(in_planes, bn, track_running_stats)
