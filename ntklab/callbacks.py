@@ -17,12 +17,13 @@ from the training time. Introduced in chapter 4 (kernel snapshots) and chapter 6
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
+
+from ntklab.attacks import attack_mode
 
 __all__ = ["Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "evaluating"]
 
@@ -48,16 +49,10 @@ class Callback:
         pass
 
 
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore every module's own mode afterwards."""
-    saved = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in saved:
-            m.training = flag
+def evaluating(model: nn.Module):
+    """A context manager: ``model`` in eval mode for the block, every module's own mode (and the BN
+    buffers) restored afterwards; :func:`ntklab.attacks.attack_mode` with BN in eval mode."""
+    return attack_mode(model, "eval")
 
 
 def _device_of(model: nn.Module) -> torch.device:

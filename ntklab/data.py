@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "cache_dir", "atomic_save",
+__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "cache_dir", "atomic_save", "as_tensors",
            "DEFAULT"]
 
 DEFAULT = "mnist5k"
@@ -220,3 +220,24 @@ def subset(dataset: TensorDataset, n: int | None, *, seed: int = 0, stratified: 
         perm = perm[order]
     idx = perm[:n]
     return TensorDataset(x[idx], y[idx])
+
+
+def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from a ``TensorDataset`` or a tuple ``(x, y)``, checked: y of shape (N,) with integer
+    labels, N = len(x) > 0. Raises ``ValueError`` otherwise."""
+    if isinstance(data, TensorDataset):
+        tensors = data.tensors
+    elif isinstance(data, (tuple, list)):
+        tensors = tuple(data)
+    else:
+        raise ValueError(f"data must be a TensorDataset or a tuple (x, y), got {type(data).__name__}")
+    if len(tensors) < 2 or not all(isinstance(t, torch.Tensor) for t in tensors[:2]):
+        raise ValueError("data must hold two tensors, images x (N, C, H, W) and labels y (N,)")
+    x, y = tensors[0], tensors[1]
+    if y.dim() != 1 or len(x) != len(y):
+        raise ValueError(f"labels must have shape (N,) with N = len(x) = {len(x)}, got {tuple(y.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    if len(x) == 0:
+        raise ValueError("data is empty")
+    return x, y

@@ -31,6 +31,7 @@ from torch.utils.data import TensorDataset
 
 from ntklab import attacks as _attacks
 from ntklab.config import get_device
+from ntklab.data import as_tensors
 
 __all__ = ["clean_accuracy", "pgd_accuracy", "worst_case_accuracy", "autoattack_accuracy",
            "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
@@ -40,25 +41,6 @@ AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
 # ------------------------------------------------------------------ helpers
-def _tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, TensorDataset):
-        tensors = data.tensors
-    elif isinstance(data, (tuple, list)):
-        tensors = tuple(data)
-    else:
-        raise ValueError(f"data must be a TensorDataset or a tuple (x, y), got {type(data).__name__}")
-    if len(tensors) < 2 or not all(isinstance(t, torch.Tensor) for t in tensors[:2]):
-        raise ValueError("data must hold two tensors, images x (N, C, H, W) and labels y (N,)")
-    x, y = tensors[0], tensors[1]
-    if y.dim() != 1 or len(x) != len(y):
-        raise ValueError(f"labels must have shape (N,) with N = len(x) = {len(x)}, got {tuple(y.shape)}")
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
-    if len(x) == 0:
-        raise ValueError("data is empty")
-    return x, y
-
-
 def _model_device(model: nn.Module, device) -> torch.device:
     if device is not None:
         device = get_device(device)
@@ -130,7 +112,7 @@ def clean_accuracy(model: nn.Module, data, *, batch_size: int = 500, device=None
     batch_size: examples per forward pass. device: see the module docstring.
     progress: a tqdm bar over the batches. Returns a float in [0, 1]. Chapter 1 (Primer).
     """
-    x, y = _tensors(data)
+    x, y = as_tensors(data)
     device = _model_device(model, device)
     with _evaluating(model, "clean_accuracy"):
         flags = _robust_flags(model, x, y, None, batch_size=batch_size, device=device,
@@ -151,7 +133,7 @@ def pgd_accuracy(model: nn.Module, data, *, eps: float, alpha: float | None = No
     eval mode. Random starts use torch's global generator: seed it for reproducible numbers.
     Returns a float in [0, 1]. Chapter 1 (Primer).
     """
-    x, y = _tensors(data)
+    x, y = as_tensors(data)
     device = _model_device(model, device)
     attack = _pgd(eps, alpha, steps, restarts, random_start, bn_mode)
     with _evaluating(model, "pgd_accuracy"):
@@ -176,7 +158,7 @@ def worst_case_accuracy(model: nn.Module, data, *, eps: float, attacks: Sequence
     single-step attacks use their own defaults. bn_mode: BN mode while crafting; classification
     is in eval mode. Returns a float in [0, 1]. Chapter 6.
     """
-    x, y = _tensors(data)
+    x, y = as_tensors(data)
     names = (attacks,) if isinstance(attacks, str) else tuple(attacks)
     if not names:
         raise ValueError("attacks must name at least one attack")
@@ -250,7 +232,7 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
             raise ValueError(f"unknown or no AutoAttack attacks {unknown}; valid attacks are: "
                              f"{', '.join(AUTOATTACK_ATTACKS)}")
     eps = _attacks._number("eps", eps)
-    x, y = _tensors(data)
+    x, y = as_tensors(data)
     if n is not None:
         x, y = ntkdata.subset(TensorDataset(x, y), n, seed=seed).tensors
     x, y = _attacks._check_inputs(x, y, eps=eps)

@@ -37,7 +37,7 @@ from torch.utils.data import TensorDataset
 
 from ntklab.callbacks import CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
 from ntklab.config import get_device
-from ntklab.data import subset
+from ntklab.data import as_tensors, subset
 
 __all__ = ["train", "History", "STRATEGIES", "SCHEDULES", "LRSchedule", "MultiStepLR", "CosineLR",
            "ConstantLR", "make_schedule", "Callback", "KernelSnapshots",
@@ -198,13 +198,6 @@ class History:
 
 
 # ------------------------------------------------------------------ helpers
-def _tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = data.tensors[:2] if isinstance(data, TensorDataset) else data
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"inputs and labels differ in length: {x.shape[0]} and {y.shape[0]}")
-    return x, y
-
-
 class _Clock:
     """Sums named intervals: ``perf_counter`` on the CPU; CUDA events on the GPU, read once per
     epoch so that timing costs no host synchronisation per batch."""
@@ -365,7 +358,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
     schedule = make_schedule(lr_schedule, lr=lr, epochs=epochs, milestones=milestones, gamma=gamma)
     device = get_device(device)
     model.to(device)
-    x, y = _tensors(train_set)
+    x, y = as_tensors(train_set)
     if len(y) and not (0 <= float(x.min()) and float(x.max()) <= 1):  # once here, not per batch
         raise ValueError("training inputs must lie in [0, 1] (the normalisation is inside the model)")
     data_sum, label_sum = float(x.sum(dtype=torch.float64)), int(y.sum())
@@ -376,7 +369,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
 
     eval_xy = None
     if eval_set is not None and eval_every:
-        sub = subset(TensorDataset(*_tensors(eval_set)), eval_size, seed=seed)
+        sub = subset(TensorDataset(*as_tensors(eval_set)), eval_size, seed=seed)
         eval_xy = (sub.tensors[0].to(device), sub.tensors[1].to(device))
     eval_eps = eps if eval_eps is None else eval_eps
 
