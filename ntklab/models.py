@@ -15,14 +15,14 @@ Batch normalisation: every model with BN takes ``bn`` (use BN at all) and ``trac
 (keep running estimates of the data-set mean and variance, used in eval mode; without them BN
 always normalises with the statistics of the batch it sees, the setting of Li et al.'s
 section 3). :func:`set_bn_running_stats` changes the latter on a built model and
-:func:`bn_mode` sets the BN layers alone to train or eval mode for a block of code.
+:func:`ntklab.attacks.attack_mode` sets the BN layers to train or eval mode (the rest in eval mode)
+for a block of code and restores modes and running buffers afterwards.
 Introduced in chapter 1 (Primer); BN is the subject of chapter 3.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "Normalize", "SmallCNN", "PreActResNet18", "WideResNet", "TwoLayerNet", "build_model",
-    "MODELS", "set_bn_running_stats", "bn_mode", "bn_layers", "count_parameters",
+    "MODELS", "set_bn_running_stats", "bn_layers", "count_parameters",
 ]
 
 
@@ -272,26 +272,6 @@ def set_bn_running_stats(model: nn.Module, track: bool) -> nn.Module:
             m.num_batches_tracked = None
         m.track_running_stats = bool(track)
     return model
-
-
-@contextlib.contextmanager
-def bn_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
-    """Within the block, put the BN layers alone in ``"train"`` or ``"eval"`` mode (``"keep"``:
-    leave them); every module's own mode is restored afterwards.
-
-    ``"train"`` makes BN use the statistics of the batch (and update its running estimates).
-    """
-    if mode not in ("train", "eval", "keep"):
-        raise ValueError(f"bn mode must be 'train', 'eval' or 'keep', got {mode!r}")
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        if mode != "keep":
-            for m in bn_layers(model):
-                m.train(mode == "train")
-        yield model
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -83,23 +83,6 @@ def test_set_bn_running_stats_switches_estimators():
     assert net(x[:4]).shape == (4, 10)
 
 
-def test_bn_mode_context_restores_every_module():
-    net = models.SmallCNN(width=2).train()
-    net.classifier.eval()  # a mixed state must come back exactly
-    before = {name: m.training for name, m in net.named_modules()}
-    with models.bn_mode(net, "eval"):
-        assert all(not m.training for m in models.bn_layers(net))
-    assert {name: m.training for name, m in net.named_modules()} == before
-    net.eval()
-    with models.bn_mode(net, "train"):
-        assert all(m.training for m in models.bn_layers(net))
-        assert not net.classifier.training
-    assert not any(m.training for m in net.modules())
-    with pytest.raises(ValueError, match="'train', 'eval' or 'keep'"):
-        with models.bn_mode(net, "batch"):
-            pass
-
-
 def test_two_layer_net_ntk_parameterisation():
     torch.manual_seed(0)
     net = models.TwoLayerNet(in_features=784, width=4096)
