@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ntklab.attacks import attack_mode
+from ntklab.evaluate import model_device, clean_accuracy
 
 __all__ = ["Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "evaluating"]
 
@@ -53,16 +54,6 @@ def evaluating(model: nn.Module):
     """A context manager: ``model`` in eval mode for the block, every module's own mode (and the BN
     buffers) restored afterwards; :func:`ntklab.attacks.attack_mode` with BN in eval mode."""
     return attack_mode(model, "eval")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
 
 
 class KernelSnapshots(Callback):
@@ -148,7 +139,7 @@ class KernelSnapshots(Callback):
         """Compute and store the kernels of ``model`` now, filed under ``completed`` epochs."""
         from ntklab import attacks, ntk
 
-        dev = _device_of(model)
+        dev = model_device(model, None)
         x = self.probe_x.to(dev)
         kw = dict(kind=self.kind, implementation=self.implementation, chunk_size=self.chunk_size)
         with evaluating(model):
@@ -157,12 +148,12 @@ class KernelSnapshots(Callback):
             st["clean"].append(clean.detach().to("cpu", self.dtype))
             if self.probe_y is not None:
                 y = self.probe_y.to(dev)
-                st["probe_clean_acc"].append(_accuracy(model, x, y))
+                st["probe_clean_acc"].append(clean_accuracy(model, (x, y)))
             if self.ae:
                 x_adv = attacks.pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
                                     bn_mode=self.attack_bn_mode)
                 st["ae"].append(ntk.empirical_ntk(model, x_adv, **kw).detach().to("cpu", self.dtype))
-                st["probe_ae_acc"].append(_accuracy(model, x_adv, y))
+                st["probe_ae_acc"].append(clean_accuracy(model, (x_adv, y)))
             st["epoch"].append(int(completed))
 
     # -- checkpointing -----------------------------------------------------------------------
@@ -205,12 +196,12 @@ class CatastrophicOverfittingDetector(Callback):
         """PGD accuracy of ``model`` on the fixed batch."""
         from ntklab import attacks
 
-        dev = _device_of(model)
+        dev = model_device(model, None)
         x, y = self.x.to(dev), self.y.to(dev)
         with evaluating(model):
             x_adv = attacks.pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
                                 restarts=self.restarts, bn_mode=self.bn_mode)
-            return _accuracy(model, x_adv, y)
+            return clean_accuracy(model, (x_adv, y))
 
     def on_epoch_end(self, epoch, model, history):
         acc = self.robust_accuracy(model)

@@ -33,7 +33,7 @@ from ntklab import attacks as _attacks
 from ntklab.config import get_device
 from ntklab.data import as_tensors
 
-__all__ = ["clean_accuracy", "pgd_accuracy", "worst_case_accuracy", "autoattack_accuracy",
+__all__ = ["clean_accuracy", "pgd_accuracy", "worst_case_accuracy", "autoattack_accuracy", "model_device",
            "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "fast", "custom")
@@ -41,7 +41,9 @@ AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
 # ------------------------------------------------------------------ helpers
-def _model_device(model: nn.Module, device) -> torch.device:
+def model_device(model: nn.Module, device=None) -> torch.device:
+    """The device to evaluate ``model`` on: ``device`` if given (the model is moved there), else the
+    device of its first parameter or buffer, else the CPU."""
     if device is not None:
         device = get_device(device)
         model.to(device)
@@ -113,7 +115,7 @@ def clean_accuracy(model: nn.Module, data, *, batch_size: int = 500, device=None
     progress: a tqdm bar over the batches. Returns a float in [0, 1]. Chapter 1 (Primer).
     """
     x, y = as_tensors(data)
-    device = _model_device(model, device)
+    device = model_device(model, device)
     with _evaluating(model, "clean_accuracy"):
         flags = _robust_flags(model, x, y, None, batch_size=batch_size, device=device,
                               progress=progress, desc="clean")
@@ -134,7 +136,7 @@ def pgd_accuracy(model: nn.Module, data, *, eps: float, alpha: float | None = No
     Returns a float in [0, 1]. Chapter 1 (Primer).
     """
     x, y = as_tensors(data)
-    device = _model_device(model, device)
+    device = model_device(model, device)
     attack = _pgd(eps, alpha, steps, restarts, random_start, bn_mode)
     with _evaluating(model, "pgd_accuracy"):
         flags = _robust_flags(model, x, y, attack, batch_size=batch_size, device=device,
@@ -169,7 +171,7 @@ def worst_case_accuracy(model: nn.Module, data, *, eps: float, attacks: Sequence
         if name not in _attacks.ATTACKS:
             raise ValueError(f"unknown attack {name!r}; valid attacks are: "
                              f"{', '.join(a for a in _attacks.ATTACKS if a != 'n_fgsm')}")
-    device = _model_device(model, device)
+    device = model_device(model, device)
     fns = []
     for name in names:
         if name == "pgd":
@@ -236,7 +238,7 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
     if n is not None:
         x, y = ntkdata.subset(TensorDataset(x, y), n, seed=seed).tensors
     x, y = _attacks._check_inputs(x, y, eps=eps)
-    device = _model_device(model, device)
+    device = model_device(model, device)
     if eps == 0:
         return clean_accuracy(model, (x, y), batch_size=batch_size, device=device)
 
