@@ -17,9 +17,10 @@ It prints, measured side by side in one run on this machine, for the ``quick`` m
 
 Every measurement runs in a fresh Python process (``--child``), so peak memory (the process's
 maximum resident set size, ``resource.getrusage``) is its own; times are the best of ``--repeats``
-runs after a warm-up call on 8 images. Children run with ``OMP_WAIT_POLICY=PASSIVE`` unless the
-variable is set: on a CPU shared with other processes, spinning OpenMP threads slowed code with
-many small operations 5-10x. No timing is asserted anywhere: this is a report.
+runs after a warm-up call on 8 images, twice as many for ``auto`` (it takes under a second, and
+single runs of it varied by 30% on this shared CPU). Children run with ``OMP_WAIT_POLICY=PASSIVE``
+unless the variable is set: on a CPU shared with other processes, spinning OpenMP threads slowed
+code with many small operations 5-10x. No timing is asserted anywhere: this is a report.
 """
 from __future__ import annotations
 
@@ -173,11 +174,13 @@ def main(argv=None) -> None:
     for kind in ("trace", "full"):
         for impl in ("jacobian", "auto"):
             spec = {**common, "task": "ntk", "kind": kind, "implementation": impl,
-                    "chunk_size": n if impl == "jacobian" else None}
+                    "chunk_size": n if impl == "jacobian" else None,
+                    "repeats": repeats if impl == "jacobian" else 2 * repeats}
             results[kind, impl] = run(spec)
     first = results["trace", "auto"]
     print(f"SmallCNN(width=32), {first['params']:,} parameters, {n} images of {first['source']}, k = 10 outputs.")
-    print(f"Each row: a fresh process; time = best of {repeats} runs after a warm-up on 8 images; "
+    print(f"Each row: a fresh process; time = best of {repeats} runs (reference) or {2 * repeats} (auto) after a "
+          "warm-up on 8 images; "
           "peak = its maximum RSS (baseline = RSS with model and data loaded).")
     print(f"{'kind':6} {'implementation':34} {'time (s)':>9} {'peak (GB)':>10} {'above baseline (GB)':>20}")
     for (kind, impl), r in results.items():

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev, vmap
 
-from ntklab._ntk_record import record
+from ntklab._ntk_record import _pair, record
 
 @dataclass
 class Features:
@@ -149,46 +149,47 @@ def _bmm_into(dst, a, b):
         dst.copy_(torch.bmm(a, b).reshape(dst.shape))
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def _rowdot(a, b):
+    """sum over the last axis of a * b, for a and b (n, c, P) -> (n, c), without an (n, c, P) temporary."""
+    n, c, P = a.shape
+    return torch.bmm(a.reshape(n * c, 1, P), b.reshape(n * c, P, 1)).view(n, c)
 
 
 def _patches(u):
-    """The input of a use per position: (n, P, dA); for conv2d the patches (a transposed view of
-    :func:`_patches_t`)."""
+    """The input of a use per position, (n, P, dA): for linear the input itself, for conv2d its patches.
+
+    Conv patches are ordered (kh, kw, C) along dA, not like the weight's (C, kh, kw): the features
+    are only multiplied with each other (and, in :func:`_fused_fill`, with the weight permuted the
+    same way). They are gathered through a strided view of the padded input in channels-last order:
+    contiguous runs of C, and patches (n, P, dA) that make the per-sample gradient g (O, P) @ patches
+    a plain matrix product, measured here 1.6x faster than with (n, dA, P) patches.
+    """
     n = u.x.shape[0]
     if u.rule == "linear":
         return u.x.reshape(n, -1, u.x.shape[-1])
-    return _patches_t(u).transpose(1, 2)
-
-
-def _patches_t(u):
-    """The patches of a conv2d use, (n, C kh kw, P) as F.unfold gives them (weight order C, kh, kw),
-    gathered through a strided view of the padded input (several times faster than F.unfold)."""
     e = u.extra
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(e[key]) for key in ("kernel_size", "stride", "padding",
                                                                        "dilation"))
-    xp = F.pad(u.x, (pw, pw, ph, ph)).contiguous()
-    n, c, hp, wp = xp.shape
+    xp = F.pad(u.x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()          # (n, hp, wp, C)
+    _, hp, wp, c = xp.shape
     ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     s0, s1, s2, s3 = xp.stride()
-    view = xp.as_strided((n, c, kh, kw, ho, wo), (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw))
-    return view.reshape(n, c * kh * kw, ho * wo)
+    view = xp.as_strided((n, ho, wo, kh, kw, c), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3))
+    return view.reshape(n, ho * wo, kh * kw * c)
 
 
-def _conv_grads(dst, g3, patches_t):
-    """Per-sample conv weight gradients g (O, P) @ patches^T (P, C kh kw) into dst (n, O C kh kw).
+def _weight_matrix(u):
+    """A conv use's weight as (O, kh kw C), in the order of :func:`_patches`."""
+    w = u.extra["weight"]
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
 
-    Laid out (O, C kh kw) when there are fewer output than input rows, else transposed as
-    (C kh kw, O); a kernel needs only inner products of these, and either layout is used for every
-    block alike. Returns the product as a view (n, rows, cols) and whether it is transposed.
-    """
-    n, out_ch, ckk = g3.shape[0], g3.shape[1], patches_t.shape[1]
-    transposed = ckk < out_ch
-    a, b = (patches_t, g3.transpose(1, 2)) if transposed else (g3, patches_t.transpose(1, 2))
+
+def _conv_grads(dst, g3, patches):
+    """Per-sample conv weight gradients g (n, O, P) @ patches (n, P, dA) -> (n, O, dA), written into
+    dst (n, O dA) when it is contiguous; returns the product."""
     if dst.is_contiguous():
-        return torch.bmm(a, b, out=dst.view(n, a.shape[1], b.shape[2])), transposed
-    return torch.bmm(a, b), transposed
+        return torch.bmm(g3, patches, out=dst.view(g3.shape[0], g3.shape[1], patches.shape[2]))
+    return torch.bmm(g3, patches)
 
 
 def structured_features(model, x, param_names, generic, k, kind, logit=None, micro=None,
@@ -306,7 +307,7 @@ def _fill(uses, plans, y, rows, kk, logit, self_gram=None):
             preps.append(None if i in fused.values() else
                          (x - u.extra["mean"].reshape(shape)) * u.extra["inv"].reshape(shape))       # xhat
         else:
-            preps.append(None if wslot is None else _patches_t(u) if u.rule == "conv2d" else _patches(u))
+            preps.append(None if wslot is None else _patches(u))
     asked = [i for i in range(len(uses)) if i not in fused]
     producer_of = {b: i for i, b in fused.items()}
     for a in range(kk if asked else 0):
@@ -333,7 +334,7 @@ def _fill(uses, plans, y, rows, kk, logit, self_gram=None):
                     continue
                 if wslot is not None:
                     dst = wslot[a, rows]
-                    m, _ = _conv_grads(dst, g3, p)
+                    m = _conv_grads(dst, g3, p)
                     if not dst.is_contiguous():
                         dst.copy_(m.reshape(dst.shape))
                 if bslot is not None:
@@ -344,7 +345,7 @@ def _fill(uses, plans, y, rows, kk, logit, self_gram=None):
             else:                                                      # batch_norm in eval mode
                 g3 = g.reshape(n, g.shape[1], -1)
                 if wslot is not None:
-                    wslot[a, rows] = torch.linalg.vecdot(g3, p)
+                    wslot[a, rows] = _rowdot(g3, p)
                 if bslot is not None:
                     bslot[a, rows] = g3.sum(2)
         for how, wslot, _, _ in plans:
@@ -352,26 +353,23 @@ def _fill(uses, plans, y, rows, kk, logit, self_gram=None):
                 gram_add(self_gram[a], wslot.buf, wslot.buf, True)
 
 
-def _fused_fill(bn_use, conv, plan, patches_t, g3, wslot, bslot, a, rows):
+def _fused_fill(bn_use, conv, plan, patches, g3, wslot, bslot, a, rows):
     """Features of a conv and the BN reading its output, from the BN output gradient g3 (n, O, P)."""
     n, out_ch = g3.shape[:2]
     e = bn_use.extra
     _, cw, cb, _ = plan
     dst = cw[a, rows]
-    M, transposed = _conv_grads(dst if dst.is_contiguous() else torch.empty_like(dst), g3, patches_t)
-    dim = 1 if transposed else 2                                       # M's (C kh kw) axis
-    scale = e["scale"][None, None, :] if transposed else e["scale"][None, :, None]
+    M = _conv_grads(dst if dst.is_contiguous() else torch.empty_like(dst), g3, patches)    # (n, O, dA)
     gsum = g3.sum(2)                                                   # (n, O)
-    if wslot is not None and g3.shape[2] <= M.shape[dim]:           # sum_p g (conv_out - mean), P terms
+    if wslot is not None and g3.shape[2] <= M.shape[2]:             # sum_p g (conv_out - mean), P terms
         x3 = bn_use.x.reshape(n, out_ch, -1)
-        wslot[a, rows] = e["inv"] * (torch.linalg.vecdot(g3, x3) - e["mean"] * gsum)
-    elif wslot is not None:                                            # the same through W . M, C kh kw terms
-        W = conv.extra["weight"].reshape(out_ch, -1)
+        wslot[a, rows] = e["inv"] * (_rowdot(g3, x3) - e["mean"] * gsum)
+    elif wslot is not None:                                            # the same through W . M, dA terms
         shift = -e["mean"] if conv.extra["bias"] is None else conv.extra["bias"] - e["mean"]
-        wslot[a, rows] = e["inv"] * (torch.linalg.vecdot(M, W.T if transposed else W, dim=dim) + shift * gsum)
+        wslot[a, rows] = e["inv"] * (torch.linalg.vecdot(M, _weight_matrix(conv)) + shift * gsum)
     if bslot is not None:
         bslot[a, rows] = gsum
-    M.mul_(scale)                                                      # the conv's own gradient
+    M.mul_(e["scale"][None, :, None])                                  # the conv's own gradient
     if not dst.is_contiguous():
         dst.copy_(M.reshape(n, -1))
     if cb is not None:

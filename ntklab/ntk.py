@@ -67,7 +67,7 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, kind: str = "full", logit: i
         chunk_size: inputs per block; at most two blocks of per-sample features exist at a time,
             so memory is bounded. The result does not depend on it (up to rounding). ``None``: blocks
             whose features take about 512 MiB. ``"structured"`` also runs the forward and backward
-            passes of a block in micro-batches whose activations take about 128 MiB.
+            passes of a block in micro-batches whose activations take about 512 MiB.
 
     Returns:
         A tensor on the model's device, in the dtype of the model's parameters (float32 usually).

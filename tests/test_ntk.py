@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ntklab import _ntk_structured
@@ -92,6 +93,31 @@ class Misc(nn.Module):
         return self.head(torch.cat(feats, 1))
 
 
+class Pooling(nn.Module):
+    """ReLU and max pooling in the forms whose backward the recorder replaces, and forms it must leave alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(2)                  # on the raw input: its input has no gradient
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 3, 2)
+        self.conv4 = nn.Conv2d(4, 2, 1)
+        self.head = nn.Linear(16 + 12 + 4 + 8 + 64, 3)
+
+    def forward(self, x):                                         # x (n, 2, 8, 8)
+        h = self.conv1(self.bn0(x.relu()))                        # ReLU of an input without gradient
+        r = F.relu(h)
+        a = F.max_pool2d(r, 2)                                    # ReLU -> pool: (n, 4, 4, 4)
+        b = F.max_pool2d(r, 3, stride=2, padding=1, ceil_mode=True)   # overlapping windows: (n, 4, 5, 5)
+        skip = r.mean((2, 3))                                     # the ReLU output read directly too
+        d = F.max_pool2d(torch.relu(self.conv2(a)), 2)            # torch.relu -> pool: (n, 4, 2, 2)
+        e = F.max_pool2d(self.conv3(b).relu(), 2, return_indices=True)[0]   # (n, 3, 2, 2)
+        f = F.max_pool2d(F.relu(self.conv4(a), inplace=True), 2)  # in-place ReLU: (n, 2, 2, 2)
+        g = torch.tanh(F.max_pool2d(h, 2))                        # pooling without ReLU: (n, 4, 4, 4)
+        return self.head(torch.cat([d.flatten(1), e.flatten(1), skip, f.flatten(1), g.flatten(1)], 1))
+
+
 def build(name):
     torch.manual_seed(0)
     if name == "mlp":
@@ -124,6 +150,8 @@ def build(name):
         return Shared(), (1, 3, 4)
     if name == "misc":
         return Misc(), (3, 4, 4)
+    if name == "pooling":
+        return with_bn_statistics(Pooling(), (2, 8, 8)), (2, 8, 8)
     raise KeyError(name)
 
 
@@ -145,7 +173,7 @@ def rel_err(K, R):
 
 
 @pytest.mark.parametrize("name", ["mlp", "small_cnn", "small_cnn_no_bn", "conv_bn", "strided_conv", "frozen_bias",
-                                  "resnet", "two_layer", "shared", "misc"])
+                                  "resnet", "two_layer", "shared", "misc", "pooling"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_against_autograd_loop(name, implementation):
     model, x1, x2, R12, R11 = case(name)
@@ -159,7 +187,7 @@ def test_against_autograd_loop(name, implementation):
 
 
 @pytest.mark.parametrize("name", ["mlp", "small_cnn", "conv_bn", "strided_conv", "frozen_bias", "resnet",
-                                  "two_layer", "misc"])
+                                  "two_layer", "misc", "pooling"])
 def test_structured_needs_no_fallback(name, monkeypatch):
     """The book's models are handled layer by layer: torch.func is never called."""
     model, x1, x2, R12, _ = case(name)
@@ -171,6 +199,37 @@ def test_structured_needs_no_fallback(name, monkeypatch):
     for kind in ("full", "trace"):
         K = empirical_ntk(model, x1, x2, kind=kind, implementation="auto")
         assert rel_err(K, select(R12, kind)) < 1e-4
+
+
+def _backward_nodes(y):
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "pooling"])
+def test_recorded_graph_uses_the_cheap_backward_passes(name):
+    """The recorder replaces ReLU, ReLU -> max-pool and eval batch norm by one-multiply (or one-scatter)
+    backward passes with the same values; the kernels above check the gradients, this checks they are used."""
+    from ntklab._ntk_record import record
+    model, x1, _, _, _ = case(name)
+    names = {id(p): nm for nm, p in model.named_parameters()}
+    with torch.enable_grad():
+        y, _, _ = record(model, x1, names)
+    nodes = _backward_nodes(y)
+    assert {"_MaskedReLUBackward", "_ReLUMaxPool2dBackward"} <= nodes, nodes
+    assert torch.allclose(y, model(x1), rtol=0, atol=1e-6)
+    if name == "small_cnn":                   # every ReLU, pool and BN of the book's model takes the cheap path
+        assert "_AffineBackward" in nodes
+        assert not nodes & {"ThresholdBackward0", "ReluBackward0", "MaxPool2DWithIndicesBackward0",
+                            "NativeBatchNormBackward0", "AddcmulBackward0"}, nodes
+    else:       # return_indices, in-place ReLU, a pool without ReLU and BN of the raw input keep PyTorch's
+        assert {"MaxPool2DWithIndicesBackward0", "AddcmulBackward0"} <= nodes, nodes
 
 
 def test_unused_parameters():
