@@ -182,17 +182,14 @@ class _Recorder(TorchFunctionMode):
                         dict(kernel_size=tuple(w.shape[2:]), stride=stride, padding=padding, dilation=dilation,
                              weight=w.detach(), bias=None if b is None else b.detach()))
         if func in _BATCH_NORM:
-            rm, rv = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
-            w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
-            training, eps = _arg(args, kwargs, 5, "training", False), _arg(args, kwargs, 7, "eps", 1e-5)
-            if training or rm is None or rv is None:
+            parts = _eval_batch_norm(args, kwargs)
+            if parts is None:
                 self.coupled = True                  # batch statistics: samples are not independent
                 return None
+            _, rm, w, b, inv, scale = parts
             wn, bn = self._param(w), self._param(b)
             if not self._activation(x):
                 return None
-            inv = torch.rsqrt(rv + eps)
-            scale = inv if w is None else w * inv
             producer = self.outputs.get(id(x))
             return _Use("batch_norm", (wn, bn), x.detach(), out,
                         dict(mean=rm.detach(), inv=inv.detach(), scale=scale.detach(),
@@ -275,6 +272,18 @@ class _Affine(torch.autograd.Function):
         return torch.mul(g, scale, out=_reused(ctx, g)), None, None
 
 
+def _eval_batch_norm(args, kwargs):
+    """(input, running mean, weight, bias, 1/sqrt(var + eps), weight/sqrt(var + eps)) of an
+    F.batch_norm call with running statistics in eval mode; None when it uses batch statistics."""
+    x, rm, rv = (_arg(args, kwargs, i, nm) for i, nm in enumerate(("input", "running_mean", "running_var")))
+    w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+    training, eps = _arg(args, kwargs, 5, "training", False), _arg(args, kwargs, 7, "eps", 1e-5)
+    if training or rm is None or rv is None:
+        return None
+    inv = torch.rsqrt(rv + eps)
+    return x, rm, w, b, inv, (inv if w is None else w * inv)
+
+
 def _affine_batch_norm(args, kwargs):
     """Eval-mode batch norm as the per-channel affine map it is, x * scale + shift; None otherwise.
 
@@ -283,13 +292,11 @@ def _affine_batch_norm(args, kwargs):
     and shift are constants of the graph: the recorder's graph is only differentiated with respect
     to recorded outputs, and batch-norm parameters get their gradients from their own use.
     """
-    x, rm, rv = (_arg(args, kwargs, i, nm) for i, nm in enumerate(("input", "running_mean", "running_var")))
-    w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
-    training, eps = _arg(args, kwargs, 5, "training", False), _arg(args, kwargs, 7, "eps", 1e-5)
-    if training or rm is None or rv is None or not isinstance(x, torch.Tensor) or x.dim() < 2:
+    parts = _eval_batch_norm(args, kwargs)
+    if parts is None or not isinstance(parts[0], torch.Tensor) or parts[0].dim() < 2:
         return None
+    x, rm, _, b, _, scale = parts
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    scale = torch.rsqrt(rv + eps) if w is None else w * torch.rsqrt(rv + eps)
     shift = -rm * scale if b is None else b - rm * scale
     scale, shift = scale.reshape(shape), shift.reshape(shape)
     if not x.requires_grad:          # the output's gradient then flows only to the parameters
