@@ -8,7 +8,9 @@ Three profiles fix the scale of every experiment in the book (see ``shared/DESIG
   200 epochs with step decays at 100 and 150, eps 8/255 and PGD-10.
 
 The active profile is chosen by argument, else by the environment variable ``NTKLAB_PROFILE``,
-else ``quick``. Introduced in the book's chapter 1 (Primer).
+else ``quick``; ``NTKLAB_SEED`` (a non-negative integer) replaces its seed, so that a chapter can be
+re-run under another seed without editing it (``NTKLAB_SEED=1 jupyter-book build .``). Introduced in
+the book's chapter 1 (Primer).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ __all__ = ["Profile", "PROFILES", "get_profile", "get_device", "seed_everything"
 DEFAULT_PROFILE = "quick"
 PROFILE_ENV = "NTKLAB_PROFILE"
 DEVICE_ENV = "NTKLAB_DEVICE"
+SEED_ENV = "NTKLAB_SEED"
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,11 @@ PROFILES: dict[str, Profile] = {
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """Return the profile ``name``, else ``$NTKLAB_PROFILE``, else ``"quick"``.
+    """Return the profile ``name``, else ``$NTKLAB_PROFILE``, else ``"quick"``; with its seed
+    replaced by ``$NTKLAB_SEED`` when that is set.
 
-    Raises ``ValueError`` naming the valid profiles when the name is unknown.
+    Raises ``ValueError`` naming the valid profiles when the name is unknown, and for a
+    ``$NTKLAB_SEED`` that is not an integer in [0, 2**63).
     """
     if name is None:
         name = os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
@@ -101,6 +107,11 @@ def get_profile(name: str | None = None) -> Profile:
         raise ValueError(
             f"unknown profile {name!r}{source}; valid profiles are: {', '.join(PROFILES)}"
         )
+    seed = os.environ.get(SEED_ENV, "").strip()
+    if seed:
+        if not seed.isdigit() or int(seed) > MAX_SEED:
+            raise ValueError(f"${SEED_ENV} must be an integer in [0, 2**63), got {seed!r}")
+        return PROFILES[key].replace(seed=int(seed))
     return PROFILES[key]
 
 
@@ -125,8 +136,8 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and PyTorch's (CPU and all CUDA devices) random number generators."""
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     random.seed(int(seed))
     np.random.seed(int(seed) % 2**32)
     torch.manual_seed(int(seed))

@@ -86,5 +86,18 @@ def test_seed_everything_repeats_all_generators():
     assert draw() == a
     config.seed_everything(124)
     assert draw() != a
-    with pytest.raises(ValueError, match="non-negative integer"):
-        config.seed_everything(-1)
+    for bad in (-1, 2**63, True, 1.5, "1"):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+            config.seed_everything(bad)
+    config.seed_everything(2**63 - 1)
+
+
+def test_seed_from_the_environment(monkeypatch):
+    monkeypatch.setenv("NTKLAB_SEED", "2")
+    assert config.get_profile("quick").seed == 2 and config.get_profile("smoke").seed == 2
+    monkeypatch.setenv("NTKLAB_SEED", "")
+    assert config.get_profile("quick").seed == 0
+    for bad in ("-1", "1.5", "x", str(2**63)):
+        monkeypatch.setenv("NTKLAB_SEED", bad)
+        with pytest.raises(ValueError, match=r"\$NTKLAB_SEED must be an integer"):
+            config.get_profile()

@@ -197,3 +197,43 @@ def test_strategies_second_run_loads_the_cache(strategies_run, monkeypatch):
     assert sorted(os.listdir(out / "strategies")) == sorted(
         [p.name for p, _ in paths] + [paths[0][0].with_suffix(".json").name,
                                       paths[0][0].with_suffix(".checkpoints").name])
+
+
+# ---------------------------------------------------------------- shared trained models
+def test_trained_model_is_trained_once_and_shared():
+    profile = get_profile("smoke")
+    with cache.track() as paths:
+        m1, h1 = experiments.trained_model(profile, "fgsm", device="cpu", progress=False, epochs=1)
+        m2, h2 = experiments.trained_model(profile, "fgsm", device="cpu", progress=False, epochs=1)
+    assert [how for _, how in paths] == ["computed", "loaded"]
+    assert paths[0][0].parent.name == "models"
+    state1, state2 = m1.state_dict(), m2.state_dict()
+    assert all(torch.equal(state1[k], state2[k]) for k in state1)
+    assert len(h1) == len(h2) == 1 and h2.strategy == ["fgsm"] and not m2.training
+    # the weights are those of a run of train() with the same arguments
+    ntklab.config.seed_everything(profile.seed)
+    ref = experiments.model_from_profile(profile)
+    train_set, test_set = experiments.data_from_profile(profile)
+    ntklab.train.train(ref, train_set, **{**experiments.train_kwargs(profile, "fgsm"), "epochs": 1},
+                       eval_set=test_set, device="cpu", progress=False)
+    assert all(torch.equal(ref.state_dict()[k], state1[k]) for k in state1)
+    # another argument is another model
+    m3, _ = experiments.trained_model(profile, "fgsm", device="cpu", progress=False, epochs=1, eps=0.2)
+    assert not torch.equal(m3.state_dict()["features.0.weight"], state1["features.0.weight"])
+
+
+def test_trained_model_refuses_what_it_cannot_key():
+    profile = get_profile("smoke")
+    with pytest.raises(ValueError, match="callbacks"):
+        experiments.trained_model(profile, "pgd", callbacks=[])
+    with pytest.raises(ValueError, match="unknown strategy 'adam'"):
+        experiments.trained_model(profile, "adam")
+
+
+def test_strategies_paper_code_path(paper_profile):
+    result = experiments.run("strategies", paper_profile, "cpu", progress=False)
+    assert result["config"]["profile"]["dataset"] == "cifar10"
+    assert result["config"]["profile"]["model"] == "preact_resnet18"
+    for s in result["strategies"]:
+        assert 0 <= result["robust_acc"][s] <= result["clean_acc"][s] <= 1
+        assert result["kernels"][s]["clean"].shape == (3, 10, 10)

@@ -27,7 +27,7 @@ from ntklab.config import Profile, get_device, get_profile
 from ntklab.experiments.cache import cached, result_path, using_root
 
 __all__ = ["EXPERIMENTS", "register", "run", "list_experiments", "model_from_profile",
-           "data_from_profile", "train_kwargs", "cached", "result_path"]
+           "data_from_profile", "train_kwargs", "trained_model", "cached", "result_path"]
 
 EXPERIMENTS: dict[str, Callable] = {}
 
@@ -107,6 +107,55 @@ def train_kwargs(profile: Profile, strategy: str) -> dict:
     if strategy in ("pgd", "trades"):
         kw.update(alpha=profile.pgd_alpha, steps=profile.pgd_steps)
     return kw
+
+
+MODELS_ENTRY = "models"
+
+
+def trained_model(profile: Profile, strategy: str = "normal", *, device=None, force: bool = False,
+                  progress: bool = True, **overrides):
+    """A model of ``profile``'s architecture trained with ``strategy``, through the result cache.
+
+    The model is built with :func:`model_from_profile` after seeding with ``profile.seed`` and
+    trained by :func:`ntklab.train.train` on ``data_from_profile(profile)`` with
+    ``train_kwargs(profile, strategy)`` updated by ``overrides`` (any keyword of ``train`` whose
+    value is JSON-serialisable: ``epochs=3``, ``eps=0.2``, ``switch_epoch=2``, ...; callbacks are
+    not accepted, an experiment that needs them trains its own model). Its weights and history are
+    cached under the name ``"models"``, keyed by the profile and the training arguments, so two
+    chapters that ask for the same model share one run (and one checkpoint folder, so an
+    interrupted run resumes).
+
+    Returns ``(model, history)``: the model on ``device`` in eval mode, and its
+    :class:`ntklab.train.History`. Raises ``ValueError`` for an unknown strategy or a keyword that
+    :func:`ntklab.train.train` does not take. Introduced in chapter 2.
+    """
+    from ntklab.config import seed_everything
+    from ntklab.train import STRATEGIES, History, train
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid strategies are: {', '.join(STRATEGIES)}")
+    accepted = set(inspect.signature(train).parameters) - {"model", "train_set", "callbacks", "eval_set",
+                                                             "device", "checkpoint_dir", "progress"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(f"trained_model got keywords that train() does not take here: {unknown}")
+    kw = {**train_kwargs(profile, strategy), **overrides}
+    config = {"profile": profile.to_dict(), "train": kw}
+    device = get_device(device)
+
+    def compute():
+        train_set, test_set = data_from_profile(profile)
+        seed_everything(profile.seed)
+        model = model_from_profile(profile)
+        checkpoints = result_path(MODELS_ENTRY, config).with_suffix(".checkpoints")
+        history = train(model, train_set, **kw, eval_set=test_set, device=device,
+                        checkpoint_dir=checkpoints, progress=progress)
+        return {"state_dict": model.state_dict(), "history": history.to_dict()}
+
+    result = cached(MODELS_ENTRY, config, compute, force=force)
+    model = model_from_profile(profile)
+    model.load_state_dict(result["state_dict"])
+    return model.to(device).eval(), History.from_dict(result["history"])
 
 
 def _import_all() -> None:
