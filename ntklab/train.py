@@ -37,7 +37,7 @@ from torch.utils.data import TensorDataset
 
 from ntklab.callbacks import CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
 from ntklab.config import get_device
-from ntklab.data import as_tensors, subset
+from ntklab.data import as_tensors, describe_load_error, subset
 
 __all__ = ["train", "History", "STRATEGIES", "SCHEDULES", "LRSchedule", "MultiStepLR", "CosineLR",
            "ConstantLR", "make_schedule", "Callback", "KernelSnapshots",
@@ -512,7 +512,8 @@ def _resume(path: Path, config, model, opt, gen, callbacks, device) -> History:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read the checkpoint {path} ({err}); delete it to start over") from err
+        raise ValueError(f"cannot read the checkpoint {path} ({describe_load_error(err)}); "
+                         f"delete it to start over") from err
     if state.get("format") != _FORMAT:
         raise ValueError(f"the checkpoint {path} has format {state.get('format')}, expected {_FORMAT}")
     _check_config(state["config"], config, path.parent)
