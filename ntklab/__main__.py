@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run an experiment (or 'all') and print where its results went",
         description="Run an experiment, or load its cached result, and print where the result is stored. "
-                    "Results are keyed by the experiment's config (including the profile) and the "
-                    "ntklab version; an interrupted run resumes from its checkpoints.")
+                    "Results are keyed by the experiment's config (including the profile) and a digest "
+                    "of ntklab's source; an interrupted run resumes from its checkpoints.")
     run.add_argument("name", metavar="NAME", help="experiment name (see 'list'), or 'all' for every one")
     run.add_argument("--profile", default=None,
                      help="scale of the run: smoke (seconds, for tests), quick (CPU, minutes; the default) "

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ntklab import _checks
+
 __all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "cache_dir", "atomic_save",
            "atomic_write_text", "describe_load_error", "as_tensors", "DEFAULT"]
 
@@ -276,9 +278,10 @@ def subset(dataset: TensorDataset, n: int | None, *, seed: int = 0, stratified: 
     return TensorDataset(x[idx], y[idx])
 
 
-def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` from a ``TensorDataset`` or a tuple ``(x, y)``, checked: y of shape (N,) with integer
-    labels, N = len(x) > 0. Raises ``ValueError`` otherwise."""
+def as_tensors(data, *, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from a ``TensorDataset`` or a tuple ``(x, y)``, checked: x images (N, C, H, W),
+    floating point, finite, in [0, 1] (and of the dtype of ``model``'s parameters if a model is
+    given); y of shape (N,) with integer labels; N > 0. Raises ``ValueError`` otherwise."""
     if isinstance(data, TensorDataset):
         tensors = data.tensors
     elif isinstance(data, (tuple, list)):
@@ -294,4 +297,5 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"labels must be integers, got dtype {y.dtype}")
     if len(x) == 0:
         raise ValueError("data is empty")
+    _checks.images("the images of data", x, model=model)
     return x, y

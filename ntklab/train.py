@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ntklab import _checks
 from ntklab.callbacks import CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
 from ntklab.config import get_device
 from ntklab.data import as_tensors, describe_load_error, subset
@@ -73,7 +74,10 @@ class MultiStepLR(LRSchedule):
     (100, 150) of 200 epochs give lr for epochs 0-99, lr*gamma for 100-149, lr*gamma^2 after."""
 
     def __init__(self, lr: float, milestones: Sequence[int] = (), gamma: float = 0.1):
-        self.lr, self.milestones, self.gamma = float(lr), sorted(int(m) for m in milestones), float(gamma)
+        if isinstance(milestones, (str, bytes)) or not hasattr(milestones, "__iter__"):
+            raise ValueError(f"milestones must be a sequence of epochs, got {milestones!r}")
+        self.lr, self.gamma = _checks.number("lr", lr, positive=True), _checks.number("gamma", gamma, positive=True)
+        self.milestones = sorted(_checks.count("milestones", m, minimum=0) for m in milestones)
 
     def __call__(self, epoch, batch=0, num_batches=1):
         return self.lr * self.gamma ** sum(m <= epoch for m in self.milestones)
@@ -86,7 +90,8 @@ class CosineLR(LRSchedule):
     per_batch = True
 
     def __init__(self, lr: float, epochs: int, min_lr: float = 0.0):
-        self.lr, self.epochs, self.min_lr = float(lr), int(epochs), float(min_lr)
+        self.lr, self.epochs = _checks.number("lr", lr, positive=True), _checks.count("epochs", epochs, minimum=0)
+        self.min_lr = _checks.number("min_lr", min_lr)
 
     def __call__(self, epoch, batch=0, num_batches=1):
         t = (epoch + batch / max(num_batches, 1)) / max(self.epochs, 1)
@@ -97,7 +102,7 @@ class ConstantLR(LRSchedule):
     """The same ``lr`` throughout."""
 
     def __init__(self, lr: float):
-        self.lr = float(lr)
+        self.lr = _checks.number("lr", lr, positive=True)
 
     def __call__(self, epoch, batch=0, num_batches=1):
         return self.lr
@@ -265,11 +270,14 @@ def _attack_kwargs(strategy, eps, alpha, steps, bn_mode) -> dict:
     """The attack's arguments, checked before the first batch (not after a switch epoch)."""
     if bn_mode not in ("eval", "train"):
         raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    eps = _checks.number("eps", eps)
+    _checks.number("alpha", alpha, positive=True, allow_none=True)
+    _checks.count("steps", steps, allow_none=True)
     if strategy in ("pgd", "trades"):
-        alpha = eps / 4 if alpha is None else alpha
+        alpha = eps / 4 if alpha is None and eps > 0 else alpha       # radius 0 needs no step
         steps = 10 if steps is None else steps
     elif steps not in (None, 1):
-        raise ValueError(f"{strategy!r} is single-step: steps must be None or 1, got {steps!r}")
+        raise ValueError(f"{strategy!r} makes no multi-step attack: steps must be None or 1, got {steps!r}")
     if strategy == "fgsm" and alpha is not None:
         raise ValueError("'fgsm' takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' for another step")
     return {"eps": eps, "alpha": alpha, "steps": steps, "bn_mode": bn_mode}
@@ -351,25 +359,38 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies are: {', '.join(STRATEGIES)}")
-    if int(epochs) < 0 or int(batch_size) < 1:
-        raise ValueError("epochs must be >= 0 and batch_size >= 1")
-    if switch_epoch is not None and not 0 <= switch_epoch <= epochs:
+    epochs = _checks.count("epochs", epochs, minimum=0)
+    batch_size = _checks.count("batch_size", batch_size)
+    if switch_epoch is not None and not 0 <= _checks.count("switch_epoch", switch_epoch, minimum=0) <= epochs:
         raise ValueError(f"switch_epoch must be in [0, epochs={epochs}], got {switch_epoch}")
     schedule = make_schedule(lr_schedule, lr=lr, epochs=epochs, milestones=milestones, gamma=gamma)
+    _checks.number("momentum", momentum)
+    _checks.number("weight_decay", weight_decay)
+    _checks.number("beta", beta)
+    _checks.count("eval_every", eval_every, minimum=0)
+    _checks.count("eval_size", eval_size, allow_none=True)
+    _checks.number("eval_eps", eval_eps, allow_none=True)
+    _checks.number("eval_alpha", eval_alpha, positive=True, allow_none=True)
+    _checks.count("eval_steps", eval_steps)
+    if not 0 <= _checks.count("seed", seed, minimum=0) < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
+    attack_kw = _attack_kwargs(strategy, eps, alpha, steps, attack_bn_mode)
+    alpha, steps = attack_kw["alpha"], attack_kw["steps"]
+    ckpt = _checkpoint_file(checkpoint_dir)
     device = get_device(device)
     model.to(device)
-    x, y = as_tensors(train_set)
-    if len(y) and not (0 <= float(x.min()) and float(x.max()) <= 1):  # once here, not per batch
-        raise ValueError("training inputs must lie in [0, 1] (the normalisation is inside the model)")
+    x, y = as_tensors(train_set, model=model)          # images in [0, 1] of the model's dtype: once, not per batch
+    k = _num_outputs(model, x[:2].to(device))
+    _checks.labels("the labels of train_set", y, len(y), num_classes=k)
     data_sum, label_sum = float(x.sum(dtype=torch.float64)), int(y.sum())
     if device.type == "cuda" and x.nbytes <= 2**30:  # small sets live on the GPU, big ones move per batch
         x, y = x.to(device), y.to(device)
-    attack_kw = _attack_kwargs(strategy, eps, alpha, steps, attack_bn_mode)
-    alpha, steps = attack_kw["alpha"], attack_kw["steps"]
 
     eval_xy = None
     if eval_set is not None and eval_every:
-        sub = subset(TensorDataset(*as_tensors(eval_set)), eval_size, seed=seed)
+        ex, ey = as_tensors(eval_set, model=model)
+        _checks.labels("the labels of eval_set", ey, len(ey), num_classes=k)
+        sub = subset(TensorDataset(ex, ey), eval_size, seed=seed)
         eval_xy = (sub.tensors[0].to(device), sub.tensors[1].to(device))
     eval_eps = eps if eval_eps is None else eval_eps
 
@@ -386,7 +407,6 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         "model": type(model).__name__,
     })
     history = History()
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         history = _resume(ckpt, config, model, opt, gen, callbacks, device)
         if history.finished:
@@ -410,6 +430,12 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
                 loss, acc = _train_epoch(model, opt, x, y, perm, current, schedule, epoch, batch_size,
                                          attack_kw, beta, device, clock, batch_bar)
             times = clock.collect()
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"training diverged in epoch {epoch}: the mean {current} training loss is {loss} (lr "
+                    f"{schedule(epoch):g}). Nothing of this epoch was kept"
+                    + (f"; the checkpoint in {ckpt.parent} holds the last finite epoch" if ckpt else "")
+                    + ". Try a smaller learning rate.")
             row = dict(epoch=epoch, strategy=current, lr=schedule(epoch), loss=loss, train_acc=acc,
                        time_attack=times.get("attack", 0.0), time_update=times.get("update", 0.0))
             if eval_xy is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
@@ -432,6 +458,28 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         _call(cb, "on_train_end", model, history)
     model.eval()
     return history
+
+
+def _checkpoint_file(checkpoint_dir) -> Path | None:
+    """``checkpoint_dir/checkpoint.pt``, the folder created now: a folder that is a file or cannot be
+    created is refused before any epoch is trained, not after the first."""
+    if checkpoint_dir is None:
+        return None
+    folder = Path(checkpoint_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"checkpoint_dir {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"checkpoint_dir {folder} cannot be created ({err.strerror or err})") from err
+    return folder / CHECKPOINT_NAME
+
+
+def _num_outputs(model: nn.Module, xb: torch.Tensor) -> int:
+    """The number of outputs k of ``model`` (one forward pass in eval mode, without gradients, which
+    changes no state and draws no random numbers); its logits must be (n, k) and finite."""
+    with evaluating(model), torch.no_grad():
+        return _checks.logits(model(xb), where="the model")
 
 
 def _call(cb, hook, *args):

@@ -7,7 +7,7 @@ trace C-NTK and AE-NTK (Li et al., arXiv 2312.02236) of ``n_probe`` class-balanc
 at a few epochs; afterwards each model is evaluated on the profile's test subset: clean accuracy
 and robust accuracy, per example the worst of FGSM and PGD-``eval_pgd_steps``.
 
-The result (a dict, cached by config and package version):
+The result (a dict, cached by config and the package's source):
 
 * ``strategies``: the names, in order; ``config``: what the run depended on;
 * ``histories[s]``: :meth:`ntklab.train.History.to_dict` of each run;
