@@ -396,3 +396,30 @@ def test_bench_quick():
     out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     assert "speed-up" in out.stdout
+
+
+def test_bench_refuses_a_peer_without_neural_tangents(tmp_path):
+    """--peer needs an interpreter that has neural-tangents: this one does not (it is never a
+    dependency of ntklab), so the bench stops at once with a usage error."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "ntk.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--peer", sys.executable], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "cannot import neural_tangents" in out.stderr
+
+
+@pytest.mark.slow
+def test_bench_peer_when_neural_tangents_is_there():
+    """With $NTKLAB_PEER_PYTHON (an interpreter that has neural-tangents) the bench times both libraries in
+    one run, and their kernels of the same network with the same weights agree (only with --runslow)."""
+    import os
+
+    peer = os.environ.get("NTKLAB_PEER_PYTHON")
+    if not peer:
+        pytest.skip("set NTKLAB_PEER_PYTHON to an interpreter that has neural-tangents")
+    script = Path(__file__).resolve().parents[1] / "bench" / "ntk.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--peer", peer], capture_output=True, text=True,
+                         timeout=1800)
+    assert out.returncode == 0, out.stderr
+    diffs = [float(line.split("largest difference ")[1].split()[0]) for line in out.stdout.splitlines()
+             if "largest difference" in line]
+    assert len(diffs) == 2 and max(diffs) < 1e-3, out.stdout       # float32 sums of 421,642 products
