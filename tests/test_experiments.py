@@ -83,6 +83,30 @@ def test_source_digest_follows_every_file_of_the_package(tmp_path, monkeypatch):
     assert digest() != base
 
 
+def test_two_processes_asking_for_one_entry_compute_it_once(tmp_path):
+    """A second process that asks for an entry while the first computes it waits, then loads it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        from ntklab.experiments import cache
+        def compute():
+            with open({str(tmp_path / "calls")!r}, "a") as f:
+                f.write("x")
+            time.sleep(2)
+            return {{"value": 7}}
+        with cache.track() as paths:
+            result = cache.cached("demo", {{"a": 1}}, compute, root={str(tmp_path)!r})
+        print(paths[0][1], result["value"])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outputs == ["computed 7", "loaded 7"]
+    assert (tmp_path / "calls").read_text() == "x"
+
+
 def test_entries_and_clear(tmp_path, monkeypatch):
     compute = Counter()
     cache.cached("demo", CONFIG, compute, root=tmp_path)
@@ -180,7 +204,8 @@ def test_cache_converts_numpy_and_rejects_objects(tmp_path):
         cache.cached("bad", CONFIG, Counter({"o": object()}), root=tmp_path)
     with pytest.raises(TypeError, match="JSON-serialisable"):
         cache.result_path("bad", {"f": object()})
-    assert not (tmp_path / "bad").exists()
+    assert [p.suffix for p in (tmp_path / "bad").iterdir()] == [".lock"]      # no result, no sidecar
+    assert cache.entries(tmp_path) == cache.entries(tmp_path)[:1] and cache.entries(tmp_path)[0].name == "np"
 
 
 # ---------------------------------------------------------------- registry and helpers
@@ -264,9 +289,9 @@ def test_strategies_second_run_loads_the_cache(strategies_run, monkeypatch):
     assert [how for _, how in paths] == ["loaded"]
     assert again["clean_acc"] == result["clean_acc"]
     assert torch.equal(again["kernels"]["fgsm"]["ae"], result["kernels"]["fgsm"]["ae"])
-    # the result and its sidecar; the checkpoints that let the computation resume are gone
+    # the result, its sidecar and its lock file; the checkpoints that let the computation resume are gone
     assert sorted(os.listdir(out / "strategies")) == sorted(
-        [p.name for p, _ in paths] + [paths[0][0].with_suffix(".json").name])
+        [p.name for p, _ in paths] + [paths[0][0].with_suffix(s).name for s in (".json", ".lock")])
 
 
 # ---------------------------------------------------------------- shared trained models

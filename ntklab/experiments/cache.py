@@ -170,24 +170,45 @@ def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool =
 
     key = config_key(name, config)
     path = results_root(root) / name / f"{key}.pt"
-    if path.exists() and not force:
+    with _exclusive(path):
+        if path.exists() and not force:
+            try:
+                result = _load(path, key)
+                _note(path, "loaded")
+                return result
+            except Exception as err:  # truncated, garbage, or another format: recompute, never crash
+                warnings.warn(f"cached result {path} is unreadable ({describe_load_error(err)}); recomputing it",
+                              stacklevel=3)
+        result = _storable(compute())
+        atomic_save({"format": _FORMAT, "key": key, "name": name, "version": ntklab.__version__,
+                     "source": source_digest(), "result": result}, path)
+        sidecar = {"name": name, "version": ntklab.__version__, "source": source_digest(), "key": key,
+                   "config": config}
+        atomic_write_text(json.dumps(sidecar, sort_keys=True, indent=1, default=_json_default),
+                          path.with_suffix(".json"))
+        shutil.rmtree(path.with_suffix(".checkpoints"), ignore_errors=True)
+        _note(path, "computed")
+        return result
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the entry (a POSIX advisory lock on ``<key>.lock``): while one
+    process computes an entry, another that asks for the same entry (a second notebook, a parallel
+    test) waits and then loads it instead of computing it again. Different entries do not wait
+    for each other. Where ``fcntl`` is missing (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            result = _load(path, key)
-            _note(path, "loaded")
-            return result
-        except Exception as err:  # truncated, garbage, or another format: recompute, never crash
-            warnings.warn(f"cached result {path} is unreadable ({describe_load_error(err)}); recomputing it",
-                          stacklevel=2)
-    result = _storable(compute())
-    atomic_save({"format": _FORMAT, "key": key, "name": name, "version": ntklab.__version__,
-                 "source": source_digest(), "result": result}, path)
-    sidecar = {"name": name, "version": ntklab.__version__, "source": source_digest(), "key": key,
-               "config": config}
-    atomic_write_text(json.dumps(sidecar, sort_keys=True, indent=1, default=_json_default),
-                      path.with_suffix(".json"))
-    shutil.rmtree(path.with_suffix(".checkpoints"), ignore_errors=True)
-    _note(path, "computed")
-    return result
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _note(path: Path, how: str) -> None:
@@ -220,9 +241,9 @@ class Entry:
         return self.source == source_digest()
 
     def files(self) -> list[Path]:
-        """The result, its sidecar and its checkpoint folder, those that exist."""
-        return [p for p in (self.path, self.path.with_suffix(".json"), self.path.with_suffix(".checkpoints"))
-                if p.exists()]
+        """The result, its sidecar, its checkpoint folder and its lock file, those that exist."""
+        return [p for p in (self.path, self.path.with_suffix(".json"), self.path.with_suffix(".checkpoints"),
+                            self.path.with_suffix(".lock")) if p.exists()]
 
 
 def _size(path: Path) -> int:
