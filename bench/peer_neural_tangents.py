@@ -25,13 +25,7 @@ import resource
 import sys
 import time
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from ntk import _rss_mb      # bench/ntk.py, beside this file (its module level imports only the standard library)
 
 
 def network():
