@@ -29,7 +29,7 @@ from ntklab.attacks import _number
 
 __all__ = ["two_layer_ntk", "regression_weights", "eigen_features", "KernelPredictor", "gd_filter"]
 
-_COS_CLAMP = 1 - 1e-7   # keeps arccos differentiable at x = x' (and at antipodal inputs)
+_COS_CLAMP = 1 - 1e-7   # the gradient through arccos is cut beyond this |cos| (x = x', antipodal x)
 
 
 def _flat_normalised(x: torch.Tensor, mean, std, name: str) -> torch.Tensor:
@@ -73,8 +73,9 @@ def two_layer_ntk(x1: torch.Tensor, x2: torch.Tensor | None = None, *, net: nn.M
             use (then ``mean``, ``std`` and ``freeze_second`` are ignored).
         mean, std: per-channel statistics (``ntklab.data.stats(name)``).
 
-    Returns (n1, n2) in x1's dtype, differentiable in x1 and x2 (the cosine is clamped to
-    [-1 + 1e-7, 1 - 1e-7], so the gradient at x = x' is finite). Chapter 7.
+    Returns (n1, n2) in x1's dtype, differentiable in x1 and x2. The derivative of the angle is
+    singular at x = x' (and at antipodal inputs): the gradient flows through the angle only where
+    |cos theta| < 1 - 1e-7, so it stays finite; the values are exact. Chapter 7.
     """
     if net is not None:
         mean, std = net.normalize.mean.flatten().tolist(), net.normalize.std.flatten().tolist()
@@ -87,8 +88,10 @@ def two_layer_ntk(x1: torch.Tensor, x2: torch.Tensor | None = None, *, net: nn.M
         h2 = h2.to(h1.dtype)
     dot = h1 @ h2.T
     norms = h1.norm(dim=1)[:, None] * h2.norm(dim=1)[None, :]
-    cos = (dot / norms.clamp_min(torch.finfo(h1.dtype).tiny)).clamp(-_COS_CLAMP, _COS_CLAMP)
-    theta = torch.arccos(cos)
+    cos = (dot / norms.clamp_min(torch.finfo(h1.dtype).tiny)).clamp(-1, 1)
+    # the exact angle forward; backward through a clamped cosine, so the gradient at x = x' is finite
+    safe = cos.clamp(-_COS_CLAMP, _COS_CLAMP)
+    theta = torch.arccos(safe) + (torch.arccos(cos) - torch.arccos(safe)).detach()
     K = dot * (math.pi - theta) / (2 * math.pi)
     if not freeze_second:
         K = K + norms * (torch.sqrt(1 - cos ** 2) + (math.pi - theta) * cos) / (2 * math.pi)

@@ -105,7 +105,8 @@ class Centered(nn.Module):
     r"""``f(x; theta) - f(x; theta_0)``: ``model`` minus a frozen copy of itself as it is now.
 
     ``model`` stays the trainable submodule ``net`` (train it as usual); ``reference`` is the frozen
-    copy taken at construction (e.g. at initialisation), always evaluated in eval mode. At the start
+    copy taken at construction (e.g. at initialisation), always evaluated in eval mode; its
+    parameters have ``requires_grad=False``, so optimisers and :func:`ntklab.ntk.empirical_ntk` skip them. At the start
     the output is exactly 0. NTK theory predicts this difference, not ``f`` itself, by kernel
     regression (Tsilivis & Kempe 2022, appendix C: "we subtract the initial prediction"). Input
     (N, ...) as ``model`` takes it; output (N, k). Chapter 7.

@@ -99,7 +99,8 @@ def run(profile, device=None, *, force: bool = False, progress: bool = True) -> 
     ``phase1[p1]``: the :class:`ntklab.train.History` dict, and ``base[p1]``: ``{"clean", "robust"}``
     per t of the phase-1 network itself; ``cells[c]`` for c in CC, AC, CA, AA: ``{"clean",
     "robust", "train_time"}`` per t; ``reference``: the same for the nonlinear network; ``autoattack``:
-    ``{"t", "linear", "reference", "n"}``; ``aa_state``: the state dict of the AA linearised model at the
+    ``{"t", "n", "linear", "reference", "linear_pgd", "reference_pgd"}`` (APGD-CE accuracy, and the
+    FGSM/PGD worst case on the same ``n`` images); ``aa_state``: the state dict of the AA linearised model at the
     last t (for the chapter's explorer); ``compute_seconds``.
     """
     from ntklab.config import get_device
@@ -186,9 +187,13 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
     fit(ref, phase2_set, 2, strategy["A"], (f"reference_t{t_last}", []))
     kw = dict(eps=eps, n=config["n_autoattack"], seed=profile.seed, device=device, version="custom",
               attacks=["apgd-ce"])
-    out["autoattack"] = {"t": t_last, "n": config["n_autoattack"], "attacks": "apgd-ce",
-                         "linear": evaluate.autoattack_accuracy(lin.eval(), test_set, **kw),
-                         "reference": evaluate.autoattack_accuracy(ref.eval(), test_set, **kw)}
+    aa_set = data.subset(test_set, config["n_autoattack"], seed=profile.seed)   # the images APGD-CE attacks
+    out["autoattack"] = {"t": t_last, "n": config["n_autoattack"], "attacks": "apgd-ce"}
+    for key, model in (("linear", lin.eval()), ("reference", ref.eval())):
+        out["autoattack"][key] = evaluate.autoattack_accuracy(model, test_set, **kw)
+        torch.manual_seed(profile.seed)
+        out["autoattack"][f"{key}_pgd"] = float(evaluate.worst_case_accuracy(
+            model, aa_set, eps=eps, steps=config["eval_steps"], alpha=config["eval_alpha"], device=device))
     out["aa_state"] = lin.state_dict()
     out["compute_seconds"] = time.perf_counter() - start
     return out
