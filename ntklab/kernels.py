@@ -36,6 +36,8 @@ def _flat_normalised(x: torch.Tensor, mean, std, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor of shape (n, ...), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
     if x.dim() == 4:   # images: the per-channel normalisation of ntklab.models.Normalize
         c = x.shape[1]
         mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1)

@@ -12,7 +12,9 @@ Strategies (``strategy=``), each a minimisation of the cross-entropy on the inpu
 
 ``switch_epoch=s`` trains normally for epochs 0..s-1 and with ``strategy`` from epoch s on: the
 cost-saving schedule that Li et al. derive from the "kernel learning, lazy training, kernel learning"
-evolution of the NTK (chapter 5). The optimiser is SGD with momentum and weight decay; the learning
+evolution of the NTK (chapter 5). ``clean_update=True`` gives every adversarial batch an update on its
+clean inputs before the adversarial one, the rule of Loo et al.'s code (chapter 8). The optimiser is
+SGD with momentum and weight decay; the learning
 rate follows a :class:`LRSchedule`. Inputs are images in [0, 1]; the attacks come from
 :mod:`ntklab.attacks` and never touch parameter gradients.
 
@@ -276,13 +278,12 @@ def _attack_kwargs(strategy, eps, alpha, steps, bn_mode) -> dict:
 
 
 # ------------------------------------------------------------------ one epoch
-def _sgd_step(model, opt, xb, yb):
-    """One update on the cross-entropy of ``model`` on (xb, yb); returns the logits (detached)."""
-    logits = model(xb)
+def _sgd_step(model, opt, xb, yb) -> None:
+    """One update on the cross-entropy of ``model`` on (xb, yb)."""
+    loss = F.cross_entropy(model(xb), yb)
     opt.zero_grad(set_to_none=True)
-    F.cross_entropy(logits, yb).backward()
+    loss.backward()
     opt.step()
-    return logits.detach()
 
 
 def _train_epoch(model, opt, x, y, perm, strategy, schedule, epoch, batch_size, attack_kw, beta,

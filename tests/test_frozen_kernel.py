@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 import ntklab
 from ntklab.callbacks import ParameterSnapshots
-from ntklab.experiments import cache, frozen_kernel
+from ntklab.experiments import frozen_kernel
 from ntklab.models import SmallCNN
 from ntklab.train import train
+from test_ntk_features import run_twice
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +130,7 @@ def _check_result(res, config):
 
 
 def test_smoke_run_and_cache(tmp_path):
-    profile = ntklab.config.get_profile("smoke")
-    with cache.track() as seen:
-        res = ntklab.experiments.run("frozen_kernel", profile, "cpu", out=tmp_path, progress=False)
-        again = ntklab.experiments.run("frozen_kernel", profile, "cpu", out=tmp_path, progress=False)
-    assert [how for _, how in seen] == ["computed", "loaded"]
+    profile, res, again = run_twice("frozen_kernel", tmp_path)
     _check_result(res, frozen_kernel.make_config(profile))
     assert again["cells"]["AA"]["robust"] == res["cells"]["AA"]["robust"]
     # the stored AA model loads into a linearised wrapper of the profile's network

@@ -70,6 +70,8 @@ def test_closed_form_gradient_matches_finite_differences(images):
 def test_two_layer_ntk_rejects_bad_input(images):
     with pytest.raises(ValueError, match="x1 must be a floating-point tensor"):
         two_layer_ntk(torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="x2 contains NaN"):
+        two_layer_ntk(images, images * float("nan"))
     with pytest.raises(ValueError, match="same number of features"):
         two_layer_ntk(images, torch.rand(2, 1, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="one value per channel"):

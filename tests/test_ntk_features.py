@@ -48,12 +48,18 @@ def test_pair_data_is_balanced_and_disjoint():
         ntk_features.pair_data(profile, classes=[3, 99])
 
 
-def test_smoke_run_and_cache(tmp_path):
+def run_twice(name, tmp_path):
+    """Run experiment ``name`` under ``smoke`` twice into ``tmp_path``: computed, then loaded."""
     profile = ntklab.config.get_profile("smoke")
     with cache.track() as seen:
-        res = ntklab.experiments.run("ntk_features", profile, "cpu", out=tmp_path, progress=False)
-        again = ntklab.experiments.run("ntk_features", profile, "cpu", out=tmp_path, progress=False)
+        res = ntklab.experiments.run(name, profile, "cpu", out=tmp_path, progress=False)
+        again = ntklab.experiments.run(name, profile, "cpu", out=tmp_path, progress=False)
     assert [how for _, how in seen] == ["computed", "loaded"]
+    return profile, res, again
+
+
+def test_smoke_run_and_cache(tmp_path):
+    profile, res, again = run_twice("ntk_features", tmp_path)
     config = ntk_features.make_config(profile)
     _check_result(res, config)
     assert again["features"]["spearman"] == res["features"]["spearman"]
