@@ -148,7 +148,7 @@ def _acc(model, x, y):
     return float(evaluate.clean_accuracy(model, (x, y)))
 
 
-def _fgsm_acc(model, x, y, eps, x_adv=None):
+def _robust_acc(model, x, y, eps, x_adv=None):
     """Accuracy of ``model`` on ``x_adv`` (default: its own FGSM), counted only where it is right
     on ``x`` too."""
     import torch
@@ -229,9 +229,9 @@ def _compute(profile, config, device, progress) -> dict:
             "agreement": float((pred_emp == pred_inf).double().mean()), "eps_grid": list(config["eps_grid"]),
             "fgsm": [], "pgd": [], "kernel_distance": metrics.kernel_distance(K_emp, K)}
     for e in config["eps_grid"]:
-        pred["fgsm"].append(_fgsm_acc(predictor, Xt, yt, e))
+        pred["fgsm"].append(_robust_acc(predictor, Xt, yt, e))
         x_pgd = attacks.pgd(predictor, Xt, yt, eps=e, alpha=max(e / 4, 1e-6), steps=config["pgd_steps"])
-        pred["pgd"].append(_fgsm_acc(predictor, Xt, yt, e, x_pgd))
+        pred["pgd"].append(_robust_acc(predictor, Xt, yt, e, x_pgd))
 
     # 2. the kernel along the gradient-descent path, and nets of growing width
     kern = {}
@@ -240,7 +240,7 @@ def _compute(profile, config, device, progress) -> dict:
         kern[t] = (P, attacks.fgsm(P, Xt, yt, eps=eps), _loss_grad(P, Xt, yt))
     x_kernel_pgd = attacks.pgd(kern[steps][0], Xt, yt, eps=eps, alpha=eps / 4, steps=config["pgd_steps"])
     kernel_times = {"clean": [_acc(kern[t][0], Xt, yt) for t in times],
-                    "fgsm": [_fgsm_acc(kern[t][0], Xt, yt, eps, kern[t][1]) for t in times]}
+                    "fgsm": [_robust_acc(kern[t][0], Xt, yt, eps, kern[t][1]) for t in times]}
     nets = {}
     runs = [(w, s) for w in config["widths"] for s in range(config["net_seeds"])]
     for width, s in tqdm(runs, desc="two-layer nets", disable=not progress):
@@ -265,11 +265,11 @@ def _compute(profile, config, device, progress) -> dict:
                 rec["cos_lin"].append(float(F.cosine_similarity(g_lin, g_k, dim=1).mean()))
                 rec["flip_ratio"].append(float((g_net - g_lin).norm(dim=1).mean() / g_lin.norm(dim=1).mean()))
                 rec["clean"].append(_acc(model, Xt, yt))
-                rec["own_fgsm"].append(_fgsm_acc(model, Xt, yt, eps))
-                rec["kernel_fgsm"].append(_fgsm_acc(model, Xt, yt, eps, x_k))
+                rec["own_fgsm"].append(_robust_acc(model, Xt, yt, eps))
+                rec["kernel_fgsm"].append(_robust_acc(model, Xt, yt, eps, x_k))
         x_own_pgd = attacks.pgd(model, Xt, yt, eps=eps, alpha=eps / 4, steps=config["pgd_steps"])
-        rec["own_pgd"] = _fgsm_acc(model, Xt, yt, eps, x_own_pgd)
-        rec["kernel_pgd"] = _fgsm_acc(model, Xt, yt, eps, x_kernel_pgd)
+        rec["own_pgd"] = _robust_acc(model, Xt, yt, eps, x_own_pgd)
+        rec["kernel_pgd"] = _robust_acc(model, Xt, yt, eps, x_kernel_pgd)
         rec["final_loss"] = loss.item()
         nets.setdefault(str(width), []).append(rec)
 
@@ -282,7 +282,7 @@ def _compute(profile, config, device, progress) -> dict:
     for i in range(q):
         f_i = full.with_alpha(alphas[i])
         usefulness.append(_acc(f_i, Xv, yv))
-        robustness.append(_fgsm_acc(f_i, Xv, yv, eps))
+        robustness.append(_robust_acc(f_i, Xv, yv, eps))
     rho = spearmanr(list(range(q)), robustness).statistic
     x_img = Xt[:1]
     grads = []
@@ -301,13 +301,13 @@ def _compute(profile, config, device, progress) -> dict:
         for k in ks:
             P = full.with_alpha(alphas[order[:k]].sum(0))
             rows["clean"].append(_acc(P, Xt, yt))
-            rows["robust"].append(_fgsm_acc(P, Xt, yt, eps))
-            rows["transfer"].append(_fgsm_acc(P, Xt, yt, eps, x_full_fgsm))
+            rows["robust"].append(_robust_acc(P, Xt, yt, eps))
+            rows["transfer"].append(_robust_acc(P, Xt, yt, eps, x_full_fgsm))
         seqs[name] = rows
     features = {"eigenvalues": eigenvalues[:q].float(), "usefulness": usefulness, "robustness": robustness,
                 "spearman": float(rho) if math.isfinite(rho) else 0.0, "grad_images": torch.stack(grads).cpu(),
                 "grad_image_x": x_img[0].cpu(), "grad_image_y": int(yt[0]), "ks": ks, **seqs,
-                "full": {"clean": _acc(full, Xt, yt), "robust": _fgsm_acc(full, Xt, yt, eps, x_full_fgsm)},
+                "full": {"clean": _acc(full, Xt, yt), "robust": _robust_acc(full, Xt, yt, eps, x_full_fgsm)},
                 "ridge": ridge}
     return {"config": config, "lr": lr, "lambda_max": lam_max, "n_kernel": n, "n_val": len(yv), "n_test": len(yt),
             "kernel_widths": list(config["kernel_widths"]), "kernel_rel_error": rel_error, "n_probe": n_probe,
