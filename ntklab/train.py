@@ -12,7 +12,9 @@ Strategies (``strategy=``), each a minimisation of the cross-entropy on the inpu
 
 ``switch_epoch=s`` trains normally for epochs 0..s-1 and with ``strategy`` from epoch s on: the
 cost-saving schedule that Li et al. derive from the "kernel learning, lazy training, kernel learning"
-evolution of the NTK (chapter 5). The optimiser is SGD with momentum and weight decay; the learning
+evolution of the NTK (chapter 5). ``clean_update=True`` gives every adversarial batch an update on its
+clean inputs before the adversarial one, the rule of Loo et al.'s code (chapter 8). The optimiser is
+SGD with momentum and weight decay; the learning
 rate follows a :class:`LRSchedule`. Inputs are images in [0, 1]; the attacks come from
 :mod:`ntklab.attacks` and never touch parameter gradients.
 
@@ -284,9 +286,20 @@ def _attack_kwargs(strategy, eps, alpha, steps, bn_mode) -> dict:
 
 
 # ------------------------------------------------------------------ one epoch
+def _sgd_step(model, opt, xb, yb) -> None:
+    """One update on the cross-entropy of ``model`` on (xb, yb)."""
+    loss = F.cross_entropy(model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def _train_epoch(model, opt, x, y, perm, strategy, schedule, epoch, batch_size, attack_kw, beta,
-                 device, clock, bar):
-    """One pass over ``perm``; returns (mean loss, train accuracy or None). No host sync per batch."""
+                 device, clock, bar, clean_update=False, batch_end=None):
+    """One pass over ``perm``; returns (mean loss, train accuracy or None). No host sync per batch.
+
+    clean_update: before the attack, one update on the clean batch (Loo et al.'s rule).
+    batch_end: ``batch_end(b, num_batches)`` after every batch's update (per-batch callbacks)."""
     from ntklab import attacks
 
     model.train()
@@ -299,6 +312,10 @@ def _train_epoch(model, opt, x, y, perm, strategy, schedule, epoch, batch_size, 
                 group["lr"] = schedule(epoch, b, len(batches))
         xb = x[idx].to(device, non_blocking=True)
         yb = y[idx].to(device, non_blocking=True)
+        if clean_update and strategy not in ("normal", "trades"):
+            t_clean = clock.now()
+            _sgd_step(model, opt, xb, yb)
+            clock.add("update", t_clean, clock.now())
         t0 = clock.now()
         logits = None
         if strategy == "trades":  # the inner maximisation lives inside the loss: timed as attack
@@ -318,6 +335,8 @@ def _train_epoch(model, opt, x, y, perm, strategy, schedule, epoch, batch_size, 
         loss_sum += loss.detach() * len(idx)
         if logits is not None:
             correct += (logits.detach().argmax(1) == yb).sum()
+        if batch_end is not None:
+            batch_end(b, len(batches))
         bar.update(1)
     n = len(perm)
     return (loss_sum / n).item(), (None if strategy == "trades" else correct.item() / n)
@@ -331,7 +350,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
           attack_bn_mode: str = "eval", switch_epoch: int | None = None, callbacks=(),
           eval_set=None, eval_every: int = 1, eval_size: int | None = 500, eval_eps: float | None = None,
           eval_alpha: float | None = None, eval_steps: int = 10, device=None, seed: int = 0,
-          checkpoint_dir=None, progress: bool = True) -> History:
+          checkpoint_dir=None, progress: bool = True, clean_update: bool = False) -> History:
     """Train ``model`` in place with one of :data:`STRATEGIES`; return its :class:`History`.
 
     train_set, eval_set: ``TensorDataset`` or ``(x, y)``; x (N, C, H, W) in [0, 1], y (N,) int64.
@@ -354,6 +373,15 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         the same arguments resumes there (a finished run returns at once, its weights and callback
         states loaded); different arguments raise ``ValueError``.
     progress: tqdm bars for epochs and batches.
+    clean_update: in adversarial epochs, give every batch two updates: first on its clean inputs,
+        then on adversarial examples crafted against the updated model (the rule of Loo et al.'s
+        code, NeurIPS 2022: twice the updates of standard AT on a 50/50 clean/adversarial mix;
+        chapter 8). The loss and train accuracy recorded are those of the adversarial update.
+        Not with ``"trades"``, whose loss already has a clean term.
+
+    Callbacks with an ``on_batch_end(epoch, batch, num_batches, model, history)`` method are also
+    called after every batch's update (e.g. :class:`ntklab.callbacks.ParameterSnapshots`, which
+    keeps the weights at fractional epochs).
 
     Returns the history; the model is left in eval mode. Introduced in chapter 1.
     """
@@ -363,6 +391,10 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
     batch_size = _checks.count("batch_size", batch_size)
     if switch_epoch is not None and not 0 <= _checks.count("switch_epoch", switch_epoch, minimum=0) <= epochs:
         raise ValueError(f"switch_epoch must be in [0, epochs={epochs}], got {switch_epoch}")
+    if clean_update not in (True, False):
+        raise ValueError(f"clean_update must be True or False, got {clean_update!r}")
+    if clean_update and strategy == "trades":
+        raise ValueError("clean_update does not apply to 'trades' (its loss already has a clean term)")
     schedule = make_schedule(lr_schedule, lr=lr, epochs=epochs, milestones=milestones, gamma=gamma)
     _checks.number("momentum", momentum)
     _checks.number("weight_decay", weight_decay)
@@ -406,6 +438,8 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         "n_train": len(y), "data_sum": data_sum, "label_sum": label_sum,
         "model": type(model).__name__,
     })
+    if clean_update:  # only when set, so that checkpoints written before the option still resume
+        config["clean_update"] = True
     history = History()
     if ckpt is not None and ckpt.exists():
         history = _resume(ckpt, config, model, opt, gen, callbacks, device)
@@ -420,15 +454,24 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
     history.time_begin += time.perf_counter() - begin
     clock = _Clock(device)
     n_batches = math.ceil(len(y) / batch_size)
+    batch_cbs = [cb for cb in callbacks if callable(getattr(cb, "on_batch_end", None))]
     with _bar(progress, total=epochs, initial=len(history), desc=f"{strategy} epochs") as epoch_bar:
         for epoch in range(len(history), epochs):
             current = "normal" if switch_epoch is not None and epoch < switch_epoch else strategy
             for group in opt.param_groups:
                 group["lr"] = schedule(epoch)
             perm = torch.randperm(len(y), generator=gen).to(x.device)
+            batch_end, batch_cb_time = None, [0.0]
+            if batch_cbs:
+                def batch_end(b, num_batches, epoch=epoch):
+                    start = time.perf_counter()
+                    with _measurement_rng(device, seed, epoch, 3 + b):
+                        for cb in batch_cbs:
+                            cb.on_batch_end(epoch, b, num_batches, model, history)
+                    batch_cb_time[0] += time.perf_counter() - start
             with _bar(progress, total=n_batches, leave=False, desc=f"epoch {epoch}") as batch_bar:
                 loss, acc = _train_epoch(model, opt, x, y, perm, current, schedule, epoch, batch_size,
-                                         attack_kw, beta, device, clock, batch_bar)
+                                         attack_kw, beta, device, clock, batch_bar, clean_update, batch_end)
             times = clock.collect()
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -445,7 +488,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
             with _measurement_rng(device, seed, epoch, 1):
                 for cb in callbacks:
                     _call(cb, "on_epoch_end", epoch, model, history)
-            history.time_callbacks[-1] = time.perf_counter() - start
+            history.time_callbacks[-1] = time.perf_counter() - start + batch_cb_time[0]
             history.finished = bool(history.stop_reason) or epoch + 1 == epochs
             if ckpt is not None:
                 _save(ckpt, config, model, opt, gen, callbacks, history)
