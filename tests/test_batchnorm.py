@@ -171,6 +171,8 @@ def test_batchnorm_config():
     assert models["pgd, with buffer"]["train"] == {"eval_every": 0, "switch_epoch": 4}
     assert models["normal, without buffer"]["profile"]["model_kwargs"] == {"width": 16, "track_running_stats": False}
     assert batchnorm.model_profile(get_profile("paper"), "with buffer").model_kwargs == {"track_running_stats": True}
+    with pytest.raises(ValueError, match="buffer must be one of 'with buffer', 'without buffer', got 'none'"):
+        batchnorm.model_profile(quick, "none")
 
 
 def test_batchnorm_paper_code_path(paper_profile):

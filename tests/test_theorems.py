@@ -84,6 +84,8 @@ def test_config_and_settings():
 
 
 def test_theorems_paper_code_path(paper_profile):
+    # float64 kernels of the ResNet are the cost: 4 probe images keep the test short
+    paper_profile = paper_profile.replace(n_probe=4)
     result = experiments.run("theorems", paper_profile, "cpu", progress=False)
     config = result["config"]
     assert config["profile"]["dataset"] == "cifar10" and config["profile"]["model"] == "preact_resnet18"

@@ -57,7 +57,8 @@ import time
 
 from ntklab.experiments import cached, data_from_profile, model_from_profile, register, trained_model
 
-__all__ = ["run", "make_config", "settings", "NAME", "STRATEGIES", "BUFFERS", "TEST_BATCH_SIZES"]
+__all__ = ["run", "make_config", "settings", "model_profile", "train_overrides", "NAME", "STRATEGIES", "BUFFERS",
+           "TEST_BATCH_SIZES"]
 
 NAME = "batchnorm"
 STRATEGIES = ("normal", "pgd")
@@ -80,7 +81,10 @@ def settings(profile) -> dict:
 
 
 def model_profile(profile, buffer: str):
-    """The profile of the models: the chapter's width, with or without BN running statistics."""
+    """The profile of the models: the chapter's width, with (``buffer="with buffer"``) or without
+    (``"without buffer"``) BN running statistics. Raises ``ValueError`` for another ``buffer``."""
+    if buffer not in BUFFERS:
+        raise ValueError(f"buffer must be one of {', '.join(map(repr, BUFFERS))}, got {buffer!r}")
     kw = dict(profile.model_kwargs)
     width = settings(profile)["width"]
     if width is not None:
