@@ -296,12 +296,12 @@ def predict(model: nn.Module, X: torch.Tensor, *, batch_size: int = 500, bn_mode
     Only the predictions for X are returned. A batch of one is classified alone (no mix).
     Returns (N,) int64 on the CPU. Chapter 3.
     """
-    if not isinstance(X, torch.Tensor) or X.dim() != 4 or not X.is_floating_point():
-        raise ValueError(f"X must be a float tensor (N, C, H, W), got "
-                         f"{tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__}")
+    _checks.images("X", X, model=model)
     if mix is not None and (not isinstance(mix, torch.Tensor) or mix.shape != X.shape):
         raise ValueError(f"mix must have the shape of X {tuple(X.shape)}, got "
                          f"{tuple(mix.shape) if isinstance(mix, torch.Tensor) else type(mix).__name__}")
+    if mix is not None:
+        _checks.images("mix", mix, model=model)
     if bn_mode not in ("eval", "train"):
         raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     device = model_device(model, device)

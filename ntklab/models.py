@@ -325,8 +325,7 @@ def _check_statistics_inputs(model: nn.Module, x) -> list:
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.shape[0] < 1:
         raise ValueError("X is empty: expected at least one input")
-    if not torch.isfinite(x).all():
-        raise ValueError("X has non-finite values")
+    _checks.floating_batch("X", x)
     return bns
 
 
@@ -386,8 +385,7 @@ def bn_dataset_statistics(model: nn.Module, X: torch.Tensor, *, batch_size: int 
     from ntklab.attacks import attack_mode
 
     bns = _check_statistics_inputs(model, X)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    _checks.count("batch_size", batch_size)
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else X.device
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []

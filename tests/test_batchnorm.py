@@ -64,8 +64,12 @@ def test_predict_checks_its_input(trained_cnn):
         evaluate.predict(trained_cnn, x, bn_mode="keep")
     with pytest.raises(ValueError, match="mix must have the shape of X"):
         evaluate.predict(trained_cnn, x, mix=x[:2])
-    with pytest.raises(ValueError, match=r"X must be a float tensor \(N, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"X must be a 4-D tensor \(N, C, H, W\) of images in \[0, 1\]"):
         evaluate.predict(trained_cnn, x[0])
+    with pytest.raises(ValueError, match=r"X must lie in \[0, 1\]"):
+        evaluate.predict(trained_cnn, x + 1)
+    with pytest.raises(ValueError, match=r"mix must lie in \[0, 1\]"):
+        evaluate.predict(trained_cnn, x, mix=x - 1)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         evaluate.predict(trained_cnn, x, batch_size=0)
 
