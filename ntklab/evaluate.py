@@ -35,7 +35,7 @@ from ntklab.config import get_device
 from ntklab.data import as_tensors
 
 __all__ = ["clean_accuracy", "pgd_accuracy", "worst_case_accuracy", "autoattack_accuracy", "model_device",
-           "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
+           "predict", "craft", "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "fast", "custom")
 AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -277,3 +277,61 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
             for p, flag in params:
                 p.requires_grad_(flag)
     return _fraction(y_adv.cpu() == y.cpu())
+
+
+# ------------------------------------------------------------------ batch-dependent models (chapter 3)
+def predict(model: nn.Module, X: torch.Tensor, *, batch_size: int = 500, bn_mode: str = "eval",
+            mix: torch.Tensor | None = None, device=None, progress: bool = False) -> torch.Tensor:
+    """Predicted labels of ``model`` on ``X``, classified in batches of ``batch_size`` with batch
+    norm in ``bn_mode``: ``"eval"`` (running statistics: each prediction depends on its input
+    alone) or ``"train"`` (each batch normalised with its own statistics, the setting of Li et al.'s
+    "without buffer" models, arXiv 2312.02236; running buffers restored afterwards). Other layers
+    are in eval mode (:func:`ntklab.attacks.attack_mode`); a model without running statistics
+    uses the batch statistics in either mode.
+
+    X: (N, C, H, W) in [0, 1]. mix: optional inputs of the same shape: every batch is then half
+    ``X`` and half ``mix`` (a batch of indices I, h = len(I) // 2, is classified as
+    ``X[I[:h]] + mix[I[h:]]`` and then as ``mix[I[:h]] + X[I[h:]]``), so each example of X is
+    classified once next to examples of ``mix`` (e.g. clean images next to adversarial ones).
+    Only the predictions for X are returned. A batch of one is classified alone (no mix).
+    Returns (N,) int64 on the CPU. Chapter 3.
+    """
+    _checks.images("X", X, model=model)
+    if mix is not None and (not isinstance(mix, torch.Tensor) or mix.shape != X.shape):
+        raise ValueError(f"mix must have the shape of X {tuple(X.shape)}, got "
+                         f"{tuple(mix.shape) if isinstance(mix, torch.Tensor) else type(mix).__name__}")
+    if mix is not None:
+        _checks.images("mix", mix, model=model)
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    device = model_device(model, device)
+    out = torch.empty(len(X), dtype=torch.long)
+    with _attacks.attack_mode(model, bn_mode), torch.no_grad():
+        for s, e in _batches(len(X), batch_size, progress, "predict"):
+            h = (e - s) // 2
+            if mix is None or h == 0:
+                out[s:e] = model(X[s:e].to(device)).argmax(1).cpu()
+                continue
+            first = model(torch.cat([X[s:s + h], mix[s + h:e]]).to(device)).argmax(1).cpu()
+            second = model(torch.cat([mix[s:s + h], X[s + h:e]]).to(device)).argmax(1).cpu()
+            out[s:s + h], out[s + h:e] = first[:h], second[h:]
+    return out
+
+
+def craft(model: nn.Module, data, *, attack: str = "pgd", eps: float, batch_size: int = 500,
+          bn_mode: str = "eval", device=None, progress: bool = False, **attack_kwargs) -> torch.Tensor:
+    """Adversarial examples of all of ``data``, crafted in batches of ``batch_size`` by
+    :func:`ntklab.attacks.adversarial_examples` (``attack`` by name: ``"fgsm"``, ``"pgd"``, ...).
+
+    With ``bn_mode="train"`` each attacked batch is normalised with its own statistics while it is
+    crafted, so the batch size is part of the attack (chapter 3: this masks gradients);
+    ``"eval"`` uses the running statistics. data: TensorDataset or (x, y), x in [0, 1].
+    attack_kwargs: passed on (``alpha``, ``steps``, ...). Random starts use torch's global
+    generator. Returns (N, C, H, W) on the CPU, within ``eps`` of x and in [0, 1]. Chapter 3.
+    """
+    x, y = as_tensors(data)
+    device = model_device(model, device)
+    parts = [_attacks.adversarial_examples(attack, model, x[s:e].to(device), y[s:e].to(device), eps=eps,
+                                           bn_mode=bn_mode, **attack_kwargs).cpu()
+             for s, e in _batches(len(x), batch_size, progress, attack)]
+    return torch.cat(parts)

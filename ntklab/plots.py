@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["kernel_heatmap", "image_grid", "accuracy_curves"]
+__all__ = ["kernel_heatmap", "image_grid", "accuracy_curves", "loglog_curves"]
 
 
 def _np(a) -> np.ndarray:
@@ -98,6 +98,39 @@ def accuracy_curves(x, curves: dict, *, ax=None, xlabel: str = "eps", ylabel: st
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def loglog_curves(x, curves: dict, *, ax=None, slopes: dict | None = None, mark: float | None = None,
+                  mark_label: str | None = None, floor: float = 1e-17, xlabel: str = "eps",
+                  ylabel: str = "relative change", title: str | None = None, styles: dict | None = None):
+    """Plot several positive curves over a common x axis on log-log axes (chapter 2).
+
+    x: (m,) positive values; curves: label -> m values (values below ``floor``, e.g. exact zeros,
+    are drawn at ``floor``); slopes: label -> a fitted log-log slope, shown in the legend; mark:
+    an x value marked by a vertical dashed line (``mark_label`` in the legend); styles: label ->
+    extra keyword arguments of ``ax.plot``. Returns the Axes.
+    """
+    x = _np(x).astype(float)
+    if x.ndim != 1 or np.any(x <= 0):
+        raise ValueError("x must be a 1-D array of positive values")
+    ax = ax or plt.gca()
+    for label, values in curves.items():
+        values = _np(values).astype(float)
+        if values.shape != x.shape:
+            raise ValueError(f"curve {label!r} has {values.shape} values, x has {x.shape}")
+        name = label if not slopes or label not in slopes else f"{label} (slope {slopes[label]:.2f})"
+        ax.plot(x, np.maximum(values, floor), marker="o", ms=3, label=name, **(styles or {}).get(label, {}))
+    if mark is not None:
+        ax.axvline(mark, color="gray", ls="--", lw=1, label=mark_label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="major")
+    ax.legend(fontsize=7)
     if title:
         ax.set_title(title)
     return ax

@@ -10,7 +10,7 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import torch
 
-__all__ = ["attack_explorer"]
+__all__ = ["attack_explorer", "choice_explorer"]
 
 
 def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -59,3 +59,30 @@ def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     index.observe(draw, names="value")
     draw()
     return widgets.VBox([widgets.HBox([eps, index]), out])
+
+
+def choice_explorer(draw: Callable, options: dict, *, figsize=(6.5, 4)):
+    """One dropdown per entry of ``options`` (name -> list of values); every change redraws
+    ``draw(ax, **choices)`` on a fresh figure. For browsing a cached result along its axes
+    (chapters 2 and 3: networks and perturbations, models and crafting modes), after a static
+    figure of the same thing. Returns the ipywidgets container.
+    """
+    import ipywidgets as widgets
+
+    if not options or any(not list(v) for v in options.values()):
+        raise ValueError("options must map each name to a non-empty list of values")
+    out = widgets.Output()
+    menus = {name: widgets.Dropdown(options=list(values), value=list(values)[0], description=name)
+             for name, values in options.items()}
+
+    def redraw(*_):
+        out.clear_output(wait=True)
+        with out:
+            fig, ax = plt.subplots(figsize=figsize)
+            draw(ax, **{name: menu.value for name, menu in menus.items()})
+            plt.show()
+
+    for menu in menus.values():
+        menu.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox(list(menus.values())), out])

@@ -43,3 +43,22 @@ def test_accuracy_curves():
     ax = plots.accuracy_curves([0, 0.1], {"a": [1.0, 0.5], "b": [1.0, 0.2]})
     assert len(ax.lines) == 2 and ax.get_legend() is not None
     plt.close("all")
+
+
+def test_loglog_curves_floor_slopes_mark_and_checks():
+    fig, ax = plt.subplots()
+    x = [1e-3, 1e-2, 1e-1]
+    plots.loglog_curves(x, {"a": [1e-6, 1e-4, 1e-2], "zero": [0.0, 0.0, 0.0]}, slopes={"a": 2.0}, mark=0.05,
+                        mark_label="training eps", ax=ax, styles={"a": {"lw": 3}})
+    a, zero, mark = ax.lines
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    np.testing.assert_allclose(a.get_ydata(), [1e-6, 1e-4, 1e-2])
+    np.testing.assert_allclose(zero.get_ydata(), [1e-17] * 3)          # exact zeros drawn at the floor
+    assert a.get_linewidth() == 3 and np.allclose(mark.get_xdata(), 0.05)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["a (slope 2.00)", "zero", "training eps"]
+    with pytest.raises(ValueError, match="x must be a 1-D array of positive values"):
+        plots.loglog_curves([0.0, 1.0], {"a": [1, 2]}, ax=ax)
+    with pytest.raises(ValueError, match=r"curve 'a' has \(2,\) values, x has \(3,\)"):
+        plots.loglog_curves(x, {"a": [1, 2]}, ax=ax)
+    plt.close("all")

@@ -24,3 +24,16 @@ def test_attack_explorer_redraws_with_the_chosen_eps(trained_cnn, mnist_small):
     assert index_slider.max == 4 and eps_slider.max == pytest.approx(0.3)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\) and labels \(N,\)"):
         widgets.attack_explorer(trained_cnn, x[0], y, attack)
+
+
+def test_choice_explorer_redraws_with_every_choice():
+    calls = []
+    box = widgets.choice_explorer(lambda ax, network, kind: calls.append((network, kind)),
+                                  {"network": ["a", "b"], "kind": ["all", "pgd"]})
+    network_menu, kind_menu = box.children[0].children
+    assert calls == [("a", "all")]
+    network_menu.value = "b"
+    kind_menu.value = "pgd"
+    assert calls[-2:] == [("b", "all"), ("b", "pgd")]
+    with pytest.raises(ValueError, match="options must map each name to a non-empty list"):
+        widgets.choice_explorer(lambda ax, network: None, {"network": []})
