@@ -12,7 +12,8 @@ the book makes its own (see chapter 6). Under a profile this experiment trains, 
   images' covariance (:func:`ntklab.attacks.fgsm_pca`), each at the profile's eps with the attack's
   default step, for ``n_seeds`` seeds ``profile.seed + i`` (a seed fixes the initialisation and the
   data order);
-* a PGD-AT reference (Madry et al. 2018; the profile's PGD steps and step size), one seed;
+* a PGD-AT reference (Madry et al. 2018), one seed: ``pgd_at_steps`` steps of eps / ``pgd_at_steps``
+  (the profile's PGD steps and step size when ``pgd_at_steps`` is the profile's);
 * FGSM and FGSM-RS at the other radii of ``grid_eps``, one seed (the profile's eps is the main run);
 * for one seed, FGSM and ``fgsm_aniso`` with :class:`ntklab.callbacks.KernelSnapshots` every
   ``snapshot_every`` epochs: the trace C-NTK and AE-NTK of ``n_probe`` class-balanced training images.
@@ -30,8 +31,9 @@ examples is above ``co_min_train_acc``: it resists the attack it trains on, and 
 breaks almost everything.
 
 Per-profile settings (:data:`SETTINGS`): ``quick`` shrinks the model (SmallCNN width 16), the
-schedule (6 epochs, SGD lr 0.02, batches of 64, no decay) and the evaluation sets (200 test images
-per epoch, PGD-5; 300 at the end, PGD-10; AutoAttack on 100) to fit a 2-core CPU; ``paper`` keeps the
+schedule (6 epochs, SGD lr 0.02, batches of 64, no decay), the PGD-AT reference (3 steps of eps / 3)
+and the evaluation sets (100 test images per epoch, PGD-5; 200 at the end, PGD-10; AutoAttack on 64)
+to fit a 2-core CPU; ``paper`` keeps the
 profile's model, schedule and sizes (``n_probe``, ``n_eval``, ``eval_pgd_steps``) and takes a kernel
 snapshot every ``epochs // 20`` epochs; ``smoke`` is for the unit tests.
 
@@ -68,16 +70,16 @@ KERNEL_METHODS = ("fgsm", "fgsm_aniso")
 SETTINGS = {
     "smoke": dict(model_kwargs=None, epochs=2, lr=None, batch_size=None, milestones=None, n_seeds=2,
                   grid_eps=(0.1,), n_eval=None, eval_steps=2, n_final=None, final_steps=None,
-                  n_autoattack=0, n_probe=None, snapshot_every=1, co_floor=0.05, co_min_train_acc=0.5,
-                  detector_drop=0.1),
+                  n_autoattack=0, n_probe=None, snapshot_every=1, pgd_at_steps=None, co_floor=0.05,
+                  co_min_train_acc=0.5, detector_drop=0.1),
     "quick": dict(model_kwargs={"width": 16}, epochs=6, lr=0.02, batch_size=64, milestones=(), n_seeds=3,
-                  grid_eps=(0.2, 0.4), n_eval=200, eval_steps=5, n_final=300, final_steps=None,
-                  n_autoattack=100, n_probe=None, snapshot_every=1, co_floor=0.05, co_min_train_acc=0.5,
-                  detector_drop=0.1),
+                  grid_eps=(0.2, 0.4), n_eval=100, eval_steps=5, n_final=200, final_steps=None,
+                  n_autoattack=64, n_probe=None, snapshot_every=1, pgd_at_steps=3, co_floor=0.05,
+                  co_min_train_acc=0.5, detector_drop=0.1),
     "paper": dict(model_kwargs=None, epochs=None, lr=None, batch_size=None, milestones=None, n_seeds=3,
                   grid_eps=(4 / 255, 12 / 255, 16 / 255), n_eval=None, eval_steps=None, n_final=None,
-                  final_steps=None, n_autoattack=None, n_probe=None, snapshot_every=None, co_floor=0.05,
-                  co_min_train_acc=0.5, detector_drop=0.1),
+                  final_steps=None, n_autoattack=None, n_probe=None, snapshot_every=None, pgd_at_steps=None,
+                  co_floor=0.05, co_min_train_acc=0.5, detector_drop=0.1),
 }
 
 
@@ -113,6 +115,7 @@ def make_config(profile, methods=METHODS, *, n_seeds: int | None = None, grid_ep
         "final_steps": _setting(profile, "final_steps", profile.eval_pgd_steps),
         "n_autoattack": min(_setting(profile, "n_autoattack", changed.n_eval), n_test),
         "snapshot_every": _setting(profile, "snapshot_every", max(1, changed.epochs // 20)),
+        "pgd_at_steps": _setting(profile, "pgd_at_steps", profile.pgd_steps),
         "kernel": "trace",
         "co_floor": _setting(profile, "co_floor", 0.05),
         "co_min_train_acc": _setting(profile, "co_min_train_acc", 0.5),
@@ -230,7 +233,11 @@ def _train_one(p, config, strategy, seed, eps, train_set, eval_xy, final_set, pr
                                 kind=config["kernel"], eps=eps, alpha=p.pgd_alpha * eps / p.eps,
                                 steps=p.eval_pgd_steps)
         callbacks.append(snaps)
-    history = train(model, train_set, **train_kwargs(ps, strategy), callbacks=callbacks, device=device,
+    kw = train_kwargs(ps, strategy)
+    if strategy == "pgd":  # the reference: pgd_at_steps steps of eps / pgd_at_steps (the profile's own
+        steps = config["pgd_at_steps"]  # steps and step size when those are its settings)
+        kw.update(steps=steps, alpha=ps.pgd_alpha * eps / p.eps if steps == p.pgd_steps else eps / steps)
+    history = train(model, train_set, **kw, callbacks=callbacks, device=device,
                     checkpoint_dir=checkpoint_dir, progress=progress)
     h = history.to_dict()
     torch.manual_seed(seed)
