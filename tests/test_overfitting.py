@@ -48,11 +48,9 @@ def test_smoke_result(smoke_run):
             check_run(r, epochs, profile.eps)
         assert "autoattack_acc" not in runs[0]  # smoke skips AutoAttack (the paper test runs it)
     check_run(result["pgd_at"], epochs, profile.eps)
-    assert result["grid"]["eps"] == [0.1, profile.eps]
-    for method in ("fgsm", "fgsm_rs"):
-        assert [r["eps"] for r in result["grid"][method]] == [0.1, profile.eps]
-        assert result["grid"][method][1] is not None
-        check_run(result["grid"][method][0], epochs, 0.1)
+    assert list(result["grid"]) == ["fgsm"] and cfg["grid_eps"] == {"fgsm": [0.1]}
+    assert [r["eps"] for r in result["grid"]["fgsm"]] == [0.1, profile.eps]
+    check_run(result["grid"]["fgsm"][0], epochs, 0.1)
     n = profile.n_probe
     for method in co.KERNEL_METHODS:
         k = result["kernels"][method]
@@ -69,9 +67,9 @@ def test_seeds_change_the_run_and_the_same_seed_repeats_it(smoke_run):
     result = smoke_run[0]
     a, b = result["runs"]["fgsm"]
     assert a["history"]["loss"] != b["history"]["loss"]
-    # grid run at the profile's eps is the main run of the first seed, not a new one
-    assert result["grid"]["fgsm"][1] is result["runs"]["fgsm"][0] or \
-        result["grid"]["fgsm"][1]["history"]["loss"] == a["history"]["loss"]
+    # the grid's run at the profile's eps is the main run of the first seed, not a new one
+    assert result["grid"]["fgsm"][1]["history"]["loss"] == a["history"]["loss"]
+    assert result["grid"]["fgsm"][0]["history"]["loss"] != a["history"]["loss"]
 
 
 def test_smoke_second_run_loads_the_cache(smoke_run, monkeypatch):
@@ -101,6 +99,8 @@ def test_collapse_rule():
     assert co.collapse_epoch(history([0.1, 0.2, 0.3], [0.6, 0.7, 0.8])) is None
     assert co.collapse_epoch(history([0.1, 0.04], [0.6, 0.7]), floor=0.03) is None
     assert co.collapse_epoch(history([0.1, 0.04], [0.6, 0.7]), floor=0.05) == 1
+    assert co.collapse_epoch(history([0.12, 0.09], [0.6, 0.7])) == 1            # default floor: chance, 0.1
+    assert co.collapse_epoch(history([0.12, 0.09], [0.6, 0.7]), min_train_acc=0.8) is None
     with pytest.raises(ValueError, match="CatastrophicOverfittingDetector"):
         co.collapse_epoch({"extra": {}, "train_acc": [0.5]})
 
@@ -119,21 +119,27 @@ def test_make_config_per_profile(paper_profile):
     assert co.make_config(get_profile("paper"))["snapshot_every"] == 10
     with pytest.raises(ValueError, match="methods must be a non-empty subset"):
         co.make_config(get_profile("smoke"), methods=("fgsm", "free_at"))
+    with pytest.raises(ValueError, match="grid_eps must map methods"):
+        co.make_config(get_profile("smoke"), grid_eps={"pgd": (0.1,)})
+    with pytest.raises(ValueError, match="n_seeds must be an integer >= 1"):
+        co.make_config(get_profile("smoke"), n_seeds=0)
 
 
 def test_overfitting_paper_code_path(paper_profile):
     """The paper profile's code path (CIFAR-10, PreAct ResNet-18) on the tiny fixture, with the two
     kernel methods, one seed and no extra radii to stay seconds-long."""
     with cache.track() as paths:
-        result = co.run(paper_profile, "cpu", progress=False, methods=co.KERNEL_METHODS, n_seeds=1, grid_eps=())
+        result = co.run(paper_profile, "cpu", progress=False, methods=co.KERNEL_METHODS, n_seeds=1, grid_eps={})
     assert [how for _, how in paths] == ["computed"]
     cfg = result["config"]
     assert cfg["profile"]["dataset"] == "cifar10" and cfg["profile"]["model"] == "preact_resnet18"
     assert result["eps"] == pytest.approx(8 / 255) and result["seeds"] == [paper_profile.seed]
-    assert co.make_config(paper_profile)["grid_eps"] == pytest.approx([4 / 255, 12 / 255, 16 / 255])
+    assert co.make_config(paper_profile)["grid_eps"] == {"fgsm": [pytest.approx(4 / 255)],
+                                                         "fgsm_rs": [pytest.approx(16 / 255)],
+                                                         "fgsm_aniso": [pytest.approx(16 / 255)]}
     for r in [result["runs"][m][0] for m in co.KERNEL_METHODS] + [result["pgd_at"]]:
         assert len(r["history"]["epoch"]) == paper_profile.epochs
         assert 0 <= r["robust_acc"] <= r["clean_acc"] <= 1
         assert 0 <= r["autoattack_acc"] <= r["clean_acc"]
     assert result["kernels"]["fgsm"]["clean"].shape == (3, 10, 10)
-    assert result["grid"]["fgsm"] == [result["runs"]["fgsm"][0]] and result["grid"]["fgsm_rs"] == []
+    assert result["grid"] == {}
