@@ -7,7 +7,7 @@ trace C-NTK and AE-NTK (Li et al., arXiv 2312.02236) of ``n_probe`` class-balanc
 at a few epochs; afterwards each model is evaluated on the profile's test subset: clean accuracy
 and robust accuracy, per example the worst of FGSM and PGD-``eval_pgd_steps``.
 
-The result (a dict, cached by config and package version):
+The result (a dict, cached by config and the package's source):
 
 * ``strategies``: the names, in order; ``config``: what the run depended on;
 * ``histories[s]``: :meth:`ntklab.train.History.to_dict` of each run;
@@ -16,12 +16,12 @@ The result (a dict, cached by config and package version):
   "probe_ae_acc"}`` (float32 CPU tensors; epoch 0 is the initialisation);
 * ``probe_y``: (n,) labels of the probe images.
 
-Checkpoints go next to the cache entry, so an interrupted paper-scale run resumes.
+Checkpoints go next to the cache entry while it is computed, so an interrupted paper-scale run resumes.
 """
 from __future__ import annotations
 
-from ntklab.experiments import (cached, data_from_profile, model_from_profile, register,
-                                result_path, train_kwargs)
+from ntklab.experiments import (cached, checkpoint_dir, data_from_profile, model_from_profile, register,
+                                train_kwargs)
 
 __all__ = ["run", "make_config", "DEFAULT_STRATEGIES", "NAME"]
 
@@ -48,7 +48,7 @@ def run(profile, device=None, *, force: bool = False, progress: bool = True,
     from ntklab.config import get_device
 
     config = make_config(profile, strategies)
-    checkpoints = result_path(NAME, config).with_suffix(".checkpoints")
+    checkpoints = checkpoint_dir(NAME, config)
     return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress, checkpoints),
                   force=force)
 
