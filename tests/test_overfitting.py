@@ -61,6 +61,9 @@ def test_smoke_result(smoke_run):
     assert torch.equal(result["kernels"]["fgsm"]["clean"][0], result["kernels"]["fgsm_aniso"]["clean"][0])
     assert result["probe_y"].shape == (n,)
     assert result["compute_seconds"] > 0
+    assert cfg["one_seed"] == [] and cfg["cost_reps"] == 2
+    assert sorted(result["step_seconds"]) == sorted(co.METHODS + ("pgd",))
+    assert all(0 < t < float("inf") for t in result["step_seconds"].values())
 
 
 def test_seeds_change_the_run_and_the_same_seed_repeats_it(smoke_run):
@@ -82,8 +85,9 @@ def test_smoke_second_run_loads_the_cache(smoke_run, monkeypatch):
     assert [how for _, how in paths] == ["loaded"]
     assert again["runs"]["fgsm_aniso"][1]["robust_acc"] == result["runs"]["fgsm_aniso"][1]["robust_acc"]
     assert torch.equal(again["kernels"]["fgsm"]["ae"], result["kernels"]["fgsm"]["ae"])
+    # the entry, its sidecar and its lock; the checkpoints that let the computation resume are gone
     assert sorted(os.listdir(out / "overfitting")) == sorted(
-        [paths[0][0].name, paths[0][0].with_suffix(".json").name, paths[0][0].with_suffix(".checkpoints").name])
+        [paths[0][0].with_suffix(s).name for s in (".pt", ".json", ".lock")])
 
 
 def history(pgd, train_acc):
@@ -109,6 +113,8 @@ def test_make_config_per_profile(paper_profile):
     quick = co.make_config(get_profile("quick"))
     assert quick["profile"]["model_kwargs"] == {"width": 16} and quick["profile"]["epochs"] == 6
     assert quick["seeds"] == [0, 1, 2] and quick["channels_last"]
+    assert quick["one_seed"] == ["n_fgsm"]  # N-FGSM does not learn at eps 0.3: one seed shows it
+    assert co.make_config(get_profile("quick"), methods=("fgsm",))["one_seed"] == []
     assert co.make_config(get_profile("quick").replace(seed=2))["seeds"] == [2, 3, 4]
     paper = co.make_config(paper_profile)
     # the paper profile keeps its own schedule and sizes (here: the tiny fixture's)

@@ -35,27 +35,33 @@ the attack it trains on, and a multi-step attack breaks almost everything.
 Per-profile settings (:data:`SETTINGS`): ``quick`` shrinks the model (SmallCNN width 16), the
 schedule (6 epochs, SGD lr 0.02, batches of 64, no decay), the PGD-AT reference (3 steps of eps / 3)
 and the evaluation sets (100 test images per epoch, PGD-5; 200 at the end, PGD-10; AutoAttack on 64)
-to fit a 2-core CPU; ``paper`` keeps the
+and trains N-FGSM, which does not learn at eps 0.3 with its default noise of 2 eps, for one seed
+only (``one_seed``), to fit a 2-core CPU; ``paper`` keeps the
 profile's model, schedule and sizes (``n_probe``, ``n_eval``, ``eval_pgd_steps``) and takes a kernel
 snapshot every ``epochs // 20`` epochs; ``smoke`` is for the unit tests.
 
 The result (a dict, cached by config and package version):
 
 * ``config``; ``methods``, ``seeds``, ``eps``;
-* ``runs[method]``: one dict per seed with ``history`` (:meth:`ntklab.train.History.to_dict`),
-  ``clean_acc``, ``robust_acc`` (worst case), ``training_time`` (seconds of attack + update),
+* ``runs[method]``: one dict per seed (only the first seed for the methods of ``one_seed``) with ``history`` (:meth:`ntklab.train.History.to_dict`),
+  ``clean_acc``, ``robust_acc`` (worst case), ``training_time`` (wall seconds of attack + update),
   ``collapse_epoch`` (int or None), ``detector_flags`` (0-based epochs) and, for the first seed,
   ``autoattack_acc``;
 * ``pgd_at``: the same for the PGD-AT reference;
 * ``grid[method]``: runs of the first seed sorted by ``eps``, the profile's eps taken from ``runs``;
 * ``kernels[method]``: ``{"epochs", "clean": (T, n, n), "ae": (T, n, n), "probe_clean_acc",
   "probe_ae_acc"}`` for ``fgsm`` and ``fgsm_aniso``, seed ``profile.seed``; ``probe_y``: (n,) labels;
+* ``step_seconds[method]``: seconds of training per batch (attack + update) of every method and of
+  ``"pgd"``, measured in interleaved rounds after the runs, in CPU time on a CPU (``_step_costs``):
+  the training times of whole runs are wall-clock sums and grow with whatever else runs on the
+  machine, these much less;
 * ``compute_seconds``: wall seconds of the whole computation.
 
 Checkpoints go next to the cache entry, so an interrupted paper-scale run resumes.
 """
 from __future__ import annotations
 
+import math
 import time
 
 from ntklab.experiments import (cached, data_from_profile, model_from_profile, register, result_path,
@@ -72,16 +78,17 @@ SETTINGS = {
     "smoke": dict(model_kwargs=None, epochs=2, lr=None, batch_size=None, milestones=None, n_seeds=2,
                   grid_eps={"fgsm": (0.1,)}, n_eval=None, eval_steps=2, n_final=None, final_steps=None,
                   n_autoattack=0, n_probe=None, snapshot_every=1, pgd_at_steps=None, co_floor=0.1,
-                  co_min_train_acc=0.5, detector_drop=0.1),
+                  co_min_train_acc=0.5, detector_drop=0.1, one_seed=(), cost_reps=2, cost_batches=2),
     "quick": dict(model_kwargs={"width": 16}, epochs=6, lr=0.02, batch_size=64, milestones=(), n_seeds=3,
                   grid_eps={"fgsm": (0.2,), "fgsm_rs": (0.4,), "fgsm_aniso": (0.4,)}, n_eval=100,
                   eval_steps=5, n_final=200, final_steps=None, n_autoattack=64, n_probe=None,
-                  snapshot_every=1, pgd_at_steps=3, co_floor=0.1, co_min_train_acc=0.5, detector_drop=0.1),
+                  snapshot_every=1, pgd_at_steps=3, co_floor=0.1, co_min_train_acc=0.5, detector_drop=0.1,
+                  one_seed=("n_fgsm",), cost_reps=5, cost_batches=4),
     "paper": dict(model_kwargs=None, epochs=None, lr=None, batch_size=None, milestones=None, n_seeds=3,
                   grid_eps={"fgsm": (4 / 255,), "fgsm_rs": (16 / 255,), "fgsm_aniso": (16 / 255,)},
                   n_eval=None, eval_steps=None, n_final=None, final_steps=None, n_autoattack=None,
                   n_probe=None, snapshot_every=None, pgd_at_steps=None, co_floor=0.1, co_min_train_acc=0.5,
-                  detector_drop=0.1),
+                  detector_drop=0.1, one_seed=(), cost_reps=5, cost_batches=4),
 }
 
 
@@ -126,6 +133,9 @@ def make_config(profile, methods=METHODS, *, n_seeds: int | None = None, grid_ep
         "co_min_train_acc": _setting(profile, "co_min_train_acc", 0.5),
         "detector_drop": _setting(profile, "detector_drop", 0.1),
         "channels_last": profile.model == "small_cnn",
+        "one_seed": sorted(set(_setting(profile, "one_seed", ())) & set(methods)),
+        "cost_reps": _setting(profile, "cost_reps", 5),
+        "cost_batches": _setting(profile, "cost_batches", 4),
     }
 
 
@@ -197,7 +207,7 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
     first = config["seeds"][0]
     for method in config["methods"]:
         out["runs"][method] = []
-        for seed in config["seeds"]:
+        for seed in config["seeds"][:1] if method in config["one_seed"] else config["seeds"]:
             result = one(method, seed, p.eps, kernels=seed == first and method in KERNEL_METHODS,
                          autoattack=seed == first)
             if "kernels" in result:
@@ -209,8 +219,60 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
         for eps in radii:
             runs[eps] = one(method, first, eps)
         out["grid"][method] = [runs[e] for e in sorted(runs)]
+    out["step_seconds"] = _step_costs(p, config, train_set, device)
     out["compute_seconds"] = time.perf_counter() - start
     return out
+
+
+def _step_costs(p, config, train_set, device) -> dict:
+    """Training cost per batch (attack + update, as in :func:`ntklab.train.train`) of every method
+    and of the PGD-AT reference, measured so that other work on the machine disturbs it little:
+    ``cost_reps`` rounds, each giving every method in turn ``cost_batches`` batches, from the same
+    initialisation for every method; per method the median over the rounds. On the CPU the clock is
+    the process's CPU time (another process sharing the cores changes it far less than the wall
+    clock), on a GPU the wall clock after synchronising. Returns ``{method: seconds per batch}``."""
+    import copy
+    import statistics
+
+    import torch
+
+    from ntklab import attacks
+    from ntklab.config import seed_everything
+    from ntklab.train import _attack_kwargs, _extra_attack_kwargs, _sgd_step  # the loop's own pieces
+
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return time.process_time()
+
+    seed_everything(p.seed)
+    net0 = model_from_profile(p).to(device)
+    if config["channels_last"]:
+        net0 = net0.to(memory_format=torch.channels_last)
+    x_all, y_all = train_set.tensors
+    perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(p.seed))
+    idx = perm[: config["cost_batches"] * p.batch_size].split(p.batch_size)
+    batches = [(x_all[i].to(device), y_all[i].to(device)) for i in idx]
+    methods = list(config["methods"]) + ["pgd"]
+    setup, times = {}, {m: [] for m in methods}
+    for m in methods:
+        net = copy.deepcopy(net0)
+        opt = torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+        steps = config["pgd_at_steps"] if m == "pgd" else None
+        alpha = (p.pgd_alpha if steps == p.pgd_steps else p.eps / steps) if m == "pgd" else None
+        kw = _attack_kwargs(m, p.eps, alpha, steps, "eval")
+        kw.update(_extra_attack_kwargs(m, None, x_all, device))   # fgsm_pca: the data's basis, once
+        setup[m] = net, opt, kw
+    for _ in range(config["cost_reps"]):
+        for m in methods:
+            net, opt, kw = setup[m]
+            net.train()
+            start = clock()
+            for xb, yb in batches:
+                _sgd_step(net, opt, attacks.adversarial_examples(m, net, xb, yb, **kw), yb)
+            times[m].append((clock() - start) / len(batches))
+    return {m: statistics.median(t) for m, t in times.items()}
 
 
 def _train_one(p, config, strategy, seed, eps, train_set, eval_xy, final_set, probe, autoattack,
