@@ -5,6 +5,8 @@
 * :func:`n_fgsm` — de Jorge et al. 2022 (N-FGSM): larger uniform noise, no projection;
 * :func:`fgsm_aniso` — FGSM after anisotropic Gaussian noise, our construction of the fix of
   Li et al., arXiv 2312.02236 (catastrophic overfitting);
+* :func:`fgsm_pca` — FGSM after Gaussian noise whose covariance is the training images' own
+  (:func:`pca_noise_basis`, :func:`pca_noise`): the book's data-derived anisotropic noise;
 * :func:`pgd` — Madry et al. 2018, PGD-k with random start and restarts;
 * :func:`trades_loss` — Zhang et al. 2019, the TRADES training loss and its adversarial examples;
 * :func:`adversarial_examples` — any of :data:`ATTACKS` by name (the training loop uses it).
@@ -38,10 +40,10 @@ import torch.nn.functional as F
 from ntklab import _checks
 from ntklab.models import bn_layers
 
-__all__ = ["fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd", "trades_loss", "adversarial_examples",
-           "attack_mode", "ATTACKS", "BN_MODES"]
+__all__ = ["fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pca_noise_basis", "pca_noise", "pgd",
+           "trades_loss", "adversarial_examples", "attack_mode", "ATTACKS", "BN_MODES"]
 
-ATTACKS = ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd")
+ATTACKS = ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd")
 BN_MODES = ("eval", "train", "keep")
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -282,6 +284,141 @@ def fgsm_aniso(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     return _project(x, x_adv + alpha * grad.sign(), eps)
 
 
+def pca_noise_basis(X: torch.Tensor, *, rank: int | None = None) -> torch.Tensor:
+    r"""The principal directions of images ``X``, each scaled by its standard deviation: the noise
+    basis of :func:`fgsm_pca`, the book's data-derived anisotropic noise (chapter 6).
+
+    Flatten the N images to d = C*H*W pixels and write their covariance as
+    ``Sigma = (X - mean)^T (X - mean) / (N - 1) = sum_k lambda_k u_k u_k^T`` (eigenvalues in
+    decreasing order). The basis holds the rows ``b_k = c sqrt(lambda_k) u_k`` of the ``r`` largest
+    positive eigenvalues, with the one constant ``c > 0`` chosen so that the largest per-pixel
+    standard deviation of the noise ``z @ B`` (``z ~ N(0, I_r)``, :func:`pca_noise`) is 1, i.e.
+    ``max_j sum_k b_kj^2 = 1``. That noise is Gaussian with covariance ``c^2 Sigma_r``, where
+    ``Sigma_r`` is ``Sigma`` restricted to its top ``r`` eigenvectors (``Sigma`` itself with
+    ``rank=None``): it is large where the images vary most and zero along directions in which every
+    image is the same (the black border of MNIST digits) -- anisotropic, and shaped by the data rather
+    than by chance as in :func:`fgsm_aniso`. This construction is the book's choice; Li et al.
+    (arXiv 2312.02236) propose "anisotropic noise" against catastrophic overfitting without a
+    construction we could recover.
+
+    Arguments:
+        X (torch.Tensor): (N, C, H, W) images in [0, 1], N >= 2, not all equal (e.g. the training
+            images).
+        rank (int, optional): number of principal directions kept, >= 1 (``None``: every direction of
+            positive variance, at most ``min(N - 1, d)``).
+
+    Returns (r, C, H, W), in X's dtype and on its device. Computed in float64: through the d x d
+    covariance when N > d, else through the SVD of the centred data (cost O(N d min(N, d))).
+
+    Example::
+
+        >>> basis = ntklab.attacks.pca_noise_basis(train_x)      # (784, 1, 28, 28) for MNIST
+        >>> x_adv = ntklab.attacks.fgsm_pca(model, x, y, eps=0.3, basis=basis)
+    """
+    if not isinstance(X, torch.Tensor) or X.dim() != 4 or not X.is_floating_point():
+        shape = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
+        raise ValueError(f"X must be a 4-D floating-point tensor (N, C, H, W) of images, got {shape}")
+    if len(X) < 2:
+        raise ValueError(f"X must hold at least 2 images to have a covariance, got {len(X)}")
+    _check_inputs(X, torch.zeros(len(X), dtype=torch.long, device=X.device), eps=0.0)
+    _count("rank", rank, allow_none=True)
+    n, d = len(X), X[0].numel()
+    xc = X.detach().reshape(n, d).double()
+    xc = xc - xc.mean(0)
+    if n > d:
+        lam, vecs = torch.linalg.eigh(xc.T @ xc / (n - 1))
+        lam, vecs = lam.flip(0), vecs.flip(1)                          # decreasing
+    else:
+        _, sing, vh = torch.linalg.svd(xc, full_matrices=False)
+        lam, vecs = sing ** 2 / (n - 1), vh.T
+    if float(lam[0]) <= 0:
+        raise ValueError("X has no variance (all images are equal): there are no principal directions")
+    keep = int((lam > lam[0] * 1e-10).sum())
+    keep = keep if rank is None else min(keep, rank)
+    basis = vecs[:, :keep].T * lam[:keep].sqrt()[:, None]              # (r, d)
+    basis = basis / basis.pow(2).sum(0).max().sqrt()
+    return basis.to(X.dtype).reshape(keep, *X.shape[1:])
+
+
+def pca_noise(basis: torch.Tensor, n: int, *, generator=None) -> torch.Tensor:
+    r"""``n`` draws of the Gaussian noise ``z @ B`` of a basis from :func:`pca_noise_basis`
+    (``z ~ N(0, I_r)``): covariance ``B^T B`` (proportional to the data's, largest per-pixel
+    standard deviation 1), mean 0. Chapter 6.
+
+    basis: (r, C, H, W); n: number of draws, >= 1; generator (torch.Generator, optional): on the
+    basis' device. Returns (n, C, H, W) in the basis' dtype and on its device.
+    """
+    basis = _check_basis(basis)
+    n = _count("n", n)
+    z = torch.randn(n, len(basis), generator=generator, device=basis.device, dtype=basis.dtype)
+    return (z @ basis.flatten(1)).reshape(n, *basis.shape[1:])
+
+
+def _check_basis(basis, x=None) -> torch.Tensor:
+    if basis is None:
+        raise ValueError("fgsm_pca needs basis=, the data's noise basis from "
+                         "ntklab.attacks.pca_noise_basis(train_x)")
+    if not isinstance(basis, torch.Tensor) or basis.dim() < 2 or not basis.is_floating_point() or not len(basis):
+        shape = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
+        raise ValueError(f"basis must be a floating-point tensor (r, C, H, W) with r >= 1, got {shape}")
+    if x is not None:
+        if basis.shape[1:] != x.shape[1:]:
+            raise ValueError(f"basis must have shape (r, {', '.join(map(str, x.shape[1:]))}) to match x, "
+                             f"got {tuple(basis.shape)}")
+        basis = basis.to(device=x.device, dtype=x.dtype)
+    if not bool(torch.isfinite(basis).all()):
+        raise ValueError("basis has non-finite entries")
+    return basis
+
+
+def fgsm_pca(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+             basis: torch.Tensor | None = None, alpha: float | None = None, scale: float = 1.0,
+             bn_mode: str = "eval", generator=None) -> torch.Tensor:
+    r"""FGSM after Gaussian noise with the data's covariance: the book's data-derived anisotropic
+    noise against catastrophic overfitting (chapter 6), a second construction of the fix that Li et
+    al. (arXiv 2312.02236) propose, next to :func:`fgsm_aniso`.
+
+    Distance: L-inf. Draw, afresh at every call (every mini-batch), ``delta = scale * eps * z @ B``
+    with ``B = basis`` from :func:`pca_noise_basis` (:func:`pca_noise`): a Gaussian whose
+    covariance is proportional to the training images' own, with largest per-pixel standard
+    deviation ``scale * eps``. Start at ``x + delta`` clipped to the eps-ball and to [0, 1]; take one
+    signed step of ``alpha``; project back to the eps-ball and to [0, 1].
+
+    Why anisotropic, and why from the data: the noise concentrates on the few directions along which
+    the images vary (on MNIST the top 10 principal directions hold about half the pixel variance) and
+    vanishes on the pixels that are constant across the data, whereas FGSM-RS (:func:`fgsm_rs`) draws
+    the same law along every direction and :func:`fgsm_aniso` draws per-pixel scales at random. The
+    Gaussian, the scaling by the largest per-pixel deviation and the clipping are our choices.
+
+    Arguments:
+        model, x, y, bn_mode: as in :func:`fgsm`.
+        eps (float): L-inf radius, >= 0.
+        basis (torch.Tensor): required; (r, C, H, W) with (C, H, W) the shape of an image of ``x``, e.g.
+            ``pca_noise_basis(train_x)`` (moved to x's device and dtype).
+        alpha (float): step size, > 0 (default ``eps``).
+        scale (float): the noise's largest per-pixel standard deviation in units of eps, >= 0
+            (default 1; 0 gives FGSM with step ``alpha``).
+        generator (torch.Generator, optional): for the noise (on x's device).
+
+    Returns (N, C, H, W) in [0, 1], ``||x' - x||_inf <= eps``. Chapter 6.
+
+    Example::
+
+        >>> basis = ntklab.attacks.pca_noise_basis(train_x)
+        >>> x_adv = ntklab.attacks.fgsm_pca(model, x, y, eps=0.3, basis=basis)
+    """
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode)
+    scale = _number("scale", scale)
+    basis = _check_basis(basis, x)
+    if eps == 0:
+        return x.clone()
+    alpha = eps if alpha is None else alpha
+    x_adv = _project(x, x + scale * eps * pca_noise(basis, len(x), generator=generator), eps)
+    with attack_mode(model, bn_mode):
+        grad = _input_grad(model, x_adv, y)
+    return _project(x, x_adv + alpha * grad.sign(), eps)
+
+
 # ------------------------------------------------------------------ multi-step attacks
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         random_start: bool = True, restarts: int = 1, bn_mode: str = "eval",
@@ -409,12 +546,12 @@ def adversarial_examples(strategy: str, model: nn.Module, x: torch.Tensor, y: to
                          eps: float, alpha: float | None = None, steps: int | None = None,
                          bn_mode: str = "eval", **kw) -> torch.Tensor:
     """Adversarial examples by the attack's name, one of :data:`ATTACKS`:
-    ``"fgsm"``, ``"fgsm_rs"``, ``"n_fgsm"``, ``"fgsm_aniso"``, ``"pgd"``.
+    ``"fgsm"``, ``"fgsm_rs"``, ``"n_fgsm"``, ``"fgsm_aniso"``, ``"fgsm_pca"``, ``"pgd"``.
 
     eps, alpha, bn_mode: passed on (``alpha=None``: the attack's default; ``eps / 4`` for PGD).
     steps: required for ``"pgd"``; the single-step attacks accept only ``None`` or 1.
-    kw: further keyword arguments of the attack (``noise``, ``low``, ``high``, ``random_start``,
-    ``restarts``, ``generator``). ``"fgsm"`` takes no ``alpha`` (its step is ``eps``): giving one
+    kw: further keyword arguments of the attack (``noise``, ``low``, ``high``, ``basis`` and
+    ``scale`` (``"fgsm_pca"`` needs ``basis``), ``random_start``, ``restarts``, ``generator``). ``"fgsm"`` takes no ``alpha`` (its step is ``eps``): giving one
     raises ``ValueError`` rather than being silently ignored.
 
     Example::
@@ -436,5 +573,5 @@ def adversarial_examples(strategy: str, model: nn.Module, x: torch.Tensor, y: to
             raise ValueError("'fgsm' takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' "
                              "for another step size")
         return fgsm(model, x, y, eps=eps, bn_mode=bn_mode, **kw)
-    fn = {"fgsm_rs": fgsm_rs, "n_fgsm": n_fgsm, "fgsm_aniso": fgsm_aniso}[strategy]
+    fn = {"fgsm_rs": fgsm_rs, "n_fgsm": n_fgsm, "fgsm_aniso": fgsm_aniso, "fgsm_pca": fgsm_pca}[strategy]
     return fn(model, x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, **kw)

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["kernel_heatmap", "image_grid", "accuracy_curves", "loglog_curves"]
+__all__ = ["kernel_heatmap", "image_grid", "accuracy_curves", "loglog_curves", "eigenvalue_spectra"]
 
 
 def _np(a) -> np.ndarray:
@@ -131,6 +131,45 @@ def loglog_curves(x, curves: dict, *, ax=None, slopes: dict | None = None, mark:
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="major")
     ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def eigenvalue_spectra(spectra: dict, *, ax=None, title: str | None = None, top: int | None = None,
+                       cmap: str = "viridis"):
+    """Normalised eigenvalue spectra, one line each: the eigenvalues of a kernel sorted in
+    decreasing order and divided by their sum, against their rank, both axes logarithmic.
+
+    spectra: maps a label (e.g. "epoch 3") to the eigenvalues (any order; those <= 0 are left out)
+    of one kernel, or to the (n, n) kernel itself (symmetrised, then ``eigvalsh``). Lines are
+    coloured in the order given along ``cmap``. top: show only the largest ``top`` eigenvalues.
+    A flat spectrum (isotropic: many directions of similar weight) is a line near ``1 / n``; a
+    steep one puts the weight on a few directions. Chapter 6. Returns the Axes.
+    """
+    if not spectra:
+        raise ValueError("spectra must hold at least one spectrum")
+    ax = ax or plt.gca()
+    colours = plt.get_cmap(cmap)(np.linspace(0, 0.9, len(spectra)))
+    for colour, (label, values) in zip(colours, spectra.items()):
+        values = _np(values).astype(np.float64)
+        if values.ndim == 2:
+            if values.shape[0] != values.shape[1]:
+                raise ValueError(f"spectrum {label!r}: a kernel must be square, got shape {values.shape}")
+            values = np.linalg.eigvalsh((values + values.T) / 2)
+        elif values.ndim != 1:
+            raise ValueError(f"spectrum {label!r}: give eigenvalues (m,) or a kernel (n, n), got shape {values.shape}")
+        values = np.sort(values[values > 0])[::-1]
+        if not values.size:
+            raise ValueError(f"spectrum {label!r} has no positive eigenvalue")
+        values = values / values.sum()
+        if top is not None:
+            values = values[:top]
+        ax.loglog(np.arange(1, values.size + 1), values, color=colour, label=str(label))
+    ax.set_xlabel("rank i")
+    ax.set_ylabel("lambda_i / sum_j lambda_j")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     return ax

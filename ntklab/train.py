@@ -7,6 +7,8 @@ Strategies (``strategy=``), each a minimisation of the cross-entropy on the inpu
 * ``"fgsm_rs"``: FGSM after a uniform random start (Wong et al. 2020, "Fast is better than free");
 * ``"n_fgsm"``: noise plus FGSM without projection (de Jorge et al. 2022);
 * ``"fgsm_aniso"``: FGSM after anisotropic noise (Li et al., arXiv 2312.02236, section 5);
+* ``"fgsm_pca"``: FGSM after Gaussian noise with the training images' covariance (the book's
+  data-derived anisotropic noise, :func:`ntklab.attacks.fgsm_pca`; chapter 6);
 * ``"pgd"``: PGD-k examples (Madry et al. 2018);
 * ``"trades"``: the TRADES loss, clean cross-entropy plus beta times the KL term (Zhang et al. 2019).
 
@@ -46,7 +48,7 @@ __all__ = ["train", "History", "STRATEGIES", "SCHEDULES", "LRSchedule", "MultiSt
            "ConstantLR", "make_schedule", "Callback", "KernelSnapshots",
            "CatastrophicOverfittingDetector", "CHECKPOINT_NAME"]
 
-STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd", "trades")
+STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd", "trades")
 SCHEDULES = ("multistep", "cosine", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = 1
@@ -285,6 +287,29 @@ def _attack_kwargs(strategy, eps, alpha, steps, bn_mode) -> dict:
     return {"eps": eps, "alpha": alpha, "steps": steps, "bn_mode": bn_mode}
 
 
+def _extra_attack_kwargs(strategy, attack_kwargs, x, device) -> dict:
+    """``attack_kwargs`` checked, its tensors on ``device``; for ``"fgsm_pca"`` without a basis, the
+    basis of the training images ``x`` (:func:`ntklab.attacks.pca_noise_basis`)."""
+    from ntklab import attacks
+
+    extra = dict(attack_kwargs or {})
+    if extra and strategy in ("normal", "trades"):
+        raise ValueError(f"attack_kwargs is for the attacks of the single-step strategies and 'pgd', "
+                         f"not for {strategy!r}")
+    taken = sorted(set(extra) & {"eps", "alpha", "steps", "bn_mode", "beta"})
+    if taken:
+        raise ValueError(f"attack_kwargs must not hold {taken}: they are arguments of train itself")
+    if strategy == "fgsm_pca" and extra.get("basis") is None:
+        extra["basis"] = attacks.pca_noise_basis(x)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+
+
+def _describe(kwargs) -> dict:
+    """A plain form of keyword arguments for checkpoint configs: a tensor as its shape and sum."""
+    return {k: {"tensor_shape": list(v.shape), "tensor_sum": float(v.detach().double().sum())}
+            if isinstance(v, torch.Tensor) else v for k, v in sorted((kwargs or {}).items())}
+
+
 # ------------------------------------------------------------------ one epoch
 def _sgd_step(model, opt, xb, yb) -> None:
     """One update on the cross-entropy of ``model`` on (xb, yb)."""
@@ -347,7 +372,8 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
           lr_schedule="multistep", lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
           milestones: Sequence[int] = (), gamma: float = 0.1, batch_size: int = 128,
           eps: float = 0.3, alpha: float | None = None, steps: int | None = None, beta: float = 6.0,
-          attack_bn_mode: str = "eval", switch_epoch: int | None = None, callbacks=(),
+          attack_bn_mode: str = "eval", attack_kwargs: dict | None = None,
+          switch_epoch: int | None = None, callbacks=(),
           eval_set=None, eval_every: int = 1, eval_size: int | None = 500, eval_eps: float | None = None,
           eval_alpha: float | None = None, eval_steps: int = 10, device=None, seed: int = 0,
           checkpoint_dir=None, progress: bool = True, clean_update: bool = False) -> History:
@@ -362,6 +388,12 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
     eps, alpha, steps, beta, attack_bn_mode: the attack's L-inf radius (pixel scale), step size
         (``None``: the attack's default; eps / 4 for PGD and TRADES), steps (``None``: 10 for PGD
         and TRADES), the TRADES weight, and the BN mode during the attack ("eval" or "train").
+    attack_kwargs: further keyword arguments of the attack, passed at every batch to
+        :func:`ntklab.attacks.adversarial_examples` (not for ``"normal"`` and ``"trades"``), e.g.
+        ``{"low": 0.1}`` for ``"fgsm_aniso"``, ``{"noise": 0.3}`` for ``"n_fgsm"``, ``{"basis": B,
+        "scale": 0.5}`` for ``"fgsm_pca"``; tensors are moved to ``device``. ``"fgsm_pca"`` without a
+        ``"basis"`` uses :func:`ntklab.attacks.pca_noise_basis` of the training images, computed once
+        before the first epoch (chapter 6).
     switch_epoch: train normally before this 0-based epoch and with ``strategy`` from it on.
     callbacks: objects with the hooks of :class:`ntklab.callbacks.Callback`.
     eval_set, eval_every, eval_size, eval_eps, eval_alpha, eval_steps: every ``eval_every``
@@ -417,6 +449,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
     data_sum, label_sum = float(x.sum(dtype=torch.float64)), int(y.sum())
     if device.type == "cuda" and x.nbytes <= 2**30:  # small sets live on the GPU, big ones move per batch
         x, y = x.to(device), y.to(device)
+    attack_kw.update(_extra_attack_kwargs(strategy, attack_kwargs, x, device))
 
     eval_xy = None
     if eval_set is not None and eval_every:
@@ -438,6 +471,8 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         "n_train": len(y), "data_sum": data_sum, "label_sum": label_sum,
         "model": type(model).__name__,
     })
+    if attack_kwargs:  # only when given, so that older checkpoints still resume
+        config["attack_kwargs"] = _plain(_describe(attack_kwargs))
     if clean_update:  # only when set, so that checkpoints written before the option still resume
         config["clean_update"] = True
     history = History()

@@ -10,7 +10,7 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import torch
 
-__all__ = ["attack_explorer", "choice_explorer"]
+__all__ = ["attack_explorer", "choice_explorer", "spectrum_explorer"]
 
 
 def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -86,3 +86,47 @@ def choice_explorer(draw: Callable, options: dict, *, figsize=(6.5, 4)):
         menu.observe(redraw, names="value")
     redraw()
     return widgets.VBox([widgets.HBox(list(menus.values())), out])
+
+
+def spectrum_explorer(kernels: dict, epochs, *, center: bool = True, q: int = 10):
+    """An epoch slider over kernel snapshots: the normalised eigenvalue spectra of every entry of
+    ``kernels`` at the chosen epoch next to their spectra at the first snapshot
+    (:func:`ntklab.plots.eigenvalue_spectra`), with the effective rank and the top-``q``
+    concentration (:mod:`ntklab.metrics`) in the legend.
+
+    kernels: maps a label (e.g. "FGSM, AE-NTK") to a (T, n, n) stack of snapshots; epochs: the T
+    epochs of the snapshots; center: centre each kernel first (H K H). Chapter 6. Returns the
+    ipywidgets container.
+    """
+    import ipywidgets as widgets
+
+    from ntklab import metrics, plots
+
+    epochs = [int(e) for e in epochs]
+    if not kernels or any(len(K) != len(epochs) for K in kernels.values()):
+        raise ValueError("kernels must map labels to stacks of one snapshot per epoch in epochs")
+    out = widgets.Output()
+    slider = widgets.SelectionSlider(options=epochs, value=epochs[-1], description="epoch",
+                                     continuous_update=False)
+
+    def prepare(K):
+        return metrics.center_kernel(K) if center else K
+
+    def draw(*_):
+        t = epochs.index(slider.value)
+        out.clear_output(wait=True)
+        with out:
+            fig, axes = plt.subplots(1, len(kernels), figsize=(4.2 * len(kernels), 3.4), squeeze=False)
+            for ax, (label, stack) in zip(axes[0], kernels.items()):
+                shown = {}
+                for s in sorted({0, t}):
+                    K = prepare(stack[s])
+                    shown[f"epoch {epochs[s]}: erank {metrics.effective_rank(K):.1f}, "
+                          f"top-{q} {metrics.top_concentration(K, q):.2f}"] = K
+                plots.eigenvalue_spectra(shown, ax=ax, title=label)
+            plt.tight_layout()
+            plt.show()
+
+    slider.observe(draw, names="value")
+    draw()
+    return widgets.VBox([slider, out])

@@ -14,8 +14,14 @@ from ntklab.models import bn_layers, set_bn_running_stats
 EPS = 0.1
 
 
+# a noise basis for "fgsm_pca" (any (r, C, H, W) tensor will do for the invariants checked here)
+BASIS = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)) / 8
+
+
 def run(name, model, x, y, *, eps=EPS, bn_mode="eval", **kw):
     """Every attack with small, fast settings (PGD: 3 steps, 2 restarts)."""
+    if name == "fgsm_pca":
+        kw = {"basis": BASIS, **kw}
     if name == "pgd":
         kw = {"alpha": eps / 4 if eps else 0.01, "steps": 3, "restarts": 2, **kw}
     if name == "trades":
@@ -162,7 +168,7 @@ def test_other_dtype(trained_cnn, batch):
 
 def test_generator_makes_random_attacks_reproducible(trained_cnn, batch):
     x, y = batch[0][:16], batch[1][:16]
-    for name in ("fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd"):
+    for name in ("fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd"):
         kw = dict(steps=1, restarts=1) if name == "pgd" else {}
         a = run(name, trained_cnn, x, y, generator=torch.Generator().manual_seed(1), **kw)
         b = run(name, trained_cnn, x, y, generator=torch.Generator().manual_seed(1), **kw)
@@ -315,7 +321,7 @@ def test_single_step_specific_checks(trained_cnn, batch):
 
 def test_dispatcher(trained_cnn, batch):
     x, y = batch
-    assert attacks.ATTACKS == ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd")
+    assert attacks.ATTACKS == ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd")
     with pytest.raises(ValueError, match="unknown attack 'cw'; valid attacks are: fgsm, fgsm_rs"):
         attacks.adversarial_examples("cw", trained_cnn, x, y, eps=EPS)
     with pytest.raises(ValueError, match="steps is required"):

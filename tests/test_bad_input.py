@@ -131,7 +131,8 @@ class TestAttacksAndEvaluation:
         x, y = batch
         for name in attacks.ATTACKS:
             steps = 3 if name == "pgd" else None
-            assert torch.equal(attacks.adversarial_examples(name, trained_cnn, x, y, eps=0.0, steps=steps), x)
+            kw = {"basis": attacks.pca_noise_basis(x)} if name == "fgsm_pca" else {}
+            assert torch.equal(attacks.adversarial_examples(name, trained_cnn, x, y, eps=0.0, steps=steps, **kw), x)
         loss, x_adv = attacks.trades_loss(trained_cnn, x, y, eps=0.0, alpha=None, steps=2)
         assert torch.equal(x_adv, x) and torch.isfinite(loss)
         assert evaluate.pgd_accuracy(trained_cnn, (x, y), eps=0.0) == evaluate.clean_accuracy(trained_cnn, (x, y))

@@ -62,3 +62,23 @@ def test_loglog_curves_floor_slopes_mark_and_checks():
     with pytest.raises(ValueError, match=r"curve 'a' has \(2,\) values, x has \(3,\)"):
         plots.loglog_curves(x, {"a": [1, 2]}, ax=ax)
     plt.close("all")
+
+
+def test_eigenvalue_spectra_normalises_sorts_and_checks():
+    fig, ax = plt.subplots()
+    K = np.diag([4.0, 2.0, 1.0, 1.0, 0.0])
+    plots.eigenvalue_spectra({"kernel": K, "values": np.array([1.0, 3.0, -1.0])}, ax=ax, title="s")
+    first, second = ax.lines
+    np.testing.assert_allclose(first.get_ydata(), [0.5, 0.25, 0.125, 0.125])  # zero eigenvalue left out
+    np.testing.assert_allclose(first.get_xdata(), [1, 2, 3, 4])
+    np.testing.assert_allclose(second.get_ydata(), [0.75, 0.25])              # negative one left out
+    assert ax.get_xscale() == ax.get_yscale() == "log" and ax.get_title() == "s"
+    plots.eigenvalue_spectra({"top": K}, ax=ax, top=2)
+    assert len(ax.lines[-1].get_ydata()) == 2
+    with pytest.raises(ValueError, match="at least one"):
+        plots.eigenvalue_spectra({})
+    with pytest.raises(ValueError, match="square"):
+        plots.eigenvalue_spectra({"bad": np.ones((2, 3))})
+    with pytest.raises(ValueError, match="no positive eigenvalue"):
+        plots.eigenvalue_spectra({"zero": np.zeros(3)})
+    plt.close("all")

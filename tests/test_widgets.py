@@ -37,3 +37,22 @@ def test_choice_explorer_redraws_with_every_choice():
     assert calls[-2:] == [("b", "all"), ("b", "pgd")]
     with pytest.raises(ValueError, match="options must map each name to a non-empty list"):
         widgets.choice_explorer(lambda ax, network: None, {"network": []})
+
+
+def test_spectrum_explorer_redraws_for_the_chosen_epoch(monkeypatch):
+    from ntklab import plots
+
+    drawn = []
+    real = plots.eigenvalue_spectra
+    monkeypatch.setattr(plots, "eigenvalue_spectra", lambda spectra, **kw: (drawn.append(list(spectra)),
+                                                                            real(spectra, **kw))[1])
+    A = torch.randn(3, 6, 6)
+    kernels = {"a": A @ A.transpose(1, 2), "b": A @ A.transpose(1, 2) + torch.eye(6)}
+    box = widgets.spectrum_explorer(kernels, [0, 2, 4], q=2)
+    slider = box.children[0]
+    assert slider.value == 4 and len(drawn) == 2 and len(drawn[0]) == 2        # epochs 0 and 4, per kernel
+    assert drawn[0][0].startswith("epoch 0: erank") and drawn[0][1].startswith("epoch 4: erank")
+    slider.value = 0
+    assert len(drawn) == 4 and len(drawn[-1]) == 1                            # the first epoch alone
+    with pytest.raises(ValueError, match="one snapshot per epoch"):
+        widgets.spectrum_explorer(kernels, [0, 1])
