@@ -227,6 +227,13 @@ class CatastrophicOverfittingDetector(Callback):
         self.flagged_epochs = list(state["flagged_epochs"])
 
 
+def _check_switch(cap, threshold) -> None:
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+
+
 class AutoSwitch(Callback):
     """The switch epoch of the cost-saving schedule, chosen from the kernel velocity (chapter 5).
 
@@ -253,10 +260,7 @@ class AutoSwitch(Callback):
 
     def __init__(self, probe_x: torch.Tensor, cap: int, *, threshold: float = 0.2,
                  lr_of_epoch=None, implementation: str = "auto"):
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-            raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
-        if not 0 < threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        _check_switch(cap, threshold)
         self.probe_x, self.cap, self.threshold = probe_x, cap, float(threshold)
         self.lr_of_epoch, self.implementation = lr_of_epoch, implementation
         self._kernel: torch.Tensor | None = None
@@ -270,6 +274,7 @@ class AutoSwitch(Callback):
         once ``cap`` epochs are done."""
         from ntklab.metrics import lazy_onset
 
+        _check_switch(cap, threshold)
         onset = lazy_onset(velocities, lazy_below=threshold) if velocities else None
         if onset is not None:
             return min(onset + 1, cap)

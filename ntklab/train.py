@@ -68,6 +68,13 @@ class LRSchedule:
     def describe(self) -> dict:
         return {"class": type(self).__name__, **{k: v for k, v in vars(self).items()}}
 
+    def epoch_mean(self, epoch: int, num_batches: int = 1) -> float:
+        """The mean rate over the ``num_batches`` batches of a 0-based epoch: the epoch's length in
+        gradient-flow time per step (chapter 4 measures kernel velocity per unit of it)."""
+        if not self.per_batch:
+            return self(epoch)
+        return sum(self(epoch, b, num_batches) for b in range(num_batches)) / num_batches
+
 
 class MultiStepLR(LRSchedule):
     """``lr * gamma ** (number of milestones <= epoch)``, constant within an epoch: milestones
@@ -412,7 +419,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
     if auto:
         probe = subset(TensorDataset(x.cpu(), y.cpu()), switch_probe, seed=seed).tensors[0]
         switcher = AutoSwitch(probe, switch_cap, threshold=switch_threshold,
-                              lr_of_epoch=lambda e: _mean_lr(schedule, e, n_batches))
+                              lr_of_epoch=lambda e: schedule.epoch_mean(e, n_batches))
     config = _plain({
         "strategy": strategy, "epochs": int(epochs), "schedule": schedule.describe(),
         "momentum": momentum, "weight_decay": weight_decay, "batch_size": int(batch_size),
@@ -501,13 +508,6 @@ def _switch_cap(cap, epochs: int, milestones) -> int:
         raise ValueError(f"switch_cap must be an integer in [1, epochs - 1 = {int(epochs) - 1}] "
                          f"(switch_epoch='auto' needs epochs >= 2), got {cap!r}")
     return cap
-
-
-def _mean_lr(schedule: LRSchedule, epoch: int, n_batches: int) -> float:
-    """The mean learning rate over the batches of a 0-based epoch (time of gradient flow per step)."""
-    if not schedule.per_batch:
-        return schedule(epoch)
-    return sum(schedule(epoch, b, n_batches) for b in range(n_batches)) / n_batches
 
 
 def _call(cb, hook, *args):
