@@ -123,6 +123,7 @@ def kernel_curves(x, curves: dict, *, ax=None, decays: Sequence[float] = (), log
         ax.axvline(d, color="gray", ls=":", lw=1, label="lr decay" if i == 0 else None)
     if logy:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

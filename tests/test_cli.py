@@ -68,6 +68,6 @@ def test_run_strategies_end_to_end(tmp_path):
     files = list((out / "strategies").glob("*.pt"))
     assert len(files) == 1 and f"results (computed): {files[0]}" in done.stdout
     result = torch.load(files[0], weights_only=True)["result"]
-    assert result["strategies"] == ["normal", "fgsm", "pgd"]
+    assert result["strategies"] == ["normal", "fgsm_rs", "pgd", "trades"]
     again = cli("run", "strategies", "--profile", "smoke", "--device", "cpu", "--out", str(out), cwd=tmp_path)
     assert again.returncode == 0 and f"results (loaded): {files[0]}" in again.stdout
