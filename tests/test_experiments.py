@@ -213,6 +213,10 @@ def test_strategies_result(strategies_run):
         assert r["lr_time"] == pytest.approx(expected, rel=1e-12)
         assert r["bn_refresh"].shape == (cp.n_probe, cp.n_probe)
         assert 0 < ntklab.metrics.kernel_distance(r["bn_refresh"], k["clean"][-1]) < 0.5
+        assert len(r["cpu_epoch_seconds"]) == cp.epochs and min(r["cpu_epoch_seconds"]) > 0
+        assert r["cpu_training_time"] == pytest.approx(sum(r["cpu_epoch_seconds"]))
+    step = result["runs"]["multistep"]
+    assert step["pgd"]["cpu_training_time"] > step["normal"]["cpu_training_time"]  # PGD-2 epochs cost more
     assert torch.equal(result["probe_y"], result["probe_y"].sort().values)
     assert set(result["probe_y"].tolist()) == set(range(10))
     assert result["compute_seconds"] > result["kernel_seconds"] > 0
@@ -242,6 +246,38 @@ def test_strategies_paper_code_path(paper_profile):
             assert 0 <= r["robust_acc"] <= r["clean_acc"] <= 1
             assert r["kernels"]["clean"].shape == (3, 10, 10) and r["kernels"]["epochs"] == [0, 1, 2]
     assert result["runs"]["multistep"]["pgd"]["lr_time"] == pytest.approx([paper_profile.lr, paper_profile.lr / 10])
+
+
+def test_cpu_clock_counts_training_epochs_and_survives_a_checkpoint(tmp_path):
+    import time
+
+    from ntklab.callbacks import Callback
+    from ntklab.experiments.strategies import CPUClock
+
+    class Interrupt(Callback):
+        def on_epoch_end(self, epoch, model, history):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    class Busy(Callback):  # a measurement that burns CPU: it must not count as training
+        def on_epoch_end(self, epoch, model, history):
+            end = time.process_time() + 0.3
+            while time.process_time() < end:
+                pass
+
+    profile = get_profile("smoke")
+    train_set, _ = experiments.data_from_profile(profile)
+    kw = dict(strategy="normal", epochs=3, batch_size=64, device="cpu", progress=False, checkpoint_dir=tmp_path)
+    clock = CPUClock()
+    with pytest.raises(KeyboardInterrupt):
+        ntklab.train.train(experiments.model_from_profile(profile), train_set,
+                           callbacks=[clock.first, Busy(), Interrupt(), clock.last], **kw)
+    assert len(clock.seconds) == 2  # epoch 1 was measured before the interruption, then lost with it
+    resumed = CPUClock()
+    ntklab.train.train(experiments.model_from_profile(profile), train_set,
+                       callbacks=[resumed.first, Busy(), resumed.last], **kw)
+    assert len(resumed.seconds) == 3 and resumed.seconds[0] == clock.seconds[0]
+    assert all(0 < t < 0.3 for t in resumed.seconds)  # the busy measurement is not in it
 
 
 # ---------------------------------------------------------------- the schedule experiment (chapter 5)

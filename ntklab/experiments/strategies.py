@@ -17,9 +17,11 @@ Each run is one entry of the result cache (``"kernel_runs"``, see :func:`kernel_
 
 Chapter settings per profile (:func:`chapter_profile`; everything else is the profile's own):
 
-* ``smoke``: 4 epochs (decays after 2 and 3), the smoke model, eps 0.15, PGD-2, a probe of 16;
+* ``smoke``: 4 epochs (decays after 2 and 3), a ``SmallCNN`` of width 8 (at the smoke profile's width
+  4 the ReLUs of the FGSM-RS model died on the adversarial probe, leaving a constant AE-NTK),
+  eps 0.15, PGD-2, a probe of 16;
 * ``quick``: 20 epochs (decays after 10 and 15), a ``SmallCNN`` of width 8 instead of 32 (so that
-  eight runs with a kernel after every epoch fit in about four minutes of one CPU core), eps 0.15
+  six runs with a kernel after every epoch fit in about four minutes of one CPU core), eps 0.15
   (full PGD-AT from scratch at eps 0.2 failed to get off the ground for one of three seeds at this
   width), training PGD-3 with step eps/4, a probe of 100 images;
 * ``paper``: the profile as it is (200 epochs with decays at 100 and 150, PreAct ResNet-18, eps 8/255,
@@ -40,7 +42,7 @@ import time
 from ntklab.experiments import (cached, data_from_profile, model_from_profile, register,
                                 result_path, train_kwargs)
 
-__all__ = ["run", "make_config", "kernel_run", "run_config", "chapter_profile", "STRATEGIES", "SCHEDULES",
+__all__ = ["run", "make_config", "kernel_run", "run_config", "chapter_profile", "CPUClock", "STRATEGIES", "SCHEDULES",
            "CONTROL_STRATEGIES", "NAME", "RUNS_ENTRY"]
 
 NAME = "strategies"
@@ -50,7 +52,7 @@ SCHEDULES = ("multistep", "cosine", "constant")
 CONTROL_STRATEGIES = ("normal",)
 DECAYS = (0.5, 0.75)  # fractions of the epochs at which the learning rate is multiplied by gamma
 SETTINGS = {
-    "smoke": {"epochs": 4, "eps": 0.15, "pgd_steps": 2, "n_probe": 16},
+    "smoke": {"epochs": 4, "model_kwargs": {"width": 8}, "eps": 0.15, "pgd_steps": 2, "n_probe": 16},
     "quick": {"epochs": 20, "model_kwargs": {"width": 8}, "eps": 0.15, "pgd_steps": 3, "n_probe": 100,
               "n_eval": 1000},
     "paper": {},
@@ -78,7 +80,7 @@ def _snapshot_epochs(profile) -> list[int]:
 def run_config(cp, strategy, schedule, ae, overrides=None) -> dict:
     kw = {**train_kwargs(cp, strategy), "lr_schedule": schedule, "eval_every": 0, **(overrides or {})}
     return {"profile": cp.to_dict(), "train": kw, "snapshot_epochs": _snapshot_epochs(cp), "ae": bool(ae),
-            "probe": {"n": cp.n_probe, "seed": cp.seed + 1, "kind": "trace"},
+            "timing": "wall and process CPU", "probe": {"n": cp.n_probe, "seed": cp.seed + 1, "kind": "trace"},
             "eval": {"n": cp.n_eval, "attacks": ["fgsm", "pgd"], "steps": cp.eval_pgd_steps}}
 
 
@@ -100,8 +102,9 @@ def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool 
     trace C-NTK after one more pass over the training data in train mode with the weights frozen
     (only the batch-norm running statistics change: the kernel's motion without learning);
     ``clean_acc``, ``robust_acc`` in [0, 1] on the test subset; ``training_time`` (attack + update
-    (+ switch measurement) seconds); ``state_dict``; ``compute_seconds``. Same config, same entry:
-    a chapter asking for a run another chapter made loads it.
+    (+ switch measurement) wall seconds, from the history); ``cpu_training_time``: the same
+    measured in process CPU seconds (see :class:`CPUClock`); ``state_dict``; ``compute_seconds``.
+    Same config, same entry: a chapter asking for a run another chapter made loads it.
     """
     from ntklab.config import get_device
 
@@ -129,8 +132,9 @@ def _compute_run(cp, config, device, progress, checkpoints) -> dict:
     model = model_from_profile(cp)
     snaps = KernelSnapshots(probe_x, probe_y, config["snapshot_epochs"], kind=config["probe"]["kind"],
                             ae=config["ae"], eps=cp.eps, alpha=cp.pgd_alpha, steps=cp.pgd_steps)
-    history = train(model, train_set, **kw, callbacks=[snaps], device=device, checkpoint_dir=checkpoints,
-                    progress=progress)
+    clock = CPUClock()
+    history = train(model, train_set, **kw, callbacks=[clock.first, snaps, clock.last], device=device,
+                    checkpoint_dir=checkpoints, progress=progress)
     schedule = make_schedule(kw["lr_schedule"], lr=kw["lr"], epochs=kw["epochs"], milestones=kw["milestones"],
                              gamma=kw["gamma"])
     n_batches = -(-len(train_set) // kw["batch_size"])
@@ -149,8 +153,50 @@ def _compute_run(cp, config, device, progress, checkpoints) -> dict:
     return {"history": history.to_dict(), "kernels": kernels, "probe_y": probe_y,
             "lr_time": [schedule.epoch_mean(e, n_batches) for e in range(kw["epochs"])],
             "bn_refresh": refresh, "clean_acc": float(clean), "robust_acc": float(robust),
-            "training_time": history.training_time, "state_dict": state,
+            "training_time": history.training_time, "cpu_training_time": float(sum(clock.seconds)),
+            "cpu_epoch_seconds": list(clock.seconds), "state_dict": state,
             "compute_seconds": time.perf_counter() - start, "kernel_seconds": history.measurement_time}
+
+
+class CPUClock:
+    """Process CPU seconds of the training part of every epoch, for runs on a shared CPU.
+
+    The history's times are wall seconds, which on a machine shared with other processes grow with
+    their load (on the book's 2-core machine a run with fewer adversarial epochs once took longer
+    than full PGD-AT). This clock measures ``time.process_time()`` from the end of one epoch's
+    measurements to the start of the next one's: the training (attack, update, and under
+    ``switch_epoch="auto"`` the switch's kernels, which the loop runs before the callbacks) plus the
+    loop's small overhead (shuffling, checkpoint writing). Pass ``clock.first`` as the first and
+    ``clock.last`` as the last callback. With one thread, CPU seconds are compute seconds; with
+    several, they add up over threads (compare runs made with the same number). Survives
+    checkpoints. Chapters 4 and 5.
+    """
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._mark: float | None = None
+        self.first, self.last = _Hook(self, first=True), _Hook(self, first=False)
+
+
+class _Hook:
+    def __init__(self, clock: CPUClock, first: bool):
+        self.clock, self.is_first = clock, first
+
+    def on_train_begin(self, model, history):
+        if not self.is_first:
+            self.clock._mark = time.process_time()
+
+    def on_epoch_end(self, epoch, model, history):
+        if self.is_first:
+            self.clock.seconds.append(time.process_time() - self.clock._mark)
+        else:
+            self.clock._mark = time.process_time()
+
+    def state_dict(self):
+        return {"seconds": list(self.clock.seconds)} if self.is_first else None
+
+    def load_state_dict(self, state):
+        self.clock.seconds = [float(v) for v in state["seconds"]]
 
 
 def _bn_refresh_kernel(model, train_set, batch_size, probe_x, device):
