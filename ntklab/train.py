@@ -13,9 +13,10 @@ Strategies (``strategy=``), each a minimisation of the cross-entropy on the inpu
 ``switch_epoch=s`` trains normally for epochs 0..s-1 and with ``strategy`` from epoch s on: the
 cost-saving schedule that Li et al. derive from the "kernel learning, lazy training, kernel learning"
 evolution of the NTK (chapter 5). ``switch_epoch="auto"`` picks s during the run from the kernel
-velocity on a small probe set (:class:`ntklab.callbacks.AutoSwitch`), at the latest at a cap. The optimiser is SGD with momentum and weight decay; the learning
-rate follows a :class:`LRSchedule`. Inputs are images in [0, 1]; the attacks come from
-:mod:`ntklab.attacks` and never touch parameter gradients.
+velocity on a small probe set (:class:`ntklab.callbacks.AutoSwitch`), at the latest at a cap. The
+optimiser is SGD with momentum and weight decay; the learning rate follows a :class:`LRSchedule`.
+Inputs are images in [0, 1]; the attacks come from :mod:`ntklab.attacks` and never touch parameter
+gradients.
 
 :func:`train` returns a :class:`History`; with ``checkpoint_dir`` a run survives interruption and
 resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`. Introduced in chapter 1;

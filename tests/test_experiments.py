@@ -253,11 +253,7 @@ def test_cpu_clock_counts_training_epochs_and_survives_a_checkpoint(tmp_path):
 
     from ntklab.callbacks import Callback
     from ntklab.experiments.strategies import CPUClock
-
-    class Interrupt(Callback):
-        def on_epoch_end(self, epoch, model, history):
-            if epoch == 1:
-                raise KeyboardInterrupt
+    from test_train import Interrupt
 
     class Busy(Callback):  # a measurement that burns CPU: it must not count as training
         def on_epoch_end(self, epoch, model, history):
@@ -271,7 +267,7 @@ def test_cpu_clock_counts_training_epochs_and_survives_a_checkpoint(tmp_path):
     clock = CPUClock()
     with pytest.raises(KeyboardInterrupt):
         ntklab.train.train(experiments.model_from_profile(profile), train_set,
-                           callbacks=[clock.first, Busy(), Interrupt(), clock.last], **kw)
+                           callbacks=[clock.first, Busy(), Interrupt(at=1), clock.last], **kw)
     assert len(clock.seconds) == 2  # epoch 1 was measured before the interruption, then lost with it
     resumed = CPUClock()
     ntklab.train.train(experiments.model_from_profile(profile), train_set,

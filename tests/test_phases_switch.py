@@ -8,9 +8,10 @@ import torch
 
 import ntklab
 from ntklab import metrics
-from ntklab.callbacks import AutoSwitch, Callback
+from ntklab.callbacks import AutoSwitch
 from ntklab.models import SmallCNN
 from ntklab.train import CHECKPOINT_NAME, History, train
+from test_train import Interrupt, strip_times  # tests/ is on the path: pytest's rootdir-relative imports
 
 MEAN, STD = ntklab.data.stats("mnist5k")
 LEARN, LAZY = metrics.PHASES
@@ -169,19 +170,6 @@ def test_auto_switch_trains_like_the_fixed_switch_it_chose(tiny):
     assert set(fixed.time_switch) == {0.0} and auto.training_time > sum(auto.time_attack) + sum(auto.time_update)
     for (name, a), b in zip(auto_model.state_dict().items(), fixed_model.state_dict().values()):
         assert torch.equal(a, b), name
-
-
-class Interrupt(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_epoch_end(self, epoch, model, history):
-        if epoch == self.at:
-            raise KeyboardInterrupt
-
-
-def strip_times(d):
-    return {k: v for k, v in d.items() if not k.startswith("time_")}
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

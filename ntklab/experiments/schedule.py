@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 
 from ntklab.experiments import cached, register
-from ntklab.experiments.strategies import run_config, chapter_profile, kernel_run
+from ntklab.experiments.strategies import chapter_profile, kernel_runs, run_config
 
 __all__ = ["run", "make_config", "switch_epochs", "SWITCH_FRACTIONS", "AUTO", "AUTOATTACK_N", "NAME"]
 
@@ -87,8 +87,10 @@ def _compute(profile, config, device, force, progress) -> dict:
     aa = config["autoattack"]
     out = {"labels": list(config["labels"]), "switch_epochs": {}, "runs": {}, "config": config,
            "compute_seconds": 0.0}
-    for label, strategy, kw, ae in _runs(cp):
-        res = kernel_run(cp, strategy, ae=ae, device=device, force=force, progress=progress, **kw)
+    todo = _runs(cp)
+    results = kernel_runs(cp, [{"strategy": strategy, "ae": ae, **kw} for _, strategy, kw, ae in todo],
+                          device=device, force=force, progress=progress, desc=f"{NAME}: epochs of {len(todo)} runs")
+    for (label, strategy, kw, ae), res in zip(todo, results):
         start = time.perf_counter()
         model = model_from_profile(cp)
         model.load_state_dict(res["state_dict"])

@@ -42,7 +42,7 @@ import time
 from ntklab.experiments import (cached, data_from_profile, model_from_profile, register,
                                 result_path, train_kwargs)
 
-__all__ = ["run", "make_config", "kernel_run", "run_config", "chapter_profile", "CPUClock", "STRATEGIES", "SCHEDULES",
+__all__ = ["run", "make_config", "kernel_run", "kernel_runs", "run_config", "chapter_profile", "CPUClock", "STRATEGIES", "SCHEDULES",
            "CONTROL_STRATEGIES", "NAME", "RUNS_ENTRY"]
 
 NAME = "strategies"
@@ -85,7 +85,7 @@ def run_config(cp, strategy, schedule, ae, overrides=None) -> dict:
 
 
 def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool = False, device=None,
-               force: bool = False, progress: bool = True, **train_overrides) -> dict:
+               force: bool = False, progress=True, **train_overrides) -> dict:
     """One training run of chapters 4 and 5 with a kernel snapshot after every epoch, cached.
 
     profile: a profile already passed through :func:`chapter_profile`. strategy: one of
@@ -93,6 +93,10 @@ def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool 
     ae: also the AE-NTK (PGD-``pgd_steps`` examples of the probe against the model of that epoch);
     train_overrides: further JSON-serialisable keywords of :func:`ntklab.train.train`, e.g.
     ``switch_epoch=5`` or ``switch_epoch="auto"`` (normal training first, chapter 5).
+    progress: ``True`` for a bar that ticks once per epoch, or a tqdm bar to tick (the experiments
+    share one over all their runs), or ``False``. One tick per epoch rather than the training
+    loop's bars per batch: a notebook cell that trains for minutes would otherwise send thousands
+    of widget messages, more than a notebook test runner reliably reads after the cell.
 
     Returns a dict: ``history`` (:meth:`ntklab.train.History.to_dict`); ``kernels``: ``epochs``
     (completed epochs of the snapshots, 0 = initialisation), ``clean`` (T, n, n) and, with ``ae``,
@@ -133,8 +137,9 @@ def _compute_run(cp, config, device, progress, checkpoints) -> dict:
     snaps = KernelSnapshots(probe_x, probe_y, config["snapshot_epochs"], kind=config["probe"]["kind"],
                             ae=config["ae"], eps=cp.eps, alpha=cp.pgd_alpha, steps=cp.pgd_steps)
     clock = CPUClock()
-    history = train(model, train_set, **kw, callbacks=[clock.first, snaps, clock.last], device=device,
-                    checkpoint_dir=checkpoints, progress=progress)
+    with _epoch_bar(progress, kw["epochs"], f"{kw['strategy']} ({kw['lr_schedule']})") as bar:
+        history = train(model, train_set, **kw, callbacks=[clock.first, snaps, _Tick(bar), clock.last], device=device,
+                        checkpoint_dir=checkpoints, progress=False)
     schedule = make_schedule(kw["lr_schedule"], lr=kw["lr"], epochs=kw["epochs"], milestones=kw["milestones"],
                              gamma=kw["gamma"])
     n_batches = -(-len(train_set) // kw["batch_size"])
@@ -199,6 +204,41 @@ class _Hook:
         self.clock.seconds = [float(v) for v in state["seconds"]]
 
 
+class _Tick:
+    """A callback that ticks a progress bar once per epoch trained."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def on_epoch_end(self, epoch, model, history):
+        self.bar.update(1)
+
+
+def _epoch_bar(progress, total: int, desc: str):
+    """A bar over ``total`` epochs (a context manager): ``progress`` itself when it is a bar (not
+    closed here), a new tqdm.auto bar when it is true, a silent stand-in otherwise."""
+    import contextlib
+
+    from tqdm.auto import tqdm
+
+    if hasattr(progress, "update"):
+        return contextlib.nullcontext(progress)
+    return tqdm(total=total, desc=desc, disable=not progress)
+
+
+def kernel_runs(profile, specs, *, device=None, force: bool = False, progress=True, desc: str = "") -> list[dict]:
+    """:func:`kernel_run` for each dict of keyword arguments in ``specs``, with one progress bar
+    over all their epochs (runs loaded from the cache count as done). Chapters 4 and 5."""
+    from tqdm.auto import tqdm
+
+    results = []
+    with tqdm(total=len(specs) * profile.epochs, desc=desc, disable=not progress) as bar:
+        for i, spec in enumerate(specs):
+            results.append(kernel_run(profile, device=device, force=force, progress=bar, **spec))
+            bar.update((i + 1) * profile.epochs - bar.n)
+    return results
+
+
 def _bn_refresh_kernel(model, train_set, batch_size, probe_x, device):
     """The trace NTK of the probe after one pass over the training data in train mode without any
     update: the batch-norm running statistics move, the weights do not (the motion of the eval-mode
@@ -239,8 +279,9 @@ def _compute(profile, config, device, force, progress) -> dict:
            "runs": {s: {} for s in SCHEDULES}, "compute_seconds": 0.0, "kernel_seconds": 0.0}
     todo = [(s, "multistep", s != "normal") for s in config["strategies"]]
     todo += [(s, sched, False) for sched in SCHEDULES[1:] for s in config["controls"]]
-    for strategy, schedule, ae in todo:
-        res = kernel_run(cp, strategy, schedule=schedule, ae=ae, device=device, force=force, progress=progress)
+    results = kernel_runs(cp, [{"strategy": s, "schedule": sched, "ae": ae} for s, sched, ae in todo], device=device,
+                          force=force, progress=progress, desc=f"{NAME}: epochs of {len(todo)} runs")
+    for (strategy, schedule, ae), res in zip(todo, results):
         out["runs"][schedule][strategy] = {k: v for k, v in res.items() if k != "state_dict"}
         out["compute_seconds"] += res["compute_seconds"]
         out["kernel_seconds"] += res["kernel_seconds"]
