@@ -3,18 +3,25 @@
     python -m ntklab list
     python -m ntklab run strategies --profile quick --device auto
     python -m ntklab run all --profile paper --device cuda --out /data/ntklab-results
+    python -m ntklab cache                      # the cache's folder, entries and size
+    python -m ntklab cache --clear --stale      # delete what older code computed
 
 Results go to the result cache (see :mod:`ntklab.experiments.cache`); each run prints where.
-A second run of the same experiment under the same profile and package version loads the stored
-result instead of recomputing (``--force`` recomputes); an interrupted run resumes from its last
-checkpoint when started again. Errors in the arguments print one line and exit with code 2.
+A second run of the same experiment under the same profile and the same package source loads the
+stored result instead of recomputing (``--force`` recomputes); an interrupted run resumes from its
+last checkpoint when started again. Errors print one line on stderr, never a traceback: exit code
+2 for bad arguments (usage), 1 for a run that fails (missing data, a corrupt checkpoint, a folder
+that cannot be written), 130 when interrupted; ``NTKLAB_DEBUG=1`` shows the traceback of a failure.
 Introduced in chapter 9 (Reproducing at paper scale).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 PROG = "python -m ntklab"
 
@@ -34,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run an experiment (or 'all') and print where its results went",
         description="Run an experiment, or load its cached result, and print where the result is stored. "
-                    "Results are keyed by the experiment's config (including the profile) and the "
-                    "ntklab version; an interrupted run resumes from its checkpoints.")
+                    "Results are keyed by the experiment's config (including the profile) and a digest "
+                    "of ntklab's source; an interrupted run resumes from its checkpoints.")
     run.add_argument("name", metavar="NAME", help="experiment name (see 'list'), or 'all' for every one")
     run.add_argument("--profile", default=None,
                      help="scale of the run: smoke (seconds, for tests), quick (CPU, minutes; the default) "
@@ -46,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder for the results. Default: $NTKLAB_RESULTS or ~/.cache/ntklab/results.")
     run.add_argument("--force", action="store_true", help="recompute even if a cached result exists")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    cache = sub.add_parser(
+        "cache", help="show the result cache (folder, entries, size), or clear it",
+        description="List the entries of the result cache: experiment, key, profile, size, time, and "
+                    "whether this code made them ('current') or other code did ('stale': the cache is "
+                    "keyed by a digest of ntklab's source, so those entries are never read again). "
+                    "With --clear, delete entries (results, sidecars and checkpoints).")
+    cache.add_argument("names", nargs="*", metavar="NAME", help="only these experiments (default: all)")
+    cache.add_argument("--out", default=None, metavar="DIR",
+                       help="the cache folder. Default: $NTKLAB_RESULTS or ~/.cache/ntklab/results.")
+    cache.add_argument("--clear", action="store_true", help="delete the entries listed")
+    cache.add_argument("--stale", action="store_true", help="only entries made by other code than this")
     return parser
 
 
@@ -54,8 +72,62 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
+def _one_line(err: BaseException) -> str:
+    text = (str(err).strip().splitlines() or [""])[0]
+    return text or type(err).__name__
+
+
+def _check_out(out: str | None) -> str | None:
+    """``None`` if ``--out`` is usable (an existing or creatable folder that can be written), else why not."""
+    if out is None:
+        return None
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"--out {out} is a file, not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        return f"--out {out} cannot be written ({err.strerror or type(err).__name__})"
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _cache_command(args) -> int:
+    from ntklab.experiments import cache
+
+    folder = cache.results_root(args.out)
+    if folder.exists() and not folder.is_dir():
+        return _fail(f"the cache folder {folder} is a file")
+    names = set(args.names) or None
+    if args.clear:
+        removed = cache.clear(args.out, names=names, stale_only=args.stale)
+        print(f"cleared {len(removed)} entries ({_size(sum(e.size for e in removed))}) from {folder}")
+        return 0
+    listed = [e for e in cache.entries(args.out)
+              if (names is None or e.name in names) and not (args.stale and e.current)]
+    print(f"results folder: {folder} ({len(listed)} entries, {_size(sum(e.size for e in listed))})")
+    if listed:
+        width = max(len(e.name) for e in listed)
+        print(f"{'NAME':<{width}}  {'KEY':<16}  {'PROFILE':<7}  {'SIZE':>8}  {'MODIFIED':<16}  CODE")
+        for e in listed:
+            state = "current" if e.current else "stale"
+            if not e.finished:
+                state += ", unfinished (checkpoints only)"
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.modified))
+            print(f"{e.name:<{width}}  {e.key:<16}  {e.profile or '?':<7}  {_size(e.size):>8}  {when:<16}  {state}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 success, 2 bad arguments, 1 missing data, 130 interrupted)."""
+    """Entry point; returns the exit code (0 success, 2 bad arguments, 1 a failed run, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help()
@@ -68,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in descriptions.items():
             print(f"{name:<{width}}  {text}")
         return 0
+    if args.command == "cache":
+        return _cache_command(args)
 
     from ntklab.config import get_device, get_profile
 
@@ -81,16 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         return _fail(f"unknown experiment {unknown[0]!r}; available: "
                      f"{', '.join(sorted(experiments.EXPERIMENTS))} (or 'all')")
+    problem = _check_out(args.out)
+    if problem:
+        return _fail(problem)
     for name in names:
         start = time.perf_counter()
         try:
             with experiments.cache.track() as paths:
                 experiments.run(name, profile, device, force=args.force, out=args.out,
                                 progress=not args.quiet)
-        except FileNotFoundError as err:  # e.g. paper-scale data not downloaded
-            return _fail(str(err).splitlines()[0], code=1)
         except KeyboardInterrupt:
             return _fail(f"{name} interrupted; run the same command again to resume", code=130)
+        except Exception as err:  # missing data, a corrupt checkpoint, an unwritable folder, a bug
+            if os.environ.get("NTKLAB_DEBUG"):
+                raise
+            return _fail(f"{name} failed: {_one_line(err)} (NTKLAB_DEBUG=1 shows the traceback)", code=1)
         print(f"{name} (profile {profile.name}, device {device}): {time.perf_counter() - start:.1f} s")
         for path, how in dict.fromkeys(paths):
             print(f"  results ({how}): {path}")

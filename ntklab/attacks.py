@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from typing import Iterator
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ntklab import _checks
 from ntklab.models import bn_layers
 
 __all__ = ["fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "pgd", "trades_loss", "adversarial_examples",
@@ -86,42 +86,19 @@ def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
             m.training = flag
 
 
-def _number(name: str, value, *, positive: bool = False, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if not positive and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return float(value)
-
-
-def _count(name: str, value, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
+_number, _count = _checks.number, _checks.count      # the names other modules know them by
 
 
 def _check_inputs(x, y, *, eps, alpha=None, steps=None, restarts=None, noise=None,
-                  bn_mode="eval") -> tuple[torch.Tensor, torch.Tensor]:
+                  bn_mode="eval", model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the arguments shared by the attacks; return ``(x, y)`` detached, ``y`` on x's device.
 
-    Raises ``ValueError`` with a message naming the argument at fault.
+    x: images (N, C, H, W), floating point, finite, in [0, 1], of the model's dtype when ``model``
+    is given; y: (N,) integer labels (their range is checked against the model's outputs at the
+    first forward pass, see :func:`_input_grad`). Raises ``ValueError`` naming the argument at fault.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {shape}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor with values in [0, 1], got {x.dtype}")
-    if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"y must have shape (N,) = ({x.shape[0]},) to match x, got {shape}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+    _checks.images("x", x, model=model)
+    _checks.labels("y", y, x.shape[0])
     _number("eps", eps)
     _number("alpha", alpha, positive=True, allow_none=True)
     _number("noise", noise, allow_none=True)
@@ -129,21 +106,20 @@ def _check_inputs(x, y, *, eps, alpha=None, steps=None, restarts=None, noise=Non
     _count("restarts", restarts, allow_none=True)
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {', '.join(map(repr, BN_MODES))}, got {bn_mode!r}")
-    if x.numel():
-        nan, low, high = torch.stack([x.isnan().any(), (x < 0).any(), (x > 1).any()]).tolist()
-        if nan:
-            raise ValueError("x contains NaN")
-        if low or high:
-            raise ValueError(f"x must lie in [0, 1] (normalisation is inside the model), got values in "
-                             f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")
     return x.detach(), y.detach().to(x.device)
 
 
-def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Gradient of the mean cross-entropy with respect to the input ``x_adv`` only."""
+def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, check: bool = False) -> torch.Tensor:
+    """Gradient of the mean cross-entropy with respect to the input ``x_adv`` only. With ``check``
+    (the first forward pass of an attack) the logits must be (N, k) and finite and y in [0, k):
+    torch would ignore a label of -100 and fail deep inside on others, and non-finite logits
+    would give a meaningless "attack"."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x_adv), y)
+        out = model(x_adv)
+        if check:
+            _checks.logits(out, y)
+        loss = F.cross_entropy(out, y)
         (grad,) = torch.autograd.grad(loss, x_adv)
     return grad
 
@@ -181,11 +157,11 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
 
         >>> x_adv = ntklab.attacks.fgsm(model, x, y, eps=0.3)
     """
-    x, y = _check_inputs(x, y, eps=eps, bn_mode=bn_mode)
+    x, y = _check_inputs(x, y, eps=eps, bn_mode=bn_mode, model=model)
     if eps == 0:
         return x.clone()
     with attack_mode(model, bn_mode):
-        grad = _input_grad(model, x, y)
+        grad = _input_grad(model, x, y, check=True)
     return torch.clamp(x + eps * grad.sign(), min=0, max=1).detach()
 
 
@@ -210,13 +186,13 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
 
         >>> x_adv = ntklab.attacks.fgsm_rs(model, x, y, eps=0.3)
     """
-    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode)
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, model=model)
     if eps == 0:
         return x.clone()
     alpha = 1.25 * eps if alpha is None else alpha
     x_adv = torch.clamp(x + _uniform(x, eps, generator), min=0, max=1)
     with attack_mode(model, bn_mode):
-        grad = _input_grad(model, x_adv, y)
+        grad = _input_grad(model, x_adv, y, check=True)
     return _project(x, x_adv + alpha * grad.sign(), eps)
 
 
@@ -245,14 +221,14 @@ def n_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
 
         >>> x_adv = ntklab.attacks.n_fgsm(model, x, y, eps=0.3)   # up to 0.9 away from x
     """
-    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, noise=noise, bn_mode=bn_mode)
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, noise=noise, bn_mode=bn_mode, model=model)
     if eps == 0:
         return x.clone()
     alpha = eps if alpha is None else alpha
     noise = 2 * eps if noise is None else noise
     x_adv = torch.clamp(x + _uniform(x, noise, generator), min=0, max=1)
     with attack_mode(model, bn_mode):
-        grad = _input_grad(model, x_adv, y)
+        grad = _input_grad(model, x_adv, y, check=True)
     return torch.clamp(x_adv + alpha * grad.sign(), min=0, max=1).detach()
 
 
@@ -290,7 +266,7 @@ def fgsm_aniso(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
 
         >>> x_adv = ntklab.attacks.fgsm_aniso(model, x, y, eps=0.3)
     """
-    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode)
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, model=model)
     low, high = _number("low", low, positive=True), _number("high", high, positive=True)
     if low > high:
         raise ValueError(f"need low <= high, got low={low}, high={high}")
@@ -302,7 +278,7 @@ def fgsm_aniso(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     x_adv = _project(x, x + sigma * z, eps)
     with attack_mode(model, bn_mode):
-        grad = _input_grad(model, x_adv, y)
+        grad = _input_grad(model, x_adv, y, check=True)
     return _project(x, x_adv + alpha * grad.sign(), eps)
 
 
@@ -322,7 +298,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     Arguments:
         model, x, y, bn_mode: as in :func:`fgsm`.
         eps (float): L-inf radius, >= 0 (0 returns ``x``).
-        alpha (float): step size, > 0 (eps / 4 is a common choice).
+        alpha (float): step size, > 0 (eps / 4 is a common choice); may be ``None`` when ``eps`` is 0.
         steps (int): number of steps, >= 1.
         random_start (bool): uniform start in the eps-ball (default True).
         restarts (int): number of runs, >= 1 (> 1 needs ``random_start``).
@@ -335,21 +311,21 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
 
         >>> x_adv = ntklab.attacks.pgd(model, x, y, eps=0.3, alpha=0.075, steps=10)
     """
-    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, steps=steps, restarts=restarts, bn_mode=bn_mode)
-    if alpha is None:
-        raise ValueError("alpha (the step size) is required for pgd, e.g. eps / 4")
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, steps=steps, restarts=restarts, bn_mode=bn_mode, model=model)
     if restarts > 1 and not random_start:
         raise ValueError("restarts > 1 needs random_start=True (every run would be the same)")
-    if eps == 0:
+    if eps == 0:                      # nothing to search: the step size does not matter
         return x.clone()
+    if alpha is None:
+        raise ValueError("alpha (the step size) is required for pgd, e.g. eps / 4")
     best, best_loss, best_wrong = None, None, None
     with attack_mode(model, bn_mode):
-        for _ in range(restarts):
+        for restart in range(restarts):
             x_adv = x.clone()
             if random_start:
                 x_adv = torch.clamp(x_adv + _uniform(x, eps, generator), min=0, max=1)
-            for _ in range(steps):
-                grad = _input_grad(model, x_adv, y)
+            for step in range(steps):
+                grad = _input_grad(model, x_adv, y, check=restart == step == 0)
                 x_adv = _project(x, x_adv + alpha * grad.sign(), eps)
             if restarts == 1:
                 return x_adv
@@ -387,7 +363,8 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
 
     Arguments:
         model, x, y, bn_mode: as in :func:`fgsm` (``bn_mode`` applies to the crafting only).
-        eps (float): L-inf radius, >= 0 (0: ``x' = x``). alpha (float): step size, > 0.
+        eps (float): L-inf radius, >= 0 (0: ``x' = x``). alpha (float): step size, > 0 (may be
+            ``None`` when ``eps`` is 0).
         steps (int): number of steps, >= 1. beta (float): weight of the KL term, >= 0 (default 6).
         generator (torch.Generator, optional): for the start noise (on x's device).
 
@@ -399,15 +376,17 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
         >>> loss, x_adv = ntklab.attacks.trades_loss(model, x, y, eps=0.3, alpha=0.075, steps=10)
         >>> loss.backward()
     """
-    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, steps=steps, bn_mode=bn_mode)
-    if alpha is None:
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, steps=steps, bn_mode=bn_mode, model=model)
+    if alpha is None and eps > 0:
         raise ValueError("alpha (the step size) is required for trades_loss, e.g. eps / 4")
     beta = _number("beta", beta)
     x_adv = x.clone()
     if eps > 0:
         with attack_mode(model, bn_mode):
             with torch.no_grad():
-                log_p_nat = F.log_softmax(model(x), dim=1)
+                out = model(x)
+                _checks.logits(out, y)
+                log_p_nat = F.log_softmax(out, dim=1)
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x_adv = _project(x, x + 0.001 * z, eps)
             for _ in range(steps):
@@ -418,6 +397,8 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
                     (grad,) = torch.autograd.grad(kl, xa)
                 x_adv = _project(x, x_adv + alpha * grad.sign(), eps)
     logits = model(x)
+    if eps == 0:
+        _checks.logits(logits, y)
     loss_robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.log_softmax(logits, dim=1),
                            reduction="batchmean", log_target=True)
     return F.cross_entropy(logits, y) + beta * loss_robust, x_adv
@@ -445,7 +426,8 @@ def adversarial_examples(strategy: str, model: nn.Module, x: torch.Tensor, y: to
     if strategy == "pgd":
         if steps is None:
             raise ValueError("steps is required for the 'pgd' attack")
-        alpha = eps / 4 if alpha is None else alpha
+        if alpha is None and isinstance(eps, (int, float)) and eps > 0:   # eps = 0 needs no step
+            alpha = eps / 4
         return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, bn_mode=bn_mode, **kw)
     if steps not in (None, 1):
         raise ValueError(f"{strategy!r} is a single-step attack; steps must be None or 1, got {steps!r}")

@@ -7,6 +7,8 @@ A callback is any object with some of the methods of :class:`Callback` (all opti
   ``history`` already holds that epoch's row, so ``history.log(key, value)`` adds to it and
   ``history.request_stop(reason)`` ends training after this epoch;
 * ``on_train_end(model, history)``: after the last epoch (not when a finished run is reloaded);
+* ``on_batch_end(epoch, batch, num_batches, model, history)``: after every batch's update, with the
+  model still in train mode (only for callbacks that define it; :class:`ParameterSnapshots`);
 * ``state_dict()`` / ``load_state_dict(state)``: what must survive a checkpoint (tensors and plain
   containers only, since checkpoints are loaded with ``weights_only=True``); ``None`` for no state.
 
@@ -28,7 +30,8 @@ from torch import nn
 from ntklab.attacks import attack_mode
 from ntklab.evaluate import model_device, clean_accuracy
 
-__all__ = ["Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "AutoSwitch", "evaluating"]
+__all__ = ["Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "ParameterSnapshots", "AutoSwitch",
+           "evaluating"]
 
 log = logging.getLogger("ntklab.train")
 
@@ -228,9 +231,10 @@ class CatastrophicOverfittingDetector(Callback):
 
 
 def _check_switch(cap, threshold) -> None:
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-        raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
-    if not 0 < threshold < 1:
+    from ntklab import _checks
+
+    _checks.count("cap", cap)
+    if not 0 < _checks.number("threshold", threshold) < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
 
 
@@ -314,3 +318,58 @@ class AutoSwitch(Callback):
         self._kernel = state["kernel"]
         self.velocities = [float(v) for v in state["velocities"]]
         self.switch_epoch = state["switch_epoch"]
+
+
+class ParameterSnapshots(Callback):
+    """Copies of the model's weights (its ``state_dict``: parameters and BN buffers) at chosen
+    fractional epochs, e.g. ``(0, 0.25, 0.5, 1, 2)``: the freeze points of Loo et al. (NeurIPS
+    2022), whose code saves checkpoints at 0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5 and every whole
+    epoch.
+
+    times: epochs >= 0 (floats). Time 0 is the initialisation (taken in ``on_train_begin``); time t
+        > 0 is taken after the first batch at which ``epoch + (batch + 1) / num_batches >= t``, so
+        a fractional t is rounded up to a batch boundary (its actual time is recorded).
+
+    After training: ``times`` (the requested times, sorted), ``actual_times`` and ``state(t)``, a
+    state dict on the CPU; ``state_dict()`` holds them all, so a resumed run keeps them. Snapshots
+    at times beyond the last epoch are never taken. Introduced in chapter 8.
+    """
+
+    def __init__(self, times):
+        times = sorted({float(t) for t in times})
+        if not times or times[0] < 0:
+            raise ValueError(f"times must be a non-empty list of epochs >= 0, got {times}")
+        self.times = times
+        self._state = {"time": [], "actual": [], "weights": []}
+
+    @property
+    def actual_times(self) -> list[float]:
+        return list(self._state["actual"])
+
+    def state(self, t: float) -> dict:
+        """The state dict saved for requested time ``t`` (CPU tensors)."""
+        if float(t) not in self._state["time"]:
+            raise KeyError(f"no snapshot at {t}; taken: {self._state['time']}")
+        return self._state["weights"][self._state["time"].index(float(t))]
+
+    def _take(self, model: nn.Module, t: float, actual: float) -> None:
+        self._state["time"].append(t)
+        self._state["actual"].append(actual)
+        self._state["weights"].append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+
+    def on_train_begin(self, model, history):
+        if self.times[0] == 0 and 0.0 not in self._state["time"] and len(history) == 0:
+            self._take(model, 0.0, 0.0)
+
+    def on_batch_end(self, epoch, batch, num_batches, model, history):
+        now = epoch + (batch + 1) / num_batches
+        for t in self.times:
+            if t not in self._state["time"] and now >= t - 1e-9:
+                self._take(model, t, now)
+
+    def state_dict(self):
+        return {"time": list(self._state["time"]), "actual": list(self._state["actual"]),
+                "weights": list(self._state["weights"])}
+
+    def load_state_dict(self, state) -> None:
+        self._state = {k: list(state.get(k, [])) for k in ("time", "actual", "weights")}

@@ -119,18 +119,29 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     """The device to compute on: ``device`` if given, else ``$NTKLAB_DEVICE``, else ``cuda`` when
     available and ``cpu`` otherwise. ``"auto"`` means the automatic choice.
 
-    Raises ``ValueError`` for a CUDA device when CUDA is not available, or for an unknown name.
+    The book runs on ``"cpu"`` and ``"cuda"`` / ``"cuda:N"`` only (other PyTorch devices such as
+    ``mps`` or ``meta`` are not supported by its code and are refused). Raises ``ValueError`` for an
+    unknown or unsupported name, for CUDA when it is not available, and for ``cuda:N`` beyond the
+    devices present.
     """
     if device is None:
         device = os.environ.get(DEVICE_ENV) or "auto"
     if isinstance(device, str) and device.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: ntklab runs on 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

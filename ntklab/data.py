@@ -20,15 +20,17 @@ layer uses; ``info(name)`` the shape and number of classes. Introduced in chapte
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "cache_dir", "atomic_save", "as_tensors",
-           "DEFAULT"]
+from ntklab import _checks
+
+__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "cache_dir", "atomic_save",
+           "atomic_write_text", "describe_load_error", "as_tensors", "DEFAULT"]
 
 DEFAULT = "mnist5k"
 _SPLITS = ("train", "test")
@@ -80,18 +82,49 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "ntklab"
 
 
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then an atomic rename: a reader never
-    sees a partial file, and an interrupted write leaves the old file (or none) in place."""
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    # A fresh name beside the target, created like any file (so with the folder's usual permissions
+    # under the umask; mkstemp would make it 0600, unreadable to others sharing a results folder).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then an atomic rename: a reader never
+    sees a partial file, and an interrupted write leaves the old file (or none) in place. The file
+    gets the permissions any new file gets there (the umask applies)."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def describe_load_error(err: Exception) -> str:
+    """One short line on why ``torch.load(..., weights_only=True)`` could not read a file.
+
+    torch's own message for such a failure advises loading the file with ``weights_only=False``,
+    which would run code stored in it; ntklab never does that for its caches and checkpoints, so
+    the advice is left out and only the cause is kept.
+    """
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        cause = next((line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()
+                      if line.strip()), "")
+        if cause.startswith("Unsupported global"):
+            name = cause.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in cause else "?"
+            return f"it holds a Python object ({name}), which ntklab does not unpickle"
+        return f"not a file of tensors and plain containers ({cause[:120]})"
+    line = (text.strip().splitlines() or [""])[0][:200]
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` atomically, as :func:`atomic_save` does."""
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,15 +151,38 @@ def _embedded_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
     return (X.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32), y.astype(np.int64)
 
 
+_EMBEDDED_TOTAL = {"mnist5k": 5000, "digits": 1797}   # images in the source, train + test
+
+
+def _valid_embedded(name: str, data) -> bool:
+    """Whether a cached conversion of an embedded set is whole: the four tensors, float32 images of
+    the set's shape in [0, 1], int64 labels in range, one per image, as many images as the source."""
+    c, s, k = _INFO[name][:3]
+    if not isinstance(data, dict) or set(data) != {"train_x", "train_y", "test_x", "test_y"}:
+        return False
+    total = 0
+    for split in _SPLITS:
+        x, y = data[f"{split}_x"], data[f"{split}_y"]
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == torch.float32
+                and y.dtype == torch.int64 and x.dim() == 4 and tuple(x.shape[1:]) == (c, s, s)
+                and y.shape == (len(x),) and len(x) > 0):
+            return False
+        if not (bool(x.isfinite().all()) and float(x.min()) >= 0 and float(x.max()) <= 1
+                and int(y.min()) >= 0 and int(y.max()) < k):
+            return False
+        total += len(x)
+    return total == _EMBEDDED_TOTAL[name]
+
+
 def _load_embedded(name: str, split: str) -> TensorDataset:
     path = cache_dir() / f"{name}-v1.pt"
     data = None
     if path.exists():
         try:
             data = torch.load(path, weights_only=True)
-            if set(data) != {"train_x", "train_y", "test_x", "test_y"}:
-                data = None
         except Exception:  # a corrupt cache file is rebuilt, never trusted
+            data = None
+        if not _valid_embedded(name, data):  # so is one with the wrong keys, shapes or counts
             data = None
     if data is None:
         X, y = _embedded_arrays(name)
@@ -222,9 +278,10 @@ def subset(dataset: TensorDataset, n: int | None, *, seed: int = 0, stratified: 
     return TensorDataset(x[idx], y[idx])
 
 
-def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` from a ``TensorDataset`` or a tuple ``(x, y)``, checked: y of shape (N,) with integer
-    labels, N = len(x) > 0. Raises ``ValueError`` otherwise."""
+def as_tensors(data, *, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from a ``TensorDataset`` or a tuple ``(x, y)``, checked: x images (N, C, H, W),
+    floating point, finite, in [0, 1] (and of the dtype of ``model``'s parameters if a model is
+    given); y of shape (N,) with integer labels; N > 0. Raises ``ValueError`` otherwise."""
     if isinstance(data, TensorDataset):
         tensors = data.tensors
     elif isinstance(data, (tuple, list)):
@@ -240,4 +297,5 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"labels must be integers, got dtype {y.dtype}")
     if len(x) == 0:
         raise ValueError("data is empty")
+    _checks.images("the images of data", x, model=model)
     return x, y

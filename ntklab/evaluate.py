@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ntklab import _checks
 from ntklab import attacks as _attacks
 from ntklab.config import get_device
 from ntklab.data import as_tensors
@@ -81,8 +82,7 @@ def _robust_flags(model, x, y, attack: Callable | None, *, batch_size, device, p
     flags = []
     for s, e in _batches(len(x), batch_size, progress, desc):
         xb, yb = x[s:e].to(device), y[s:e].to(device)
-        with torch.no_grad():
-            ok = model(xb).argmax(1) == yb
+        ok = _correct(model, xb, yb)
         if attack is not None:
             x_adv = attack(model, xb, yb)
             with torch.no_grad():
@@ -91,15 +91,28 @@ def _robust_flags(model, x, y, attack: Callable | None, *, batch_size, device, p
     return torch.cat(flags)
 
 
+def _correct(model, xb, yb) -> torch.Tensor:
+    """Per example, whether ``model`` classifies ``xb`` as ``yb``; the logits are checked first
+    (shape (N, k), finite, labels in [0, k)), so a broken model or a label out of range is an error
+    rather than a wrong accuracy."""
+    with torch.no_grad():
+        out = model(xb)
+    _checks.logits(out, yb)
+    return out.argmax(1) == yb
+
+
 def _fraction(flags: torch.Tensor) -> float:
     """Exact fraction of True entries (count / total, not a float32 mean)."""
     return int(flags.sum()) / len(flags)
 
 
 def _pgd(eps, alpha, steps, restarts, random_start, bn_mode) -> Callable:
-    alpha = eps / 4 if alpha is None else alpha
-    if eps == 0:
-        alpha = 1.0  # unused: an attack of radius 0 returns its input
+    """The PGD of an evaluation, its arguments checked now (before any batch is attacked)."""
+    eps = _checks.number("eps", eps)
+    alpha = eps / 4 if alpha is None and eps > 0 else alpha        # radius 0 needs no step
+    _checks.number("alpha", alpha, positive=True, allow_none=True)
+    _checks.count("steps", steps)
+    _checks.count("restarts", restarts)
     return lambda m, xb, yb: _attacks.pgd(m, xb, yb, eps=eps, alpha=alpha, steps=steps,
                                           restarts=restarts, random_start=random_start,
                                           bn_mode=bn_mode)
@@ -114,7 +127,7 @@ def clean_accuracy(model: nn.Module, data, *, batch_size: int = 500, device=None
     batch_size: examples per forward pass. device: see the module docstring.
     progress: a tqdm bar over the batches. Returns a float in [0, 1]. Chapter 1 (Primer).
     """
-    x, y = as_tensors(data)
+    x, y = as_tensors(data, model=model)
     device = model_device(model, device)
     with _evaluating(model, "clean_accuracy"):
         flags = _robust_flags(model, x, y, None, batch_size=batch_size, device=device,
@@ -135,7 +148,7 @@ def pgd_accuracy(model: nn.Module, data, *, eps: float, alpha: float | None = No
     eval mode. Random starts use torch's global generator: seed it for reproducible numbers.
     Returns a float in [0, 1]. Chapter 1 (Primer).
     """
-    x, y = as_tensors(data)
+    x, y = as_tensors(data, model=model)
     device = model_device(model, device)
     attack = _pgd(eps, alpha, steps, restarts, random_start, bn_mode)
     with _evaluating(model, "pgd_accuracy"):
@@ -160,7 +173,7 @@ def worst_case_accuracy(model: nn.Module, data, *, eps: float, attacks: Sequence
     single-step attacks use their own defaults. bn_mode: BN mode while crafting; classification
     is in eval mode. Returns a float in [0, 1]. Chapter 6.
     """
-    x, y = as_tensors(data)
+    x, y = as_tensors(data, model=model)
     names = (attacks,) if isinstance(attacks, str) else tuple(attacks)
     if not names:
         raise ValueError("attacks must name at least one attack")
@@ -184,8 +197,7 @@ def worst_case_accuracy(model: nn.Module, data, *, eps: float, attacks: Sequence
     with _evaluating(model, "worst_case_accuracy"):
         for s, e in _batches(len(x), batch_size, progress, "worst case"):
             xb, yb = x[s:e].to(device), y[s:e].to(device)
-            with torch.no_grad():
-                ok = model(xb).argmax(1) == yb
+            ok = _correct(model, xb, yb)
             for fn in fns:
                 x_adv = fn(model, xb, yb)
                 with torch.no_grad():
@@ -233,12 +245,17 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
         if unknown or not attacks:
             raise ValueError(f"unknown or no AutoAttack attacks {unknown}; valid attacks are: "
                              f"{', '.join(AUTOATTACK_ATTACKS)}")
-    eps = _attacks._number("eps", eps)
-    x, y = as_tensors(data)
+    eps = _checks.number("eps", eps)
+    _checks.count("n", n, allow_none=True)
+    _checks.count("seed", seed, minimum=0)
+    _checks.count("batch_size", batch_size)
+    x, y = as_tensors(data, model=model)
     if n is not None:
         x, y = ntkdata.subset(TensorDataset(x, y), n, seed=seed).tensors
-    x, y = _attacks._check_inputs(x, y, eps=eps)
     device = model_device(model, device)
+    with _attacks.attack_mode(model, "eval"), torch.no_grad():          # the labels fit the model's outputs
+        k = _checks.logits(model(x[:1].to(device)))
+    _checks.labels("y", y, len(x), num_classes=k)
     if eps == 0:
         return clean_accuracy(model, (x, y), batch_size=batch_size, device=device)
 
@@ -252,9 +269,7 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
                 aa = AutoAttack(model, norm="Linf", eps=eps, seed=seed, device=device, version="custom",
                                 attacks=["apgd-ce", "apgd-t"] if version == "fast" else attacks)
                 aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = aa.fab.n_restarts = 1
-                with torch.no_grad():
-                    targets = min(9, model(x[:1].to(device)).shape[1] - 1)
-                aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = targets
+                aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = min(9, k - 1)
             else:
                 aa = AutoAttack(model, norm="Linf", eps=eps, seed=seed, device=device, version=version)
             _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ntklab import _checks
+
 __all__ = [
     "Normalize", "SmallCNN", "PreActResNet18", "WideResNet", "TwoLayerNet", "build_model",
     "MODELS", "set_bn_running_stats", "bn_layers", "count_parameters",
@@ -43,8 +45,13 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
-        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
+        try:
+            mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+            std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"mean and std must be sequences of numbers, got {mean!r} and {std!r}") from err
+        if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all()):
+            raise ValueError(f"mean and std must be finite, got {list(mean)} and {list(std)}")
         if (std_t <= 0).any():
             raise ValueError(f"std must be positive, got {list(std)}")
         self.register_buffer("mean", mean_t)
@@ -60,6 +67,12 @@ class Normalize(nn.Module):
 
 def _bn2d(channels: int, bn: bool, track_running_stats: bool) -> nn.Module:
     return nn.BatchNorm2d(channels, track_running_stats=track_running_stats) if bn else nn.Identity()
+
+
+def _sizes(**sizes) -> None:
+    """Each size (a number of channels, classes, units, blocks...) must be an integer >= 1."""
+    for name, value in sizes.items():
+        _checks.count(name, value)
 
 
 def _stats(in_channels: int, mean, std):
@@ -83,8 +96,7 @@ class SmallCNN(nn.Module):
                  track_running_stats: bool = True, image_size: int = 28,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
-        if width < 1 or num_classes < 1 or in_channels < 1:
-            raise ValueError("width, num_classes and in_channels must be positive")
+        _sizes(in_channels=in_channels, num_classes=num_classes, width=width, image_size=image_size)
         if image_size % 4:
             raise ValueError(f"image_size must be divisible by 4, got {image_size}")
         mean, std = _stats(in_channels, mean, std)
@@ -143,6 +155,10 @@ class PreActResNet18(nn.Module):
                  track_running_stats: bool = True, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, num_blocks: Sequence[int] = (2, 2, 2, 2)):
         super().__init__()
+        _sizes(num_classes=num_classes, in_channels=in_channels, width=width)
+        if isinstance(num_blocks, (str, bytes)) or len(num_blocks) == 0:
+            raise ValueError(f"num_blocks must be a sequence of block counts, got {num_blocks!r}")
+        _sizes(**{f"num_blocks[{i}]": b for i, b in enumerate(num_blocks)})
         mean, std = _stats(in_channels, mean, std)
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
@@ -174,10 +190,9 @@ class WideResNet(nn.Module):
                  bn: bool = True, track_running_stats: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
+        _sizes(depth=depth, widen=widen, num_classes=num_classes, in_channels=in_channels)
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
-        if widen < 1:
-            raise ValueError(f"widen must be positive, got {widen}")
         n = (depth - 4) // 6
         mean, std = _stats(in_channels, mean, std)
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
@@ -213,8 +228,7 @@ class TwoLayerNet(nn.Module):
                  freeze_second: bool = True, in_channels: int = 1,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
-        if width < 1 or in_features < 1:
-            raise ValueError("width and in_features must be positive")
+        _sizes(in_features=in_features, width=width, num_classes=num_classes, in_channels=in_channels)
         mean, std = _stats(in_channels, mean, std)
         self.normalize = Normalize(mean, std)
         self.width = width

@@ -31,6 +31,7 @@ import operator
 import torch
 from torch import nn
 
+from ntklab import _checks
 from ntklab import _ntk_structured as _st
 from ntklab._ntk_record import record
 from ntklab._ntk_structured import gram_add
@@ -73,10 +74,12 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, kind: str = "full", logit: i
         A tensor on the model's device, in the dtype of the model's parameters (float32 usually).
 
     Raises:
-        ValueError: inputs without a batch dimension or of different feature shapes, an unknown
-            ``kind`` or ``implementation``, ``logit`` missing, out of range or given for another
-            kind, a model without trainable parameters, ``chunk_size < 1``, an output that is not
-            (n, k), or ``"structured"`` on a model whose samples are not independent in eval mode.
+        ValueError: inputs without a batch dimension or of different feature shapes, inputs that
+            are not floating point (convert uint8 images with ``x.float() / 255``) or hold NaN or
+            infinite values, an unknown ``kind`` or ``implementation``, ``logit`` missing, out of
+            range or given for another kind, a model without trainable parameters, ``chunk_size <
+            1``, an output that is not (n, k), or ``"structured"`` on a model whose samples are not
+            independent in eval mode.
 
     Example:
         >>> model = ntklab.models.SmallCNN(width=4)
@@ -120,14 +123,17 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, kind: str = "full", logit: i
 
 
 def _as_batch(x, name, ref):
+    """Inputs as a floating batch on the parameters' device and in their dtype. Integer inputs are
+    refused (uint8 images in 0-255 would give a kernel 255^2 times too large), and so are NaN or
+    infinite values anywhere in the batch."""
     x = torch.as_tensor(x)
     if x.dim() < 2:
         raise ValueError(f"{name} must be a batch of shape (n, ...) with at least 2 dimensions, "
                          f"got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty: expected at least one input, got shape {tuple(x.shape)}")
-    dtype = ref.dtype if x.is_floating_point() else x.dtype
-    return x.detach().to(device=ref.device, dtype=dtype)
+    _checks.floating_batch(name, x)
+    return x.detach().to(device=ref.device, dtype=ref.dtype)
 
 
 def _compute(model, params, x1, x2, kind, logit, implementation, chunk_size):

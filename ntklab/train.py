@@ -13,10 +13,11 @@ Strategies (``strategy=``), each a minimisation of the cross-entropy on the inpu
 ``switch_epoch=s`` trains normally for epochs 0..s-1 and with ``strategy`` from epoch s on: the
 cost-saving schedule that Li et al. derive from the "kernel learning, lazy training, kernel learning"
 evolution of the NTK (chapter 5). ``switch_epoch="auto"`` picks s during the run from the kernel
-velocity on a small probe set (:class:`ntklab.callbacks.AutoSwitch`), at the latest at a cap. The
-optimiser is SGD with momentum and weight decay; the learning rate follows a :class:`LRSchedule`.
-Inputs are images in [0, 1]; the attacks come from :mod:`ntklab.attacks` and never touch parameter
-gradients.
+velocity on a small probe set (:class:`ntklab.callbacks.AutoSwitch`), at the latest at a cap.
+``clean_update=True`` gives every adversarial batch an update on its clean inputs before the
+adversarial one, the rule of Loo et al.'s code (chapter 8). The optimiser is SGD with momentum and
+weight decay; the learning rate follows a :class:`LRSchedule`. Inputs are images in [0, 1]; the
+attacks come from :mod:`ntklab.attacks` and never touch parameter gradients.
 
 :func:`train` returns a :class:`History`; with ``checkpoint_dir`` a run survives interruption and
 resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`. Introduced in chapter 1;
@@ -37,9 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ntklab import _checks
 from ntklab.callbacks import AutoSwitch, CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
 from ntklab.config import get_device
-from ntklab.data import as_tensors, subset
+from ntklab.data import as_tensors, describe_load_error, subset
 
 __all__ = ["train", "History", "STRATEGIES", "SCHEDULES", "LRSchedule", "MultiStepLR", "CosineLR",
            "ConstantLR", "make_schedule", "Callback", "KernelSnapshots",
@@ -82,7 +84,10 @@ class MultiStepLR(LRSchedule):
     (100, 150) of 200 epochs give lr for epochs 0-99, lr*gamma for 100-149, lr*gamma^2 after."""
 
     def __init__(self, lr: float, milestones: Sequence[int] = (), gamma: float = 0.1):
-        self.lr, self.milestones, self.gamma = float(lr), sorted(int(m) for m in milestones), float(gamma)
+        if isinstance(milestones, (str, bytes)) or not hasattr(milestones, "__iter__"):
+            raise ValueError(f"milestones must be a sequence of epochs, got {milestones!r}")
+        self.lr, self.gamma = _checks.number("lr", lr, positive=True), _checks.number("gamma", gamma, positive=True)
+        self.milestones = sorted(_checks.count("milestones", m, minimum=0) for m in milestones)
 
     def __call__(self, epoch, batch=0, num_batches=1):
         return self.lr * self.gamma ** sum(m <= epoch for m in self.milestones)
@@ -95,7 +100,8 @@ class CosineLR(LRSchedule):
     per_batch = True
 
     def __init__(self, lr: float, epochs: int, min_lr: float = 0.0):
-        self.lr, self.epochs, self.min_lr = float(lr), int(epochs), float(min_lr)
+        self.lr, self.epochs = _checks.number("lr", lr, positive=True), _checks.count("epochs", epochs, minimum=0)
+        self.min_lr = _checks.number("min_lr", min_lr)
 
     def __call__(self, epoch, batch=0, num_batches=1):
         t = (epoch + batch / max(num_batches, 1)) / max(self.epochs, 1)
@@ -106,7 +112,7 @@ class ConstantLR(LRSchedule):
     """The same ``lr`` throughout."""
 
     def __init__(self, lr: float):
-        self.lr = float(lr)
+        self.lr = _checks.number("lr", lr, positive=True)
 
     def __call__(self, epoch, batch=0, num_batches=1):
         return self.lr
@@ -285,20 +291,34 @@ def _attack_kwargs(strategy, eps, alpha, steps, bn_mode) -> dict:
     """The attack's arguments, checked before the first batch (not after a switch epoch)."""
     if bn_mode not in ("eval", "train"):
         raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    eps = _checks.number("eps", eps)
+    _checks.number("alpha", alpha, positive=True, allow_none=True)
+    _checks.count("steps", steps, allow_none=True)
     if strategy in ("pgd", "trades"):
-        alpha = eps / 4 if alpha is None else alpha
+        alpha = eps / 4 if alpha is None and eps > 0 else alpha       # radius 0 needs no step
         steps = 10 if steps is None else steps
     elif steps not in (None, 1):
-        raise ValueError(f"{strategy!r} is single-step: steps must be None or 1, got {steps!r}")
+        raise ValueError(f"{strategy!r} makes no multi-step attack: steps must be None or 1, got {steps!r}")
     if strategy == "fgsm" and alpha is not None:
         raise ValueError("'fgsm' takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' for another step")
     return {"eps": eps, "alpha": alpha, "steps": steps, "bn_mode": bn_mode}
 
 
 # ------------------------------------------------------------------ one epoch
+def _sgd_step(model, opt, xb, yb) -> None:
+    """One update on the cross-entropy of ``model`` on (xb, yb)."""
+    loss = F.cross_entropy(model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def _train_epoch(model, opt, x, y, perm, strategy, schedule, epoch, batch_size, attack_kw, beta,
-                 device, clock, bar):
-    """One pass over ``perm``; returns (mean loss, train accuracy or None). No host sync per batch."""
+                 device, clock, bar, clean_update=False, batch_end=None):
+    """One pass over ``perm``; returns (mean loss, train accuracy or None). No host sync per batch.
+
+    clean_update: before the attack, one update on the clean batch (Loo et al.'s rule).
+    batch_end: ``batch_end(b, num_batches)`` after every batch's update (per-batch callbacks)."""
     from ntklab import attacks
 
     model.train()
@@ -311,6 +331,10 @@ def _train_epoch(model, opt, x, y, perm, strategy, schedule, epoch, batch_size, 
                 group["lr"] = schedule(epoch, b, len(batches))
         xb = x[idx].to(device, non_blocking=True)
         yb = y[idx].to(device, non_blocking=True)
+        if clean_update and strategy not in ("normal", "trades"):
+            t_clean = clock.now()
+            _sgd_step(model, opt, xb, yb)
+            clock.add("update", t_clean, clock.now())
         t0 = clock.now()
         logits = None
         if strategy == "trades":  # the inner maximisation lives inside the loss: timed as attack
@@ -330,6 +354,8 @@ def _train_epoch(model, opt, x, y, perm, strategy, schedule, epoch, batch_size, 
         loss_sum += loss.detach() * len(idx)
         if logits is not None:
             correct += (logits.detach().argmax(1) == yb).sum()
+        if batch_end is not None:
+            batch_end(b, len(batches))
         bar.update(1)
     n = len(perm)
     return (loss_sum / n).item(), (None if strategy == "trades" else correct.item() / n)
@@ -344,7 +370,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
           switch_threshold: float = 0.2, switch_probe: int = 32, switch_cap: int | None = None, callbacks=(),
           eval_set=None, eval_every: int = 1, eval_size: int | None = 500, eval_eps: float | None = None,
           eval_alpha: float | None = None, eval_steps: int = 10, device=None, seed: int = 0,
-          checkpoint_dir=None, progress: bool = True) -> History:
+          checkpoint_dir=None, progress: bool = True, clean_update: bool = False) -> History:
     """Train ``model`` in place with one of :data:`STRATEGIES`; return its :class:`History`.
 
     train_set, eval_set: ``TensorDataset`` or ``(x, y)``; x (N, C, H, W) in [0, 1], y (N,) int64.
@@ -376,39 +402,66 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         the same arguments resumes there (a finished run returns at once, its weights and callback
         states loaded); different arguments raise ``ValueError``.
     progress: tqdm bars for epochs and batches.
+    clean_update: in adversarial epochs, give every batch two updates: first on its clean inputs,
+        then on adversarial examples crafted against the updated model (the rule of Loo et al.'s
+        code, NeurIPS 2022: twice the updates of standard AT on a 50/50 clean/adversarial mix;
+        chapter 8). The loss and train accuracy recorded are those of the adversarial update.
+        Not with ``"trades"``, whose loss already has a clean term.
+
+    Callbacks with an ``on_batch_end(epoch, batch, num_batches, model, history)`` method are also
+    called after every batch's update (e.g. :class:`ntklab.callbacks.ParameterSnapshots`, which
+    keeps the weights at fractional epochs).
 
     Returns the history; the model is left in eval mode. Introduced in chapter 1.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies are: {', '.join(STRATEGIES)}")
-    if int(epochs) < 0 or int(batch_size) < 1:
-        raise ValueError("epochs must be >= 0 and batch_size >= 1")
+    epochs = _checks.count("epochs", epochs, minimum=0)
+    batch_size = _checks.count("batch_size", batch_size)
     auto = isinstance(switch_epoch, str) and switch_epoch == "auto"
     if auto:
-        if not 0 < switch_threshold < 1:
+        if not 0 < _checks.number("switch_threshold", switch_threshold) < 1:
             raise ValueError(f"switch_threshold must be in (0, 1), got {switch_threshold!r}")
-        if isinstance(switch_probe, bool) or not isinstance(switch_probe, int) or switch_probe < 2:
-            raise ValueError(f"switch_probe must be an integer >= 2 (probe images), got {switch_probe!r}")
-    elif switch_epoch is not None and (isinstance(switch_epoch, (str, bool)) or not 0 <= switch_epoch <= epochs):
+        switch_probe = _checks.count("switch_probe", switch_probe, minimum=2)
+    elif isinstance(switch_epoch, str):
         raise ValueError(f"switch_epoch must be 'auto', None or an integer in [0, epochs={epochs}], "
                          f"got {switch_epoch!r}")
+    elif switch_epoch is not None and not 0 <= _checks.count("switch_epoch", switch_epoch, minimum=0) <= epochs:
+        raise ValueError(f"switch_epoch must be in [0, epochs={epochs}], got {switch_epoch}")
+    if clean_update not in (True, False):
+        raise ValueError(f"clean_update must be True or False, got {clean_update!r}")
+    if clean_update and strategy == "trades":
+        raise ValueError("clean_update does not apply to 'trades' (its loss already has a clean term)")
     schedule = make_schedule(lr_schedule, lr=lr, epochs=epochs, milestones=milestones, gamma=gamma)
     if auto:
         switch_cap = _switch_cap(switch_cap, epochs, getattr(schedule, "milestones", ()))
+    _checks.number("momentum", momentum)
+    _checks.number("weight_decay", weight_decay)
+    _checks.number("beta", beta)
+    _checks.count("eval_every", eval_every, minimum=0)
+    _checks.count("eval_size", eval_size, allow_none=True)
+    _checks.number("eval_eps", eval_eps, allow_none=True)
+    _checks.number("eval_alpha", eval_alpha, positive=True, allow_none=True)
+    _checks.count("eval_steps", eval_steps)
+    if not 0 <= _checks.count("seed", seed, minimum=0) < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
+    attack_kw = _attack_kwargs(strategy, eps, alpha, steps, attack_bn_mode)
+    alpha, steps = attack_kw["alpha"], attack_kw["steps"]
+    ckpt = _checkpoint_file(checkpoint_dir)
     device = get_device(device)
     model.to(device)
-    x, y = as_tensors(train_set)
-    if len(y) and not (0 <= float(x.min()) and float(x.max()) <= 1):  # once here, not per batch
-        raise ValueError("training inputs must lie in [0, 1] (the normalisation is inside the model)")
+    x, y = as_tensors(train_set, model=model)          # images in [0, 1] of the model's dtype: once, not per batch
+    k = _num_outputs(model, x[:2].to(device))
+    _checks.labels("the labels of train_set", y, len(y), num_classes=k)
     data_sum, label_sum = float(x.sum(dtype=torch.float64)), int(y.sum())
     if device.type == "cuda" and x.nbytes <= 2**30:  # small sets live on the GPU, big ones move per batch
         x, y = x.to(device), y.to(device)
-    attack_kw = _attack_kwargs(strategy, eps, alpha, steps, attack_bn_mode)
-    alpha, steps = attack_kw["alpha"], attack_kw["steps"]
 
     eval_xy = None
     if eval_set is not None and eval_every:
-        sub = subset(TensorDataset(*as_tensors(eval_set)), eval_size, seed=seed)
+        ex, ey = as_tensors(eval_set, model=model)
+        _checks.labels("the labels of eval_set", ey, len(ey), num_classes=k)
+        sub = subset(TensorDataset(ex, ey), eval_size, seed=seed)
         eval_xy = (sub.tensors[0].to(device), sub.tensors[1].to(device))
     eval_eps = eps if eval_eps is None else eval_eps
 
@@ -432,8 +485,9 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         **({"switch_threshold": switch_threshold, "switch_probe": switch_probe, "switch_cap": switch_cap}
            if auto else {}),
     })
+    if clean_update:  # only when set, so that checkpoints written before the option still resume
+        config["clean_update"] = True
     history = History()
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     saved = callbacks + ([switcher] if switcher is not None else [])  # states kept in checkpoints
     if ckpt is not None and ckpt.exists():
         history = _resume(ckpt, config, model, opt, gen, saved, device)
@@ -455,6 +509,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
     if switch_epoch is not None and not auto:
         history.switch_epoch = int(switch_epoch)
     clock = _Clock(device)
+    batch_cbs = [cb for cb in callbacks if callable(getattr(cb, "on_batch_end", None))]
     with _bar(progress, total=epochs, initial=len(history), desc=f"{strategy} epochs") as epoch_bar:
         for epoch in range(len(history), epochs):
             if switcher is not None:
@@ -465,10 +520,24 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
             for group in opt.param_groups:
                 group["lr"] = schedule(epoch)
             perm = torch.randperm(len(y), generator=gen).to(x.device)
+            batch_end, batch_cb_time = None, [0.0]
+            if batch_cbs:
+                def batch_end(b, num_batches, epoch=epoch):
+                    start = time.perf_counter()
+                    with _measurement_rng(device, seed, epoch, 3 + b):
+                        for cb in batch_cbs:
+                            cb.on_batch_end(epoch, b, num_batches, model, history)
+                    batch_cb_time[0] += time.perf_counter() - start
             with _bar(progress, total=n_batches, leave=False, desc=f"epoch {epoch}") as batch_bar:
                 loss, acc = _train_epoch(model, opt, x, y, perm, current, schedule, epoch, batch_size,
-                                         attack_kw, beta, device, clock, batch_bar)
+                                         attack_kw, beta, device, clock, batch_bar, clean_update, batch_end)
             times = clock.collect()
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"training diverged in epoch {epoch}: the mean {current} training loss is {loss} (lr "
+                    f"{schedule(epoch):g}). Nothing of this epoch was kept"
+                    + (f"; the checkpoint in {ckpt.parent} holds the last finite epoch" if ckpt else "")
+                    + ". Try a smaller learning rate.")
             row = dict(epoch=epoch, strategy=current, lr=schedule(epoch), loss=loss, train_acc=acc,
                        time_attack=times.get("attack", 0.0), time_update=times.get("update", 0.0))
             if eval_xy is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
@@ -484,7 +553,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
             with _measurement_rng(device, seed, epoch, 1):
                 for cb in callbacks:
                     _call(cb, "on_epoch_end", epoch, model, history)
-            history.time_callbacks[-1] = time.perf_counter() - start
+            history.time_callbacks[-1] = time.perf_counter() - start + batch_cb_time[0]
             history.finished = bool(history.stop_reason) or epoch + 1 == epochs
             if ckpt is not None:
                 _save(ckpt, config, model, opt, gen, saved, history)
@@ -505,10 +574,32 @@ def _switch_cap(cap, epochs: int, milestones) -> int:
     if cap is None:
         cap = min(int(m) for m in milestones) if milestones else int(epochs) // 2
         cap = min(max(cap, 1), int(epochs) - 1)
-    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= int(epochs) - 1:
+    if not 1 <= _checks.count("switch_cap", cap) <= int(epochs) - 1:
         raise ValueError(f"switch_cap must be an integer in [1, epochs - 1 = {int(epochs) - 1}] "
                          f"(switch_epoch='auto' needs epochs >= 2), got {cap!r}")
     return cap
+
+
+def _checkpoint_file(checkpoint_dir) -> Path | None:
+    """``checkpoint_dir/checkpoint.pt``, the folder created now: a folder that is a file or cannot be
+    created is refused before any epoch is trained, not after the first."""
+    if checkpoint_dir is None:
+        return None
+    folder = Path(checkpoint_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"checkpoint_dir {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"checkpoint_dir {folder} cannot be created ({err.strerror or err})") from err
+    return folder / CHECKPOINT_NAME
+
+
+def _num_outputs(model: nn.Module, xb: torch.Tensor) -> int:
+    """The number of outputs k of ``model`` (one forward pass in eval mode, without gradients, which
+    changes no state and draws no random numbers); its logits must be (n, k) and finite."""
+    with evaluating(model), torch.no_grad():
+        return _checks.logits(model(xb), where="the model")
 
 
 def _call(cb, hook, *args):
@@ -589,7 +680,8 @@ def _resume(path: Path, config, model, opt, gen, callbacks, device) -> History:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read the checkpoint {path} ({err}); delete it to start over") from err
+        raise ValueError(f"cannot read the checkpoint {path} ({describe_load_error(err)}); "
+                         f"delete it to start over") from err
     if state.get("format") != _FORMAT:
         raise ValueError(f"the checkpoint {path} has format {state.get('format')}, expected {_FORMAT}")
     _check_config(state["config"], config, path.parent)

@@ -74,6 +74,13 @@ def test_cuda_without_cuda_is_a_clear_error():
 def test_unknown_device():
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         config.get_device("gpu0")
+    for name in ("mps", "meta", "xla", torch.device("meta")):
+        with pytest.raises(ValueError, match="unsupported device"):
+            config.get_device(name)
+    with pytest.raises(ValueError, match="unknown device 'cpu:3'"):
+        config.get_device("cpu:3")
+    assert config.get_device(torch.device("cpu")) == torch.device("cpu")
+    assert config.get_device(" cpu ") == torch.device("cpu")
 
 
 def test_seed_everything_repeats_all_generators():

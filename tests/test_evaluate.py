@@ -127,7 +127,7 @@ def test_bad_data(trained_cnn, mnist_small):
         evaluate.clean_accuracy(trained_cnn, (x[:0], y[:0]))
     with pytest.raises(ValueError, match="batch_size must be"):
         evaluate.clean_accuracy(trained_cnn, (x, y), batch_size=0)
-    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         evaluate.pgd_accuracy(trained_cnn, (x * 2, y), eps=EPS)
 
 

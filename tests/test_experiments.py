@@ -48,6 +48,97 @@ def test_cache_different_config_or_name_is_another_entry(tmp_path):
                 [("demo", CONFIG), ("demo", {**CONFIG, "eps": 0.2}), ("other", CONFIG)]}) == 3
 
 
+def test_cache_key_includes_the_source_of_the_package(tmp_path, monkeypatch):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    assert json.loads(cache.result_path("demo", CONFIG, root=tmp_path).with_suffix(".json").read_text())[
+        "source"] == cache.source_digest()
+    monkeypatch.setattr(cache, "_SOURCE", "0" * 16)             # as if another line of ntklab had changed
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    assert compute.calls == 2 and len(list((tmp_path / "demo").glob("*.pt"))) == 2
+
+
+def test_source_digest_follows_every_file_of_the_package(tmp_path, monkeypatch):
+    """The digest covers each .py file's path and bytes: computed on a copy of the package, one
+    changed character anywhere gives another digest."""
+    import shutil
+
+    copy = tmp_path / "ntklab"
+    shutil.copytree(os.path.dirname(ntklab.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def digest():
+        monkeypatch.setattr(cache, "_SOURCE", None)
+        monkeypatch.setattr(ntklab, "__file__", str(copy / "__init__.py"))
+        return cache.source_digest()
+
+    base = digest()
+    assert base == digest() and len(base) == 16
+    for name in ("plots.py", "experiments/strategies.py"):
+        path = copy / name
+        text = path.read_text()
+        path.write_text(text + "\n")                       # one more (empty) line
+        assert digest() != base, name
+        path.write_text(text)
+        assert digest() == base
+    (copy / "new_module.py").write_text("x = 1\n")
+    assert digest() != base
+
+
+def test_two_processes_asking_for_one_entry_compute_it_once(tmp_path):
+    """A second process that asks for an entry while the first computes it waits, then loads it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        from ntklab.experiments import cache
+        def compute():
+            with open({str(tmp_path / "calls")!r}, "a") as f:
+                f.write("x")
+            time.sleep(2)
+            return {{"value": 7}}
+        with cache.track() as paths:
+            result = cache.cached("demo", {{"a": 1}}, compute, root={str(tmp_path)!r})
+        print(paths[0][1], result["value"])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outputs == ["computed 7", "loaded 7"]
+    assert (tmp_path / "calls").read_text() == "x"
+
+
+def test_entries_and_clear(tmp_path, monkeypatch):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    cache.cached("other", CONFIG, compute, root=tmp_path)
+    (tmp_path / "demo" / f"{cache.config_key('demo', {'unfinished': 1})}.checkpoints").mkdir()
+    monkeypatch.setattr(cache, "_SOURCE", "f" * 16)
+    cache.cached("demo", CONFIG, compute, root=tmp_path)                # made by "other code"
+    found = cache.entries(tmp_path)
+    assert [e.name for e in found].count("demo") == 3 and len(found) == 4
+    assert sum(e.current for e in found) == 1 and sum(not e.finished for e in found) == 1
+    assert all(e.size > 0 or not e.finished for e in found)
+    stale = cache.clear(tmp_path, stale_only=True)
+    assert len(stale) == 3 and all(not e.current for e in stale)
+    assert [(e.name, e.current) for e in cache.entries(tmp_path)] == [("demo", True)]
+    assert cache.clear(tmp_path, names={"nothing"}) == []
+    assert len(cache.clear(tmp_path)) == 1 and cache.entries(tmp_path) == [] and not (tmp_path / "demo").exists()
+    assert cache.entries(tmp_path / "missing") == []
+
+
+def test_entries_are_written_with_the_folders_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        cache.cached("demo", CONFIG, Counter(), root=tmp_path)
+    finally:
+        os.umask(old)
+    path = cache.result_path("demo", CONFIG, root=tmp_path)
+    for p in (path, path.with_suffix(".json")):
+        assert p.stat().st_mode & 0o777 == 0o644, oct(p.stat().st_mode)
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []   # no temporary left
+
+
 def test_cache_key_includes_version(tmp_path, monkeypatch):
     before = cache.result_path("demo", CONFIG, root=tmp_path)
     compute = Counter()
@@ -58,7 +149,7 @@ def test_cache_key_includes_version(tmp_path, monkeypatch):
     assert compute.calls == 2
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign", "objects"])
 def test_cache_corrupt_entry_is_recomputed_with_warning(tmp_path, damage):
     compute = Counter()
     cache.cached("demo", CONFIG, compute, root=tmp_path)
@@ -70,10 +161,13 @@ def test_cache_corrupt_entry_is_recomputed_with_warning(tmp_path, damage):
         path.write_bytes(blob[: len(blob) // 2])
     elif damage == "empty":
         path.write_bytes(b"")
-    else:  # a readable file that is not an entry of this cache
+    elif damage == "foreign":  # a readable file that is not an entry of this cache
         torch.save({"something": "else"}, path)
-    with pytest.warns(UserWarning, match="unreadable.*recomputing"):
+    else:  # a pickle of Python objects, which weights_only refuses (torch suggests weights_only=False)
+        torch.save({"format": 1, "result": Counter()}, path)
+    with pytest.warns(UserWarning, match="unreadable.*recomputing") as caught:
         result = cache.cached("demo", CONFIG, compute, root=tmp_path)
+    assert "weights_only" not in str(caught[0].message)      # never the advice to unpickle it
     assert compute.calls == 2 and result["acc"] == 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -111,7 +205,8 @@ def test_cache_converts_numpy_and_rejects_objects(tmp_path):
         cache.cached("bad", CONFIG, Counter({"o": object()}), root=tmp_path)
     with pytest.raises(TypeError, match="JSON-serialisable"):
         cache.result_path("bad", {"f": object()})
-    assert not (tmp_path / "bad").exists()
+    assert [p.suffix for p in (tmp_path / "bad").iterdir()] == [".lock"]      # no result, no sidecar
+    assert cache.entries(tmp_path) == cache.entries(tmp_path)[:1] and cache.entries(tmp_path)[0].name == "np"
 
 
 # ---------------------------------------------------------------- registry and helpers
@@ -233,8 +328,10 @@ def test_strategies_second_run_loads_the_cache(strategies_run, monkeypatch):
     assert again["runs"]["multistep"]["pgd"]["clean_acc"] == result["runs"]["multistep"]["pgd"]["clean_acc"]
     assert torch.equal(again["runs"]["multistep"]["fgsm_rs"]["kernels"]["ae"],
                        result["runs"]["multistep"]["fgsm_rs"]["kernels"]["ae"])
-    assert sorted(p.suffix for p in (out / "strategies").iterdir()) == [".json", ".pt"]
-    assert len(list((out / "kernel_runs").glob("*.checkpoints"))) == 6
+    # the result, its sidecar and its lock file; each run's checkpoints are gone once it is stored
+    assert sorted(p.suffix for p in (out / "strategies").iterdir()) == [".json", ".lock", ".pt"]
+    assert len(list((out / "kernel_runs").glob("*.pt"))) == 6
+    assert not list((out / "kernel_runs").glob("*.checkpoints"))
 
 
 def test_strategies_paper_code_path(paper_profile):

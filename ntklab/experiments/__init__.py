@@ -24,10 +24,10 @@ from typing import Callable
 from torch import nn
 
 from ntklab.config import Profile, get_device, get_profile
-from ntklab.experiments.cache import cached, result_path, using_root
+from ntklab.experiments.cache import cached, checkpoint_dir, result_path, using_root
 
 __all__ = ["EXPERIMENTS", "register", "run", "list_experiments", "model_from_profile",
-           "data_from_profile", "train_kwargs", "trained_model", "cached", "result_path"]
+           "data_from_profile", "train_kwargs", "trained_model", "cached", "result_path", "checkpoint_dir"]
 
 EXPERIMENTS: dict[str, Callable] = {}
 
@@ -147,9 +147,8 @@ def trained_model(profile: Profile, strategy: str = "normal", *, device=None, fo
         train_set, test_set = data_from_profile(profile)
         seed_everything(profile.seed)
         model = model_from_profile(profile)
-        checkpoints = result_path(MODELS_ENTRY, config).with_suffix(".checkpoints")
         history = train(model, train_set, **kw, eval_set=test_set, device=device,
-                        checkpoint_dir=checkpoints, progress=progress)
+                        checkpoint_dir=checkpoint_dir(MODELS_ENTRY, config), progress=progress)
         return {"state_dict": model.state_dict(), "history": history.to_dict()}
 
     result = cached(MODELS_ENTRY, config, compute, force=force)

@@ -27,7 +27,7 @@ Chapter settings per profile (:func:`chapter_profile`; everything else is the pr
 * ``paper``: the profile as it is (200 epochs with decays at 100 and 150, PreAct ResNet-18, eps 8/255,
   PGD-10, a probe of ``n_probe``), kernels every ``epochs // 50`` epochs.
 
-The result (a dict, cached by config and package version):
+The result (a dict, cached by config and the package's source):
 
 * ``strategies``, ``schedules``: the names; ``runs[schedule][strategy]``: the result of
   :func:`kernel_run` without the weights (the multistep schedule has every strategy, the controls
@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import time
 
-from ntklab.experiments import (cached, data_from_profile, model_from_profile, register,
-                                result_path, train_kwargs)
+from ntklab.experiments import (cached, checkpoint_dir, data_from_profile, model_from_profile, register,
+                                train_kwargs)
 
 __all__ = ["run", "make_config", "kernel_run", "kernel_runs", "run_config", "chapter_profile", "CPUClock", "STRATEGIES", "SCHEDULES",
            "CONTROL_STRATEGIES", "NAME", "RUNS_ENTRY"]
@@ -113,7 +113,7 @@ def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool 
     from ntklab.config import get_device
 
     config = run_config(profile, strategy, schedule, ae, train_overrides)
-    checkpoints = result_path(RUNS_ENTRY, config).with_suffix(".checkpoints")
+    checkpoints = checkpoint_dir(RUNS_ENTRY, config)
     return cached(RUNS_ENTRY, config, lambda: _compute_run(profile, config, get_device(device), progress,
                                                            checkpoints), force=force)
 

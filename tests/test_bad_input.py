@@ -1,0 +1,263 @@
+"""Bad input is refused by ntklab itself, before any work, with a ValueError that names the argument.
+
+One test class per kind of input a probe of the package found accepted with meaningless results or
+refused only from deep inside torch: model sizes and statistics, labels and dtypes in attacks and
+evaluation, non-finite logits, kernel inputs, and training arguments. (The command line, the device
+and seed, and the data cache have their own tests in test_cli.py, test_config.py, test_data.py.)
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+import ntklab
+from ntklab import attacks, evaluate, models
+from ntklab.ntk import empirical_ntk
+from ntklab.train import Callback, train
+
+EPS = 0.3
+
+
+@pytest.fixture
+def batch(mnist_small):
+    x, y = mnist_small[1].tensors
+    return x[:16], y[:16]
+
+
+def nan_model(trained_cnn):
+    """A model whose logits are NaN (a broken weight)."""
+    model = copy.deepcopy(trained_cnn)
+    with torch.no_grad():
+        model.classifier[-1].weight[0, 0] = float("nan")
+    return model
+
+
+# ---------------------------------------------------------------- models
+class TestModels:
+    SIZES = [0, -1, 2.5, "8", True, None]
+
+    @pytest.mark.parametrize("value", SIZES)
+    @pytest.mark.parametrize("name", ["num_classes", "width", "in_channels", "image_size"])
+    def test_small_cnn_sizes(self, name, value):
+        with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1"):
+            models.SmallCNN(**{name: value})
+
+    @pytest.mark.parametrize("cls, name", [
+        (models.PreActResNet18, "num_classes"), (models.PreActResNet18, "width"),
+        (models.PreActResNet18, "in_channels"), (models.WideResNet, "widen"), (models.WideResNet, "num_classes"),
+        (models.WideResNet, "depth"), (models.TwoLayerNet, "width"), (models.TwoLayerNet, "in_features"),
+        (models.TwoLayerNet, "num_classes")])
+    @pytest.mark.parametrize("value", [0, -3, 1.5, "4"])
+    def test_other_model_sizes(self, cls, name, value):
+        with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1"):
+            cls(**{name: value})
+
+    def test_block_counts(self):
+        with pytest.raises(ValueError, match=r"num_blocks\[1\] must be an integer >= 1"):
+            models.PreActResNet18(num_blocks=(2, 0, 2, 2))
+        with pytest.raises(ValueError, match="num_blocks must be a sequence"):
+            models.PreActResNet18(num_blocks=())
+
+    @pytest.mark.parametrize("mean, std, message", [
+        ((float("nan"),), (0.3,), "must be finite"), ((0.1,), (float("inf"),), "must be finite"),
+        ((0.1,), (0.0,), "std must be positive"), ((0.1,), (-1.0,), "std must be positive"),
+        (("a",), (0.3,), "sequences of numbers"), ((0.1, 0.2), (0.3, 0.3), "need 1 values")])
+    def test_normalisation_statistics(self, mean, std, message):
+        with pytest.raises(ValueError, match=message):
+            models.SmallCNN(mean=mean, std=std)
+
+
+# ---------------------------------------------------------------- attacks, losses and evaluation
+ATTACK_CALLS = {
+    "fgsm": lambda m, x, y, **kw: attacks.fgsm(m, x, y, eps=EPS, **kw),
+    "fgsm_rs": lambda m, x, y, **kw: attacks.fgsm_rs(m, x, y, eps=EPS, **kw),
+    "n_fgsm": lambda m, x, y, **kw: attacks.n_fgsm(m, x, y, eps=EPS, **kw),
+    "fgsm_aniso": lambda m, x, y, **kw: attacks.fgsm_aniso(m, x, y, eps=EPS, **kw),
+    "pgd": lambda m, x, y, **kw: attacks.pgd(m, x, y, eps=EPS, alpha=0.1, steps=2, **kw),
+    "trades": lambda m, x, y, **kw: attacks.trades_loss(m, x, y, eps=EPS, alpha=0.1, steps=2, **kw),
+    "by name": lambda m, x, y, **kw: attacks.adversarial_examples("pgd", m, x, y, eps=EPS, steps=2, **kw),
+    "clean accuracy": lambda m, x, y, **kw: evaluate.clean_accuracy(m, (x, y)),
+    "pgd accuracy": lambda m, x, y, **kw: evaluate.pgd_accuracy(m, (x, y), eps=EPS, steps=2),
+    "worst case": lambda m, x, y, **kw: evaluate.worst_case_accuracy(m, (x, y), eps=EPS, steps=2),
+    "autoattack": lambda m, x, y, **kw: evaluate.autoattack_accuracy(m, (x, y), eps=EPS, version="custom",
+                                                                     attacks=["apgd-ce"]),
+}
+
+
+class TestAttacksAndEvaluation:
+    @pytest.mark.parametrize("bad", [-1, -100, 10, 99])
+    @pytest.mark.parametrize("name", ATTACK_CALLS)
+    def test_labels_out_of_range(self, name, bad, trained_cnn, batch):
+        """-100 is torch's "ignore" label and -1 fails deep inside cross_entropy: both are refused."""
+        x, y = batch
+        y = y.clone()
+        y[3] = bad
+        with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
+            ATTACK_CALLS[name](trained_cnn, x, y)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+    @pytest.mark.parametrize("name", ATTACK_CALLS)
+    def test_labels_not_integers(self, name, dtype, trained_cnn, batch):
+        x, y = batch
+        with pytest.raises(ValueError, match="integer|labels must be integers"):
+            ATTACK_CALLS[name](trained_cnn, x, y.to(dtype))
+
+    @pytest.mark.parametrize("name", ATTACK_CALLS)
+    def test_inputs_of_another_dtype_than_the_model(self, name, trained_cnn, batch):
+        x, y = batch
+        with pytest.raises(ValueError, match=r"dtype torch.float64 but the model computes in torch.float32"):
+            ATTACK_CALLS[name](trained_cnn, x.double(), y)
+
+    @pytest.mark.parametrize("name", ATTACK_CALLS)
+    def test_model_with_non_finite_logits(self, name, trained_cnn, batch):
+        """FGSM used to return x unchanged from a NaN model; accuracies used to be computed on NaN."""
+        x, y = batch
+        with pytest.raises(ValueError, match="logits that are not finite"):
+            ATTACK_CALLS[name](nan_model(trained_cnn), x, y)
+
+    @pytest.mark.parametrize("name", ATTACK_CALLS)
+    def test_non_finite_or_integer_images(self, name, trained_cnn, batch):
+        x, y = batch
+        x_nan = x.clone()
+        x_nan[-1, 0, -1, -1] = float("nan")
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            ATTACK_CALLS[name](trained_cnn, x_nan, y)
+        with pytest.raises(ValueError, match="floating-point tensor, got dtype torch.uint8"):
+            ATTACK_CALLS[name](trained_cnn, (x * 255).to(torch.uint8), y)
+
+    def test_eps_zero_needs_no_step_size(self, trained_cnn, batch):
+        """eps = 0 through the by-name entry point: the default step eps / 4 would be 0 (refused)."""
+        x, y = batch
+        for name in attacks.ATTACKS:
+            steps = 3 if name == "pgd" else None
+            assert torch.equal(attacks.adversarial_examples(name, trained_cnn, x, y, eps=0.0, steps=steps), x)
+        loss, x_adv = attacks.trades_loss(trained_cnn, x, y, eps=0.0, alpha=None, steps=2)
+        assert torch.equal(x_adv, x) and torch.isfinite(loss)
+        assert evaluate.pgd_accuracy(trained_cnn, (x, y), eps=0.0) == evaluate.clean_accuracy(trained_cnn, (x, y))
+
+    @pytest.mark.parametrize("kw, message", [
+        (dict(eps=-0.1), "eps must be >= 0"), (dict(eps=float("inf")), "eps must be a finite number"),
+        (dict(alpha=0.0), "alpha must be > 0"), (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(steps=2.0), "steps must be an integer >= 1"), (dict(restarts=0), "restarts must be an integer")])
+    def test_evaluation_arguments(self, kw, message, trained_cnn, batch):
+        with pytest.raises(ValueError, match=message):
+            evaluate.pgd_accuracy(trained_cnn, batch, **{"eps": EPS, **kw})
+
+
+# ---------------------------------------------------------------- kernels
+class TestKernels:
+    def test_non_finite_inputs_anywhere(self, trained_cnn, batch):
+        x, _ = batch
+        for value in (float("nan"), float("inf"), -float("inf")):
+            bad = x[:4].clone()
+            bad[-1, 0, 27, 27] = value                       # the last pixel of the last input
+            with pytest.raises(ValueError, match="x1 contains NaN or infinite values"):
+                empirical_ntk(trained_cnn, bad, kind="trace")
+            with pytest.raises(ValueError, match="x2 contains NaN or infinite values"):
+                empirical_ntk(trained_cnn, x[:4], bad, kind="trace")
+
+    @pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+    def test_integer_images(self, dtype, trained_cnn, batch):
+        """uint8 images in 0-255 used to give kernels 10^4 times too large."""
+        x, _ = batch
+        with pytest.raises(ValueError, match=rf"x1 must be a floating-point tensor, got dtype {dtype}"):
+            empirical_ntk(trained_cnn, (x[:4] * 255).to(dtype), kind="trace")
+
+    def test_float64_inputs_follow_the_model(self, trained_cnn, batch):
+        x, _ = batch
+        K = empirical_ntk(trained_cnn, x[:4].double(), kind="trace")
+        assert K.dtype == torch.float32 and torch.equal(K, empirical_ntk(trained_cnn, x[:4], kind="trace"))
+
+
+# ---------------------------------------------------------------- training
+def tiny_train(mnist_small, **kw):
+    torch.manual_seed(0)
+    model = models.SmallCNN(width=2, mean=ntklab.data.stats("mnist5k")[0], std=ntklab.data.stats("mnist5k")[1])
+    before = copy.deepcopy(model.state_dict())
+    args = dict(strategy="pgd", epochs=1, batch_size=64, eps=EPS, steps=2, progress=False, device="cpu")
+    args.update(kw)
+    return model, before, lambda: train(model, ntklab.data.subset(mnist_small[0], 128, seed=0), **args)
+
+
+def unchanged(model, before):
+    return all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class TestTraining:
+    @pytest.mark.parametrize("kw, message", [
+        (dict(lr=float("nan")), "lr must be a finite number"), (dict(lr=float("inf")), "lr must be a finite"),
+        (dict(lr=0.0), "lr must be > 0"), (dict(lr=-0.1), "lr must be > 0"),
+        (dict(lr=0.1, lr_schedule="cosine"), None),
+        (dict(epochs=2.5), "epochs must be an integer >= 0"), (dict(epochs="3"), "epochs must be an integer"),
+        (dict(epochs=-1), "epochs must be an integer >= 0"), (dict(batch_size=0), "batch_size must be"),
+        (dict(momentum=-0.5), "momentum must be >= 0"), (dict(weight_decay=float("nan")), "weight_decay must"),
+        (dict(gamma=0.0, milestones=(1,)), "gamma must be > 0"),
+        (dict(milestones=(1.5,)), "milestones must be an integer"), (dict(milestones=3), "milestones must be a"),
+        (dict(seed=-1), "seed must be an integer >= 0"), (dict(seed=2**64), r"seed must be an integer in \[0, 2\*\*63\)"),
+        (dict(switch_epoch=0.5), "switch_epoch must be an integer"), (dict(eval_steps=0), "eval_steps must be"),
+    ])
+    def test_arguments_refused_before_any_epoch(self, kw, message, mnist_small):
+        if message is None:
+            return                                   # a valid combination, listed to show the others differ
+        model, before, run = tiny_train(mnist_small, **kw)
+        with pytest.raises(ValueError, match=message):
+            run()
+        assert unchanged(model, before)
+
+    @pytest.mark.parametrize("kw, message", [
+        (dict(eps=-1.0), "eps must be >= 0"), (dict(alpha=0.0), "alpha must be > 0"),
+        (dict(steps=0), "steps must be an integer >= 1"), (dict(attack_bn_mode="batch"), "attack_bn_mode"),
+        (dict(strategy="fgsm", alpha=0.1, steps=None), "'fgsm' takes no alpha"),
+    ])
+    def test_attack_arguments_checked_before_the_normal_epochs(self, kw, message, mnist_small):
+        """With switch_epoch the first epochs are normal training: the attack's arguments are still
+        checked before them, not after the switch."""
+        model, before, run = tiny_train(mnist_small, epochs=2, switch_epoch=1, **kw)
+        with pytest.raises(ValueError, match=message):
+            run()
+        assert unchanged(model, before)
+
+    def test_checkpoint_dir_that_is_a_file(self, mnist_small, tmp_path):
+        afile = tmp_path / "afile"
+        afile.write_text("x")
+        model, before, run = tiny_train(mnist_small, checkpoint_dir=afile)
+        with pytest.raises(ValueError, match="checkpoint_dir .* is a file, not a folder"):
+            run()
+        assert unchanged(model, before)
+        model, before, run = tiny_train(mnist_small, checkpoint_dir="/proc/ntklab-checkpoints")
+        with pytest.raises(ValueError, match="checkpoint_dir .* cannot be created"):
+            run()
+
+    def test_labels_and_dtypes_of_the_data(self, mnist_small):
+        x, y = ntklab.data.subset(mnist_small[0], 64, seed=0).tensors
+        model, before, _ = tiny_train(mnist_small)
+        bad = y.clone()
+        bad[5] = 10
+        with pytest.raises(ValueError, match=r"labels of train_set must lie in \[0, 10\)"):
+            train(model, (x, bad), strategy="normal", epochs=1, progress=False)
+        with pytest.raises(ValueError, match=r"labels of eval_set must lie in \[0, 10\)"):
+            train(model, (x, y), strategy="normal", epochs=1, eval_set=(x, bad), progress=False)
+        with pytest.raises(ValueError, match="dtype torch.float64 but the model computes in torch.float32"):
+            train(model, (x.double(), y), strategy="normal", epochs=1, progress=False)
+        assert unchanged(model, before)
+
+    def test_eps_zero_trains(self, mnist_small):
+        """Adversarial training at radius 0 is normal training; the default step eps / 4 = 0 used to be refused."""
+        model, _, run = tiny_train(mnist_small, eps=0.0, alpha=None)
+        history = run()
+        assert history.finished and math.isfinite(history.loss[0])
+
+    def test_a_loss_that_becomes_nan_stops_the_run(self, mnist_small, tmp_path):
+        class Breaker(Callback):
+            def on_epoch_end(self, epoch, model, history):
+                if epoch == 0:
+                    with torch.no_grad():
+                        model.classifier[-1].weight.fill_(float("nan"))
+
+        model, _, run = tiny_train(mnist_small, strategy="normal", steps=None, epochs=3, callbacks=[Breaker()],
+                                   checkpoint_dir=tmp_path)
+        with pytest.raises(FloatingPointError, match="training diverged in epoch 1.*loss is nan"):
+            run()
+        saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert saved["history"]["epoch"] == [0] and not saved["history"]["finished"]
