@@ -423,7 +423,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         if not 0 < _checks.number("switch_threshold", switch_threshold) < 1:
             raise ValueError(f"switch_threshold must be in (0, 1), got {switch_threshold!r}")
         switch_probe = _checks.count("switch_probe", switch_probe, minimum=2)
-    elif isinstance(switch_epoch, str):
+    elif isinstance(switch_epoch, (str, bool)):
         raise ValueError(f"switch_epoch must be 'auto', None or an integer in [0, epochs={epochs}], "
                          f"got {switch_epoch!r}")
     elif switch_epoch is not None and not 0 <= _checks.count("switch_epoch", switch_epoch, minimum=0) <= epochs:
@@ -574,7 +574,7 @@ def _switch_cap(cap, epochs: int, milestones) -> int:
     if cap is None:
         cap = min(int(m) for m in milestones) if milestones else int(epochs) // 2
         cap = min(max(cap, 1), int(epochs) - 1)
-    if not 1 <= _checks.count("switch_cap", cap) <= int(epochs) - 1:
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= int(epochs) - 1:
         raise ValueError(f"switch_cap must be an integer in [1, epochs - 1 = {int(epochs) - 1}] "
                          f"(switch_epoch='auto' needs epochs >= 2), got {cap!r}")
     return cap
