@@ -15,7 +15,9 @@ A callback is any object with some of the methods of :class:`Callback` (all opti
 The loop (:func:`ntklab.train.train`) runs callbacks with the model on the training device and with
 a forked random state seeded from the run's seed and the epoch, so that taking measurements never
 changes the training trajectory. Their wall time is recorded apart
-from the training time. Introduced in chapter 4 (kernel snapshots) and chapter 6 (the check).
+from the training time. Introduced in chapter 4 (kernel snapshots) and chapter 6 (the check);
+:class:`AutoSwitch` (chapter 5) is the measurement behind ``train(..., switch_epoch="auto")``, whose
+time counts as training time.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from torch import nn
 from ntklab.attacks import attack_mode
 from ntklab.evaluate import model_device, clean_accuracy
 
-__all__ = ["Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "ParameterSnapshots", "evaluating"]
+__all__ = ["Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "ParameterSnapshots", "AutoSwitch",
+           "evaluating"]
 
 log = logging.getLogger("ntklab.train")
 
@@ -225,6 +228,96 @@ class CatastrophicOverfittingDetector(Callback):
     def load_state_dict(self, state) -> None:
         self.best = state["best"]
         self.flagged_epochs = list(state["flagged_epochs"])
+
+
+def _check_switch(cap, threshold) -> None:
+    from ntklab import _checks
+
+    _checks.count("cap", cap)
+    if not 0 < _checks.number("threshold", threshold) < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+
+
+class AutoSwitch(Callback):
+    """The switch epoch of the cost-saving schedule, chosen from the kernel velocity (chapter 5).
+
+    Li et al. (arXiv 2312.02236) train normally first and adversarially from a switch epoch on,
+    picked by hand, arguing that in the lazy phase the kernel hardly moves whatever the strategy.
+    This callback picks the epoch instead: it takes the centred trace NTK (see
+    :func:`ntklab.metrics.center_kernel`) of a small fixed probe set at initialisation and after
+    every epoch until it decides; the velocity over epoch t is KD(K_t, K_{t+1}) per unit of
+    learning rate (divided by ``lr_of_epoch(t)``). The first epoch's velocity is the reference;
+    training switches after the first epoch whose velocity is at most ``threshold`` times the
+    reference (:func:`ntklab.metrics.lazy_onset`: lazy training has begun), and at the latest at
+    epoch ``cap``, so a run with ``cap < epochs`` never ends without adversarial training. With a
+    constant learning rate before ``cap`` (the multistep schedules of the book) per unit of learning
+    rate and per epoch are the same.
+
+    probe_x: (n, C, H, W) in [0, 1], e.g. 32 class-balanced training images (cost: one trace NTK of
+        n images per epoch until the switch). cap: an epoch >= 1. threshold: in (0, 1).
+    lr_of_epoch: the mean learning rate of a 0-based epoch (default: ``history.lr`` of that epoch).
+
+    Each measured epoch logs ``switch_velocity`` into the history; after the decision
+    ``switch_epoch`` is the chosen 0-based epoch (``None`` before). :func:`ntklab.train.train` builds
+    one for ``switch_epoch="auto"``, counts its time as training time and checkpoints its state.
+    """
+
+    def __init__(self, probe_x: torch.Tensor, cap: int, *, threshold: float = 0.2,
+                 lr_of_epoch=None, implementation: str = "auto"):
+        _check_switch(cap, threshold)
+        self.probe_x, self.cap, self.threshold = probe_x, cap, float(threshold)
+        self.lr_of_epoch, self.implementation = lr_of_epoch, implementation
+        self._kernel: torch.Tensor | None = None
+        self.velocities: list[float] = []
+        self.switch_epoch: int | None = None
+
+    @staticmethod
+    def decide(velocities, threshold: float, cap: int) -> int | None:
+        """The switch epoch after ``len(velocities)`` measured epochs, or ``None`` (not yet):
+        one past the lazy onset of :func:`ntklab.metrics.lazy_onset`, at most ``cap``, and ``cap``
+        once ``cap`` epochs are done."""
+        from ntklab.metrics import lazy_onset
+
+        _check_switch(cap, threshold)
+        onset = lazy_onset(velocities, lazy_below=threshold) if velocities else None
+        if onset is not None:
+            return min(onset + 1, cap)
+        return cap if len(velocities) >= cap else None
+
+    def _measure(self, model) -> torch.Tensor:
+        from ntklab import ntk
+
+        x = self.probe_x.to(model_device(model, None))
+        return ntk.empirical_ntk(model, x, kind="trace", implementation=self.implementation).detach().cpu()
+
+    def on_train_begin(self, model, history):
+        if self._kernel is None and len(history) == 0 and self.switch_epoch is None:
+            self._kernel = self._measure(model)
+
+    def on_epoch_end(self, epoch, model, history):
+        from ntklab.metrics import kernel_distance
+
+        if self.switch_epoch is not None:
+            return
+        kernel = self._measure(model)
+        lr = self.lr_of_epoch(epoch) if self.lr_of_epoch is not None else history.lr[-1]
+        if not lr > 0:
+            raise ValueError(f"AutoSwitch needs a positive learning rate; epoch {epoch} has {lr!r}")
+        velocity = kernel_distance(self._kernel, kernel, center=True) / lr
+        self._kernel = kernel
+        self.velocities.append(velocity)
+        history.log("switch_velocity", velocity)
+        self.switch_epoch = self.decide(self.velocities, self.threshold, self.cap)
+        if self.switch_epoch is not None:
+            self._kernel = None  # no more measurements, nothing more to keep
+
+    def state_dict(self):
+        return {"kernel": self._kernel, "velocities": list(self.velocities), "switch_epoch": self.switch_epoch}
+
+    def load_state_dict(self, state) -> None:
+        self._kernel = state["kernel"]
+        self.velocities = [float(v) for v in state["velocities"]]
+        self.switch_epoch = state["switch_epoch"]
 
 
 class ParameterSnapshots(Callback):

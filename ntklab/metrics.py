@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["center_kernel", "kernel_distance", "kernel_velocity", "effective_rank", "top_concentration",
-           "polar_dynamics", "alignment", "kernel_specialization"]
+           "polar_dynamics", "alignment", "kernel_specialization", "lazy_onset", "split_phases", "PHASES"]
 
 
 def _to_numpy(K, name="K"):
@@ -236,3 +236,84 @@ def kernel_specialization(K_full, labels) -> tuple[float, np.ndarray]:
     if denominator == 0:
         raise ValueError("kernel specialization is undefined: the off-diagonal alignments average to zero")
     return float(np.mean(np.diag(S)) / denominator), S
+
+
+# ------------------------------------------------------------------ phases of a velocity curve
+PHASES = ("kernel learning", "lazy training")
+LAZY_BELOW = 0.2       # lazy once the velocity is at most a fifth of the first epoch's
+RISE_ABOVE = 3.0       # learning again once it is more than 3x the recent lazy level
+LAZY_WINDOW = 3        # the recent lazy level: median of the last 3 lazy values
+
+
+def _velocity_curve(velocity, name="velocity"):
+    v = np.asarray(velocity, dtype=np.float64)
+    if v.ndim != 1 or v.size < 1:
+        raise ValueError(f"{name} must be a non-empty 1-d sequence, got shape {v.shape}")
+    if not np.all(np.isfinite(v)) or np.any(v < 0):
+        raise ValueError(f"{name} must hold finite values >= 0")
+    if v[0] <= 0:
+        raise ValueError(f"{name}[0] (the first epoch's velocity, the reference) must be > 0")
+    return v
+
+
+def lazy_onset(velocity, *, lazy_below: float = LAZY_BELOW) -> int | None:
+    """Index of the first value of a velocity curve at or below ``lazy_below`` times its first value
+    (the start of lazy training); ``None`` if it never gets there. Chapters 4 and 5.
+
+    velocity: T >= 1 values >= 0 (e.g. :func:`kernel_velocity` of the snapshots after every epoch:
+    entry t is the velocity over epoch t), ``velocity[0] > 0``; lazy_below in (0, 1). The first
+    value is the reference, so the answer is ``None`` or in [1, T). The rule behind
+    :func:`split_phases` and the automatic switch epoch of :func:`ntklab.train.train` (chapter 5).
+    """
+    v = _velocity_curve(velocity)
+    if not 0 < lazy_below < 1:
+        raise ValueError(f"lazy_below must be in (0, 1), got {lazy_below!r}")
+    below = np.flatnonzero(v[1:] <= lazy_below * v[0])
+    return int(below[0]) + 1 if below.size else None
+
+
+def split_phases(velocity, *, lazy_below: float = LAZY_BELOW, rise_above: float = RISE_ABOVE,
+                 window: int = LAZY_WINDOW) -> list[tuple[str, int, int]]:
+    """Split a kernel-velocity curve into phases of kernel learning and lazy training (chapter 4).
+
+    Li et al. (arXiv 2312.02236) describe three phases of the NTK under (adversarial) training:
+    kernel learning, lazy training (the kernel nearly static), and kernel learning again after the
+    learning-rate decay. This function names the phases of one curve with thresholds fixed before
+    any run:
+
+    * kernel learning from the start until the first value at or below ``lazy_below`` times the
+      first value (:func:`lazy_onset`; default 0.2, i.e. a fall by 5x);
+    * from there on, a value is lazy training unless it exceeds ``rise_above`` (default 3) times the
+      recent lazy level, the median of the last ``window`` (default 3) values labelled lazy before
+      it; such a value is kernel learning again (and later values can be lazy again).
+
+    velocity: T >= 1 values >= 0 with ``velocity[0] > 0``, one per epoch (per epoch or per unit of
+    learning rate: the function does not care, the caller says which). Returns a list of
+    ``(phase, start, stop)`` with ``phase`` in :data:`PHASES` and ``velocity[start:stop]`` the
+    phase's values, consecutive and covering ``range(T)``. A curve that never falls below the
+    threshold is one phase of kernel learning.
+
+        >>> split_phases([1.0, 0.5, 0.1, 0.1, 0.1, 0.5, 0.1])
+        [('kernel learning', 0, 2), ('lazy training', 2, 5), ('kernel learning', 5, 6), ('lazy training', 6, 7)]
+    """
+    v = _velocity_curve(velocity)
+    if not rise_above > 1:
+        raise ValueError(f"rise_above must be > 1, got {rise_above!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    onset = lazy_onset(v, lazy_below=lazy_below)
+    learning, lazy = PHASES
+    labels = [learning] * len(v)
+    if onset is not None:
+        recent = [v[onset]]
+        labels[onset] = lazy
+        for t in range(onset + 1, len(v)):
+            if v[t] <= rise_above * float(np.median(recent[-window:])):
+                labels[t] = lazy
+                recent.append(v[t])
+    phases, start = [], 0
+    for t in range(1, len(v) + 1):
+        if t == len(v) or labels[t] != labels[start]:
+            phases.append((labels[start], start, t))
+            start = t
+    return phases

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["kernel_heatmap", "image_grid", "accuracy_curves", "loglog_curves", "eigenvalue_spectra"]
+__all__ = ["kernel_heatmap", "image_grid", "accuracy_curves", "loglog_curves", "eigenvalue_spectra", "kernel_curves",
+           "distance_matrix"]
 
 
 def _np(a) -> np.ndarray:
@@ -170,6 +171,58 @@ def eigenvalue_spectra(spectra: dict, *, ax=None, title: str | None = None, top:
     ax.set_ylabel("lambda_i / sum_j lambda_j")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def kernel_curves(x, curves: dict, *, ax=None, decays: Sequence[float] = (), logy: bool = False,
+                  xlabel: str = "epoch", ylabel: str = "", title: str | None = None, styles: dict | None = None):
+    """Curves of a kernel quantity over training (velocity, distance, effective rank, ...), with the
+    learning-rate decays marked by dotted vertical lines (chapters 4 and 5).
+
+    x: the common x values (or a dict label -> x values); curves: label -> values (``None`` entries
+    are skipped); decays: x positions of the decays; styles: label -> keyword arguments of
+    ``ax.plot`` (e.g. ``{"ls": "--"}``). Returns the Axes.
+    """
+    ax = ax or plt.gca()
+    for label, values in curves.items():
+        xs = _np(x[label] if isinstance(x, dict) else x).astype(float)
+        ys = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+        if xs.shape != ys.shape:
+            raise ValueError(f"curve {label!r} has {ys.size} values for {xs.size} x values")
+        ax.plot(xs, ys, marker=".", label=label, **(styles or {}).get(label, {}))
+    for i, d in enumerate(decays):
+        ax.axvline(d, color="gray", ls=":", lw=1, label="lr decay" if i == 0 else None)
+    if logy:
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def distance_matrix(D, ticks=None, *, ax=None, title: str | None = None, label: str = "kernel distance",
+                    cmap: str = "magma"):
+    """Show a (T, T) matrix of distances between snapshots (e.g. kernel distance between all pairs
+    of epochs, chapter 4), with ``ticks`` (T,) naming the snapshots. Returns the Axes."""
+    D = _np(D)
+    if D.ndim != 2 or D.shape[0] != D.shape[1]:
+        raise ValueError(f"distance_matrix expects a square (T, T) matrix, got shape {D.shape}")
+    ax = ax or plt.gca()
+    im = ax.imshow(D, cmap=cmap, interpolation="nearest", origin="lower")
+    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+    if ticks is not None:
+        ticks = list(_np(ticks))
+        if len(ticks) != D.shape[0]:
+            raise ValueError(f"ticks needs one entry per row ({D.shape[0]}), got {len(ticks)}")
+        step = max(1, len(ticks) // 10)
+        ax.set_xticks(range(0, len(ticks), step), [str(t) for t in ticks[::step]])
+        ax.set_yticks(range(0, len(ticks), step), [str(t) for t in ticks[::step]])
     if title:
         ax.set_title(title)
     return ax

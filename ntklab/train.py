@@ -14,11 +14,12 @@ Strategies (``strategy=``), each a minimisation of the cross-entropy on the inpu
 
 ``switch_epoch=s`` trains normally for epochs 0..s-1 and with ``strategy`` from epoch s on: the
 cost-saving schedule that Li et al. derive from the "kernel learning, lazy training, kernel learning"
-evolution of the NTK (chapter 5). ``clean_update=True`` gives every adversarial batch an update on its
-clean inputs before the adversarial one, the rule of Loo et al.'s code (chapter 8). The optimiser is
-SGD with momentum and weight decay; the learning
-rate follows a :class:`LRSchedule`. Inputs are images in [0, 1]; the attacks come from
-:mod:`ntklab.attacks` and never touch parameter gradients.
+evolution of the NTK (chapter 5). ``switch_epoch="auto"`` picks s during the run from the kernel
+velocity on a small probe set (:class:`ntklab.callbacks.AutoSwitch`), at the latest at a cap.
+``clean_update=True`` gives every adversarial batch an update on its clean inputs before the
+adversarial one, the rule of Loo et al.'s code (chapter 8). The optimiser is SGD with momentum and
+weight decay; the learning rate follows a :class:`LRSchedule`. Inputs are images in [0, 1]; the
+attacks come from :mod:`ntklab.attacks` and never touch parameter gradients.
 
 :func:`train` returns a :class:`History`; with ``checkpoint_dir`` a run survives interruption and
 resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`. Introduced in chapter 1;
@@ -40,7 +41,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ntklab import _checks
-from ntklab.callbacks import CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
+from ntklab.callbacks import AutoSwitch, CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
 from ntklab.config import get_device
 from ntklab.data import as_tensors, describe_load_error, subset
 
@@ -52,7 +53,7 @@ STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "
 SCHEDULES = ("multistep", "cosine", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = 1
-_TIME_KEYS = ("time_attack", "time_update", "time_eval", "time_callbacks")
+_TIME_KEYS = ("time_attack", "time_update", "time_eval", "time_callbacks", "time_switch")
 
 
 # ------------------------------------------------------------------ learning-rate schedules
@@ -71,6 +72,13 @@ class LRSchedule:
 
     def describe(self) -> dict:
         return {"class": type(self).__name__, **{k: v for k, v in vars(self).items()}}
+
+    def epoch_mean(self, epoch: int, num_batches: int = 1) -> float:
+        """The mean rate over the ``num_batches`` batches of a 0-based epoch: the epoch's length in
+        gradient-flow time per step (chapter 4 measures kernel velocity per unit of it)."""
+        if not self.per_batch:
+            return self(epoch)
+        return sum(self(epoch, b, num_batches) for b in range(num_batches)) / num_batches
 
 
 class MultiStepLR(LRSchedule):
@@ -136,9 +144,14 @@ class History:
     on the inputs the update saw (the adversarial examples under AT; ``None`` for TRADES, whose
     loss hides its logits); clean_acc, pgd_acc: on the fixed evaluation subset (``None`` when not
     evaluated that epoch); time_attack, time_update, time_eval, time_callbacks: wall seconds
-    (for TRADES the loss's own forward passes fall in time_attack, inside ``trades_loss``).
+    (for TRADES the loss's own forward passes fall in time_attack, inside ``trades_loss``);
+    time_switch: seconds the automatic switch (``switch_epoch="auto"``) spent measuring kernels,
+    part of the training time since the schedule cannot do without it (0 otherwise).
     extra: per-epoch values logged by callbacks (``log``), padded with ``None``.
-    ``training_time`` = attack + update time, excluding measurement. JSON-ready via ``to_dict``.
+    switch_epoch: the 0-based epoch from which ``strategy`` was used when a switch was asked for
+    (the one chosen, under ``"auto"``; ``None`` while undecided or without a switch).
+    ``training_time`` = attack + update (+ switch) time, excluding measurement. JSON-ready via
+    ``to_dict``.
     """
 
     epoch: list = field(default_factory=list)
@@ -152,10 +165,12 @@ class History:
     time_update: list = field(default_factory=list)
     time_eval: list = field(default_factory=list)
     time_callbacks: list = field(default_factory=list)
+    time_switch: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     time_begin: float = 0.0  # callbacks' on_train_begin (e.g. the kernel at initialisation)
     stop_reason: str | None = None
     finished: bool = False
+    switch_epoch: int | None = None
 
     _ROW = ("epoch", "strategy", "lr", "loss", "train_acc", "clean_acc", "pgd_acc") + _TIME_KEYS
 
@@ -185,8 +200,9 @@ class History:
 
     @property
     def training_time(self) -> float:
-        """Seconds spent crafting attacks and updating weights (evaluation and callbacks excluded)."""
-        return float(sum(self.time_attack) + sum(self.time_update))
+        """Seconds spent crafting attacks, updating weights and, under ``switch_epoch="auto"``,
+        measuring the kernel velocity that decides the switch (evaluation and callbacks excluded)."""
+        return float(sum(self.time_attack) + sum(self.time_update) + sum(self.time_switch))
 
     @property
     def measurement_time(self) -> float:
@@ -202,8 +218,11 @@ class History:
     @classmethod
     def from_dict(cls, d: dict) -> "History":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (dict(v) if k == "extra" else list(v) if isinstance(v, (list, tuple)) else v)
-                      for k, v in d.items() if k in names})
+        history = cls(**{k: (dict(v) if k == "extra" else list(v) if isinstance(v, (list, tuple)) else v)
+                         for k, v in d.items() if k in names})
+        if not history.time_switch:  # written before time_switch existed
+            history.time_switch = [0.0] * len(history)
+        return history
 
 
 # ------------------------------------------------------------------ helpers
@@ -373,7 +392,8 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
           milestones: Sequence[int] = (), gamma: float = 0.1, batch_size: int = 128,
           eps: float = 0.3, alpha: float | None = None, steps: int | None = None, beta: float = 6.0,
           attack_bn_mode: str = "eval", attack_kwargs: dict | None = None,
-          switch_epoch: int | None = None, callbacks=(),
+          switch_epoch: int | str | None = None, switch_threshold: float = 0.2, switch_probe: int = 32,
+          switch_cap: int | None = None, callbacks=(),
           eval_set=None, eval_every: int = 1, eval_size: int | None = 500, eval_eps: float | None = None,
           eval_alpha: float | None = None, eval_steps: int = 10, device=None, seed: int = 0,
           checkpoint_dir=None, progress: bool = True, clean_update: bool = False) -> History:
@@ -394,7 +414,16 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         "scale": 0.5}`` for ``"fgsm_pca"``; tensors are moved to ``device``. ``"fgsm_pca"`` without a
         ``"basis"`` uses :func:`ntklab.attacks.pca_noise_basis` of the training images, computed once
         before the first epoch (chapter 6).
-    switch_epoch: train normally before this 0-based epoch and with ``strategy`` from it on.
+    switch_epoch: train normally before this 0-based epoch and with ``strategy`` from it on;
+        ``"auto"``: switch once lazy training has begun (chapter 5, :class:`ntklab.callbacks.AutoSwitch`):
+        after each epoch the centred trace NTK of ``switch_probe`` class-balanced training images
+        (drawn with ``seed``) is taken, and training switches after the first epoch whose kernel
+        velocity per unit of learning rate is at most ``switch_threshold`` times the first epoch's,
+        at the latest at epoch ``switch_cap`` (default: the first milestone of a multistep
+        schedule, else ``epochs // 2``; at most ``epochs - 1``, so AT always gets an epoch). The
+        measurement's time counts as training time (``History.time_switch``); the chosen epoch is
+        ``History.switch_epoch``. ``switch_threshold``, ``switch_probe``, ``switch_cap`` are used
+        only with ``"auto"``.
     callbacks: objects with the hooks of :class:`ntklab.callbacks.Callback`.
     eval_set, eval_every, eval_size, eval_eps, eval_alpha, eval_steps: every ``eval_every``
         epochs (and after the last), clean and PGD-``eval_steps`` accuracy (radius ``eval_eps``,
@@ -421,13 +450,23 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies are: {', '.join(STRATEGIES)}")
     epochs = _checks.count("epochs", epochs, minimum=0)
     batch_size = _checks.count("batch_size", batch_size)
-    if switch_epoch is not None and not 0 <= _checks.count("switch_epoch", switch_epoch, minimum=0) <= epochs:
+    auto = isinstance(switch_epoch, str) and switch_epoch == "auto"
+    if auto:
+        if not 0 < _checks.number("switch_threshold", switch_threshold) < 1:
+            raise ValueError(f"switch_threshold must be in (0, 1), got {switch_threshold!r}")
+        switch_probe = _checks.count("switch_probe", switch_probe, minimum=2)
+    elif isinstance(switch_epoch, (str, bool)):
+        raise ValueError(f"switch_epoch must be 'auto', None or an integer in [0, epochs={epochs}], "
+                         f"got {switch_epoch!r}")
+    elif switch_epoch is not None and not 0 <= _checks.count("switch_epoch", switch_epoch, minimum=0) <= epochs:
         raise ValueError(f"switch_epoch must be in [0, epochs={epochs}], got {switch_epoch}")
     if clean_update not in (True, False):
         raise ValueError(f"clean_update must be True or False, got {clean_update!r}")
     if clean_update and strategy == "trades":
         raise ValueError("clean_update does not apply to 'trades' (its loss already has a clean term)")
     schedule = make_schedule(lr_schedule, lr=lr, epochs=epochs, milestones=milestones, gamma=gamma)
+    if auto:
+        switch_cap = _switch_cap(switch_cap, epochs, getattr(schedule, "milestones", ()))
     _checks.number("momentum", momentum)
     _checks.number("weight_decay", weight_decay)
     _checks.number("beta", beta)
@@ -462,6 +501,12 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
     opt = torch.optim.SGD(model.parameters(), lr=schedule(0), momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     callbacks = list(callbacks)
+    n_batches = math.ceil(len(y) / batch_size)
+    switcher = None
+    if auto:
+        probe = subset(TensorDataset(x.cpu(), y.cpu()), switch_probe, seed=seed).tensors[0]
+        switcher = AutoSwitch(probe, switch_cap, threshold=switch_threshold,
+                              lr_of_epoch=lambda e: schedule.epoch_mean(e, n_batches))
     config = _plain({
         "strategy": strategy, "epochs": int(epochs), "schedule": schedule.describe(),
         "momentum": momentum, "weight_decay": weight_decay, "batch_size": int(batch_size),
@@ -470,14 +515,17 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         "eval_eps": eval_eps, "eval_alpha": eval_alpha, "eval_steps": eval_steps, "seed": seed,
         "n_train": len(y), "data_sum": data_sum, "label_sum": label_sum,
         "model": type(model).__name__,
+        **({"switch_threshold": switch_threshold, "switch_probe": switch_probe, "switch_cap": switch_cap}
+           if auto else {}),
     })
     if attack_kwargs:  # only when given, so that older checkpoints still resume
         config["attack_kwargs"] = _plain(_describe(attack_kwargs))
     if clean_update:  # only when set, so that checkpoints written before the option still resume
         config["clean_update"] = True
     history = History()
+    saved = callbacks + ([switcher] if switcher is not None else [])  # states kept in checkpoints
     if ckpt is not None and ckpt.exists():
-        history = _resume(ckpt, config, model, opt, gen, callbacks, device)
+        history = _resume(ckpt, config, model, opt, gen, saved, device)
         if history.finished:
             model.eval()
             return history
@@ -487,12 +535,23 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         for cb in callbacks:
             _call(cb, "on_train_begin", model, history)
     history.time_begin += time.perf_counter() - begin
+    switch_begin = 0.0  # the kernel at initialisation, counted in the first epoch's switch time
+    if switcher is not None and len(history) == 0:
+        start = time.perf_counter()
+        with _measurement_rng(device, seed, -1, 3):
+            switcher.on_train_begin(model, history)
+        switch_begin = time.perf_counter() - start
+    if switch_epoch is not None and not auto:
+        history.switch_epoch = int(switch_epoch)
     clock = _Clock(device)
-    n_batches = math.ceil(len(y) / batch_size)
     batch_cbs = [cb for cb in callbacks if callable(getattr(cb, "on_batch_end", None))]
     with _bar(progress, total=epochs, initial=len(history), desc=f"{strategy} epochs") as epoch_bar:
         for epoch in range(len(history), epochs):
-            current = "normal" if switch_epoch is not None and epoch < switch_epoch else strategy
+            if switcher is not None:
+                current = strategy if switcher.switch_epoch is not None and epoch >= switcher.switch_epoch \
+                    else "normal"
+            else:
+                current = "normal" if switch_epoch is not None and epoch < switch_epoch else strategy
             for group in opt.param_groups:
                 group["lr"] = schedule(epoch)
             perm = torch.randperm(len(y), generator=gen).to(x.device)
@@ -519,6 +578,12 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
             if eval_xy is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
                 row.update(_evaluate(model, eval_xy, eval_eps, eval_alpha, eval_steps, device, seed, epoch))
             history.append(**row)
+            if switcher is not None and switcher.switch_epoch is None:
+                start = time.perf_counter()
+                with _measurement_rng(device, seed, epoch, 3):
+                    switcher.on_epoch_end(epoch, model, history)
+                history.time_switch[-1] = time.perf_counter() - start + (switch_begin if epoch == 0 else 0.0)
+                history.switch_epoch = switcher.switch_epoch
             start = time.perf_counter()
             with _measurement_rng(device, seed, epoch, 1):
                 for cb in callbacks:
@@ -526,7 +591,7 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
             history.time_callbacks[-1] = time.perf_counter() - start + batch_cb_time[0]
             history.finished = bool(history.stop_reason) or epoch + 1 == epochs
             if ckpt is not None:
-                _save(ckpt, config, model, opt, gen, callbacks, history)
+                _save(ckpt, config, model, opt, gen, saved, history)
             epoch_bar.update(1)
             epoch_bar.set_postfix(_postfix(history))
             if history.finished:
@@ -536,6 +601,18 @@ def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
         _call(cb, "on_train_end", model, history)
     model.eval()
     return history
+
+
+def _switch_cap(cap, epochs: int, milestones) -> int:
+    """The latest switch epoch of ``switch_epoch="auto"``: ``cap``, else the first milestone, else
+    half the epochs; checked to lie in [1, epochs - 1]."""
+    if cap is None:
+        cap = min(int(m) for m in milestones) if milestones else int(epochs) // 2
+        cap = min(max(cap, 1), int(epochs) - 1)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= int(epochs) - 1:
+        raise ValueError(f"switch_cap must be an integer in [1, epochs - 1 = {int(epochs) - 1}] "
+                         f"(switch_epoch='auto' needs epochs >= 2), got {cap!r}")
+    return cap
 
 
 def _checkpoint_file(checkpoint_dir) -> Path | None:

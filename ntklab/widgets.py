@@ -10,7 +10,7 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import torch
 
-__all__ = ["attack_explorer", "choice_explorer", "spectrum_explorer"]
+__all__ = ["attack_explorer", "choice_explorer", "spectrum_explorer", "kernel_explorer", "switch_explorer"]
 
 
 def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -125,6 +125,86 @@ def spectrum_explorer(kernels: dict, epochs, *, center: bool = True, q: int = 10
                           f"top-{q} {metrics.top_concentration(K, q):.2f}"] = K
                 plots.eigenvalue_spectra(shown, ax=ax, title=label)
             plt.tight_layout()
+            plt.show()
+
+    slider.observe(draw, names="value")
+    draw()
+    return widgets.VBox([slider, out])
+
+
+def kernel_explorer(kernels: dict, epochs, labels=None, *, center: bool = True):
+    """Pick a run and an epoch: the kernel of that snapshot as a heatmap, centred or not, with its
+    kernel distance to the previous snapshot and to the initial kernel (chapter 4).
+
+    kernels: run name -> (T, n, n) kernels (e.g. ``KernelSnapshots.kernels("clean")``), all with
+    the same T snapshots taken after ``epochs`` (T,) completed epochs; labels: (n,) class labels of
+    the probe, sorted, for the class lines. Returns the ipywidgets container.
+    """
+    import ipywidgets as widgets
+
+    from ntklab import metrics, plots
+
+    epochs = [int(e) for e in epochs]
+    if not kernels:
+        raise ValueError("kernels must name at least one run")
+    for name, K in kernels.items():
+        if K.dim() != 3 or K.shape[0] != len(epochs) or K.shape[1] != K.shape[2]:
+            raise ValueError(f"kernels[{name!r}] must have shape (T={len(epochs)}, n, n), got {tuple(K.shape)}")
+    out = widgets.Output()
+    run = widgets.Dropdown(options=list(kernels), description="run")
+    index = widgets.IntSlider(value=len(epochs) - 1, min=0, max=len(epochs) - 1, description="snapshot",
+                              continuous_update=False)
+    centred = widgets.Checkbox(value=center, description="centred")
+
+    def draw(*_):
+        K, t = kernels[run.value], index.value
+        shown = metrics.center_kernel(K[t]) if centred.value else K[t]
+        previous = metrics.kernel_distance(K[t - 1], K[t], center=centred.value) if t else 0.0
+        initial = metrics.kernel_distance(K[0], K[t], center=centred.value)
+        out.clear_output(wait=True)
+        with out:
+            fig, ax = plt.subplots(figsize=(5, 4.2))
+            plots.kernel_heatmap(shown, labels, ax=ax, title=f"{run.value}, epoch {epochs[t]}: "
+                                 f"KD to previous {previous:.4f}, to initial {initial:.3f}")
+            ax.title.set_fontsize(9)
+            plt.show()
+
+    for w in (run, index, centred):
+        w.observe(draw, names="value")
+    draw()
+    return widgets.VBox([widgets.HBox([run, index, centred]), out])
+
+
+def switch_explorer(velocity, *, cap: int, threshold: float = 0.2):
+    """A threshold slider over a kernel-velocity curve: where the automatic switch of chapter 5
+    (:class:`ntklab.callbacks.AutoSwitch`) would move from normal training to adversarial training.
+
+    velocity: one value per epoch (> 0 at epoch 0), per unit of learning rate as the switch measures
+    it; cap: the latest switch epoch. Returns the ipywidgets container.
+    """
+    import ipywidgets as widgets
+    import numpy as np
+
+    from ntklab.callbacks import AutoSwitch
+
+    v = np.asarray(velocity, dtype=float)
+    AutoSwitch.decide(list(v), threshold, cap)  # checks the curve and the arguments
+    out = widgets.Output()
+    slider = widgets.FloatLogSlider(value=threshold, base=10, min=-2, max=-0.05, step=0.05,
+                                    description="threshold", readout_format=".3f", continuous_update=False)
+
+    def draw(*_):
+        s = AutoSwitch.decide(list(v), slider.value, cap)
+        out.clear_output(wait=True)
+        with out:
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            ax.semilogy(np.arange(len(v)), v / v[0], marker=".", label="velocity / first epoch's")
+            ax.axhline(slider.value, color="tab:red", ls="--", label=f"threshold {slider.value:.3f}")
+            ax.axvline(cap - 0.5, color="gray", ls=":", label=f"cap: AT from epoch {cap} at the latest")
+            if s is not None:  # None: the curve ends before the cap and never gets lazy
+                ax.axvspan(s - 0.5, len(v) - 0.5, color="tab:orange", alpha=0.15, label=f"AT from epoch {s}")
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=8)
             plt.show()
 
     slider.observe(draw, names="value")

@@ -68,7 +68,7 @@ def test_run_strategies_end_to_end(tmp_path):
     files = list((out / "strategies").glob("*.pt"))
     assert len(files) == 1 and f"results (computed): {files[0]}" in done.stdout
     result = torch.load(files[0], weights_only=True)["result"]
-    assert result["strategies"] == ["normal", "fgsm", "pgd"]
+    assert result["strategies"] == ["normal", "fgsm_rs", "pgd", "trades"]
     again = cli("run", "strategies", "--profile", "smoke", "--device", "cpu", "--out", str(out), cwd=tmp_path)
     assert again.returncode == 0 and f"results (loaded): {files[0]}" in again.stdout
 
@@ -98,7 +98,10 @@ def test_changing_a_line_of_the_package_computes_a_new_entry(tmp_path):
     assert changed.returncode == 0 and "(computed)" in changed.stdout
     assert len(list((out / "strategies").glob("*.pt"))) == 2
     listing = cli("cache", "--out", str(out), cwd=tmp_path, env=env)
-    assert listing.stdout.count("current") == 1 and listing.stdout.count("stale") == 1
+    rows = [line for line in listing.stdout.splitlines() if line.startswith("strategies ")]
+    assert [r.split()[-1] for r in rows].count("current") == 1 and [r.split()[-1] for r in rows].count("stale") == 1
+    # each of the experiment's training runs is an entry of its own ("kernel_runs"), 6 per source version
+    assert listing.stdout.count("kernel_runs ") == 12
 
 
 def test_cache_command_lists_and_clears(tmp_path, capsys):
@@ -145,7 +148,9 @@ def test_corrupt_checkpoint_fails_with_one_line_and_exit_1(tmp_path):
 
     out = tmp_path / "results"
     with using_root(out):
-        folder = checkpoint_dir(strategies.NAME, strategies.make_config(get_profile("smoke"))) / "normal"
+        # chapter 4's experiment checkpoints each training run beside its own entry; the first is normal training's
+        folder = checkpoint_dir(strategies.RUNS_ENTRY, strategies.run_config(
+            strategies.chapter_profile(get_profile("smoke")), "normal", "multistep", ae=False))
     folder.mkdir(parents=True)
     (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
     done = cli("run", "strategies", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--quiet",

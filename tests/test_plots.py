@@ -82,3 +82,30 @@ def test_eigenvalue_spectra_normalises_sorts_and_checks():
     with pytest.raises(ValueError, match="no positive eigenvalue"):
         plots.eigenvalue_spectra({"zero": np.zeros(3)})
     plt.close("all")
+
+
+def test_kernel_curves_marks_decays_and_skips_missing_values():
+    fig, ax = plt.subplots()
+    plots.kernel_curves([1, 2, 3], {"a": [0.3, None, 0.1], "b": [0.2, 0.1, 0.05]}, ax=ax, decays=[2, 2.5],
+                        logy=True, ylabel="velocity", styles={"b": {"ls": "--"}})
+    lines = ax.get_lines()
+    assert len(lines) == 4 and ax.get_yscale() == "log"   # two curves, two decay lines
+    assert np.isnan(lines[0].get_ydata()[1]) and lines[1].get_linestyle() == "--"
+    assert [ln.get_xdata()[0] for ln in lines[2:]] == [2, 2.5]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "lr decay"]
+    with pytest.raises(ValueError, match="curve 'a' has 2 values for 3 x values"):
+        plots.kernel_curves([1, 2, 3], {"a": [0.1, 0.2]})
+    plt.close("all")
+
+
+def test_distance_matrix():
+    D = np.abs(np.subtract.outer(np.arange(21.0), np.arange(21.0)))
+    fig, ax = plt.subplots()
+    plots.distance_matrix(D, list(range(21)), ax=ax, title="D")
+    assert ax.images[0].get_array().shape == (21, 21)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(i) for i in range(0, 21, 2)]
+    with pytest.raises(ValueError, match="square"):
+        plots.distance_matrix(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="one entry per row"):
+        plots.distance_matrix(D, [0, 1])
+    plt.close("all")

@@ -56,3 +56,42 @@ def test_spectrum_explorer_redraws_for_the_chosen_epoch(monkeypatch):
     assert len(drawn) == 4 and len(drawn[-1]) == 1                            # the first epoch alone
     with pytest.raises(ValueError, match="one snapshot per epoch"):
         widgets.spectrum_explorer(kernels, [0, 1])
+
+
+def test_kernel_explorer_shows_the_chosen_snapshot(monkeypatch):
+    from ntklab import metrics, plots
+
+    kernels = {"normal": torch.rand(3, 4, 4) + torch.eye(4), "pgd": torch.rand(3, 4, 4) + 2 * torch.eye(4)}
+    shown = []
+    monkeypatch.setattr(plots, "kernel_heatmap", lambda K, labels, ax, title: shown.append((K, title)))
+    box = widgets.kernel_explorer(kernels, [0, 1, 2], labels=torch.tensor([0, 0, 1, 1]))
+    run, index, centred = box.children[0].children
+    K, title = shown[-1]
+    assert title.startswith("normal, epoch 2") and abs(K.sum()) < 1e-9  # centred: rows sum to zero
+    centred.value = False
+    run.value = "pgd"
+    index.value = 1
+    K, title = shown[-1]
+    assert torch.equal(torch.as_tensor(K), kernels["pgd"][1]) and title.startswith("pgd, epoch 1")
+    assert f"{metrics.kernel_distance(kernels['pgd'][0], kernels['pgd'][1]):.4f}" in title
+    with pytest.raises(ValueError, match=r"shape \(T=2, n, n\)"):
+        widgets.kernel_explorer(kernels, [0, 1])
+
+
+def test_switch_explorer_marks_the_epoch_autoswitch_chooses():
+    import matplotlib.pyplot as plt
+
+    box = widgets.switch_explorer([1.0, 0.5, 0.3, 0.15, 0.1, 0.1], cap=4, threshold=0.2)
+    slider = box.children[0]
+    spans = []
+    real = plt.Axes.axvspan
+    plt.Axes.axvspan = lambda self, a, b, **kw: spans.append(a + 0.5) or real(self, a, b, **kw)
+    try:
+        slider.value = 0.4   # 0.3 <= 0.4: lazy after epoch 2, AT from 3
+        slider.value = 0.05  # never lazy: the cap
+    finally:
+        plt.Axes.axvspan = real
+    assert spans == [3, 4]
+    with pytest.raises(ValueError, match="cap"):
+        widgets.switch_explorer([1.0, 0.5], cap=0)
+    plt.close("all")

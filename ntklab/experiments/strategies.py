@@ -1,87 +1,289 @@
-"""Experiment ``strategies``: normal training and adversarial training side by side (chapter 4).
+"""Experiment ``strategies``: the NTK of four training strategies over a whole run (chapter 4).
 
-Under a profile, one model per strategy (default normal, FGSM and PGD training; Goodfellow et al.
-2015, Madry et al. 2018), all from the same initialisation and the same shuffling, trained with
-:func:`ntklab.train.train`. During training, :class:`ntklab.callbacks.KernelSnapshots` records the
-trace C-NTK and AE-NTK (Li et al., arXiv 2312.02236) of ``n_probe`` class-balanced training images
-at a few epochs; afterwards each model is evaluated on the profile's test subset: clean accuracy
-and robust accuracy, per example the worst of FGSM and PGD-``eval_pgd_steps``.
+Li et al. (arXiv 2312.02236) describe the empirical NTK under (adversarial) training in three
+phases: kernel learning, lazy training until the first learning-rate decay, kernel learning again
+after it. This experiment trains one model per strategy (normal training, FGSM-RS, PGD-AT and
+TRADES; Wong et al. 2020, Madry et al. 2018, Zhang et al. 2019), all from the same initialisation
+and the same shuffling, under one multistep schedule with decays at 50% and 75% of the epochs (the
+fractions of the paper's 100 and 150 of 200), and, as a control the paper did not run, normal
+training under a cosine and a constant learning rate. After every epoch
+:class:`ntklab.callbacks.KernelSnapshots` takes the trace C-NTK of a fixed class-balanced probe set
+(sorted by class) and, for the adversarial strategies, the AE-NTK (PGD examples against the model
+at that epoch). Each run is evaluated at the end on the profile's test subset: clean accuracy and
+robust accuracy, per example the worst of FGSM and PGD.
+
+Each run is one entry of the result cache (``"kernel_runs"``, see :func:`kernel_run`), so chapter 5
+(experiment ``schedule``) shares the full PGD-AT run with this chapter.
+
+Chapter settings per profile (:func:`chapter_profile`; everything else is the profile's own):
+
+* ``smoke``: 4 epochs (decays after 2 and 3), a ``SmallCNN`` of width 8 (at the smoke profile's width
+  4 the ReLUs of the FGSM-RS model died on the adversarial probe, leaving a constant AE-NTK),
+  eps 0.15, PGD-2, a probe of 16;
+* ``quick``: 20 epochs (decays after 10 and 15), a ``SmallCNN`` of width 8 instead of 32 (so that
+  six runs with a kernel after every epoch fit in about four minutes of one CPU core), eps 0.15
+  (full PGD-AT from scratch at eps 0.2 failed to get off the ground for one of three seeds at this
+  width), training PGD-3 with step eps/4, a probe of 100 images;
+* ``paper``: the profile as it is (200 epochs with decays at 100 and 150, PreAct ResNet-18, eps 8/255,
+  PGD-10, a probe of ``n_probe``), kernels every ``epochs // 50`` epochs.
 
 The result (a dict, cached by config and the package's source):
 
-* ``strategies``: the names, in order; ``config``: what the run depended on;
-* ``histories[s]``: :meth:`ntklab.train.History.to_dict` of each run;
-* ``clean_acc[s]``, ``robust_acc[s]`` in [0, 1]; ``training_time[s]``: seconds of attack + update;
-* ``kernels[s]``: ``{"epochs": [t...], "clean": (T, n, n), "ae": (T, n, n), "probe_clean_acc",
-  "probe_ae_acc"}`` (float32 CPU tensors; epoch 0 is the initialisation);
-* ``probe_y``: (n,) labels of the probe images.
-
-Checkpoints go next to the cache entry while it is computed, so an interrupted paper-scale run resumes.
+* ``strategies``, ``schedules``: the names; ``runs[schedule][strategy]``: the result of
+  :func:`kernel_run` without the weights (the multistep schedule has every strategy, the controls
+  ``CONTROL_STRATEGIES``); ``config``; ``probe_y`` (n,);
+* ``compute_seconds``: wall seconds of the runs' computation (also when loaded from the run cache),
+  ``kernel_seconds``: the part of it spent on kernel snapshots.
 """
 from __future__ import annotations
+
+import time
 
 from ntklab.experiments import (cached, checkpoint_dir, data_from_profile, model_from_profile, register,
                                 train_kwargs)
 
-__all__ = ["run", "make_config", "DEFAULT_STRATEGIES", "NAME"]
+__all__ = ["run", "make_config", "kernel_run", "kernel_runs", "run_config", "chapter_profile", "CPUClock", "STRATEGIES", "SCHEDULES",
+           "CONTROL_STRATEGIES", "NAME", "RUNS_ENTRY"]
 
 NAME = "strategies"
-DEFAULT_STRATEGIES = ("normal", "fgsm", "pgd")
+RUNS_ENTRY = "kernel_runs"
+STRATEGIES = ("normal", "fgsm_rs", "pgd", "trades")
+SCHEDULES = ("multistep", "cosine", "constant")
+CONTROL_STRATEGIES = ("normal",)
+DECAYS = (0.5, 0.75)  # fractions of the epochs at which the learning rate is multiplied by gamma
+SETTINGS = {
+    "smoke": {"epochs": 4, "model_kwargs": {"width": 8}, "eps": 0.15, "pgd_steps": 2, "n_probe": 16},
+    "quick": {"epochs": 20, "model_kwargs": {"width": 8}, "eps": 0.15, "pgd_steps": 3, "n_probe": 100,
+              "n_eval": 1000},
+    "paper": {},
+}
 
 
-def snapshot_epochs(epochs: int) -> list[int]:
-    """A few snapshot times: initialisation, after the first epoch, half-way and at the end."""
-    return sorted({0, min(1, epochs), epochs // 2, epochs})
+def chapter_profile(profile):
+    """The profile that chapters 4 and 5 run: ``profile`` with the settings of :data:`SETTINGS`
+    for its name (see the module docstring), PGD step eps/4, and learning-rate decays at 50% and
+    75% of the epochs (epochs 100 and 150 of the paper's 200). Unknown profile names keep their
+    own values apart from the decays."""
+    settings = dict(SETTINGS.get(profile.name, {}))
+    if "eps" in settings:
+        settings["pgd_alpha"] = settings["eps"] / 4
+    cp = profile.replace(**settings)
+    milestones = {round(f * cp.epochs) for f in DECAYS}
+    return cp.replace(lr_milestones=tuple(sorted(m for m in milestones if 0 < m < cp.epochs)))
 
 
-def make_config(profile, strategies=DEFAULT_STRATEGIES) -> dict:
-    """Everything the result depends on (the cache key)."""
-    return {"profile": profile.to_dict(), "strategies": list(strategies),
-            "snapshot_epochs": snapshot_epochs(profile.epochs), "kernel": "trace", "ae": True}
+def _snapshot_epochs(profile) -> list[int]:
+    every = 1 if profile.name in ("smoke", "quick") else max(1, profile.epochs // 50)
+    return sorted(set(range(0, profile.epochs + 1, every)) | {profile.epochs})
 
 
-@register(NAME, "normal, FGSM and PGD training side by side: histories, accuracies, "
-                "training times and trace C-NTK/AE-NTK snapshots (chapter 4)")
-def run(profile, device=None, *, force: bool = False, progress: bool = True,
-        strategies=DEFAULT_STRATEGIES) -> dict:
-    """Train one model per strategy under ``profile`` (see the module docstring for the result)."""
+def run_config(cp, strategy, schedule, ae, overrides=None) -> dict:
+    kw = {**train_kwargs(cp, strategy), "lr_schedule": schedule, "eval_every": 0, **(overrides or {})}
+    return {"profile": cp.to_dict(), "train": kw, "snapshot_epochs": _snapshot_epochs(cp), "ae": bool(ae),
+            "timing": "wall and process CPU", "probe": {"n": cp.n_probe, "seed": cp.seed + 1, "kind": "trace"},
+            "eval": {"n": cp.n_eval, "attacks": ["fgsm", "pgd"], "steps": cp.eval_pgd_steps}}
+
+
+def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool = False, device=None,
+               force: bool = False, progress=True, **train_overrides) -> dict:
+    """One training run of chapters 4 and 5 with a kernel snapshot after every epoch, cached.
+
+    profile: a profile already passed through :func:`chapter_profile`. strategy: one of
+    :data:`ntklab.train.STRATEGIES`; schedule: ``"multistep"``, ``"cosine"`` or ``"constant"``;
+    ae: also the AE-NTK (PGD-``pgd_steps`` examples of the probe against the model of that epoch);
+    train_overrides: further JSON-serialisable keywords of :func:`ntklab.train.train`, e.g.
+    ``switch_epoch=5`` or ``switch_epoch="auto"`` (normal training first, chapter 5).
+    progress: ``True`` for a bar that ticks once per epoch, or a tqdm bar to tick (the experiments
+    share one over all their runs), or ``False``. One tick per epoch rather than the training
+    loop's bars per batch: a notebook cell that trains for minutes would otherwise send thousands
+    of widget messages, more than a notebook test runner reliably reads after the cell.
+
+    Returns a dict: ``history`` (:meth:`ntklab.train.History.to_dict`); ``kernels``: ``epochs``
+    (completed epochs of the snapshots, 0 = initialisation), ``clean`` (T, n, n) and, with ``ae``,
+    ``ae`` (T, n, n) float32 trace kernels, ``probe_clean_acc``, ``probe_ae_acc``; ``probe_y`` (n,)
+    labels of the probe (sorted); ``lr_time``: the mean learning rate of every epoch (the length of
+    the epoch in gradient-flow time, per unit of the base rate times steps); ``bn_refresh``: the
+    trace C-NTK after one more pass over the training data in train mode with the weights frozen
+    (only the batch-norm running statistics change: the kernel's motion without learning);
+    ``clean_acc``, ``robust_acc`` in [0, 1] on the test subset; ``training_time`` (attack + update
+    (+ switch measurement) wall seconds, from the history); ``cpu_training_time``: the same
+    measured in process CPU seconds (see :class:`CPUClock`); ``state_dict``; ``compute_seconds``.
+    Same config, same entry: a chapter asking for a run another chapter made loads it.
+    """
     from ntklab.config import get_device
 
-    config = make_config(profile, strategies)
-    checkpoints = checkpoint_dir(NAME, config)
-    return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress, checkpoints),
-                  force=force)
+    config = run_config(profile, strategy, schedule, ae, train_overrides)
+    checkpoints = checkpoint_dir(RUNS_ENTRY, config)
+    return cached(RUNS_ENTRY, config, lambda: _compute_run(profile, config, get_device(device), progress,
+                                                           checkpoints), force=force)
 
 
-def _compute(profile, config, device, progress, checkpoints) -> dict:
+def _compute_run(cp, config, device, progress, checkpoints) -> dict:
     import torch
 
     from ntklab import data, evaluate
     from ntklab.callbacks import KernelSnapshots
     from ntklab.config import seed_everything
-    from ntklab.train import train
+    from ntklab.train import make_schedule, train
 
-    train_set, test_set = data_from_profile(profile)
-    probe_x, probe_y = data.subset(train_set, profile.n_probe, seed=profile.seed + 1).tensors
-    out = {"strategies": list(config["strategies"]), "config": config, "histories": {},
-           "clean_acc": {}, "robust_acc": {}, "training_time": {}, "kernels": {}, "probe_y": probe_y}
-    for strategy in config["strategies"]:
-        seed_everything(profile.seed)  # the same initialisation for every strategy
-        model = model_from_profile(profile)
-        snaps = KernelSnapshots(probe_x, probe_y, config["snapshot_epochs"], kind=config["kernel"],
-                                ae=config["ae"], eps=profile.eps, alpha=profile.pgd_alpha,
-                                steps=profile.eval_pgd_steps)
-        history = train(model, train_set, **train_kwargs(profile, strategy), callbacks=[snaps],
-                        eval_set=test_set, device=device, checkpoint_dir=checkpoints / strategy,
-                        progress=progress)
-        torch.manual_seed(profile.seed)
-        out["clean_acc"][strategy] = float(evaluate.clean_accuracy(model, test_set, device=device))
-        out["robust_acc"][strategy] = float(evaluate.worst_case_accuracy(
-            model, test_set, eps=profile.eps, alpha=profile.pgd_alpha, steps=profile.eval_pgd_steps,
-            device=device))
-        out["histories"][strategy] = history.to_dict()
-        out["training_time"][strategy] = history.training_time
-        out["kernels"][strategy] = {"epochs": snaps.snapshot_epochs, "clean": snaps.kernels("clean"),
-                                    "ae": snaps.kernels("ae"), "probe_clean_acc": snaps.probe_clean_acc,
-                                    "probe_ae_acc": snaps.probe_ae_acc}
+    start = time.perf_counter()
+    kw = config["train"]
+    train_set, test_set = data_from_profile(cp)
+    probe_x, probe_y = data.subset(train_set, config["probe"]["n"], seed=config["probe"]["seed"]).tensors
+    order = probe_y.argsort(stable=True)
+    probe_x, probe_y = probe_x[order], probe_y[order]
+    seed_everything(cp.seed)  # the same initialisation for every run
+    model = model_from_profile(cp)
+    snaps = KernelSnapshots(probe_x, probe_y, config["snapshot_epochs"], kind=config["probe"]["kind"],
+                            ae=config["ae"], eps=cp.eps, alpha=cp.pgd_alpha, steps=cp.pgd_steps)
+    clock = CPUClock()
+    with _epoch_bar(progress, kw["epochs"], f"{kw['strategy']} ({kw['lr_schedule']})") as bar:
+        history = train(model, train_set, **kw, callbacks=[clock.first, snaps, _Tick(bar), clock.last], device=device,
+                        checkpoint_dir=checkpoints, progress=False)
+    schedule = make_schedule(kw["lr_schedule"], lr=kw["lr"], epochs=kw["epochs"], milestones=kw["milestones"],
+                             gamma=kw["gamma"])
+    n_batches = -(-len(train_set) // kw["batch_size"])
+    kernels = {"epochs": snaps.snapshot_epochs, "clean": snaps.kernels("clean"),
+               "probe_clean_acc": snaps.probe_clean_acc, "probe_ae_acc": snaps.probe_ae_acc}
+    if config["ae"]:
+        kernels["ae"] = snaps.kernels("ae")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    refresh = _bn_refresh_kernel(model, train_set, kw["batch_size"], probe_x, device)
+    model.load_state_dict(state)
+    test = data.subset(test_set, config["eval"]["n"], seed=cp.seed)
+    torch.manual_seed(cp.seed)
+    clean = evaluate.clean_accuracy(model, test, device=device)
+    robust = evaluate.worst_case_accuracy(model, test, eps=cp.eps, attacks=config["eval"]["attacks"],
+                                          alpha=cp.pgd_alpha, steps=config["eval"]["steps"], device=device)
+    return {"history": history.to_dict(), "kernels": kernels, "probe_y": probe_y,
+            "lr_time": [schedule.epoch_mean(e, n_batches) for e in range(kw["epochs"])],
+            "bn_refresh": refresh, "clean_acc": float(clean), "robust_acc": float(robust),
+            "training_time": history.training_time, "cpu_training_time": float(sum(clock.seconds)),
+            "cpu_epoch_seconds": list(clock.seconds), "state_dict": state,
+            "compute_seconds": time.perf_counter() - start, "kernel_seconds": history.measurement_time}
+
+
+class CPUClock:
+    """Process CPU seconds of the training part of every epoch, for runs on a shared CPU.
+
+    The history's times are wall seconds, which on a machine shared with other processes grow with
+    their load (on the book's 2-core machine a run with fewer adversarial epochs once took longer
+    than full PGD-AT). This clock measures ``time.process_time()`` from the end of one epoch's
+    measurements to the start of the next one's: the training (attack, update, and under
+    ``switch_epoch="auto"`` the switch's kernels, which the loop runs before the callbacks) plus the
+    loop's small overhead (shuffling, checkpoint writing). Pass ``clock.first`` as the first and
+    ``clock.last`` as the last callback. With one thread, CPU seconds are compute seconds; with
+    several, they add up over threads (compare runs made with the same number). Survives
+    checkpoints. Chapters 4 and 5.
+    """
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._mark: float | None = None
+        self.first, self.last = _Hook(self, first=True), _Hook(self, first=False)
+
+
+class _Hook:
+    def __init__(self, clock: CPUClock, first: bool):
+        self.clock, self.is_first = clock, first
+
+    def on_train_begin(self, model, history):
+        if not self.is_first:
+            self.clock._mark = time.process_time()
+
+    def on_epoch_end(self, epoch, model, history):
+        if self.is_first:
+            self.clock.seconds.append(time.process_time() - self.clock._mark)
+        else:
+            self.clock._mark = time.process_time()
+
+    def state_dict(self):
+        return {"seconds": list(self.clock.seconds)} if self.is_first else None
+
+    def load_state_dict(self, state):
+        self.clock.seconds = [float(v) for v in state["seconds"]]
+
+
+class _Tick:
+    """A callback that ticks a progress bar once per epoch trained."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def on_epoch_end(self, epoch, model, history):
+        self.bar.update(1)
+
+
+def _epoch_bar(progress, total: int, desc: str):
+    """A bar over ``total`` epochs (a context manager): ``progress`` itself when it is a bar (not
+    closed here), a new tqdm.auto bar when it is true, a silent stand-in otherwise."""
+    import contextlib
+
+    from tqdm.auto import tqdm
+
+    if hasattr(progress, "update"):
+        return contextlib.nullcontext(progress)
+    return tqdm(total=total, desc=desc, disable=not progress)
+
+
+def kernel_runs(profile, specs, *, device=None, force: bool = False, progress=True, desc: str = "") -> list[dict]:
+    """:func:`kernel_run` for each dict of keyword arguments in ``specs``, with one progress bar
+    over all their epochs (runs loaded from the cache count as done). Chapters 4 and 5."""
+    from tqdm.auto import tqdm
+
+    results = []
+    with tqdm(total=len(specs) * profile.epochs, desc=desc, disable=not progress) as bar:
+        for i, spec in enumerate(specs):
+            results.append(kernel_run(profile, device=device, force=force, progress=bar, **spec))
+            bar.update((i + 1) * profile.epochs - bar.n)
+    return results
+
+
+def _bn_refresh_kernel(model, train_set, batch_size, probe_x, device):
+    """The trace NTK of the probe after one pass over the training data in train mode without any
+    update: the batch-norm running statistics move, the weights do not (the motion of the eval-mode
+    kernel that is not learning). Changes ``model``'s buffers."""
+    import torch
+
+    from ntklab import ntk
+
+    x = train_set.tensors[0]
+    model.train()
+    with torch.no_grad():
+        for idx in torch.arange(len(x)).split(batch_size):
+            model(x[idx].to(device))
+    model.eval()
+    return ntk.empirical_ntk(model, probe_x.to(device), kind="trace").cpu()
+
+
+def make_config(profile, strategies=STRATEGIES, controls=CONTROL_STRATEGIES) -> dict:
+    """Everything the result depends on (the cache key): the chapter profile and the runs."""
+    cp = chapter_profile(profile)
+    runs = [run_config(cp, s, "multistep", s != "normal") for s in strategies]
+    runs += [run_config(cp, s, sched, False) for sched in SCHEDULES[1:] for s in controls]
+    return {"profile": cp.to_dict(), "strategies": list(strategies), "controls": list(controls), "runs": runs}
+
+
+@register(NAME, "normal, FGSM-RS, PGD and TRADES training under a step schedule, normal training "
+                "under cosine and constant rates: the trace C-NTK/AE-NTK after every epoch (chapter 4)")
+def run(profile, device=None, *, force: bool = False, progress: bool = True, strategies=STRATEGIES,
+        controls=CONTROL_STRATEGIES) -> dict:
+    """Train the runs of chapter 4 under ``profile`` (see the module docstring for the result)."""
+    config = make_config(profile, strategies, controls)
+    return cached(NAME, config, lambda: _compute(profile, config, device, force, progress), force=force)
+
+
+def _compute(profile, config, device, force, progress) -> dict:
+    cp = chapter_profile(profile)
+    out = {"strategies": list(config["strategies"]), "schedules": list(SCHEDULES), "config": config,
+           "runs": {s: {} for s in SCHEDULES}, "compute_seconds": 0.0, "kernel_seconds": 0.0}
+    todo = [(s, "multistep", s != "normal") for s in config["strategies"]]
+    todo += [(s, sched, False) for sched in SCHEDULES[1:] for s in config["controls"]]
+    results = kernel_runs(cp, [{"strategy": s, "schedule": sched, "ae": ae} for s, sched, ae in todo], device=device,
+                          force=force, progress=progress, desc=f"{NAME}: epochs of {len(todo)} runs")
+    for (strategy, schedule, ae), res in zip(todo, results):
+        out["runs"][schedule][strategy] = {k: v for k, v in res.items() if k != "state_dict"}
+        out["compute_seconds"] += res["compute_seconds"]
+        out["kernel_seconds"] += res["kernel_seconds"]
+        out["probe_y"] = res["probe_y"]
     return out

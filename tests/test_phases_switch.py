@@ -1,0 +1,232 @@
+"""Tests of the phase splitter (ntklab.metrics.split_phases, lazy_onset) and of the automatic switch
+epoch (train(..., switch_epoch="auto"), ntklab.callbacks.AutoSwitch): chapters 4 and 5."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ntklab
+from ntklab import metrics
+from ntklab.callbacks import AutoSwitch
+from ntklab.models import SmallCNN
+from ntklab.train import CHECKPOINT_NAME, History, train
+from test_train import Interrupt, strip_times  # tests/ is on the path: pytest's rootdir-relative imports
+
+MEAN, STD = ntklab.data.stats("mnist5k")
+LEARN, LAZY = metrics.PHASES
+
+
+# ---------------------------------------------------------------- phase splitter
+def threefold(decay_at=10, n=20, seed=0):
+    """A synthetic velocity curve: fast fall, a flat lazy floor with noise, a burst at the decay."""
+    rng = np.random.default_rng(seed)
+    v = 0.3 * np.exp(-np.arange(n) / 1.5) + 0.01 * (1 + 0.2 * rng.random(n))
+    v[decay_at:decay_at + 2] *= [8.0, 5.0]
+    return v
+
+
+def test_split_phases_finds_three_phases_at_the_right_epochs():
+    v = threefold()
+    # the onset by hand: the first value at or below a fifth of the first
+    onset = next(t for t in range(1, len(v)) if v[t] <= 0.2 * v[0])
+    assert metrics.lazy_onset(v) == onset
+    assert metrics.split_phases(v) == [(LEARN, 0, onset), (LAZY, onset, 10), (LEARN, 10, 12), (LAZY, 12, 20)]
+
+
+def test_split_phases_hand_example_and_edges():
+    assert metrics.split_phases([1.0, 0.5, 0.1, 0.1, 0.1, 0.5, 0.1]) == [
+        (LEARN, 0, 2), (LAZY, 2, 5), (LEARN, 5, 6), (LAZY, 6, 7)]
+    # never 5x below the first value: one phase of kernel learning
+    assert metrics.split_phases([1.0, 0.9, 0.5, 0.21]) == [(LEARN, 0, 4)]
+    assert metrics.lazy_onset([1.0, 0.9, 0.5, 0.21]) is None
+    assert metrics.split_phases([2.0]) == [(LEARN, 0, 1)]
+    # exactly at the thresholds: at or below lazy_below is lazy; at rise_above x the level still lazy
+    assert metrics.split_phases([1.0, 0.2, 0.6, 1.81], window=1) == [(LEARN, 0, 1), (LAZY, 1, 3), (LEARN, 3, 4)]
+    # the recent lazy level is the median of the last `window` lazy values
+    v = [1.0, 0.1, 0.1, 0.1, 0.01, 0.01, 0.05]
+    assert metrics.split_phases(v, window=3)[-1] == (LEARN, 6, 7)      # 0.05 > 3 x median(0.1, 0.01, 0.01)
+    assert metrics.split_phases(v, window=5) == [(LEARN, 0, 1), (LAZY, 1, 7)]  # 0.05 <= 3 x 0.1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_split_phases_invariants_on_random_curves(seed):
+    rng = np.random.default_rng(seed)
+    v = rng.lognormal(sigma=1.5, size=30)
+    phases = metrics.split_phases(v)
+    # consecutive segments covering the curve, alternating names
+    assert phases[0][1] == 0 and phases[-1][2] == len(v)
+    assert all(a[2] == b[1] and a[0] != b[0] for a, b in zip(phases, phases[1:]))
+    labels = [name for name, start, stop in phases for _ in range(start, stop)]
+    onset = metrics.lazy_onset(v)
+    assert onset is None or (labels[onset] == LAZY and v[onset] <= 0.2 * v[0])
+    first_lazy = labels.index(LAZY) if LAZY in labels else len(v)
+    assert first_lazy == (len(v) if onset is None else onset)
+    assert all(v[t] > 0.2 * v[0] for t in range(1, first_lazy))
+    # every later value labelled learning is more than 3x the median of the 3 lazy values before it
+    for t in range(first_lazy + 1, len(v)):
+        recent = [v[s] for s in range(first_lazy, t) if labels[s] == LAZY][-3:]
+        assert (labels[t] == LEARN) == (v[t] > 3 * np.median(recent))
+    # thresholds are relative: a change of units (per epoch -> per unit of a constant lr) changes nothing
+    assert metrics.split_phases(v / 0.05) == phases
+
+
+def test_split_phases_rejects_bad_input():
+    for bad, match in [([], "non-empty"), ([[1.0, 0.5]], "1-d"), ([1.0, float("nan")], "finite"),
+                       ([1.0, -0.1], ">= 0"), ([0.0, 0.1], r"velocity\[0\]")]:
+        with pytest.raises(ValueError, match=match):
+            metrics.split_phases(bad)
+    with pytest.raises(ValueError, match="lazy_below"):
+        metrics.split_phases([1.0, 0.1], lazy_below=1.0)
+    with pytest.raises(ValueError, match="rise_above"):
+        metrics.split_phases([1.0, 0.1], rise_above=1.0)
+    with pytest.raises(ValueError, match="window"):
+        metrics.split_phases([1.0, 0.1], window=0)
+
+
+# ---------------------------------------------------------------- the automatic switch
+def test_autoswitch_decides_on_a_synthetic_curve():
+    v = [1.0, 0.6, 0.35, 0.15, 0.1]
+    decisions = [AutoSwitch.decide(v[:t], 0.2, cap=8) for t in range(len(v) + 1)]
+    # undecided until the velocity over epoch 3 is below a fifth of epoch 0's: then switch at epoch 4
+    assert decisions == [None, None, None, None, 4, 4]
+    assert AutoSwitch.decide(v[:3], 0.2, cap=3) == 3          # the cap, once cap epochs are done
+    assert AutoSwitch.decide(v[:4], 0.2, cap=3) == 3          # never later than the cap
+    assert AutoSwitch.decide([1.0, 0.5], 0.5, cap=9) == 2     # at the threshold counts
+    with pytest.raises(ValueError, match="cap"):
+        AutoSwitch(torch.rand(4, 1, 28, 28), cap=0)
+    with pytest.raises(ValueError, match="threshold"):
+        AutoSwitch(torch.rand(4, 1, 28, 28), cap=2, threshold=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ntklab.data.subset(ntklab.data.load("mnist5k", "train"), 192, seed=0)
+
+
+def cnn(seed=0):
+    torch.manual_seed(seed)
+    return SmallCNN(width=4, mean=MEAN, std=STD)
+
+
+AUTO_KW = dict(strategy="pgd", steps=1, eps=0.1, batch_size=64, device="cpu", progress=False)
+
+
+class FakeKernels:
+    """Replaces the kernel measurement by a synthetic curve of kernel distances, one per epoch."""
+
+    def __init__(self, monkeypatch, distances):
+        self.distances, self.calls = list(distances), 0
+        monkeypatch.setattr(AutoSwitch, "_measure", self.measure)
+        monkeypatch.setattr(metrics, "kernel_distance", self.distance)
+
+    def measure(self, model):
+        self.calls += 1
+        return torch.eye(2)
+
+    def distance(self, K1, K2, *, center=False):
+        assert center, "the switch uses the centred kernel"
+        return self.distances[self.calls - 2]  # the kernel at initialisation comes first
+
+
+@pytest.mark.parametrize("schedule, cap, distances, expected", [
+    ("multistep", 5, [0.1, 0.05, 0.03, 0.015, 0.01, 0.01], 4),  # lazy after epoch 3: AT from epoch 4
+    ("multistep", 3, [0.1, 0.09, 0.08, 0.07], 3),               # never lazy: AT from the cap
+    ("cosine", 5, [0.1, 0.05, 0.03, 0.018, 0.01], None),        # per unit of the falling cosine rate
+])
+def test_train_switches_at_the_epoch_the_curve_gives(tiny, monkeypatch, schedule, cap, distances, expected):
+    fake = FakeKernels(monkeypatch, distances)
+    epochs, n_batches = 7, 3
+    h = train(cnn(), tiny, epochs=epochs, lr_schedule=schedule, milestones=(5,), switch_epoch="auto",
+              switch_cap=cap, **AUTO_KW)
+    lr = [np.mean([ntklab.train.CosineLR(0.05, epochs)(e, b, n_batches) for b in range(n_batches)])
+          if schedule == "cosine" else 0.05 for e in range(epochs)]
+    if expected is None:  # by hand: after the first epoch whose distance per unit lr is <= 0.2 x epoch 0's
+        v = [d / lr[e] for e, d in enumerate(distances)]
+        lazy = [e for e in range(1, len(v)) if v[e] <= 0.2 * v[0]]
+        expected = min(lazy[0] + 1, cap) if lazy else cap
+        # per epoch it would have switched at 4 (0.018 <= 0.02); per unit of the cosine rate the
+        # kernel still moves fast, so the switch waits for the cap
+        assert expected == 5
+    assert h.switch_epoch == expected
+    assert h.strategy == ["normal"] * expected + ["pgd"] * (epochs - expected)
+    measured = h.extra["switch_velocity"]
+    assert measured[:expected] == pytest.approx([d / lr[e] for e, d in enumerate(distances[:expected])], rel=1e-12)
+    assert measured[expected:] == [None] * (epochs - expected) and fake.calls == expected + 1
+    # its measurement is training time
+    assert all(t > 0 for t in h.time_switch[:expected]) and set(h.time_switch[expected:]) == {0.0}
+    assert h.training_time == pytest.approx(sum(h.time_attack) + sum(h.time_update) + sum(h.time_switch))
+    assert set(h.time_attack[:expected]) == {0.0} and min(h.time_attack[expected:]) > 0
+
+
+def test_auto_switch_trains_like_the_fixed_switch_it_chose(tiny):
+    """Measuring never changes the trajectory: the same weights as switch_epoch=<the chosen epoch>."""
+    auto_model = cnn()
+    auto = train(auto_model, tiny, epochs=5, milestones=(4,), switch_epoch="auto", **AUTO_KW)
+    assert 2 <= auto.switch_epoch <= 4 and auto.extra["switch_velocity"][0] > 0
+    fixed_model = cnn()
+    fixed = train(fixed_model, tiny, epochs=5, milestones=(4,), switch_epoch=auto.switch_epoch, **AUTO_KW)
+    assert fixed.switch_epoch == auto.switch_epoch and fixed.strategy == auto.strategy
+    assert set(fixed.time_switch) == {0.0} and auto.training_time > sum(auto.time_attack) + sum(auto.time_update)
+    for (name, a), b in zip(auto_model.state_dict().items(), fixed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_auto_switch_resumes_from_a_checkpoint(tiny, tmp_path, when):
+    kw = dict(epochs=6, milestones=(5,), switch_cap=4, switch_epoch="auto", switch_probe=16, **AUTO_KW)
+    ref_model = cnn()
+    ref = train(ref_model, tiny, **kw)
+    s = ref.switch_epoch
+    assert 2 <= s <= 4
+    # the decision falls at the end of epoch s - 1; interrupting at the end of epoch e leaves the
+    # checkpoint of epoch e - 1
+    at = s - 2 if when == "before" else s
+    with pytest.raises(KeyboardInterrupt):
+        train(cnn(), tiny, callbacks=[Interrupt(at + 1)], checkpoint_dir=tmp_path, **kw)
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    switch_state = [c["state"] for c in saved["callbacks"] if c["name"] == "AutoSwitch"][0]
+    assert saved["history"]["epoch"][-1] == at
+    if when == "before":
+        assert saved["history"]["switch_epoch"] is None and switch_state["switch_epoch"] is None
+        assert switch_state["kernel"].shape == (16, 16)  # the last kernel, for the next velocity
+    else:
+        assert saved["history"]["switch_epoch"] == s and saved["history"]["strategy"][-1] == "pgd"
+    model = cnn(seed=99)  # the weights must come from the checkpoint
+    h = train(model, tiny, callbacks=[Interrupt(-1)], checkpoint_dir=tmp_path, **kw)
+    assert h.switch_epoch == s and strip_times(h.to_dict()) == strip_times(ref.to_dict())
+    assert h.time_switch[:at + 1] == saved["history"]["time_switch"]  # kept from the checkpoint
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a checkpoint of another switch rule is another run
+    with pytest.raises(ValueError, match="switch_threshold: checkpoint 0.2, this call 0.3"):
+        train(cnn(), tiny, checkpoint_dir=tmp_path, **{**kw, "switch_threshold": 0.3})
+
+
+def test_auto_switch_rejects_bad_arguments(tiny):
+    for kw, match in [({"switch_epoch": "soon"}, "switch_epoch must be 'auto'"),
+                      ({"switch_epoch": True}, "switch_epoch must be 'auto'"),
+                      ({"switch_epoch": "auto", "switch_cap": 4}, r"switch_cap must be an integer in \[1, epochs - 1 = 3\]"),
+                      ({"switch_epoch": "auto", "switch_cap": 0}, "switch_cap"),
+                      ({"switch_epoch": "auto", "epochs": 1}, "epochs >= 2"),
+                      ({"switch_epoch": "auto", "switch_probe": 1}, "switch_probe"),
+                      ({"switch_epoch": "auto", "switch_threshold": 1.5}, "switch_threshold")]:
+        with pytest.raises(ValueError, match=match):
+            train(cnn(), tiny, **{**AUTO_KW, "epochs": 4, **kw})
+
+
+def test_default_cap_is_the_first_decay_or_half_the_epochs(tiny, monkeypatch):
+    FakeKernels(monkeypatch, [0.1] * 10)  # never lazy: the switch comes at the cap
+    assert train(cnn(), tiny, epochs=7, milestones=(5, 3), switch_epoch="auto", **AUTO_KW).switch_epoch == 3
+    FakeKernels(monkeypatch, [0.1] * 10)
+    assert train(cnn(), tiny, epochs=7, lr_schedule="constant", switch_epoch="auto", **AUTO_KW).switch_epoch == 3
+
+
+def test_history_from_an_older_dict_gets_switch_times():
+    h = History()
+    h.append(epoch=0, strategy="normal", lr=0.1, loss=1.0, time_attack=1.0, time_update=2.0)
+    d = h.to_dict()
+    del d["time_switch"], d["switch_epoch"]
+    old = History.from_dict(d)
+    assert old.time_switch == [0.0] and old.switch_epoch is None and old.training_time == 3.0
+    assert math.isclose(History.from_dict(h.to_dict()).training_time, 3.0)
