@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ntklab import _checks
+from ntklab import _checks, _progress
 from ntklab import attacks as _attacks
 from ntklab.config import get_device
 from ntklab.data import as_tensors
@@ -69,10 +69,7 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     starts = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, leave=False)
+    starts = _progress.bar(progress, starts, desc=desc, leave=False)
     return ((s, min(s + batch_size, n)) for s in starts)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ntklab import _checks
+from ntklab import _checks, _progress
 
 __all__ = [
     "Normalize", "SmallCNN", "PreActResNet18", "WideResNet", "TwoLayerNet", "build_model",
@@ -390,10 +390,7 @@ def bn_dataset_statistics(model: nn.Module, X: torch.Tensor, *, batch_size: int 
     device = ref.device if ref is not None else X.device
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
     layers = range(len(bns))
-    if progress:
-        from tqdm.auto import tqdm
-
-        layers = tqdm(layers, desc="BN layers", leave=False)
+    layers = _progress.bar(progress, layers, desc="BN layers", leave=False)
     for layer in layers:
         target = bns[layer]
         acc = [0.0, 0.0, 0]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ntklab import _checks
+from ntklab import _checks, _progress
 from ntklab.callbacks import AutoSwitch, CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
 from ntklab.config import get_device
 from ntklab.data import as_tensors, describe_load_error, subset
@@ -643,27 +643,9 @@ def _call(cb, hook, *args):
         fn(*args)
 
 
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, *args, **kw):
-        pass
-
-
 def _bar(progress: bool, **kw):
-    """A tqdm.auto bar (a context manager), or a silent stand-in when ``progress`` is off."""
-    if not progress:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(**kw)
+    """A tqdm.auto bar (a context manager), silent when ``progress`` is off (:mod:`ntklab._progress`)."""
+    return _progress.bar(progress, **kw)
 
 
 def _postfix(history: History) -> dict:

@@ -88,11 +88,16 @@ def test_switch_epoch_changes_strategy(tiny):
     assert h.time_attack[:2] == [0.0, 0.0] and h.time_attack[2] > 0
 
 
-def test_progress_bars(tiny, capsys):
-    fit(ntklab.data.subset(tiny[0], 64, seed=0), epochs=2, progress=True)
+def test_progress_bars(tiny, capsys, monkeypatch):
+    small = ntklab.data.subset(tiny[0], 64, seed=0)
+    monkeypatch.setenv("NTKLAB_PROGRESS", "1")
+    fit(small, epochs=2, progress=True)
     err = capsys.readouterr().err
     assert "normal epochs" in err and "2/2" in err and "loss=" in err
-    fit(ntklab.data.subset(tiny[0], 64, seed=0), epochs=1, progress=False)
+    fit(small, epochs=1, progress=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("NTKLAB_PROGRESS", "0")        # the switch for all bars (ntklab._progress)
+    fit(small, epochs=1, progress=True)
     assert capsys.readouterr().err == ""
 
 

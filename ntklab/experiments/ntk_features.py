@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import time
 
+from ntklab import _progress
 from ntklab.experiments import cached, data_from_profile, register
 
 __all__ = ["run", "make_config", "settings", "pair_data", "NAME"]
@@ -179,7 +180,6 @@ def _compute(profile, config, device, progress) -> dict:
     import torch
     import torch.nn.functional as F
     from scipy.stats import spearmanr
-    from tqdm.auto import tqdm
 
     from ntklab import attacks, kernels, metrics, ntk
     from ntklab.config import seed_everything
@@ -243,7 +243,7 @@ def _compute(profile, config, device, progress) -> dict:
                     "fgsm": [_robust_acc(kern[t][0], Xt, yt, eps, kern[t][1]) for t in times]}
     nets = {}
     runs = [(w, s) for w in config["widths"] for s in range(config["net_seeds"])]
-    for width, s in tqdm(runs, desc="two-layer nets", disable=not progress):
+    for width, s in _progress.bar(progress, runs, desc="two-layer nets"):
         net = make_net(width, 1000 * (profile.seed + 1) + s)
         model = Centered(net).eval()           # (no BN or dropout: the mode changes nothing)
         lin = Linearized(net, centered=True).eval()   # around the initialisation

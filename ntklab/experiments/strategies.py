@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 
+from ntklab import _progress
 from ntklab.experiments import (cached, checkpoint_dir, data_from_profile, model_from_profile, register,
                                 train_kwargs)
 
@@ -219,20 +220,16 @@ def _epoch_bar(progress, total: int, desc: str):
     closed here), a new tqdm.auto bar when it is true, a silent stand-in otherwise."""
     import contextlib
 
-    from tqdm.auto import tqdm
-
     if hasattr(progress, "update"):
         return contextlib.nullcontext(progress)
-    return tqdm(total=total, desc=desc, disable=not progress)
+    return _progress.bar(progress, total=total, desc=desc)
 
 
 def kernel_runs(profile, specs, *, device=None, force: bool = False, progress=True, desc: str = "") -> list[dict]:
     """:func:`kernel_run` for each dict of keyword arguments in ``specs``, with one progress bar
     over all their epochs (runs loaded from the cache count as done). Chapters 4 and 5."""
-    from tqdm.auto import tqdm
-
     results = []
-    with tqdm(total=len(specs) * profile.epochs, desc=desc, disable=not progress) as bar:
+    with _progress.bar(progress, total=len(specs) * profile.epochs, desc=desc) as bar:
         for i, spec in enumerate(specs):
             results.append(kernel_run(profile, device=device, force=force, progress=bar, **spec))
             bar.update((i + 1) * profile.epochs - bar.n)

@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 import time
 
+from ntklab import _progress
 from ntklab.experiments import cached, data_from_profile, model_from_profile, register, trained_model
 
 __all__ = ["run", "make_config", "settings", "eps_grid", "smooth_profile", "relu_profile", "NAME",
@@ -269,10 +270,7 @@ def _batch_kernels(net, X, x_adv, probe_x, draws, config, device, progress) -> d
     running = [(m.running_mean.double(), m.running_var.double()) for m in bn_layers(net)]
     res = {"running": measure(running)}
     sources = {"clean": X, "adversarial": x_adv}
-    if progress:
-        from tqdm.auto import tqdm
-
-        draws = tqdm(draws, desc="Theorem 2 batches", leave=False)
+    draws = _progress.bar(progress, draws, desc="Theorem 2 batches", leave=False)
     for source, b, idx in draws:
         row = measure(bn_batch_statistics(net, sources[source][idx].to(device)))
         entry = res.setdefault(source, {"size": [], "gap": [], "mean_gap": [], "var_gap": [], "error": []})
