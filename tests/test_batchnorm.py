@@ -7,8 +7,10 @@ import torch
 
 from ntklab import attacks, evaluate, experiments
 from ntklab.config import get_profile
-from ntklab.experiments import batchnorm, cache
-from ntklab.models import SmallCNN, bn_layers
+from ntklab.experiments import batchnorm
+from ntklab.models import bn_layers
+
+from smoke_runs import rerun_from_cache, smoke_run
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +109,7 @@ def test_gradient_masking_by_batch_statistics(free_cnn, trained_cnn, mnist_small
 # ---------------------------------------------------------------- the experiment
 @pytest.fixture(scope="module")
 def batchnorm_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("batchnorm")
-    with cache.track() as paths:
-        result = experiments.run("batchnorm", "smoke", "cpu", out=out, progress=False)
-    return result, out, paths
+    return smoke_run(tmp_path_factory, "batchnorm")
 
 
 def test_batchnorm_result(batchnorm_run):
@@ -160,10 +159,7 @@ def test_normal_training_never_reads_the_buffers():
 
 def test_batchnorm_second_run_loads_the_cache(batchnorm_run, monkeypatch):
     result, out, _ = batchnorm_run
-    monkeypatch.setattr(batchnorm, "_compute", lambda *a, **k: pytest.fail("recomputed"))
-    with cache.track() as paths:
-        again = experiments.run("batchnorm", "smoke", "cpu", out=out, progress=False)
-    assert [how for _, how in paths] == ["loaded"]
+    again, _ = rerun_from_cache("batchnorm", out, monkeypatch, batchnorm, "_compute")
     assert again["rows"] == result["rows"]
 
 

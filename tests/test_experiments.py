@@ -13,6 +13,8 @@ from ntklab import experiments
 from ntklab.config import get_profile
 from ntklab.experiments import cache
 
+from smoke_runs import rerun_from_cache, smoke_run
+
 CONFIG = {"eps": 0.3, "epochs": 2, "milestones": (1,), "name": "x"}
 
 
@@ -255,10 +257,7 @@ def test_data_and_train_kwargs_from_profile():
 # ---------------------------------------------------------------- the strategies experiment (chapter 4)
 @pytest.fixture(scope="module")
 def strategies_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("strategies")
-    with cache.track() as paths:
-        result = experiments.run("strategies", "smoke", "cpu", out=out, progress=False)
-    return result, out, paths
+    return smoke_run(tmp_path_factory, "strategies")
 
 
 def test_chapter_profile_decays_at_half_and_three_quarters(paper_profile):
@@ -321,10 +320,7 @@ def test_strategies_second_run_loads_the_cache(strategies_run, monkeypatch):
     result, out, _ = strategies_run
     import ntklab.train
 
-    monkeypatch.setattr(ntklab.train, "train", lambda *a, **k: pytest.fail("recomputed"))
-    with cache.track() as paths:
-        again = experiments.run("strategies", "smoke", "cpu", out=out, progress=False)
-    assert [how for _, how in paths] == ["loaded"]
+    again, _ = rerun_from_cache("strategies", out, monkeypatch, ntklab.train, "train")
     assert again["runs"]["multistep"]["pgd"]["clean_acc"] == result["runs"]["multistep"]["pgd"]["clean_acc"]
     assert torch.equal(again["runs"]["multistep"]["fgsm_rs"]["kernels"]["ae"],
                        result["runs"]["multistep"]["fgsm_rs"]["kernels"]["ae"])

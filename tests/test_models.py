@@ -1,10 +1,6 @@
-import copy
-
 import pytest
 import torch
-from torch import nn
 
-import ntklab
 from ntklab import models
 
 

@@ -40,8 +40,9 @@ def test_pair_data_is_balanced_and_disjoint():
     (X, y), (Xv, yv), (Xt, yt) = d["kernel"], d["val"], d["test"]
     assert set(y.tolist()) == {0, 1} and abs(int(y.sum()) - len(y) / 2) <= 1
     assert len(y) == round(0.75 * (len(y) + len(yv)))
-    flat = torch.cat([X, Xv]).flatten(1)
-    assert len(torch.unique(flat, dim=0)) == len(flat)                       # no image in both splits
+    assert set(yt.tolist()) == {0, 1} and abs(int(yt.sum()) - len(yt) / 2) <= 1
+    flat = torch.cat([X, Xv, Xt]).flatten(1)
+    assert len(torch.unique(flat, dim=0)) == len(flat)                       # no image in two splits
     full, _ = ntklab.experiments.data_from_profile(profile)
     assert len(y) + len(yv) == int(((full.tensors[1] == 3) | (full.tensors[1] == 5)).sum())
     with pytest.raises(ValueError, match="fewer than 2 images"):

@@ -5,18 +5,16 @@ import os
 import pytest
 import torch
 
-from ntklab import experiments
 from ntklab.config import get_profile
 from ntklab.experiments import cache
 from ntklab.experiments import overfitting as co
 
+from smoke_runs import rerun_from_cache, smoke_run
+
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("overfitting")
-    with cache.track() as paths:
-        result = experiments.run("overfitting", "smoke", "cpu", out=out, progress=False)
-    return result, out, paths
+def overfitting_run(tmp_path_factory):
+    return smoke_run(tmp_path_factory, "overfitting")
 
 
 def check_run(run, epochs, eps):
@@ -33,8 +31,8 @@ def check_run(run, epochs, eps):
     assert run["collapse_epoch"] is None or 0 <= run["collapse_epoch"] < epochs
 
 
-def test_smoke_result(smoke_run):
-    result, out, paths = smoke_run
+def test_smoke_result(overfitting_run):
+    result, out, paths = overfitting_run
     profile = get_profile("smoke")
     cfg = result["config"]
     epochs = cfg["profile"]["epochs"]
@@ -66,8 +64,8 @@ def test_smoke_result(smoke_run):
     assert all(0 < t < float("inf") for t in result["step_seconds"].values())
 
 
-def test_seeds_change_the_run_and_the_same_seed_repeats_it(smoke_run):
-    result = smoke_run[0]
+def test_seeds_change_the_run_and_the_same_seed_repeats_it(overfitting_run):
+    result = overfitting_run[0]
     a, b = result["runs"]["fgsm"]
     assert a["history"]["loss"] != b["history"]["loss"]
     # the grid's run at the profile's eps is the main run of the first seed, not a new one
@@ -75,14 +73,11 @@ def test_seeds_change_the_run_and_the_same_seed_repeats_it(smoke_run):
     assert result["grid"]["fgsm"][0]["history"]["loss"] != a["history"]["loss"]
 
 
-def test_smoke_second_run_loads_the_cache(smoke_run, monkeypatch):
-    result, out, _ = smoke_run
+def test_smoke_second_run_loads_the_cache(overfitting_run, monkeypatch):
+    result, out, _ = overfitting_run
     import ntklab.train
 
-    monkeypatch.setattr(ntklab.train, "train", lambda *a, **k: pytest.fail("recomputed"))
-    with cache.track() as paths:
-        again = experiments.run("overfitting", "smoke", "cpu", out=out, progress=False)
-    assert [how for _, how in paths] == ["loaded"]
+    again, paths = rerun_from_cache("overfitting", out, monkeypatch, ntklab.train, "train")
     assert again["runs"]["fgsm_aniso"][1]["robust_acc"] == result["runs"]["fgsm_aniso"][1]["robust_acc"]
     assert torch.equal(again["kernels"]["fgsm"]["ae"], result["kernels"]["fgsm"]["ae"])
     # the entry, its sidecar and its lock; the checkpoints that let the computation resume are gone

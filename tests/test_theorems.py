@@ -8,15 +8,14 @@ import torch
 
 from ntklab import experiments
 from ntklab.config import get_profile
-from ntklab.experiments import batchnorm, cache, theorems
+from ntklab.experiments import batchnorm, theorems
+
+from smoke_runs import rerun_from_cache, smoke_run
 
 
 @pytest.fixture(scope="module")
 def theorems_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("theorems")
-    with cache.track() as paths:
-        result = experiments.run("theorems", "smoke", "cpu", out=out, progress=False)
-    return result, out, paths
+    return smoke_run(tmp_path_factory, "theorems")
 
 
 def test_theorem1_result(theorems_run):
@@ -61,10 +60,7 @@ def test_theorem2_result(theorems_run):
 def test_theorems_second_run_loads_the_cache(theorems_run, monkeypatch):
     result, out, paths = theorems_run
     assert [how for p, how in paths if p.parent.name == "theorems"] == ["computed"]
-    monkeypatch.setattr(theorems, "_compute", lambda *a, **k: pytest.fail("recomputed"))
-    with cache.track() as again_paths:
-        again = experiments.run("theorems", "smoke", "cpu", out=out, progress=False)
-    assert [how for _, how in again_paths] == ["loaded"]
+    again, _ = rerun_from_cache("theorems", out, monkeypatch, theorems, "_compute")
     assert again["theorem1"]["slopes"] == result["theorem1"]["slopes"]
 
 

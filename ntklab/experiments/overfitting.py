@@ -61,7 +61,6 @@ Checkpoints go next to the cache entry, so an interrupted paper-scale run resume
 """
 from __future__ import annotations
 
-import math
 import time
 
 from ntklab.experiments import (cached, data_from_profile, model_from_profile, register, result_path,
