@@ -1,0 +1,96 @@
+"""ntklab.claims: comparisons, combined claims, check, table, and the negative-control helper."""
+import math
+
+import pytest
+import torch
+
+from ntklab import claims as C
+from ntklab.config import get_profile
+from tests.claim_controls import assert_negative_controls
+
+
+@pytest.mark.parametrize("op,threshold,value,holds", [
+    (">=", 0.75, 0.75, True), (">=", 0.75, 0.749, False), (">", 1, 1, False), ("<", 0.3, 0.29, True),
+    ("<=", 0.0, 0.1, False), ("==", 3, 3, True), ("!=", 3, 3, False),
+    ("between", (2, 10), 2, True), ("between", (2, 10), 10.5, False),
+])
+def test_compare(op, threshold, value, holds):
+    c = C.compare("k", "s", value, op, threshold)
+    assert c.holds is holds and c.key == "k" and isinstance(c.value, float)
+
+
+def test_compare_takes_tensor_and_numpy_scalars_and_never_holds_for_nan():
+    import numpy as np
+
+    assert C.compare("k", "s", torch.tensor(0.9), ">", 0.5).holds
+    assert C.compare("k", "s", np.float32(0.9), ">", 0.5).holds
+    assert not C.compare("k", "s", math.nan, "<", 1.0).holds
+    assert not C.compare("k", "s", math.inf, ">", 1.0).holds
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"op": "~", "threshold": 1, "value": 1}, "op"),
+    ({"op": ">", "threshold": 1, "value": "high"}, "value"),
+    ({"op": "between", "threshold": 1, "value": 1}, "threshold"),
+])
+def test_compare_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        C.compare("k", "s", **kwargs)
+
+
+def test_all_of_holds_only_when_every_part_holds():
+    a, b = C.compare("a", "", 1, ">", 0), C.compare("b", "", 1, "<", 0)
+    assert C.all_of("both", "s", [a, a]).holds
+    both = C.all_of("both", "s", [a, b])
+    assert not both.holds and "a" in both.value and "b" in both.threshold
+    with pytest.raises(ValueError, match="parts"):
+        C.all_of("none", "s", [])
+
+
+def test_check_asserts_only_the_profiles_claims_and_names_the_failures():
+    ok = C.compare("ok", "fine", 1, ">", 0)
+    bad_quick = C.compare("bad", "the effect shows", 0.1, ">", 0.5)
+    bad_paper = C.compare("paper_only", "at scale", 0.1, ">", 0.5, profiles=("paper",))
+    assert C.check([ok, bad_paper], "quick") == [ok]
+    with pytest.raises(AssertionError, match="bad: the effect shows") as err:
+        C.check([ok, bad_quick, bad_paper], get_profile("quick"))
+    assert "paper_only" not in str(err.value)
+    assert C.failing([ok, bad_quick, bad_paper], "paper") == [bad_paper]
+    with pytest.raises(ValueError, match="unique"):
+        C.check([ok, ok], "quick")
+
+
+def test_table_marks_claims_not_asserted_at_this_scale():
+    rows = C.table([C.compare("a", "x holds", 0.8, ">=", 0.75), C.compare("b", "y", 0.1, ">", 0.5)], "paper").rows()
+    assert rows[0][1:] == ("x holds", "0.800", ">= 0.75", "holds (not asserted at this scale)")
+    assert rows[1][4] == "fails (not asserted at this scale)"
+    html = C.table([C.compare("a", "x < y", 1, ">", 0)], "quick")._repr_html_()
+    assert "x &lt; y" in html and "<td>holds</td>" in html
+
+
+def test_glue_glues_numbers_and_nested_dicts(monkeypatch):
+    myst_nb = pytest.importorskip("myst_nb")
+    glued = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display=True: glued.__setitem__(name, value))
+    names = C.glue({"a": 0.5, "b": {"c": torch.tensor(2.0)}, "skip": [1, 2]}, prefix="ch1_")
+    assert names == ["ch1_a", "ch1_b_c"] and glued == {"ch1_a": 0.5, "ch1_b_c": 2.0}
+
+
+def _claims(analysis, profile):
+    return [C.compare("big", "x is big", analysis["x"], ">", 1), C.compare("small", "y is small", analysis["y"], "<", 1)]
+
+
+def test_negative_control_helper_catches_a_claim_that_cannot_fail_and_a_missing_control():
+    good = {"x": 2, "y": 0}
+
+    def x_low(a):
+        a["x"] = 0
+
+    def y_high(a):
+        a["y"] = 5
+
+    assert_negative_controls(_claims, good, {"big": x_low, "small": y_high})
+    with pytest.raises(AssertionError, match="still holds"):
+        assert_negative_controls(_claims, good, {"big": y_high, "small": y_high})
+    with pytest.raises(AssertionError, match="without a negative control"):
+        assert_negative_controls(_claims, good, {"big": x_low})
