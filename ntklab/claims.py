@@ -48,7 +48,8 @@ class Claim:
     for a combined claim); threshold: what it is compared with, as text (``">= 0.75"``,
     ``"in [2, 10]"``); holds: whether the run supports the statement; profiles: the profile names
     under which :func:`check` asserts it (the book's thresholds are written for ``quick``; under
-    other profiles the table shows the claim as "not asserted at this scale").
+    other profiles the table shows the claim as "not asserted at this scale"; with no profile the
+    claim is an observation of the run that the table reports and nothing asserts).
     """
 
     key: str
@@ -155,7 +156,9 @@ class ClaimsTable:
         rows = []
         for i, c in enumerate(self.claims, 1):
             verdict = "holds" if c.holds else "fails"
-            if not c.asserted_under(self.profile):
+            if not c.profiles:
+                verdict += " (an observation, never asserted)"
+            elif not c.asserted_under(self.profile):
                 verdict += " (not asserted at this scale)"
             rows.append((str(i), c.statement, _fmt(c.value), c.threshold, verdict))
         return rows

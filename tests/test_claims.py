@@ -94,3 +94,9 @@ def test_negative_control_helper_catches_a_claim_that_cannot_fail_and_a_missing_
         assert_negative_controls(_claims, good, {"big": y_high, "small": y_high})
     with pytest.raises(AssertionError, match="without a negative control"):
         assert_negative_controls(_claims, good, {"big": x_low})
+
+
+def test_table_calls_a_claim_of_no_profile_an_observation():
+    rows = C.table([C.compare("o", "seen", 1, ">", 0, profiles=())], "quick").rows()
+    assert rows[0][4] == "holds (an observation, never asserted)"
+    assert C.check([C.compare("o", "seen", 0, ">", 1, profiles=())], "quick") == []
