@@ -6,7 +6,8 @@
 * :func:`fgsm_aniso` — FGSM after anisotropic Gaussian noise, our construction of the fix of
   Li et al., arXiv 2312.02236 (catastrophic overfitting);
 * :func:`fgsm_pca` — FGSM after Gaussian noise whose covariance is the training images' own
-  (:func:`pca_noise_basis`, :func:`pca_noise`): the book's data-derived anisotropic noise;
+  (:func:`ntklab.noise.pca_noise_basis`, :func:`ntklab.noise.pca_noise`, importable from here too):
+  the book's data-derived anisotropic noise;
 * :func:`pgd` — Madry et al. 2018, PGD-k with random start and restarts;
 * :func:`trades_loss` — Zhang et al. 2019, the TRADES training loss and its adversarial examples;
 * :func:`adversarial_examples` — any of :data:`ATTACKS` by name (the training loop uses it).
@@ -16,11 +17,15 @@ Every attack takes ``model`` (logits out), ``x`` of shape (N, C, H, W) with valu
 of ``x``, inside [0, 1] and within ``eps`` of ``x`` in L-inf (up to float rounding; :func:`n_fgsm`
 is the documented exception). Gradients are taken with respect to the input only
 (``torch.autograd.grad``): no parameter gradient is computed or accumulated, so a PGD step costs
-about one forward and one backward pass.
+about one forward and one backward pass. The single-step attacks share one skeleton
+(:func:`_single_step`), so all of them check the same things (images of the model's dtype, labels
+in range) and differ only in their start point, step and projection. ``alpha=None`` for PGD and
+TRADES means ``eps / 4`` (:func:`pgd_alpha`, the one place that says so).
 
-The BN mode while crafting is explicit (``bn_mode``), see :func:`attack_mode`: ``"eval"`` (the
-default) uses the running statistics, ``"train"`` the statistics of the attacked batch itself,
-``"keep"`` leaves the BN layers as they are. Other layers (dropout) are in eval mode while crafting.
+The BN mode while crafting is explicit (``bn_mode``), see :func:`ntklab.bn.bn_mode` (here also
+under its older name :func:`attack_mode`): ``"eval"`` (the default) uses the running statistics,
+``"train"`` the statistics of the attacked batch itself, ``"keep"`` leaves the BN layers as they
+are. Other layers (dropout) are in eval mode while crafting.
 Afterwards every submodule's mode, the parameters, the buffers (BN running statistics included)
 and the parameters' ``.grad`` are as before.
 
@@ -29,66 +34,36 @@ chapter 4 uses :func:`trades_loss`; chapter 6 compares the single-step variants.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from ntklab import _checks
-from ntklab.models import bn_layers
+from ntklab import bn as _bn
+from ntklab.bn import BN_MODES
+from ntklab.noise import check_basis, pca_noise, pca_noise_basis
+
+_number, _count = _checks.number, _checks.count
 
 __all__ = ["fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pca_noise_basis", "pca_noise", "pgd",
-           "trades_loss", "adversarial_examples", "attack_mode", "ATTACKS", "BN_MODES"]
+           "pgd_alpha", "trades_loss", "adversarial_examples", "attack_mode", "ATTACKS", "BN_MODES"]
 
 ATTACKS = ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd")
-BN_MODES = ("eval", "train", "keep")
-_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 # ------------------------------------------------------------------ shared machinery
-@contextlib.contextmanager
-def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
-    """Within the block, every submodule of ``model`` is in eval mode except the BN layers, which
-    are in ``bn_mode``: ``"eval"`` (running statistics), ``"train"`` (statistics of the batch) or
-    ``"keep"`` (each BN layer's current mode).
-
-    PyTorch's train-mode BN also updates its running statistics at every forward pass; here every
-    BN layer that is in train mode inside the block gets its running buffers (mean, variance,
-    ``num_batches_tracked``) back on exit, so crafting an attack in ``"train"`` mode leaves the
-    model's buffers unchanged. Every submodule's mode is restored on exit, exceptions included.
-    BN layers built without running statistics (``track_running_stats=False``) use the batch
-    statistics in either mode. Chapter 3 is about this choice.
-    """
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {', '.join(map(repr, BN_MODES))}, got {bn_mode!r}")
-    flags = [(m, m.training) for m in model.modules()]
-    bns = bn_layers(model)
-    bn_flags = [m.training for m in bns]
-    saved = []
-    try:
-        for m, _ in flags:
-            m.training = False
-        for m, was_training in zip(bns, bn_flags):
-            m.training = bn_mode == "train" or (bn_mode == "keep" and was_training)
-            if m.training:
-                bufs = {k: getattr(m, k).detach().clone() for k in _BN_BUFFERS
-                        if getattr(m, k, None) is not None}
-                if bufs:
-                    saved.append((m, bufs))
-        yield model
-    finally:
-        with torch.no_grad():
-            for m, bufs in saved:
-                for k, value in bufs.items():
-                    getattr(m, k).copy_(value)
-        for m, flag in flags:
-            m.training = flag
+attack_mode = _bn.bn_mode            # the older name of ntklab.bn.bn_mode, kept for existing code
 
 
-_number, _count = _checks.number, _checks.count      # the names other modules know them by
+def pgd_alpha(eps: float, alpha: float | None = None) -> float | None:
+    """PGD's step size: ``alpha`` if given, else ``eps / 4`` (the book's default for every PGD and
+    TRADES attack, in training, callbacks and evaluation alike); ``None`` for ``eps = 0`` without
+    ``alpha`` (radius 0 needs no step). ``eps`` is checked (a finite number >= 0), ``alpha`` is not."""
+    eps = _checks.number("eps", eps)
+    return eps / 4 if alpha is None and eps > 0 else alpha
 
 
 def _check_inputs(x, y, *, eps, alpha=None, steps=None, restarts=None, noise=None,
@@ -106,8 +81,7 @@ def _check_inputs(x, y, *, eps, alpha=None, steps=None, restarts=None, noise=Non
     _number("noise", noise, allow_none=True)
     _count("steps", steps, allow_none=True)
     _count("restarts", restarts, allow_none=True)
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {', '.join(map(repr, BN_MODES))}, got {bn_mode!r}")
+    _bn.check_bn_mode(bn_mode)
     return x.detach(), y.detach().to(x.device)
 
 
@@ -139,6 +113,33 @@ def _uniform(x: torch.Tensor, radius: float, generator) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ single-step attacks
+def _single_step(model: nn.Module, x, y, *, eps, alpha=None, bn_mode="eval",
+                 setup: Callable[[torch.Tensor], Callable | None] | None = None, alpha_scale: float = 1.0,
+                 in_ball: bool = True, noise=None) -> torch.Tensor:
+    """The one skeleton of the single-step attacks, so that every one runs the same checks and steps:
+
+    1. the shared checks (:func:`_check_inputs`: images of the model's dtype, labels, ``eps``,
+       ``alpha``, ``noise``, ``bn_mode``), then the attack's own: ``setup(x)`` checks the attack's
+       further arguments and returns how to draw the start point, ``start(x) -> x0`` (``None`` or no
+       ``setup``: start at ``x``);
+    2. ``eps = 0`` returns ``x`` (nothing to search; no random number is drawn);
+    3. one input gradient at the start point with BN in ``bn_mode`` (logits and label range checked);
+    4. one signed step of ``alpha`` (default ``alpha_scale * eps``), then the projection onto the
+       eps-ball and [0, 1] (``in_ball``) or onto [0, 1] only.
+    """
+    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, noise=noise, bn_mode=bn_mode, model=model)
+    start = setup(x) if setup is not None else None
+    if eps == 0:
+        return x.clone()
+    alpha = eps * alpha_scale if alpha is None else alpha
+    x_adv = x if start is None else start(x)
+    with _bn.bn_mode(model, bn_mode):
+        grad = _input_grad(model, x_adv, y, check=True)
+    if in_ball:
+        return _project(x, x_adv + alpha * grad.sign(), eps)
+    return torch.clamp(x_adv + alpha * grad.sign(), min=0, max=1).detach()
+
+
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
          bn_mode: str = "eval") -> torch.Tensor:
     r"""FGSM, the fast gradient sign method (Goodfellow, Shlens & Szegedy, ICLR 2015).
@@ -151,7 +152,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         x: (N, C, H, W) images in [0, 1]. y: (N,) integer labels.
         eps (float): L-inf radius, >= 0 (0 returns ``x``).
         bn_mode (str): BN mode while crafting, ``"eval"`` (default), ``"train"`` or ``"keep"``
-            (see :func:`attack_mode`).
+            (see :func:`ntklab.bn.bn_mode`).
 
     Returns (N, C, H, W) in [0, 1], ``||x' - x||_inf <= eps``. Chapter 1 (Primer).
 
@@ -159,12 +160,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
 
         >>> x_adv = ntklab.attacks.fgsm(model, x, y, eps=0.3)
     """
-    x, y = _check_inputs(x, y, eps=eps, bn_mode=bn_mode, model=model)
-    if eps == 0:
-        return x.clone()
-    with attack_mode(model, bn_mode):
-        grad = _input_grad(model, x, y, check=True)
-    return torch.clamp(x + eps * grad.sign(), min=0, max=1).detach()
+    return _single_step(model, x, y, eps=eps, bn_mode=bn_mode, in_ball=False)
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
@@ -188,14 +184,10 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
 
         >>> x_adv = ntklab.attacks.fgsm_rs(model, x, y, eps=0.3)
     """
-    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, model=model)
-    if eps == 0:
-        return x.clone()
-    alpha = 1.25 * eps if alpha is None else alpha
-    x_adv = torch.clamp(x + _uniform(x, eps, generator), min=0, max=1)
-    with attack_mode(model, bn_mode):
-        grad = _input_grad(model, x_adv, y, check=True)
-    return _project(x, x_adv + alpha * grad.sign(), eps)
+    def setup(x):
+        return lambda x: torch.clamp(x + _uniform(x, eps, generator), min=0, max=1)
+
+    return _single_step(model, x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, setup=setup, alpha_scale=1.25)
 
 
 def n_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
@@ -223,15 +215,12 @@ def n_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
 
         >>> x_adv = ntklab.attacks.n_fgsm(model, x, y, eps=0.3)   # up to 0.9 away from x
     """
-    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, noise=noise, bn_mode=bn_mode, model=model)
-    if eps == 0:
-        return x.clone()
-    alpha = eps if alpha is None else alpha
-    noise = 2 * eps if noise is None else noise
-    x_adv = torch.clamp(x + _uniform(x, noise, generator), min=0, max=1)
-    with attack_mode(model, bn_mode):
-        grad = _input_grad(model, x_adv, y, check=True)
-    return torch.clamp(x_adv + alpha * grad.sign(), min=0, max=1).detach()
+    def setup(x):
+        radius = 2 * eps if noise is None else noise
+        return lambda x: torch.clamp(x + _uniform(x, radius, generator), min=0, max=1)
+
+    return _single_step(model, x, y, eps=eps, alpha=alpha, noise=noise, bn_mode=bn_mode, setup=setup,
+                        in_ball=False)
 
 
 def fgsm_aniso(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
@@ -268,107 +257,19 @@ def fgsm_aniso(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
 
         >>> x_adv = ntklab.attacks.fgsm_aniso(model, x, y, eps=0.3)
     """
-    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, model=model)
-    low, high = _number("low", low, positive=True), _number("high", high, positive=True)
-    if low > high:
-        raise ValueError(f"need low <= high, got low={low}, high={high}")
-    if eps == 0:
-        return x.clone()
-    alpha = eps if alpha is None else alpha
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    sigma = eps * torch.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
-    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    x_adv = _project(x, x + sigma * z, eps)
-    with attack_mode(model, bn_mode):
-        grad = _input_grad(model, x_adv, y, check=True)
-    return _project(x, x_adv + alpha * grad.sign(), eps)
+    def setup(x):
+        lo, hi = _number("low", low, positive=True), _number("high", high, positive=True)
+        if lo > hi:
+            raise ValueError(f"need low <= high, got low={lo}, high={hi}")
 
+        def start(x):
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            sigma = eps * torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u)
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return _project(x, x + sigma * z, eps)
+        return start
 
-def pca_noise_basis(X: torch.Tensor, *, rank: int | None = None) -> torch.Tensor:
-    r"""The principal directions of images ``X``, each scaled by its standard deviation: the noise
-    basis of :func:`fgsm_pca`, the book's data-derived anisotropic noise (chapter 6).
-
-    Flatten the N images to d = C*H*W pixels and write their covariance as
-    ``Sigma = (X - mean)^T (X - mean) / (N - 1) = sum_k lambda_k u_k u_k^T`` (eigenvalues in
-    decreasing order). The basis holds the rows ``b_k = c sqrt(lambda_k) u_k`` of the ``r`` largest
-    positive eigenvalues, with the one constant ``c > 0`` chosen so that the largest per-pixel
-    standard deviation of the noise ``z @ B`` (``z ~ N(0, I_r)``, :func:`pca_noise`) is 1, i.e.
-    ``max_j sum_k b_kj^2 = 1``. That noise is Gaussian with covariance ``c^2 Sigma_r``, where
-    ``Sigma_r`` is ``Sigma`` restricted to its top ``r`` eigenvectors (``Sigma`` itself with
-    ``rank=None``): it is large where the images vary most and zero along directions in which every
-    image is the same (the black border of MNIST digits) -- anisotropic, and shaped by the data rather
-    than by chance as in :func:`fgsm_aniso`. This construction is the book's choice; Li et al.
-    (arXiv 2312.02236) propose "anisotropic noise" against catastrophic overfitting without a
-    construction we could recover.
-
-    Arguments:
-        X (torch.Tensor): (N, C, H, W) images in [0, 1], N >= 2, not all equal (e.g. the training
-            images).
-        rank (int, optional): number of principal directions kept, >= 1 (``None``: every direction of
-            positive variance, at most ``min(N - 1, d)``).
-
-    Returns (r, C, H, W), in X's dtype and on its device. Computed in float64: through the d x d
-    covariance when N > d, else through the SVD of the centred data (cost O(N d min(N, d))).
-
-    Example::
-
-        >>> basis = ntklab.attacks.pca_noise_basis(train_x)      # (784, 1, 28, 28) for MNIST
-        >>> x_adv = ntklab.attacks.fgsm_pca(model, x, y, eps=0.3, basis=basis)
-    """
-    if not isinstance(X, torch.Tensor) or X.dim() != 4 or not X.is_floating_point():
-        shape = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
-        raise ValueError(f"X must be a 4-D floating-point tensor (N, C, H, W) of images, got {shape}")
-    if len(X) < 2:
-        raise ValueError(f"X must hold at least 2 images to have a covariance, got {len(X)}")
-    _check_inputs(X, torch.zeros(len(X), dtype=torch.long, device=X.device), eps=0.0)
-    _count("rank", rank, allow_none=True)
-    n, d = len(X), X[0].numel()
-    xc = X.detach().reshape(n, d).double()
-    xc = xc - xc.mean(0)
-    if n > d:
-        lam, vecs = torch.linalg.eigh(xc.T @ xc / (n - 1))
-        lam, vecs = lam.flip(0), vecs.flip(1)                          # decreasing
-    else:
-        _, sing, vh = torch.linalg.svd(xc, full_matrices=False)
-        lam, vecs = sing ** 2 / (n - 1), vh.T
-    if float(lam[0]) <= 0:
-        raise ValueError("X has no variance (all images are equal): there are no principal directions")
-    keep = int((lam > lam[0] * 1e-10).sum())
-    keep = keep if rank is None else min(keep, rank)
-    basis = vecs[:, :keep].T * lam[:keep].sqrt()[:, None]              # (r, d)
-    basis = basis / basis.pow(2).sum(0).max().sqrt()
-    return basis.to(X.dtype).reshape(keep, *X.shape[1:])
-
-
-def pca_noise(basis: torch.Tensor, n: int, *, generator=None) -> torch.Tensor:
-    r"""``n`` draws of the Gaussian noise ``z @ B`` of a basis from :func:`pca_noise_basis`
-    (``z ~ N(0, I_r)``): covariance ``B^T B`` (proportional to the data's, largest per-pixel
-    standard deviation 1), mean 0. Chapter 6.
-
-    basis: (r, C, H, W); n: number of draws, >= 1; generator (torch.Generator, optional): on the
-    basis' device. Returns (n, C, H, W) in the basis' dtype and on its device.
-    """
-    basis = _check_basis(basis)
-    n = _count("n", n)
-    z = torch.randn(n, len(basis), generator=generator, device=basis.device, dtype=basis.dtype)
-    return (z @ basis.flatten(1)).reshape(n, *basis.shape[1:])
-
-
-def _check_basis(basis, x=None) -> torch.Tensor:
-    if basis is None:
-        raise ValueError("fgsm_pca needs basis=, the data's noise basis from "
-                         "ntklab.attacks.pca_noise_basis(train_x)")
-    if not isinstance(basis, torch.Tensor) or basis.dim() < 2 or not basis.is_floating_point() or not len(basis):
-        shape = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
-        raise ValueError(f"basis must be a floating-point tensor (r, C, H, W) with r >= 1, got {shape}")
-    if x is not None:
-        if basis.shape[1:] != x.shape[1:]:
-            raise ValueError(f"basis must have shape (r, {', '.join(map(str, x.shape[1:]))}) to match x, "
-                             f"got {tuple(basis.shape)}")
-        basis = basis.to(device=x.device, dtype=x.dtype)
-    if not bool(torch.isfinite(basis).all()):
-        raise ValueError("basis has non-finite entries")
-    return basis
+    return _single_step(model, x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, setup=setup)
 
 
 def fgsm_pca(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
@@ -407,20 +308,15 @@ def fgsm_pca(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         >>> basis = ntklab.attacks.pca_noise_basis(train_x)
         >>> x_adv = ntklab.attacks.fgsm_pca(model, x, y, eps=0.3, basis=basis)
     """
-    x, y = _check_inputs(x, y, eps=eps, alpha=alpha, bn_mode=bn_mode)
-    scale = _number("scale", scale)
-    basis = _check_basis(basis, x)
-    if eps == 0:
-        return x.clone()
-    alpha = eps if alpha is None else alpha
-    x_adv = _project(x, x + scale * eps * pca_noise(basis, len(x), generator=generator), eps)
-    with attack_mode(model, bn_mode):
-        grad = _input_grad(model, x_adv, y)
-    return _project(x, x_adv + alpha * grad.sign(), eps)
+    def setup(x):
+        s, b = _number("scale", scale), check_basis(basis, x)
+        return lambda x: _project(x, x + s * eps * pca_noise(b, len(x), generator=generator), eps)
+
+    return _single_step(model, x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, setup=setup)
 
 
 # ------------------------------------------------------------------ multi-step attacks
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int, alpha: float | None = None,
         random_start: bool = True, restarts: int = 1, bn_mode: str = "eval",
         generator=None) -> torch.Tensor:
     r"""PGD, projected gradient descent on the cross-entropy (Madry, Makelov, Schmidt, Tsipras &
@@ -435,7 +331,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     Arguments:
         model, x, y, bn_mode: as in :func:`fgsm`.
         eps (float): L-inf radius, >= 0 (0 returns ``x``).
-        alpha (float): step size, > 0 (eps / 4 is a common choice); may be ``None`` when ``eps`` is 0.
+        alpha (float): step size, > 0 (default ``None``: ``eps / 4``, :func:`pgd_alpha`).
         steps (int): number of steps, >= 1.
         random_start (bool): uniform start in the eps-ball (default True).
         restarts (int): number of runs, >= 1 (> 1 needs ``random_start``).
@@ -446,17 +342,16 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
 
     Example::
 
-        >>> x_adv = ntklab.attacks.pgd(model, x, y, eps=0.3, alpha=0.075, steps=10)
+        >>> x_adv = ntklab.attacks.pgd(model, x, y, eps=0.3, steps=10)      # alpha = eps / 4 = 0.075
     """
     x, y = _check_inputs(x, y, eps=eps, alpha=alpha, steps=steps, restarts=restarts, bn_mode=bn_mode, model=model)
     if restarts > 1 and not random_start:
         raise ValueError("restarts > 1 needs random_start=True (every run would be the same)")
     if eps == 0:                      # nothing to search: the step size does not matter
         return x.clone()
-    if alpha is None:
-        raise ValueError("alpha (the step size) is required for pgd, e.g. eps / 4")
+    alpha = pgd_alpha(eps, alpha)
     best, best_loss, best_wrong = None, None, None
-    with attack_mode(model, bn_mode):
+    with _bn.bn_mode(model, bn_mode):
         for restart in range(restarts):
             x_adv = x.clone()
             if random_start:
@@ -480,8 +375,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     return best
 
 
-def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
-                steps: int, beta: float = 6.0, bn_mode: str = "eval",
+def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
+                alpha: float | None = None, beta: float = 6.0, bn_mode: str = "eval",
                 generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The TRADES loss and its adversarial examples (Zhang, Yu, Jiao, Xing, El Ghaoui & Jordan,
     ICML 2019, "Theoretically principled trade-off between robustness and accuracy").
@@ -500,8 +395,8 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
 
     Arguments:
         model, x, y, bn_mode: as in :func:`fgsm` (``bn_mode`` applies to the crafting only).
-        eps (float): L-inf radius, >= 0 (0: ``x' = x``). alpha (float): step size, > 0 (may be
-            ``None`` when ``eps`` is 0).
+        eps (float): L-inf radius, >= 0 (0: ``x' = x``). alpha (float): step size, > 0 (default
+            ``None``: ``eps / 4``, :func:`pgd_alpha`).
         steps (int): number of steps, >= 1. beta (float): weight of the KL term, >= 0 (default 6).
         generator (torch.Generator, optional): for the start noise (on x's device).
 
@@ -514,12 +409,11 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
         >>> loss.backward()
     """
     x, y = _check_inputs(x, y, eps=eps, alpha=alpha, steps=steps, bn_mode=bn_mode, model=model)
-    if alpha is None and eps > 0:
-        raise ValueError("alpha (the step size) is required for trades_loss, e.g. eps / 4")
+    alpha = pgd_alpha(eps, alpha)
     beta = _number("beta", beta)
     x_adv = x.clone()
     if eps > 0:
-        with attack_mode(model, bn_mode):
+        with _bn.bn_mode(model, bn_mode):
             with torch.no_grad():
                 out = model(x)
                 _checks.logits(out, y)
@@ -548,7 +442,8 @@ def adversarial_examples(strategy: str, model: nn.Module, x: torch.Tensor, y: to
     """Adversarial examples by the attack's name, one of :data:`ATTACKS`:
     ``"fgsm"``, ``"fgsm_rs"``, ``"n_fgsm"``, ``"fgsm_aniso"``, ``"fgsm_pca"``, ``"pgd"``.
 
-    eps, alpha, bn_mode: passed on (``alpha=None``: the attack's default; ``eps / 4`` for PGD).
+    eps, alpha, bn_mode: passed on (``alpha=None``: the attack's default; ``eps / 4`` for PGD,
+    :func:`pgd_alpha`).
     steps: required for ``"pgd"``; the single-step attacks accept only ``None`` or 1.
     kw: further keyword arguments of the attack (``noise``, ``low``, ``high``, ``basis`` and
     ``scale`` (``"fgsm_pca"`` needs ``basis``), ``random_start``, ``restarts``, ``generator``). ``"fgsm"`` takes no ``alpha`` (its step is ``eps``): giving one
@@ -563,8 +458,6 @@ def adversarial_examples(strategy: str, model: nn.Module, x: torch.Tensor, y: to
     if strategy == "pgd":
         if steps is None:
             raise ValueError("steps is required for the 'pgd' attack")
-        if alpha is None and isinstance(eps, (int, float)) and eps > 0:   # eps = 0 needs no step
-            alpha = eps / 4
         return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, bn_mode=bn_mode, **kw)
     if steps not in (None, 1):
         raise ValueError(f"{strategy!r} is a single-step attack; steps must be None or 1, got {steps!r}")

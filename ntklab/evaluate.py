@@ -5,6 +5,8 @@
 * :func:`worst_case_accuracy` — an example counts only if it survives every attack of a list
   (by default FGSM and PGD: on small MNIST models PGD with random start was at times weaker than
   zero-start FGSM, see the pilot runs);
+* :func:`robust_flags` — per example, correct clean and after every attack of a list (the routine
+  behind the three accuracies above, for chapters that need the examples or their own attacks);
 * :func:`autoattack_accuracy` — AutoAttack (Croce & Hein, ICML 2020, "Reliable evaluation of
   adversarial robustness with an ensemble of diverse parameter-free attacks") through the
   ``pyautoattack`` package.
@@ -12,8 +14,9 @@
 ``data`` is a :class:`torch.utils.data.TensorDataset` or a tuple ``(x, y)``: x (N, C, H, W)
 float in [0, 1], y (N,) integer labels. Every function classifies with the model in eval mode
 (BN running statistics, no dropout); a model handed over in train mode gets a ``UserWarning``
-(once per call) and its mode back afterwards. The model is moved to ``device`` if one is given
-(as :func:`ntklab.train.train` does), else the data go to the model's device. An example counts
+(once per call) and its mode back afterwards (:func:`ntklab.bn.eval_mode`). The model is moved to
+``device`` if one is given (as :func:`ntklab.train.train` does), else the data go to the model's
+device. An example counts
 as robust only if it is classified correctly both clean and after the attack (as AutoAttack
 counts), so robust accuracy never exceeds clean accuracy. Accuracies are Python floats in [0, 1].
 
@@ -21,9 +24,7 @@ Introduced in chapter 1 (Primer); chapter 3 uses ``bn_mode``, chapter 6 ``worst_
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,11 +32,12 @@ from torch.utils.data import TensorDataset
 
 from ntklab import _checks, _progress
 from ntklab import attacks as _attacks
+from ntklab import bn as _bn
 from ntklab.config import get_device
 from ntklab.data import as_tensors
 
-__all__ = ["clean_accuracy", "pgd_accuracy", "worst_case_accuracy", "autoattack_accuracy", "model_device",
-           "predict", "craft", "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
+__all__ = ["clean_accuracy", "pgd_accuracy", "worst_case_accuracy", "autoattack_accuracy", "robust_flags",
+           "model_device", "predict", "craft", "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "fast", "custom")
 AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -54,17 +56,6 @@ def model_device(model: nn.Module, device=None) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _evaluating(model: nn.Module, what: str) -> Iterator[nn.Module]:
-    """Warn if any submodule is in train mode; eval mode inside, every mode restored after."""
-    if any(m.training for m in model.modules()):
-        warnings.warn(f"{what}: the model is in train mode; it is evaluated in eval mode (BN running "
-                      "statistics, no dropout) and its mode is restored afterwards. Call model.eval() "
-                      "to silence this warning.", UserWarning, stacklevel=4)
-    with _attacks.attack_mode(model, "eval"):
-        yield model
-
-
 def _batches(n: int, batch_size: int, progress: bool, desc: str):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -73,14 +64,15 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
     return ((s, min(s + batch_size, n)) for s in starts)
 
 
-def _robust_flags(model, x, y, attack: Callable | None, *, batch_size, device, progress,
+def _robust_flags(model, x, y, attacks: Sequence[Callable], *, batch_size, device, progress,
                   desc) -> torch.Tensor:
-    """Per example (bool, on the CPU): correct on ``x`` and, if ``attack`` is given, on its output."""
+    """Per example (bool, on the CPU): correct on ``x`` and on the output of every attack, batch by
+    batch (the attacks of a batch in order); the model is evaluated as it is (the caller sets the mode)."""
     flags = []
     for s, e in _batches(len(x), batch_size, progress, desc):
         xb, yb = x[s:e].to(device), y[s:e].to(device)
         ok = _correct(model, xb, yb)
-        if attack is not None:
+        for attack in attacks:
             x_adv = attack(model, xb, yb)
             with torch.no_grad():
                 ok &= model(x_adv).argmax(1) == yb
@@ -106,7 +98,7 @@ def _fraction(flags: torch.Tensor) -> float:
 def _pgd(eps, alpha, steps, restarts, random_start, bn_mode) -> Callable:
     """The PGD of an evaluation, its arguments checked now (before any batch is attacked)."""
     eps = _checks.number("eps", eps)
-    alpha = eps / 4 if alpha is None and eps > 0 else alpha        # radius 0 needs no step
+    alpha = _attacks.pgd_alpha(eps, alpha)                          # eps / 4 by default
     _checks.number("alpha", alpha, positive=True, allow_none=True)
     _checks.count("steps", steps)
     _checks.count("restarts", restarts)
@@ -126,8 +118,8 @@ def clean_accuracy(model: nn.Module, data, *, batch_size: int = 500, device=None
     """
     x, y = as_tensors(data, model=model)
     device = model_device(model, device)
-    with _evaluating(model, "clean_accuracy"):
-        flags = _robust_flags(model, x, y, None, batch_size=batch_size, device=device,
+    with _bn.eval_mode(model, warn="clean_accuracy"):
+        flags = _robust_flags(model, x, y, (), batch_size=batch_size, device=device,
                               progress=progress, desc="clean")
     return _fraction(flags)
 
@@ -148,8 +140,8 @@ def pgd_accuracy(model: nn.Module, data, *, eps: float, alpha: float | None = No
     x, y = as_tensors(data, model=model)
     device = model_device(model, device)
     attack = _pgd(eps, alpha, steps, restarts, random_start, bn_mode)
-    with _evaluating(model, "pgd_accuracy"):
-        flags = _robust_flags(model, x, y, attack, batch_size=batch_size, device=device,
+    with _bn.eval_mode(model, warn="pgd_accuracy"):
+        flags = _robust_flags(model, x, y, [attack], batch_size=batch_size, device=device,
                               progress=progress, desc=f"PGD-{steps}")
     return _fraction(flags)
 
@@ -190,17 +182,37 @@ def worst_case_accuracy(model: nn.Module, data, *, eps: float, attacks: Sequence
             fns.append(lambda m, xb, yb, name=name: _attacks.adversarial_examples(
                 name, m, xb, yb, eps=eps, bn_mode=bn_mode))
 
-    flags = torch.ones(len(x), dtype=torch.bool)
-    with _evaluating(model, "worst_case_accuracy"):
-        for s, e in _batches(len(x), batch_size, progress, "worst case"):
-            xb, yb = x[s:e].to(device), y[s:e].to(device)
-            ok = _correct(model, xb, yb)
-            for fn in fns:
-                x_adv = fn(model, xb, yb)
-                with torch.no_grad():
-                    ok &= model(x_adv).argmax(1) == yb
-            flags[s:e] = ok.cpu()
+    with _bn.eval_mode(model, warn="worst_case_accuracy"):
+        flags = _robust_flags(model, x, y, fns, batch_size=batch_size, device=device,
+                              progress=progress, desc="worst case")
     return _fraction(flags)
+
+
+def robust_flags(model: nn.Module, data, attacks: Sequence[Callable] = (), *, batch_size: int = 500,
+                 device=None, progress: bool = False) -> torch.Tensor:
+    """Per example of ``data``, whether ``model`` classifies it correctly clean and after every
+    attack in ``attacks`` (eval mode, as every accuracy of this module): the routine behind
+    :func:`clean_accuracy`, :func:`pgd_accuracy` and :func:`worst_case_accuracy`, for a chapter that
+    needs the examples themselves or its own attacks.
+
+    data: TensorDataset or (x, y); x (N, C, H, W) in [0, 1], y (N,) integers. attacks: callables
+    ``attack(model, xb, yb) -> x_adv`` run on each batch of ``batch_size`` in order (e.g.
+    ``lambda m, x, y: ntklab.attacks.pgd(m, x, y, eps=0.3, steps=10)``); none: clean accuracy.
+    Returns (N,) bool on the CPU; its mean is the robust accuracy.
+
+    Example::
+
+        >>> ok = ntklab.evaluate.robust_flags(model, test_set, [fgsm_at_eps, pgd_at_eps])
+        >>> float(ok.double().mean())
+    """
+    x, y = as_tensors(data, model=model)
+    attacks = list(attacks)
+    if not all(callable(a) for a in attacks):
+        raise ValueError("attacks must be callables attack(model, x, y) -> x_adv")
+    device = model_device(model, device)
+    with _bn.eval_mode(model, warn="robust_flags"):
+        return _robust_flags(model, x, y, attacks, batch_size=batch_size, device=device,
+                             progress=progress, desc="robust")
 
 
 def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "standard",
@@ -250,7 +262,7 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
     if n is not None:
         x, y = ntkdata.subset(TensorDataset(x, y), n, seed=seed).tensors
     device = model_device(model, device)
-    with _attacks.attack_mode(model, "eval"), torch.no_grad():          # the labels fit the model's outputs
+    with _bn.eval_mode(model), torch.no_grad():          # the labels fit the model's outputs
         k = _checks.logits(model(x[:1].to(device)))
     _checks.labels("y", y, len(x), num_classes=k)
     if eps == 0:
@@ -258,7 +270,7 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
 
     params = [(p, p.requires_grad) for p in model.parameters()]
     rng_devices = [device] if device.type == "cuda" else []
-    with _evaluating(model, "autoattack_accuracy"), torch.random.fork_rng(devices=rng_devices):
+    with _bn.eval_mode(model, warn="autoattack_accuracy"), torch.random.fork_rng(devices=rng_devices):
         try:
             for p, _ in params:
                 p.requires_grad_(False)
@@ -283,7 +295,7 @@ def predict(model: nn.Module, X: torch.Tensor, *, batch_size: int = 500, bn_mode
     norm in ``bn_mode``: ``"eval"`` (running statistics: each prediction depends on its input
     alone) or ``"train"`` (each batch normalised with its own statistics, the setting of Li et al.'s
     "without buffer" models, arXiv 2312.02236; running buffers restored afterwards). Other layers
-    are in eval mode (:func:`ntklab.attacks.attack_mode`); a model without running statistics
+    are in eval mode (:func:`ntklab.bn.bn_mode`); a model without running statistics
     uses the batch statistics in either mode.
 
     X: (N, C, H, W) in [0, 1]. mix: optional inputs of the same shape: every batch is then half
@@ -299,11 +311,10 @@ def predict(model: nn.Module, X: torch.Tensor, *, batch_size: int = 500, bn_mode
                          f"{tuple(mix.shape) if isinstance(mix, torch.Tensor) else type(mix).__name__}")
     if mix is not None:
         _checks.images("mix", mix, model=model)
-    if bn_mode not in ("eval", "train"):
-        raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    _bn.check_bn_mode(bn_mode, allowed=("eval", "train"))
     device = model_device(model, device)
     out = torch.empty(len(X), dtype=torch.long)
-    with _attacks.attack_mode(model, bn_mode), torch.no_grad():
+    with _bn.bn_mode(model, bn_mode), torch.no_grad():
         for s, e in _batches(len(X), batch_size, progress, "predict"):
             h = (e - s) // 2
             if mix is None or h == 0:

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ntklab.attacks import _number
+from ntklab._checks import number as _number
 
 __all__ = ["two_layer_ntk", "regression_weights", "eigen_features", "KernelPredictor", "gd_filter"]
 

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from ntklab.bn import eval_mode
+
 __all__ = ["Linearized", "Centered"]
 
 
@@ -80,10 +82,7 @@ class Linearized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
-        modes = [(m, m.training) for m in base.modules()]
-        try:
-            for m, _ in modes:           # frozen BN (running statistics), no dropout
-                m.training = False
+        with eval_mode(base):            # frozen BN (running statistics), no dropout
             fixed = {**dict(base.named_parameters()), **dict(base.named_buffers())}
             primals = {name: fixed.pop(name) for name in self.names}
             tangents = {name: th - primals[name] for name, th in zip(self.names, self.theta)}
@@ -92,9 +91,6 @@ class Linearized(nn.Module):
                 return functional_call(base, {**params, **fixed}, (x,))
 
             out, d_out = jvp(f, (primals,), (tangents,))
-        finally:
-            for m, flag in modes:
-                m.training = flag
         return d_out if self.centered else out + d_out
 
     def extra_repr(self) -> str:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ntklab import _checks
 from ntklab import _ntk_structured as _st
+from ntklab.bn import eval_mode
 from ntklab._ntk_record import record
 from ntklab._ntk_structured import gram_add
 
@@ -112,14 +113,8 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, kind: str = "full", logit: i
         if x2.shape[1:] != x1.shape[1:]:
             raise ValueError(f"x1 and x2 must have the same feature shape, got {tuple(x1.shape[1:])} "
                              f"and {tuple(x2.shape[1:])}")
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.enable_grad():
-            return _compute(model, params, x1, x2, kind, logit, implementation, chunk_size)
-    finally:
-        for m, flag in modes:
-            m.training = flag
+    with eval_mode(model), torch.enable_grad():
+        return _compute(model, params, x1, x2, kind, logit, implementation, chunk_size)
 
 
 def _as_batch(x, name, ref):

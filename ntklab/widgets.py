@@ -10,6 +10,8 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import torch
 
+from ntklab.bn import eval_mode
+
 __all__ = ["attack_explorer", "choice_explorer", "spectrum_explorer", "kernel_explorer", "switch_explorer"]
 
 
@@ -33,12 +35,9 @@ def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     def draw(*_):
         x, y = images[index.value : index.value + 1], labels[index.value : index.value + 1]
         x_adv = attack(model, x, y, eps=eps.value)
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+        with eval_mode(model), torch.no_grad():
             p_clean = model(x).softmax(1)[0]
             p_adv = model(x_adv).softmax(1)[0]
-            model.train(was_training)
         out.clear_output(wait=True)
         with out:
             fig, axes = plt.subplots(1, 3, figsize=(7, 2.6))

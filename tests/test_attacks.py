@@ -1,6 +1,7 @@
 """ntklab.attacks: invariants of every attack, BN-mode handling, input checks, and a cross-check
 against torchattacks."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from tolerances import sum_rtol
 from ntklab import attacks
-from ntklab.models import bn_layers, set_bn_running_stats
+from ntklab.bn import bn_layers, set_bn_running_stats
 
 EPS = 0.1
 
@@ -319,9 +320,18 @@ def test_single_step_specific_checks(trained_cnn, batch):
         attacks.trades_loss(trained_cnn, *batch, eps=EPS, alpha=0.01, steps=1, beta=-1)
 
 
+def test_every_attack_function_is_listed_in_attacks():
+    """The test matrices (here, test_bad_input.py, the training strategies) are generated from
+    ATTACKS: an attack function ``f(model, x, y, *, eps, ...)`` missing from it would escape them."""
+    found = {name for name in attacks.__all__
+             if inspect.isfunction(getattr(attacks, name))
+             and list(inspect.signature(getattr(attacks, name)).parameters)[:4] == ["model", "x", "y", "eps"]}
+    assert found - {"trades_loss"} == set(attacks.ATTACKS)
+    assert all(callable(getattr(attacks, name)) for name in attacks.ATTACKS)
+
+
 def test_dispatcher(trained_cnn, batch):
     x, y = batch
-    assert attacks.ATTACKS == ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd")
     with pytest.raises(ValueError, match="unknown attack 'cw'; valid attacks are: fgsm, fgsm_rs"):
         attacks.adversarial_examples("cw", trained_cnn, x, y, eps=EPS)
     with pytest.raises(ValueError, match="steps is required"):
@@ -336,6 +346,58 @@ def test_dispatcher(trained_cnn, batch):
     assert torch.equal(
         attacks.adversarial_examples("pgd", trained_cnn, x, y, eps=EPS, steps=2, generator=g()),
         attacks.pgd(trained_cnn, x, y, eps=EPS, alpha=EPS / 4, steps=2, generator=g()))
+
+
+# ------------------------------------------------------------------ defaults and the single-step skeleton
+def test_pgd_and_trades_default_step_is_eps_over_4(trained_cnn, batch):
+    x, y = batch[0][:16], batch[1][:16]
+    assert attacks.pgd_alpha(0.3) == 0.075 and attacks.pgd_alpha(0.3, 0.01) == 0.01
+    assert attacks.pgd_alpha(0.0) is None and attacks.pgd_alpha(0, 0.01) == 0.01
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        attacks.pgd_alpha(-1.0)
+    g = lambda: torch.Generator().manual_seed(0)
+    assert torch.equal(attacks.pgd(trained_cnn, x, y, eps=EPS, steps=2, generator=g()),
+                       attacks.pgd(trained_cnn, x, y, eps=EPS, alpha=EPS / 4, steps=2, generator=g()))
+    assert torch.equal(attacks.trades_loss(trained_cnn, x, y, eps=EPS, steps=2, generator=g())[1],
+                       attacks.trades_loss(trained_cnn, x, y, eps=EPS, alpha=EPS / 4, steps=2, generator=g())[1])
+
+
+def input_grad_sign(model, x, y):
+    x = x.clone().requires_grad_(True)
+    F.cross_entropy(model(x), y).backward()
+    return x.grad.sign()
+
+
+def test_single_step_attacks_by_hand(trained_cnn, batch):
+    """fgsm_rs and fgsm_pca written out: start point from the same generator, one signed step,
+    projection (the skeleton changes nothing of the arithmetic)."""
+    model = copy.deepcopy(trained_cnn).eval()
+    x, y = batch[0][:16], batch[1][:16]
+    g = torch.Generator().manual_seed(4)
+    start = torch.clamp(x + (2 * torch.rand(x.shape, generator=g) - 1) * EPS, 0, 1)
+    step = start + 1.25 * EPS * input_grad_sign(model, start, y)
+    ref = torch.clamp(x + torch.clamp(step - x, -EPS, EPS), 0, 1)
+    assert torch.equal(attacks.fgsm_rs(model, x, y, eps=EPS, generator=torch.Generator().manual_seed(4)), ref)
+    g = torch.Generator().manual_seed(5)
+    noise = (torch.randn(16, len(BASIS), generator=g) @ BASIS.flatten(1)).reshape(x.shape)
+    start = torch.clamp(x + torch.clamp(x + 0.5 * EPS * noise - x, -EPS, EPS), 0, 1)
+    step = start + 0.05 * input_grad_sign(model, start, y)
+    ref = torch.clamp(x + torch.clamp(step - x, -EPS, EPS), 0, 1)
+    out = attacks.fgsm_pca(model, x, y, eps=EPS, basis=BASIS, alpha=0.05, scale=0.5,
+                           generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", attacks.ATTACKS)
+def test_every_attack_checks_dtype_and_label_range(name, trained_cnn, batch):
+    """The checks every attack shares (fgsm_pca used to skip both)."""
+    x, y = batch[0][:8], batch[1][:8]
+    with pytest.raises(ValueError, match="dtype torch.float64 but the model computes in torch.float32"):
+        run(name, trained_cnn, x.double(), y)
+    bad = y.clone()
+    bad[0] = -100                               # cross_entropy's "ignore" label
+    with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
+        run(name, trained_cnn, x, bad)
 
 
 # ------------------------------------------------------------------ cross-check: torchattacks

@@ -69,17 +69,25 @@ class TestModels:
 
 
 # ---------------------------------------------------------------- attacks, losses and evaluation
+# every attack of attacks.ATTACKS, called directly (a new attack joins this matrix by itself); the
+# arguments an attack cannot do without are here
+ATTACK_ARGS = {"pgd": dict(alpha=0.1, steps=2),
+               "fgsm_pca": dict(basis=torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)) / 8)}
+
+
+def _attack_call(name):
+    return lambda m, x, y, **kw: getattr(attacks, name)(m, x, y, eps=EPS, **{**ATTACK_ARGS.get(name, {}), **kw})
+
+
 ATTACK_CALLS = {
-    "fgsm": lambda m, x, y, **kw: attacks.fgsm(m, x, y, eps=EPS, **kw),
-    "fgsm_rs": lambda m, x, y, **kw: attacks.fgsm_rs(m, x, y, eps=EPS, **kw),
-    "n_fgsm": lambda m, x, y, **kw: attacks.n_fgsm(m, x, y, eps=EPS, **kw),
-    "fgsm_aniso": lambda m, x, y, **kw: attacks.fgsm_aniso(m, x, y, eps=EPS, **kw),
-    "pgd": lambda m, x, y, **kw: attacks.pgd(m, x, y, eps=EPS, alpha=0.1, steps=2, **kw),
+    **{name: _attack_call(name) for name in attacks.ATTACKS},
     "trades": lambda m, x, y, **kw: attacks.trades_loss(m, x, y, eps=EPS, alpha=0.1, steps=2, **kw),
     "by name": lambda m, x, y, **kw: attacks.adversarial_examples("pgd", m, x, y, eps=EPS, steps=2, **kw),
     "clean accuracy": lambda m, x, y, **kw: evaluate.clean_accuracy(m, (x, y)),
     "pgd accuracy": lambda m, x, y, **kw: evaluate.pgd_accuracy(m, (x, y), eps=EPS, steps=2),
     "worst case": lambda m, x, y, **kw: evaluate.worst_case_accuracy(m, (x, y), eps=EPS, steps=2),
+    "robust flags": lambda m, x, y, **kw: evaluate.robust_flags(
+        m, (x, y), [lambda m, xb, yb: attacks.fgsm(m, xb, yb, eps=EPS)]),
     "autoattack": lambda m, x, y, **kw: evaluate.autoattack_accuracy(m, (x, y), eps=EPS, version="custom",
                                                                      attacks=["apgd-ce"]),
 }

@@ -1,109 +1,13 @@
-"""Tests of ntklab.evaluate.predict / craft (batch-dependent models) and of the ``batchnorm``
-experiment (chapter 3)."""
-import copy
-
+"""Tests of the ``batchnorm`` experiment (chapter 3). ``evaluate.predict`` and ``craft``, the
+batch-dependent evaluation it uses, are tested in test_evaluate.py."""
 import pytest
 import torch
 
-from ntklab import attacks, evaluate, experiments
+from ntklab import experiments
 from ntklab.config import get_profile
 from ntklab.experiments import batchnorm
-from ntklab.models import bn_layers
 
 from smoke_runs import rerun_from_cache, smoke_run
-
-
-@pytest.fixture(scope="module")
-def free_cnn(trained_cnn):
-    """The trained test CNN with its BN layers switched to batch statistics (no buffers)."""
-    net = copy.deepcopy(trained_cnn)
-    for m in bn_layers(net):
-        m.track_running_stats = False
-        m.running_mean = m.running_var = m.num_batches_tracked = None
-    return net.eval()
-
-
-# ---------------------------------------------------------------- predict
-def test_predict_in_eval_mode_is_per_example(trained_cnn, mnist_small):
-    x = mnist_small[1].tensors[0][:50]
-    with torch.no_grad():
-        ref = trained_cnn(x).argmax(1)
-    for b in (50, 7, 1):
-        assert torch.equal(evaluate.predict(trained_cnn, x, batch_size=b), ref)
-
-
-def test_predict_with_batch_statistics_by_hand(trained_cnn, mnist_small):
-    x = mnist_small[1].tensors[0][:30]
-    buffers = copy.deepcopy(trained_cnn.state_dict())
-    pred = evaluate.predict(trained_cnn, x, batch_size=10, bn_mode="train")
-    twin = copy.deepcopy(trained_cnn).train()                       # train-mode BN, by hand
-    with torch.no_grad():
-        ref = torch.cat([twin(x[s:s + 10]).argmax(1) for s in (0, 10, 20)])
-    assert torch.equal(pred, ref)
-    assert all(torch.equal(buffers[k], v) for k, v in trained_cnn.state_dict().items())
-    assert not trained_cnn.training
-
-
-def test_predict_mixed_batches_by_hand(free_cnn, mnist_small):
-    x = mnist_small[1].tensors[0][:20]
-    other = 1 - x                                                   # very different statistics
-    pred = evaluate.predict(free_cnn, x, batch_size=8, mix=other)
-    ref = torch.empty(20, dtype=torch.long)
-    with torch.no_grad():
-        for s, e in ((0, 8), (8, 16), (16, 20)):
-            h = (e - s) // 2
-            first = free_cnn(torch.cat([x[s:s + h], other[s + h:e]])).argmax(1)
-            second = free_cnn(torch.cat([other[s:s + h], x[s + h:e]])).argmax(1)
-            ref[s:s + h], ref[s + h:e] = first[:h], second[h:]
-    assert torch.equal(pred, ref)
-    # the company matters for a batch-statistics model
-    assert not torch.equal(pred, evaluate.predict(free_cnn, x, batch_size=8))
-
-
-def test_predict_checks_its_input(trained_cnn):
-    x = torch.rand(4, 1, 28, 28)
-    with pytest.raises(ValueError, match="bn_mode must be 'eval' or 'train'"):
-        evaluate.predict(trained_cnn, x, bn_mode="keep")
-    with pytest.raises(ValueError, match="mix must have the shape of X"):
-        evaluate.predict(trained_cnn, x, mix=x[:2])
-    with pytest.raises(ValueError, match=r"X must be a 4-D tensor \(N, C, H, W\) of images in \[0, 1\]"):
-        evaluate.predict(trained_cnn, x[0])
-    with pytest.raises(ValueError, match=r"X must lie in \[0, 1\]"):
-        evaluate.predict(trained_cnn, x + 1)
-    with pytest.raises(ValueError, match=r"mix must lie in \[0, 1\]"):
-        evaluate.predict(trained_cnn, x, mix=x - 1)
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
-        evaluate.predict(trained_cnn, x, batch_size=0)
-
-
-# ---------------------------------------------------------------- craft
-def test_craft_equals_the_attack_batch_by_batch(trained_cnn, mnist_small):
-    x, y = mnist_small[1].tensors[0][:30], mnist_small[1].tensors[1][:30]
-    torch.manual_seed(0)
-    x_adv = evaluate.craft(trained_cnn, (x, y), attack="pgd", eps=0.1, alpha=0.03, steps=3, batch_size=12,
-                           bn_mode="train")
-    torch.manual_seed(0)
-    ref = torch.cat([attacks.pgd(trained_cnn, x[s:s + 12], y[s:s + 12], eps=0.1, alpha=0.03, steps=3, bn_mode="train")
-                     for s in (0, 12, 24)])
-    assert torch.equal(x_adv, ref)
-    assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-    fg = evaluate.craft(trained_cnn, (x, y), attack="fgsm", eps=0.1)
-    assert torch.equal(fg, attacks.fgsm(trained_cnn, x, y, eps=0.1))
-    with pytest.raises(ValueError, match="unknown attack"):
-        evaluate.craft(trained_cnn, (x, y), attack="cw", eps=0.1)
-
-
-def test_gradient_masking_by_batch_statistics(free_cnn, trained_cnn, mnist_small):
-    """Attacking a batch-statistics model batch by batch is weaker than transferring the examples
-    of its running-statistics twin: the trap chapter 3 describes (a normally trained net)."""
-    x, y = mnist_small[1].tensors[0][:100], mnist_small[1].tensors[1][:100]
-    torch.manual_seed(0)
-    own = evaluate.craft(free_cnn, (x, y), attack="pgd", eps=0.3, alpha=0.075, steps=10, batch_size=100)
-    torch.manual_seed(0)
-    transferred = evaluate.craft(trained_cnn, (x, y), attack="pgd", eps=0.3, alpha=0.075, steps=10, batch_size=100)
-    acc_own = float((evaluate.predict(free_cnn, own, batch_size=100) == y).float().mean())
-    acc_transfer = float((evaluate.predict(free_cnn, transferred, batch_size=100) == y).float().mean())
-    assert acc_transfer < acc_own
 
 
 # ---------------------------------------------------------------- the experiment

@@ -1,7 +1,13 @@
+"""ntklab.models: the architectures, their sizes and options (SmallCNN's activation and pooling
+variants against a hand-written forward pass), and the input normalisation inside them."""
 import pytest
 import torch
+from torch import nn
 
+from bn_helpers import hand_forward, with_running_stats
 from ntklab import models
+from ntklab.bn import bn_layers
+from ntklab.ntk import empirical_ntk
 
 
 def test_small_cnn_shapes_and_size():
@@ -61,24 +67,6 @@ def test_bn_option():
     assert models.PreActResNet18(width=2, bn=False)(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_set_bn_running_stats_switches_estimators():
-    torch.manual_seed(0)
-    net = models.SmallCNN(width=2)
-    x = torch.rand(16, 1, 28, 28) * 0.5 + 0.5  # statistics far from the initial running ones
-    net.train()
-    net(x)
-    net.eval()
-    with_running = net(x[:4])
-    models.set_bn_running_stats(net, False)
-    assert all(m.running_mean is None and not m.track_running_stats for m in models.bn_layers(net))
-    batch_stats = net(x[:4])  # eval mode, but normalised with the batch's own statistics
-    assert not torch.allclose(with_running, batch_stats, atol=1e-3)
-    models.set_bn_running_stats(net, True)
-    bn = models.bn_layers(net)[0]
-    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
-    assert net(x[:4]).shape == (4, 10)
-
-
 def test_two_layer_net_ntk_parameterisation():
     torch.manual_seed(0)
     net = models.TwoLayerNet(in_features=784, width=4096)
@@ -102,3 +90,62 @@ def test_build_model_by_name():
     assert isinstance(net, models.SmallCNN)
     with pytest.raises(ValueError, match=r"unknown model 'resnet50'.*small_cnn"):
         models.build_model("resnet50")
+
+
+# ---------------------------------------------------------------- SmallCNN options
+def test_small_cnn_default_is_unchanged():
+    net = models.SmallCNN()
+    assert models.count_parameters(net) == 421_738
+    assert [type(m) for m in net.features] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
+                                               nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
+    assert isinstance(net.classifier[2], nn.ReLU)
+
+
+@pytest.mark.parametrize("activation, pool, act_type, pool_type", [
+    ("gelu", "avg", nn.GELU, nn.AvgPool2d), ("softplus", "max", nn.Softplus, nn.MaxPool2d),
+    ("relu", "avg", nn.ReLU, nn.AvgPool2d)])
+def test_small_cnn_variants_same_parameters_and_keys(activation, pool, act_type, pool_type):
+    torch.manual_seed(0)
+    ref = models.SmallCNN(width=4)
+    torch.manual_seed(0)
+    net = models.SmallCNN(width=4, activation=activation, pool=pool)
+    assert list(net.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
+    assert isinstance(net.features[2], act_type) and isinstance(net.classifier[2], act_type)
+    assert isinstance(net.features[3], pool_type) and isinstance(net.features[7], pool_type)
+    x = torch.rand(3, 1, 28, 28)
+    # the same weights compute another function, which the hand-written forward pass reproduces
+    torch.testing.assert_close(net.eval()(x), hand_forward(net, x, [(m.running_mean, m.running_var)
+                                                                     for m in bn_layers(net)])[0])
+    assert not torch.allclose(net(x), ref.eval()(x))
+
+
+def test_small_cnn_rejects_unknown_options():
+    with pytest.raises(ValueError, match="unknown activation 'tanh'; valid activations are: relu, gelu, softplus"):
+        models.SmallCNN(activation="tanh")
+    with pytest.raises(ValueError, match="unknown pool 'min'; valid pools are: max, avg"):
+        models.SmallCNN(pool="min")
+
+
+@pytest.mark.parametrize("activation, pool", [("gelu", "avg"), ("softplus", "avg"), ("gelu", "max")])
+def test_ntk_of_the_variants_against_the_jacobian_reference(activation, pool):
+    torch.manual_seed(1)
+    net = with_running_stats(models.SmallCNN(width=3, activation=activation, pool=pool)).double()
+    x1, x2 = torch.rand(5, 1, 28, 28, dtype=torch.float64), torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    for kind in ("full", "trace"):
+        K = empirical_ntk(net, x1, x2, kind=kind)
+        K_ref = empirical_ntk(net, x1, x2, kind=kind, implementation="jacobian")
+        torch.testing.assert_close(K, K_ref, rtol=1e-10, atol=1e-10 * float(K_ref.abs().max()))
+
+
+def test_smooth_variant_is_smooth_in_the_input():
+    """Finite differences of the output: second differences shrink like h^2 for GELU/avg pooling."""
+    torch.manual_seed(2)
+    net = with_running_stats(models.SmallCNN(width=3, activation="gelu", pool="avg")).double()
+    x = torch.rand(1, 1, 28, 28, dtype=torch.float64)
+    d = torch.randn_like(x)
+    second = []
+    for h in (1e-2, 1e-3):
+        with torch.no_grad():
+            second.append(float((net(x + h * d) - 2 * net(x) + net(x - h * d)).abs().max()))
+    assert second[1] < second[0] / 50          # ~ h^2: a factor 100 for h / 10
