@@ -226,3 +226,60 @@ def distance_matrix(D, ticks=None, *, ax=None, title: str | None = None, label: 
     if title:
         ax.set_title(title)
     return ax
+
+
+# --- chapter 3 ---
+__all__ += ["batch_size_robustness", "ks_against_robustness"]
+
+_CRAFT_STYLE = {("self", "adversarial"): ("o", "-"), ("self", "half"): ("o", ":"),
+                ("twin", "adversarial"): ("s", "-"), ("twin", "half"): ("s", ":")}
+
+
+def batch_size_robustness(ax, result: dict, model: str, show: str = "all"):
+    """Robust accuracy of one model of a ``batchnorm`` result against the test batch size, with
+    batch statistics at test time: one line per crafting mode (circles "self", squares "twin";
+    ``show`` keeps ``"all"``, ``"self"`` or ``"twin"``) and composition (solid all-adversarial,
+    dotted half clean); a black line for running statistics (with-buffer models), a dashed red one
+    for AutoAttack on the model as used at test time. Introduced in chapter 3. Returns the Axes."""
+    if show not in ("all", "self", "twin"):
+        raise ValueError(f"show must be 'all', 'self' or 'twin', got {show!r}")
+    sizes = result["config"]["settings"]["test_batch_sizes"]
+    rows = {(r["test_bn"], r["craft"], r["composition"], r["batch_size"]): r["robust"]
+            for r in result["rows"] if r["model"] == model}
+    if not rows:
+        raise ValueError(f"no rows for model {model!r}; models: {result['models']}")
+    for (craft, composition), (marker, ls) in _CRAFT_STYLE.items():
+        if show in ("all", craft):
+            ax.plot(sizes, [rows["batch", craft, composition, b] for b in sizes], marker=marker, ls=ls,
+                    label=f"batch statistics, {craft}, {composition}")
+    if ("running", "self", "adversarial", sizes[0]) in rows:
+        ax.axhline(rows["running", "self", "adversarial", sizes[0]], color="black", lw=1,
+                   label="running statistics (PGD, FGSM)")
+    ax.axhline(result["autoattack"][model], color="crimson", ls="--", lw=1, label="AutoAttack, as used at test")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("test batch size")
+    ax.set_ylabel("robust accuracy")
+    ax.set_title(model)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def ks_against_robustness(result: dict, *, axes=None):
+    """Two panels (C-NTK, AE-NTK) of a ``batchnorm`` result: each model's kernel specialization
+    against its robust accuracy (the smallest over every evaluation as used at test time).
+    Introduced in chapter 3. Returns the two Axes."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, which, title in zip(axes, ("clean", "ae"), ("C-NTK", "AE-NTK")):
+        for model, marker in zip(result["models"], "os^v"):
+            ax.scatter(result["ks"][model][which], result["robust"][model], marker=marker, s=70, label=model)
+        ax.set_xlabel(f"KS of the {title}")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("robust accuracy (worst over every evaluation)")
+    axes[1].legend(fontsize=8)
+    return axes
