@@ -76,7 +76,7 @@ import torch.nn.functional as F
 
 from ntklab import _progress, attacks, data, evaluate
 from ntklab.claims import all_of, compare
-from ntklab.config import seed_everything
+from ntklab.config import get_device, seed_everything
 from ntklab.experiments import cached, data_from_profile, model_from_profile, register, trained_model
 from ntklab.models import bn_batch_statistics, bn_dataset_statistics, bn_layers, bn_statistics_gap, \
     using_bn_statistics
@@ -173,8 +173,6 @@ def make_config(profile) -> dict:
                 "checked numerically (chapter 2)")
 def run(profile, device=None, *, force: bool = False, progress: bool = True) -> dict:
     """Both checks under ``profile`` (see the module docstring for the result)."""
-    from ntklab.config import get_device
-
     config = make_config(profile)
     return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress), force=force)
 
