@@ -1,15 +1,19 @@
-"""Tests of the ``theorems`` experiment (chapter 2): smoke-scale invariants, cache reuse, and the
-``paper`` profile's code path."""
+"""Tests of the ``theorems`` experiment (chapter 2): smoke-scale invariants, cache reuse, the
+``paper`` profile's code path, ``analyse`` on a smoke run, the claims' negative controls, and the
+helpers the chapter calls."""
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
+from scipy.stats import spearmanr
 
-from ntklab import experiments
+from ntklab import attacks, experiments
 from ntklab.config import get_profile
 from ntklab.experiments import batchnorm, theorems
 
+from claim_controls import assert_negative_controls
 from smoke_runs import rerun_from_cache, smoke_run
 
 
@@ -44,7 +48,7 @@ def test_theorem2_result(theorems_run):
     assert t2["networks"] == ["smooth, trained", "relu, trained"]
     sizes = t2["batch_sizes"]
     assert sizes == [b for b in theorems.BATCH_SIZES if b <= get_profile("smoke").n_train]
-    per_size = theorems.settings(get_profile("smoke"))["batches_per_size"]
+    per_size = theorems.Settings.for_profile(get_profile("smoke")).batches_per_size
     for n in t2["networks"]:
         r = t2[n]
         for source in ("clean", "adversarial"):
@@ -71,12 +75,27 @@ def test_config_and_settings():
     assert config["smooth"]["model_kwargs"] == {"width": 16, "activation": "gelu", "pool": "avg"}
     # the ReLU network is chapter 3's normal model with buffer: one training run for both chapters
     relu = theorems.relu_profile(quick)
-    assert relu == batchnorm.model_profile(quick, "with buffer") and relu.model_kwargs["width"] == 16
+    assert relu.model_kwargs["width"] == 16
+    for name in ("smoke", "quick", "paper"):
+        profile = get_profile(name)
+        assert theorems.relu_profile(profile) == batchnorm.model_profile(profile, "with buffer")
     assert theorems.TRAIN_OVERRIDES == batchnorm.train_overrides(quick, "normal")
     assert config["batch_sizes"] == list(theorems.BATCH_SIZES)
+    assert config["settings"] == dataclasses.asdict(theorems.Settings.for_profile(quick))
     paper = get_profile("paper")
-    assert any(math.isclose(e, 8 / 255) for e in theorems.eps_grid(paper))   # the training eps is on the grid
+    # the training eps is on the grid (analyse reads the change at it)
+    assert any(math.isclose(e, 8 / 255) for e in theorems.eps_grid(paper))
+    assert any(abs(e - quick.eps) < 1e-9 * quick.eps for e in theorems.eps_grid(quick))
     assert theorems.smooth_profile(paper).model == "small_cnn"
+    assert theorems.smooth_profile(paper).model_kwargs["width"] == theorems.Settings.for_profile(paper).smooth_width
+
+
+def test_settings_are_frozen_per_profile():
+    quick = theorems.Settings.for_profile(get_profile("quick"))
+    assert (quick.n_probe1, quick.n_probe2, quick.batches_per_size, quick.n_adv, quick.relu_width) == (20, 30, 6, 1024, 16)
+    assert theorems.Settings.for_profile(get_profile("smoke")).relu_width is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        quick.n_probe1 = 3
 
 
 def test_theorems_paper_code_path(paper_profile):
@@ -94,3 +113,164 @@ def test_theorems_paper_code_path(paper_profile):
     for n in result["theorem2"]["networks"]:
         assert len(result["theorem2"][n]["clean"]["error"]) == 3 * 5
         assert torch.isfinite(torch.tensor(result["theorem2"][n]["clean"]["gap"])).all()
+
+
+# ------------------------------------------------------------------ analyse
+def test_analyse_on_a_smoke_run(theorems_run):
+    result, _, _ = theorems_run
+    t1, t2 = result["theorem1"], result["theorem2"]
+    a = theorems.analyse(result)
+    assert {"smooth_init", "smooth_trained", "relu_init", "relu_trained"} <= set(a)
+    assert a["train_eps"] == pytest.approx(get_profile("smoke").eps) and a["eps_min"] == t1["eps"][0]
+    i = t1["eps"].index(a["train_eps"])
+    log_eps = np.log(t1["eps"][:theorems.SLOPE_POINTS])
+    for name in t1["networks"]:
+        k = name.replace(", ", "_")
+        rel = t1["rel_change"][name]
+        fit = np.polyfit(log_eps, np.log(rel["antithetic"][:theorems.SLOPE_POINTS]), 1)[0]
+        assert a[k]["slopes"]["antithetic"] == pytest.approx(fit)
+        assert a[k]["cancel"] == pytest.approx(rel["antithetic"][0] / rel["random"][0])
+        assert a[k]["pgd_at_train_eps"] == rel["pgd"][i]
+        assert ("clean_acc" in a[k]) == name.endswith("trained")
+    assert a["trained_pgd_min"] == min(t1["rel_change"][n]["pgd"][i] for n in ("smooth, trained", "relu, trained"))
+    d = t1["decade"]
+    assert d["eps"] == list(theorems.DECADE)
+    assert a["decade_random"] == pytest.approx(d["random"][1] / d["random"][0])
+    assert a["decade_antithetic"] == pytest.approx(d["antithetic"][1] / d["antithetic"][0])
+    # the smoke network is a SmallCNN with max pooling: two pooling layers, ties on MNIST's background
+    assert len(t1["ties"]) == 2 and a["ties_min"] == min(t1["ties"])
+    assert a["swap_avg_antithetic"] < 1e-10 < a["swap_max_cancel"]
+    sizes = t2["batch_sizes"]
+    assert (a["batch_min"], a["batch_max"]) == (sizes[0], sizes[-1])
+    for name in t2["networks"]:
+        k, r = name.replace(", ", "_"), t2[name]
+        # independent recomputation from the per-batch lists
+        errors = np.array(r["clean"]["error"])
+        size = np.array(r["clean"]["size"])
+        assert a[k]["error_factor"] == pytest.approx(np.median(errors[size == sizes[0]]) / np.median(errors[size == sizes[-1]]))
+        assert a[k]["spearman"] == pytest.approx(spearmanr(r["clean"]["gap"], r["clean"]["error"]).statistic)
+        gaps = {s: np.array(r[s]["gap"]) for s in ("clean", "adversarial")}
+        adv_size = np.array(r["adversarial"]["size"])
+        ratio = min(np.median(gaps["adversarial"][adv_size == b]) / np.median(gaps["clean"][size == b]) for b in sizes)
+        assert a[k]["adv_gap_ratio"] == pytest.approx(ratio)
+        assert a[k]["adv_median_gap"] == pytest.approx(np.median(gaps["adversarial"]))
+    names = theorems.claims(a, "smoke")
+    assert len(names) == 24 and not [c for c in names if c.asserted_under("smoke")]
+
+
+# ------------------------------------------------------------------ claims
+def _good_analysis():
+    slopes = {"random": 1.0, "antithetic": 2.0, "fgsm": 1.0, "pgd": 1.02, "gaussian": 0.98, "antithetic_clipped": 1.0}
+    t2 = {"spearman": 0.9, "spearman_within": 0.5, "error_first": 0.3, "error_last": 0.04, "error_factor": 7.5,
+          "size_slope": -0.5, "gap_slope": -0.5, "adv_size_slope": 0.02, "adv_gap_ratio": 5.0,
+          "adv_error_margin": 2.0, "adv_median_gap": 1.0, "clean_median_gap": 0.1, "adv_median_error": 0.8}
+    return {"eps_min": 1e-6, "train_eps": 0.3, "trained_pgd_min": 0.5, "decade_random": 10.0,
+            "decade_antithetic": 100.0, "ties_min": 0.4, "swap_max_cancel": 0.8, "swap_avg_antithetic": 1e-16,
+            "batch_min": 8, "batch_max": 512,
+            "smooth_init": {"slopes": dict(slopes), "cancel": 1e-5, "pgd_at_train_eps": 0.1},
+            "smooth_trained": {"slopes": dict(slopes), "cancel": 1e-5, "pgd_at_train_eps": 0.5, **t2},
+            "relu_init": {"slopes": dict(slopes), "cancel": 0.9, "pgd_at_train_eps": 0.3},
+            "relu_trained": {"slopes": dict(slopes), "cancel": 0.9, "pgd_at_train_eps": 0.6, **t2}}
+
+
+def _set(path, value):
+    def spoil(a):
+        *head, last = path
+        for key in head:
+            a = a[key]
+        a[last] = value
+    return spoil
+
+
+CONTROLS = {
+    "smooth_init_orders": _set(("smooth_init", "slopes", "antithetic"), 1.0),     # no cancellation
+    "smooth_init_cancel": _set(("smooth_init", "cancel"), 0.01),
+    "smooth_trained_orders": _set(("smooth_trained", "slopes", "fgsm"), 2.0),     # an attack of order 2
+    "smooth_trained_cancel": _set(("smooth_trained", "cancel"), 0.5),
+    "decade": _set(("decade_antithetic",), 10.0),                                 # order 1, not 2
+    "relu_init_no_cancel": _set(("relu_init", "cancel"), 1e-5),
+    "relu_trained_no_cancel": _set(("relu_trained", "cancel"), 0.05),
+    "ties": _set(("ties_min",), 0.02),
+    "pool_swap": _set(("swap_avg_antithetic",), 1e-3),
+    "pgd_at_train_eps": _set(("trained_pgd_min",), 0.15),
+    "smooth_trained_spearman": _set(("smooth_trained", "spearman"), 0.2),
+    "smooth_trained_error_factor": _set(("smooth_trained", "error_factor"), 2.0),
+    "smooth_trained_size_slope": _set(("smooth_trained", "size_slope"), -0.1),
+    "smooth_trained_gap_slope": _set(("smooth_trained", "gap_slope"), -1.2),
+    "smooth_trained_adv_gap": _set(("smooth_trained", "adv_gap_ratio"), 1.5),
+    "smooth_trained_adv_flat": _set(("smooth_trained", "adv_size_slope"), -0.5),
+    "smooth_trained_adv_error": _set(("smooth_trained", "adv_error_margin"), 0.7),
+    "relu_trained_spearman": _set(("relu_trained", "spearman"), float("nan")),
+    "relu_trained_error_factor": _set(("relu_trained", "error_factor"), 1.0),
+    "relu_trained_size_slope": _set(("relu_trained", "size_slope"), -0.9),
+    "relu_trained_gap_slope": _set(("relu_trained", "gap_slope"), -0.2),
+    "relu_trained_adv_gap": _set(("relu_trained", "adv_gap_ratio"), 2.0),         # the bound is strict
+    "relu_trained_adv_flat": _set(("relu_trained", "adv_size_slope"), 0.3),
+    "relu_trained_adv_error": _set(("relu_trained", "adv_error_margin"), 1.0),
+}
+
+
+def test_claims_negative_controls():
+    assert_negative_controls(theorems.claims, _good_analysis(), CONTROLS)
+
+
+def test_claims_are_asserted_under_quick_only():
+    claims = theorems.claims(_good_analysis(), "quick")
+    assert all(c.profiles == ("quick",) for c in claims)
+
+
+@pytest.mark.parametrize("key,value,holds", [
+    (("smooth_init", "slopes", "random"), 1.1, True), (("smooth_init", "slopes", "random"), 1.11, False),
+    (("smooth_init", "slopes", "antithetic"), 1.8, True), (("smooth_init", "slopes", "antithetic"), 1.79, False),
+    (("decade_random",), 19.9, True), (("decade_random",), 20.0, False), (("decade_random",), 5.0, False),
+    (("relu_trained", "size_slope"), -0.31, True), (("relu_trained", "size_slope"), -0.3, False),
+    (("relu_trained", "adv_size_slope"), -0.19, True), (("relu_trained", "adv_size_slope"), -0.2, False),
+])
+def test_claims_keep_the_chapters_bounds(key, value, holds):
+    """The notebook's thresholds, inclusive (|slope - 1| <= 0.1) or strict (5 < ratio < 20)."""
+    a = _good_analysis()
+    _set(key, value)(a)
+    claim = {"smooth_init": "smooth_init_orders", "decade_random": "decade", "relu_trained": None}[key[0]]
+    claim = claim or {"size_slope": "relu_trained_size_slope", "adv_size_slope": "relu_trained_adv_flat"}[key[1]]
+    assert {c.key: c.holds for c in theorems.claims(a, "quick")}[claim] is holds
+
+
+# ------------------------------------------------------------------ helpers the chapter calls
+def test_tied_max_windows_counts_positive_ties():
+    net = torch.nn.Sequential(torch.nn.MaxPool2d(2), torch.nn.Flatten())
+    x = torch.tensor([[[[1.0, 1.0, 0.5, 0.2, 0.0, 0.0],
+                        [0.0, 0.0, 0.1, 0.0, 0.0, 0.0]]]])     # windows: tied 1s; untied; all zero
+    assert theorems.tied_max_windows(net, x) == [pytest.approx(1 / 3)]
+    assert theorems.tied_max_windows(torch.nn.Flatten(), x) == []
+
+
+def test_sign_changes_on_a_linear_model():
+    """f(x) = W x: Theta(x, x') = (x . x') I, so one draw changes the kernel by ||S X^T|| / ||X X^T||
+    (S the perturbation rows) and the antithetic average not at all."""
+    torch.manual_seed(0)
+    d, k, n = 12, 3, 5
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, k, bias=False)).double()
+    X = torch.rand(n, 1, 3, 4, dtype=torch.float64)
+    signs = torch.randint(0, 2, X.shape, dtype=torch.float64) * 2 - 1
+    eps = 0.01
+    out = theorems.sign_changes(net, X, signs, eps)
+    A, S = X.flatten(1), eps * signs.flatten(1)
+    assert out["random"] == pytest.approx(float((S @ A.T).norm() / (A @ A.T).norm()), rel=1e-9)
+    assert out["antithetic"] < 1e-14
+
+
+def test_fgsm_signs_are_the_input_gradients(trained_cnn, mnist_small):
+    x, y = mnist_small[1].tensors[0][:16], mnist_small[1].tensors[1][:16]
+    grad = theorems._ce_input_grad(trained_cnn, x, y)
+    eps = 0.1
+    assert torch.allclose(attacks.fgsm(trained_cnn, x, y, eps=eps), (x + eps * grad.sign()).clamp(0, 1))
+
+
+def test_theorem1_inputs_are_the_probe():
+    smoke = get_profile("smoke")
+    X, y, signs, gauss = theorems.theorem1_inputs(smoke)
+    assert X.dtype == torch.float64 and len(y) == theorems.Settings.for_profile(smoke).n_probe1
+    assert set(signs.unique().tolist()) == {-1.0, 1.0}
+    assert torch.allclose(gauss.flatten(1).norm(dim=1), torch.full((len(y),), math.sqrt(X[0].numel()), dtype=torch.float64))
+    again = theorems.theorem1_inputs(smoke)
+    assert all(torch.equal(u, v) for u, v in zip((X, y, signs, gauss), again))

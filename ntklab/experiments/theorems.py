@@ -33,7 +33,7 @@ the batch's statistics installed (:func:`ntklab.models.bn_batch_statistics`,
 (:func:`ntklab.models.bn_statistics_gap`). The statistics are constants in both kernels (the
 kernel does not differentiate through them).
 
-Per-profile sizes (:func:`settings`): ``quick``: 20 probe images (2 per class) for Theorem 1 and a
+Per-profile sizes (:class:`Settings`): ``quick``: 20 probe images (2 per class) for Theorem 1 and a
 grid of 6 eps from 1e-6 to 0.3; 30 probe images and 6 batches per size (8 to 512) for Theorem 2,
 adversarial batches drawn from the adversarial examples of 1,024 training images; ``smoke``
 smaller; ``paper`` from the profile's ``n_probe`` and ``n_train`` (so that the code-path test stays
@@ -45,6 +45,12 @@ seconds of the computation, model training included); ``theorem1``: ``eps`` (lis
 ``rel_change[name]`` (perturbation -> list over eps of
 ||Theta(X + Omega, X) - Theta(X, X)||_F / ||Theta(X, X)||_F), ``slopes[name]`` (perturbation ->
 fitted slope), ``kernel_norm[name]``, ``clean_acc[name]`` (test accuracy; None at initialisation);
+``decade`` (the smooth network at initialisation, random signs at eps ``DECADE`` = 1e-3 and 1e-2:
+``eps``, ``random``, ``antithetic``, the numbers the chapter also computes by hand); ``ties``
+(trained ReLU network: per max-pooling layer, the fraction of pooling windows whose positive
+maximum is attained more than once on the probe, :func:`tied_max_windows`); ``pool_swap`` (the
+trained ReLU weights with max and with average pooling, random signs at the smallest eps:
+pool -> ``{"random", "antithetic"}``, :func:`sign_changes`);
 ``theorem2``: ``batch_sizes``, ``networks`` (the trained ones), ``n_probe``, and per network a dict
 with, per source (``"clean"``, ``"adversarial"``), lists over batches (``size``, ``gap``,
 ``mean_gap``, ``var_gap``, ``error``), ``running`` (gap and error of PyTorch's running estimates),
@@ -52,17 +58,33 @@ with, per source (``"clean"``, ``"adversarial"``), lists over batches (``size``,
 correlation of gap and error: per source, and ``within_size``, the mean over sizes for clean
 batches), ``size_slope`` (source -> log-log slope of the median error against the batch size),
 ``gap_slope`` (the same for the median clean gap), ``clean_acc``.
+
+:func:`analyse` turns the result into the numbers the chapter discusses and :func:`claims` into its
+claims (asserted under ``quick``).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
+import warnings
+from dataclasses import asdict, dataclass
 
-from ntklab import _progress
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ntklab import _progress, attacks, data, evaluate
+from ntklab.claims import all_of, compare
+from ntklab.config import get_device, seed_everything
 from ntklab.experiments import cached, data_from_profile, model_from_profile, register, trained_model
+from ntklab.models import bn_batch_statistics, bn_dataset_statistics, bn_layers, bn_statistics_gap, \
+    using_bn_statistics
+from ntklab.ntk import empirical_ntk
 
-__all__ = ["run", "make_config", "settings", "eps_grid", "smooth_profile", "relu_profile", "NAME",
-           "PERTURBATIONS", "SMOOTH", "BATCH_SIZES", "TRAIN_OVERRIDES"]
+__all__ = ["run", "make_config", "Settings", "eps_grid", "smooth_profile", "relu_profile", "theorem1_inputs",
+           "sign_changes", "tied_max_windows", "analyse", "claims", "NAME", "PERTURBATIONS", "SMOOTH",
+           "BATCH_SIZES", "TRAIN_OVERRIDES", "DECADE"]
 
 NAME = "theorems"
 PERTURBATIONS = ("random", "antithetic", "fgsm", "pgd", "gaussian", "antithetic_clipped")
@@ -70,6 +92,7 @@ SMOOTH = {"activation": "gelu", "pool": "avg"}
 BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
 EPS_RANGE = (1e-6, 0.3, 6)       # geometric grid: first, last, number of points
 SLOPE_POINTS = 3                 # slopes are fitted over the smallest eps of the grid
+DECADE = (1e-3, 1e-2)            # the two eps of the by-hand check: ten times the eps
 # No evaluation during training, as for chapter 3's models (so the normal run is shared): the
 # experiment measures what it needs itself, and the weights are the same either way (evaluation
 # draws from a forked random state and leaves BN buffers alone), while the default per-epoch PGD
@@ -77,22 +100,36 @@ SLOPE_POINTS = 3                 # slopes are fitted over the smallest eps of th
 TRAIN_OVERRIDES = {"eval_every": 0}
 
 
-def settings(profile) -> dict:
-    """The experiment's sizes under ``profile`` (see the module docstring)."""
-    table = {
-        "smoke": {"n_probe1": 10, "n_probe2": 16, "batches_per_size": 2, "n_adv": 128},
-        "quick": {"n_probe1": 20, "n_probe2": 30, "batches_per_size": 6, "n_adv": 1024},
-    }
-    if profile.name in table:
-        return dict(table[profile.name])
-    return {"n_probe1": min(profile.n_probe, 50), "smooth_width": 16, "n_probe2": min(profile.n_probe, 100),
-            "batches_per_size": 5, "n_adv": 1024}
+@dataclass(frozen=True)
+class Settings:
+    """The experiment's per-profile values (see the module docstring).
+
+    n_probe1: probe images of Theorem 1; n_probe2: probe images of Theorem 2; batches_per_size:
+    mini-batches drawn per batch size and source; n_adv: training images whose PGD examples the
+    adversarial batches are drawn from; relu_width: width of the ReLU network, chapter 3's width
+    (None: the profile's model as it is); smooth_width: width of the smooth SmallCNN when the ReLU
+    network is not a SmallCNN.
+    """
+
+    n_probe1: int
+    n_probe2: int
+    batches_per_size: int
+    n_adv: int
+    relu_width: int | None = None
+    smooth_width: int = 16
+
+    @classmethod
+    def for_profile(cls, profile) -> "Settings":
+        if profile.name == "smoke":
+            return cls(n_probe1=10, n_probe2=16, batches_per_size=2, n_adv=128)
+        if profile.name == "quick":
+            return cls(n_probe1=20, n_probe2=30, batches_per_size=6, n_adv=1024, relu_width=16)
+        return cls(n_probe1=min(profile.n_probe, 50), n_probe2=min(profile.n_probe, 100), batches_per_size=5,
+                   n_adv=1024)
 
 
 def eps_grid(profile) -> list[float]:
     """The geometric eps grid of Theorem 1, with the profile's training eps added if missing."""
-    import numpy as np
-
     first, last, num = EPS_RANGE
     grid = [float(f"{e:.6g}") for e in np.geomspace(first, last, num)]
     if not any(math.isclose(e, profile.eps, rel_tol=1e-6) for e in grid):
@@ -103,18 +140,22 @@ def eps_grid(profile) -> list[float]:
 def relu_profile(profile):
     """The profile of the ReLU network: chapter 3's model with BN buffers (``quick``: the book's
     SmallCNN at width 16 with ReLU and max pooling; ``paper``: the profile's PreAct ResNet-18), so
-    that both chapters share its normal training."""
-    from ntklab.experiments.batchnorm import model_profile
-
-    return model_profile(profile, "with buffer")
+    that both chapters share its normal training (a unit test checks that the two profiles agree)."""
+    kw = dict(profile.model_kwargs)
+    width = Settings.for_profile(profile).relu_width
+    if width is not None:
+        kw["width"] = width
+    kw["track_running_stats"] = True
+    return profile.replace(model_kwargs=kw)
 
 
 def smooth_profile(profile):
     """The profile of the smooth network: the book's SmallCNN with GELU and average pooling, at the
     width of the ReLU network when that is a SmallCNN (the two then differ only in the activation
-    and the pooling), else at the width of :func:`settings`."""
+    and the pooling), else at :attr:`Settings.smooth_width`."""
     relu = relu_profile(profile)
-    width = relu.model_kwargs.get("width", 32) if relu.model == "small_cnn" else settings(profile)["smooth_width"]
+    width = relu.model_kwargs.get("width", 32) if relu.model == "small_cnn" else \
+        Settings.for_profile(profile).smooth_width
     return relu.replace(model="small_cnn", model_kwargs={"width": width, **SMOOTH})
 
 
@@ -122,9 +163,9 @@ def make_config(profile) -> dict:
     """Everything the result depends on (the cache key)."""
     n_train = profile.n_train
     sizes = [b for b in BATCH_SIZES if n_train is None or b <= n_train]
-    return {"profile": profile.to_dict(), "settings": settings(profile), "eps": eps_grid(profile),
-            "perturbations": list(PERTURBATIONS), "smooth": smooth_profile(profile).to_dict(),
-            "relu": relu_profile(profile).to_dict(),
+    return {"profile": profile.to_dict(), "settings": asdict(Settings.for_profile(profile)),
+            "eps": eps_grid(profile), "perturbations": list(PERTURBATIONS), "decade": list(DECADE),
+            "smooth": smooth_profile(profile).to_dict(), "relu": relu_profile(profile).to_dict(),
             "batch_sizes": sizes, "slope_points": SLOPE_POINTS, "kernel1": "full", "kernel2": "trace"}
 
 
@@ -132,8 +173,6 @@ def make_config(profile) -> dict:
                 "checked numerically (chapter 2)")
 def run(profile, device=None, *, force: bool = False, progress: bool = True) -> dict:
     """Both checks under ``profile`` (see the module docstring for the result)."""
-    from ntklab.config import get_device
-
     config = make_config(profile)
     return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress), force=force)
 
@@ -151,9 +190,6 @@ def _compute(profile, config, device, progress) -> dict:
 # ------------------------------------------------------------------ Theorem 1
 def _networks(profile, device, progress):
     """(name, model, test accuracy or None) for the four networks of Theorem 1."""
-    from ntklab import evaluate
-    from ntklab.config import seed_everything
-
     _, test_set = data_from_profile(profile)
     nets = []
     for name, prof in (("smooth", smooth_profile(profile)), ("relu", relu_profile(profile))):
@@ -164,30 +200,87 @@ def _networks(profile, device, progress):
     return nets
 
 
-def _theorem1(profile, config, device, nets) -> dict:
-    import copy
-
-    import numpy as np
-    import torch
-
-    from ntklab import attacks, data
-    from ntklab.ntk import empirical_ntk
-
-    sizes = config["settings"]
+def theorem1_inputs(profile, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The probe of Theorem 1 in float64: ``(X, y, signs, gauss)``, ``Settings.n_probe1`` training
+    images (class-balanced), a draw of random signs shaped like X and Gaussian noise with the L2
+    norm ``sqrt(d)`` of a sign vector per image (multiplied by eps in the experiment)."""
     train_set, _ = data_from_profile(profile)
-    probe_x, probe_y = data.subset(train_set, sizes["n_probe1"], seed=profile.seed + 1).tensors
+    probe_x, probe_y = data.subset(train_set, Settings.for_profile(profile).n_probe1, seed=profile.seed + 1).tensors
     X, y = probe_x.to(device, torch.float64), probe_y.to(device)
     d = X[0].numel()
-    grid = config["eps"]
     gen = torch.Generator().manual_seed(profile.seed + 2)
     signs = (torch.randint(0, 2, X.shape, generator=gen, dtype=torch.float64) * 2 - 1).to(device)
     z = torch.randn(X.shape, generator=gen, dtype=torch.float64)
     gauss = (z / z.flatten(1).norm(dim=1).view(-1, *[1] * (X.dim() - 1)) * math.sqrt(d)).to(device)
+    return X, y, signs, gauss
+
+
+def _rel_change(K, K0) -> float:
+    return float((K - K0).norm() / K0.norm())
+
+
+def sign_changes(net, X, signs, eps: float, kind: str = "full") -> dict:
+    """Relative change of the NTK of ``net`` under one draw of signs, ``{"random": Delta(eps s),
+    "antithetic": Delta of the average of the kernels at +eps s and -eps s}``, with
+    ``Delta(Omega) = ||Theta(X + Omega, X) - Theta(X, X)||_F / ||Theta(X, X)||_F`` (compute in
+    float64: the changes at small eps are far below float32 resolution)."""
+    K0 = empirical_ntk(net, X, kind=kind)
+    K_plus = empirical_ntk(net, X + eps * signs, X, kind=kind)
+    K_minus = empirical_ntk(net, X - eps * signs, X, kind=kind)
+    return {"random": _rel_change(K_plus, K0), "antithetic": _rel_change((K_plus + K_minus) / 2, K0)}
+
+
+def tied_max_windows(net, x) -> list[float]:
+    """For every max-pooling layer of ``net`` (in order), the fraction of its pooling windows (over
+    images and channels) whose maximum is positive and attained more than once on the inputs ``x``:
+    where a perturbation breaks a tie, max pooling switches position (an empty list when ``net``
+    has no max pooling)."""
+    seen = []
+    pools = [m for m in net.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    hooks = [m.register_forward_pre_hook(lambda module, args: seen.append((module, args[0].detach())))
+             for m in pools]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for module, a in seen:
+        windows = F.unfold(a.flatten(0, 1).unsqueeze(1), kernel_size=module.kernel_size, stride=module.stride)
+        top = windows.max(1, keepdim=True).values
+        tied = ((windows == top).sum(1) > 1) & (top.squeeze(1) > 0)
+        out.append(float(tied.float().mean()))
+    return out
+
+
+def _ce_input_grad(net, x, y) -> torch.Tensor:
+    """Gradient of the mean cross-entropy with respect to the input (the direction FGSM signs)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(F.cross_entropy(net(x), y), x)
+    return grad
+
+
+def _pool_swap(profile, net, X, signs, eps) -> dict:
+    """The trained ReLU weights with max and with average pooling: :func:`sign_changes` at ``eps``."""
+    relu = relu_profile(profile)
+    out = {}
+    for pool in ("max", "avg"):
+        twin = model_from_profile(relu.replace(model_kwargs={**relu.model_kwargs, "pool": pool}))
+        twin.load_state_dict(net.state_dict())
+        out[pool] = sign_changes(twin.double().to(X.device).eval(), X, signs, eps)
+    return out
+
+
+def _theorem1(profile, config, device, nets) -> dict:
+    X, y, signs, gauss = theorem1_inputs(profile, device)
+    grid = config["eps"]
     res = {"eps": grid, "perturbations": list(PERTURBATIONS), "networks": [], "rel_change": {},
            "slopes": {}, "kernel_norm": {}, "clean_acc": {}, "n_probe": len(y)}
     for name, net, acc in nets:
         net64 = copy.deepcopy(net).double().eval()
-        fgsm_signs = attacks._input_grad(net64, X, y).sign()
+        fgsm_signs = _ce_input_grad(net64, X, y).sign()
         inputs = []                                         # per eps: the 7 perturbed probe sets
         for eps in grid:
             torch.manual_seed(profile.seed)
@@ -212,16 +305,18 @@ def _theorem1(profile, config, device, nets) -> dict:
                                for p, v in rel.items()}
         res["kernel_norm"][name] = float(norm)
         res["clean_acc"][name] = acc
+        if name == "smooth, init":                          # the by-hand check of the chapter
+            by_eps = [sign_changes(net64, X, signs, eps, config["kernel1"]) for eps in config["decade"]]
+            res["decade"] = {"eps": list(config["decade"]), **{k: [c[k] for c in by_eps] for k in by_eps[0]}}
+        if name == "relu, trained":                         # why the ReLU network does not cancel
+            res["ties"] = tied_max_windows(net, X.to(torch.float32))
+            res["pool_swap"] = _pool_swap(profile, net, X, signs, grid[0]) if res["ties"] else {}
         del K, net64
     return res
 
 
 # ------------------------------------------------------------------ Theorem 2
 def _theorem2(profile, config, device, progress, nets) -> dict:
-    import torch
-
-    from ntklab import attacks, data
-
     sizes = config["settings"]
     train_set, _ = data_from_profile(profile)
     X, y = train_set.tensors
@@ -247,12 +342,6 @@ def _theorem2(profile, config, device, progress, nets) -> dict:
 
 def _batch_kernels(net, X, x_adv, probe_x, draws, config, device, progress) -> dict:
     """Kernel error against statistics gap for every drawn batch (Theorem 2), on one network."""
-    import numpy as np
-
-    from ntklab.models import bn_batch_statistics, bn_dataset_statistics, bn_layers, bn_statistics_gap, \
-        using_bn_statistics
-    from ntklab.ntk import empirical_ntk
-
     reference = bn_dataset_statistics(net, X, batch_size=500)
 
     def kernel(stats):
@@ -295,13 +384,166 @@ def _batch_kernels(net, X, x_adv, probe_x, draws, config, device, progress) -> d
 
 def _spearman(a, b) -> float:
     """Spearman's rank correlation of two equal-length sequences (NaN when undefined)."""
-    import warnings
-
-    import numpy as np
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr     # here: scipy.stats takes a second to import
 
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(spearmanr(a, b).statistic)
+
+
+# ------------------------------------------------------------------ analysis and claims
+def _key(network: str) -> str:
+    """``"smooth, init"`` -> ``"smooth_init"`` (the analysis's keys, usable as glue names)."""
+    return network.replace(", ", "_")
+
+
+def _ratio(a, b) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def analyse(result: dict) -> dict:
+    """The numbers chapter 2 discusses, from a result of :func:`run`.
+
+    Per network (``"smooth_init"``, ``"smooth_trained"``, ``"relu_init"``, ``"relu_trained"``):
+    ``slopes`` (perturbation -> fitted log-log slope at small eps), ``cancel`` (antithetic / random
+    change at the smallest eps: how much of a single draw's change the antithetic average keeps),
+    ``pgd_at_train_eps`` and ``random_at_train_eps`` (relative NTK change at the training eps),
+    ``pgd_1pct_eps`` (the first eps of the grid where PGD changes the NTK by 1% or more; NaN if
+    none), ``clean_acc`` (trained networks). Trained networks also carry Theorem 2's numbers:
+    ``spearman`` and ``spearman_within`` (rank correlation of gap and kernel error over all clean
+    batches, and its mean within one size), ``error_first``/``error_last`` (median clean kernel
+    error at the smallest and largest batch size) and ``error_factor`` (their ratio), ``size_slope``
+    and ``gap_slope`` (log-log slopes of the median clean error and gap against the batch size),
+    ``adv_size_slope`` (the same for the adversarial error), ``adv_gap_ratio`` (the smallest, over
+    batch sizes, ratio of the median adversarial to the median clean gap), ``adv_error_margin``
+    (the smallest median adversarial kernel error over the largest median clean one),
+    ``adv_median_gap``, ``clean_median_gap``, ``adv_median_error`` (medians over all batches).
+
+    Overall: ``eps_min``, ``train_eps`` (the grid's eps closest to the training eps),
+    ``trained_pgd_min`` (the smaller ``pgd_at_train_eps`` of the two trained networks),
+    ``decade_random`` and ``decade_antithetic`` (change at eps 1e-2 over change at 1e-3, smooth
+    network at initialisation: about 10 and 100 for orders 1 and 2), ``ties_min`` (the smallest
+    fraction of tied max-pooling windows over the trained ReLU network's pooling layers; NaN
+    without max pooling), ``swap_max_cancel`` (antithetic / random with the trained ReLU weights
+    and max pooling, at the smallest eps), ``swap_avg_antithetic`` (the antithetic change with the
+    same weights and average pooling), ``batch_min``, ``batch_max``.
+    """
+    t1, t2 = result["theorem1"], result["theorem2"]
+    grid = t1["eps"]
+    train_eps = float(result["config"]["profile"]["eps"])
+    i_train = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / train_eps)))
+    out = {"eps_min": float(grid[0]), "train_eps": float(grid[i_train])}
+    for name in t1["networks"]:
+        rel = t1["rel_change"][name]
+        crossing = [e for e, v in zip(grid, rel["pgd"]) if v >= 0.01]
+        acc = t1["clean_acc"][name]
+        out[_key(name)] = {
+            "slopes": dict(t1["slopes"][name]),
+            "cancel": _ratio(rel["antithetic"][0], rel["random"][0]),
+            "pgd_at_train_eps": float(rel["pgd"][i_train]), "random_at_train_eps": float(rel["random"][i_train]),
+            "pgd_1pct_eps": float(crossing[0]) if crossing else float("nan"),
+            **({} if acc is None else {"clean_acc": float(acc)})}
+    trained = [n for n in t1["networks"] if n.endswith("trained")]
+    out["trained_pgd_min"] = min(out[_key(n)]["pgd_at_train_eps"] for n in trained) if trained else float("nan")
+    decade = t1.get("decade", {"random": [math.nan] * 2, "antithetic": [math.nan] * 2})
+    out["decade_random"] = _ratio(decade["random"][1], decade["random"][0])
+    out["decade_antithetic"] = _ratio(decade["antithetic"][1], decade["antithetic"][0])
+    out["ties_min"] = min(t1["ties"]) if t1.get("ties") else float("nan")
+    swap = t1.get("pool_swap") or {"max": {"random": math.nan, "antithetic": math.nan}, "avg": {"antithetic": math.nan}}
+    out["swap_max_cancel"] = _ratio(swap["max"]["antithetic"], swap["max"]["random"])
+    out["swap_avg_antithetic"] = float(swap["avg"]["antithetic"])
+    sizes = t2["batch_sizes"]
+    out["batch_min"], out["batch_max"] = int(sizes[0]), int(sizes[-1])
+    for name in t2["networks"]:
+        r = t2[name]
+        med_err, med_gap = r["median_error"], r["median_gap"]
+        out[_key(name)].update({
+            "spearman": float(r["spearman"]["clean"]), "spearman_within": float(r["spearman"]["within_size"]),
+            "error_first": float(med_err["clean"][0]), "error_last": float(med_err["clean"][-1]),
+            "error_factor": _ratio(med_err["clean"][0], med_err["clean"][-1]),
+            "size_slope": float(r["size_slope"]["clean"]), "gap_slope": float(r["gap_slope"]),
+            "adv_size_slope": float(r["size_slope"]["adversarial"]),
+            "adv_gap_ratio": min(_ratio(a, c) for a, c in zip(med_gap["adversarial"], med_gap["clean"])),
+            "adv_error_margin": _ratio(min(med_err["adversarial"]), max(med_err["clean"])),
+            "adv_median_gap": float(np.median(r["adversarial"]["gap"])),
+            "clean_median_gap": float(np.median(r["clean"]["gap"])),
+            "adv_median_error": float(np.median(r["adversarial"]["error"]))})
+    return out
+
+
+def _strictly_between(key, statement, value, low, high, profiles):
+    return all_of(key, statement, [compare("slope", "", value, ">", low), compare("slope", "", value, "<", high)],
+                  profiles=profiles)
+
+
+def claims(analysis: dict, profile) -> list:
+    """The claims of chapter 2 about a run (from :func:`analyse`), asserted under ``quick``.
+
+    1. Theorem 1 on each smooth network: slopes within 0.1 of 1 (random signs, FGSM signs, PGD,
+       Gaussian) and within 0.2 of 2 (antithetic); the antithetic average keeps less than a
+       thousandth of a single draw's change at the smallest eps; ten times the eps (1e-3 to 1e-2)
+       gives between 5 and 20 times the change of one draw and more than 50 times the antithetic one.
+    2. The ReLU / max-pool networks: the antithetic average keeps more than a tenth of one draw's
+       change; more than 10% of the pooling windows are tied in every max-pooling layer; the same
+       trained weights with average pooling cancel below 1e-10, with max pooling keep more than a
+       tenth.
+    3. At the training eps PGD changes the NTK of both trained networks by more than 20%.
+    4. Theorem 2, per trained network: rank correlation of gap and error above 0.7; the median
+       clean error falls by more than a factor 3 from the smallest to the largest batch; its slope
+       and the gap's in (-0.8, -0.3).
+    5. Per trained network: median adversarial gap more than twice the clean one at every size;
+       adversarial error slope within 0.2 of 0; every median adversarial error above every median
+       clean one.
+    """
+    P = ("quick",)
+    out = []
+    smooth = [k for k in ("smooth_init", "smooth_trained") if k in analysis]
+    relu = [k for k in ("relu_init", "relu_trained") if k in analysis]
+    trained = [k for k in ("smooth_trained", "relu_trained") if k in analysis and "spearman" in analysis[k]]
+    for k in smooth:
+        s = analysis[k]["slopes"]
+        parts = [compare(p, "", s[p], "between", (0.9, 1.1)) for p in ("random", "fgsm", "pgd", "gaussian")]
+        parts.insert(1, compare("antithetic", "", s["antithetic"], "between", (1.8, 2.2)))
+        out.append(all_of(f"{k}_orders", f"{k}: one draw of signs, FGSM, PGD and Gaussian noise change the NTK in "
+                          f"proportion to eps (slope within 0.1 of 1), the antithetic average in proportion to eps^2 "
+                          f"(slope within 0.2 of 2)", parts, profiles=P))
+        out.append(compare(f"{k}_cancel", f"{k}: at the smallest eps the antithetic average keeps less than a "
+                           f"thousandth of one draw's change", analysis[k]["cancel"], "<", 1e-3, profiles=P))
+    out.append(all_of("decade", "smooth_init: ten times the eps gives 5 to 20 times the change of one draw and more "
+                      "than 50 times that of the antithetic average",
+                      [compare("one draw", "", analysis["decade_random"], ">", 5),
+                       compare("one draw", "", analysis["decade_random"], "<", 20),
+                       compare("antithetic", "", analysis["decade_antithetic"], ">", 50)], profiles=P))
+    for k in relu:
+        out.append(compare(f"{k}_no_cancel", f"{k} (max pooling): the antithetic average keeps more than a tenth of "
+                           f"one draw's change at the smallest eps", analysis[k]["cancel"], ">", 0.1, profiles=P))
+    out.append(compare("ties", "relu_trained: in every max-pooling layer more than 10% of the windows have a positive "
+                       "maximum attained more than once", analysis["ties_min"], ">", 0.1, profiles=P))
+    out.append(all_of("pool_swap", "relu_trained weights: with average pooling the antithetic average cancels "
+                      "(below 1e-10), with max pooling it keeps more than a tenth of one draw's change",
+                      [compare("avg", "", analysis["swap_avg_antithetic"], "<", 1e-10),
+                       compare("max", "", analysis["swap_max_cancel"], ">", 0.1)], profiles=P))
+    out.append(compare("pgd_at_train_eps", "at the training eps PGD changes the NTK of both trained networks by more "
+                       "than 20%", analysis["trained_pgd_min"], ">", 0.2, profiles=P))
+    for k in trained:
+        a = analysis[k]
+        out.append(compare(f"{k}_spearman", f"{k}: over clean batches the statistics gap and the kernel error have "
+                           f"a rank correlation above 0.7", a["spearman"], ">", 0.7, profiles=P))
+        out.append(compare(f"{k}_error_factor", f"{k}: the median clean kernel error falls by more than a factor 3 "
+                           f"from the smallest to the largest batch", a["error_factor"], ">", 3, profiles=P))
+        out.append(_strictly_between(f"{k}_size_slope", f"{k}: the median clean kernel error falls about like "
+                                     f"1/sqrt(batch size) (log-log slope in (-0.8, -0.3))", a["size_slope"],
+                                     -0.8, -0.3, P))
+        out.append(_strictly_between(f"{k}_gap_slope", f"{k}: the median clean statistics gap falls about like "
+                                     f"1/sqrt(batch size) (log-log slope in (-0.8, -0.3))", a["gap_slope"],
+                                     -0.8, -0.3, P))
+        out.append(compare(f"{k}_adv_gap", f"{k}: at every batch size the median gap of adversarial batches is more "
+                           f"than twice that of clean ones", a["adv_gap_ratio"], ">", 2, profiles=P))
+        out.append(_strictly_between(f"{k}_adv_flat", f"{k}: the kernel error of adversarial batches does not shrink "
+                                     f"with the batch size (log-log slope within 0.2 of 0)", a["adv_size_slope"],
+                                     -0.2, 0.2, P))
+        out.append(compare(f"{k}_adv_error", f"{k}: every median kernel error of adversarial batches is above every "
+                           f"median error of clean ones", a["adv_error_margin"], ">", 1, profiles=P))
+    return out
