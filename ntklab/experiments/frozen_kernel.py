@@ -40,6 +40,9 @@ Settings per profile (:class:`Settings`, ``Settings.for_profile(profile)``):
   Snapshot times that fall on the same batch boundary are merged (only with a small ``n_train``). The
   tiny ``paper_profile`` test fixture scales all of these by its sizes.
 * ``smoke``: the smoke model and data, 2 epochs, snapshots 0, 0.5, 2; phase 2 one epoch on 64 images.
+
+:func:`analyse` turns a result into the numbers the chapter discusses and :func:`claims` into the
+chapter's claims (:mod:`ntklab.claims`).
 """
 from __future__ import annotations
 

@@ -37,8 +37,10 @@ digits 3 and 5 of the embedded MNIST-5k (800 training images, 600 for the kernel
 whose difference is a few strokes, so that eps 0.1 moves the predictor a lot; an easy pair such as
 0 vs 1 is hardly attackable at that eps. ``smoke`` uses the same pair on the smoke subset.
 
-The result (cached by config and package version) is a dict of tensors, numbers and lists; see
-:func:`run`. ``compute_seconds`` is the wall time of the computation.
+The settings per profile are :class:`Settings` (``Settings.for_profile(profile)``). The result
+(cached by config and package version) is a dict of tensors, numbers and lists; see :func:`run`.
+``compute_seconds`` is the wall time of the computation. :func:`analyse` turns it into the numbers
+the chapter discusses and :func:`claims` into the chapter's claims (:mod:`ntklab.claims`).
 """
 from __future__ import annotations
 
