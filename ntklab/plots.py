@@ -283,3 +283,50 @@ def ks_against_robustness(result: dict, *, axes=None):
     axes[0].set_ylabel("robust accuracy (worst over every evaluation)")
     axes[1].legend(fontsize=8)
     return axes
+
+# --- chapter 7 ---
+__all__ += ["pgd_attack", "adversarial_grid"]
+
+
+def pgd_attack(steps: int = 10):
+    """The PGD the book shows in figures and explorers: ``attack(model, x, y, eps)`` running
+    :func:`ntklab.attacks.pgd` with ``steps`` steps of eps/4 (at least 1e-8, so that an explorer's
+    slider may reach eps = 0). Pass it to :func:`ntklab.widgets.attack_explorer` as ``attack``.
+    Introduced in chapter 1 (Primer); used from chapter 7 on."""
+    from ntklab import attacks
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int; got {steps!r}")
+
+    def attack(model, x, y, eps):
+        return attacks.pgd(model, x, y, eps=eps, alpha=max(eps / 4, 1e-8), steps=steps)
+
+    return attack
+
+
+def adversarial_grid(model, x, y, *, eps: float, steps: int = 10, names: dict | None = None,
+                     model_name: str = "clean", fig=None):
+    """Three rows for the images ``x`` (N, C, H, W) in [0, 1], on the model's device, with labels
+    ``y``: the images with
+    ``model``'s predictions (titled ``model_name``), their PGD examples (:func:`pgd_attack` at
+    ``eps`` with ``steps`` steps) with its predictions, and the perturbations (red: brightened,
+    blue: darkened, on one symmetric scale). ``names`` maps a predicted class to the text shown
+    (default: the class number). The figure's title says how many predictions PGD changes. The
+    model should be in eval mode. Returns the Figure. Introduced in chapter 1 (Primer); used in
+    chapters 7 and 8."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not isinstance(y, torch.Tensor) or y.shape != (len(x),):
+        raise ValueError("x must be an (N, C, H, W) tensor and y an (N,) tensor of labels")
+    y = y.to(x.device)
+    x_adv = pgd_attack(steps)(model, x, y, eps)
+    with torch.no_grad():
+        pred, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
+    name = (lambda c: str(names[int(c)])) if names is not None else (lambda c: str(int(c)))
+    n = len(x)
+    fig = fig or plt.figure(figsize=(1.25 * n, 4.2))
+    image_grid(torch.cat([x, x_adv, x_adv - x]).detach().cpu(), nrow=3, fig=fig,
+               signed=[False] * (2 * n) + [True] * n,
+               titles=[f"{model_name}: {name(c)}" for c in pred] + [f"PGD: {name(c)}" for c in pred_adv]
+               + ["perturbation"] * n)
+    fig.suptitle(f"PGD-{steps} at eps {eps:g} changes {int((pred != pred_adv).sum())} of {n} predictions",
+                 fontsize=9)
+    return fig

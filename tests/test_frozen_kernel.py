@@ -12,6 +12,7 @@ from ntklab.experiments import frozen_kernel
 from ntklab.models import SmallCNN
 from ntklab.train import train
 from test_ntk_features import run_twice
+from tests.claim_controls import assert_negative_controls
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +105,18 @@ def _after_one_epoch(small, kw):
 
 
 def test_settings_follow_the_profiles(paper_profile):
-    quick = frozen_kernel.settings(ntklab.config.get_profile("quick"))
-    assert quick["eps"] == 0.15 and quick["model_kwargs"]["width"] == 16 and quick["times"] == [0, 0.25, 1, 3]
-    real = frozen_kernel.settings(ntklab.config.get_profile("paper"))
-    assert real["eps"] == 4 / 255 and real["train_steps"] == 20 and real["eval_steps"] == 100
-    assert abs(real["train_alpha"] - real["eps"] / 10) < 1e-12 and abs(real["eval_alpha"] - 2 * real["eps"] / 100) < 1e-12
-    assert real["lr1"] == 0.1 and real["lr2"] == 0.01 and real["epochs1"] == real["epochs2"] == 100
-    assert real["times"] == [0, 0.125, 0.25, 0.5, 1, 2, 5, 20, 100]
-    tiny = frozen_kernel.settings(paper_profile)
-    assert tiny["epochs1"] == 1 and tiny["train_steps"] == 4 and tiny["times"] == [0, 0.125, 1]   # 2 batches per epoch
+    quick = frozen_kernel.Settings.for_profile(ntklab.config.get_profile("quick"))
+    assert quick.eps == 0.15 and quick.model_kwargs["width"] == 16 and quick.times == (0, 0.25, 1, 3)
+    with pytest.raises(AttributeError):
+        quick.eps = 0.3                                  # frozen
+    real = frozen_kernel.Settings.for_profile(ntklab.config.get_profile("paper"))
+    assert real.eps == 4 / 255 and real.train_steps == 20 and real.eval_steps == 100
+    assert abs(real.train_alpha - real.eps / 10) < 1e-12 and abs(real.eval_alpha - 2 * real.eps / 100) < 1e-12
+    assert real.lr1 == 0.1 and real.lr2 == 0.01 and real.epochs1 == real.epochs2 == 100
+    assert real.times == (0, 0.125, 0.25, 0.5, 1, 2, 5, 20, 100)
+    tiny = frozen_kernel.Settings.for_profile(paper_profile)
+    assert tiny.epochs1 == 1 and tiny.train_steps == 4 and tiny.times == (0, 0.125, 1)   # 2 batches per epoch
+    assert frozen_kernel.make_config(paper_profile)["times"] == [0, 0.125, 1]
 
 
 def _check_result(res, config):
@@ -138,6 +142,70 @@ def test_smoke_run_and_cache(tmp_path):
     lin = ntklab.linearize.Linearized(ntklab.experiments.model_from_profile(profile.replace(model_kwargs=cfg["model_kwargs"])),
                                       centered=True)
     lin.load_state_dict(res["aa_state"])
+    _check_analysis(res, frozen_kernel.analyse(res))
+
+
+def _check_analysis(res, a):
+    """analyse against the result itself."""
+    aa, ref = res["cells"]["AA"]["robust"], res["reference"]["robust"]
+    assert a["robust"]["AA"] == aa and a["robust"]["reference"] == ref and a["times"] == res["times"]
+    assert a["ac_minus_cc"] == res["cells"]["AC"]["robust"][-1] - res["cells"]["CC"]["robust"][-1]
+    assert a["aa_gain"] == aa[-1] - aa[0] and a["aa_worst_step"] == min(y - x for x, y in zip(aa, aa[1:]))
+    assert a["last"]["base_A_robust"] == res["base"]["A"]["robust"][-1]
+    aut = res["autoattack"]
+    assert a["autoattack"]["apgd_drop"] == max(aut["linear_pgd"] - aut["linear"], aut["reference_pgd"] - aut["reference"])
+    ratio = sum(res["cells"]["AA"]["train_time"]) / sum(res["reference"]["train_time"])
+    assert abs(a["linear_over_reference"] - ratio) < 1e-9 * ratio
+    assert len(frozen_kernel.claims(a, "smoke")) == 6
+
+
+def _result(aa, ref, ac=0.70, cc=0.40, ca=0.45, base_a=0.75):
+    """A synthetic result of ``run`` with 4 freeze times (only what ``analyse`` reads)."""
+    T = len(aa)
+    row = lambda robust: {"robust": list(robust), "clean": [0.98] * T, "train_time": [1.0] * T}
+    return {"times": [0, 0.25, 1, 3][:T], "actual_times": {"A": [0.0, 0.25, 1.0, 3.0][:T]},
+            "cells": {"CC": row([0.0] * (T - 1) + [cc]), "AC": row([0.0] * (T - 1) + [ac]),
+                      "CA": row([0.0] * (T - 1) + [ca]), "AA": row(aa)},
+            "reference": row(ref), "base": {p: {"clean": [0.99] * T, "robust": [0.0] * (T - 1) + [base_a]}
+                                            for p in ("C", "A")},
+            "autoattack": {"t": 3, "n": 100, "linear": 0.60, "linear_pgd": 0.62, "reference": 0.70,
+                           "reference_pgd": 0.71}}
+
+
+GOOD_AA, GOOD_REF = [0.10, 0.55, 0.62, 0.66], [0.30, 0.60, 0.66, 0.70]
+
+
+def test_analyse_on_a_synthetic_result():
+    a = frozen_kernel.analyse(_result(GOOD_AA, GOOD_REF))
+    assert a["aa_near_reference_from_t"] == 0.25 and abs(a["aa_gain"] - 0.56) < 1e-12
+    assert abs(a["aa_minus_ca"] - 0.21) < 1e-12 and abs(a["autoattack"]["apgd_drop"] - 0.02) < 1e-12
+    assert frozen_kernel.analyse(_result(GOOD_AA, [0.9] * 4))["aa_near_reference_from_t"] == "never"
+
+
+def test_claims_have_negative_controls():
+    good = frozen_kernel.analyse(_result(GOOD_AA, GOOD_REF))
+
+    def set_(key, value):
+        return lambda a: a.__setitem__(key, value)
+
+    def set_last(key, value):
+        return lambda a: a["last"].__setitem__(key, value)
+
+    def spoil_near(a):                                   # close at t = 0.25, then 7 points below at t = 1
+        a["robust"]["AA"] = [0.10, 0.58, 0.59, 0.66]
+
+    assert_negative_controls(frozen_kernel.claims, good, {
+        "adversarial_kernel_carries_robustness": set_("ac_minus_cc", 0.14),
+        "ac_near_its_network": set_last("AC_robust", 0.64),
+        "aa_gains_with_t": set_("aa_gain", 0.29),
+        "aa_never_falls": set_("aa_worst_step", -0.04),
+        "aa_reaches_reference": spoil_near,
+        "benign_kernel_limits": set_("aa_minus_ca", 0.04),
+    })
+    # the reference claim fails as well when AA is never close, or not close at the last t
+    for aa in ([0.10, 0.20, 0.30, 0.40], [0.10, 0.56, 0.62, 0.60]):
+        verdict = {c.key: c.holds for c in frozen_kernel.claims(frozen_kernel.analyse(_result(aa, GOOD_REF)), "quick")}
+        assert verdict["aa_reaches_reference"] is False, aa
 
 
 def test_paper_code_path(paper_profile, tmp_path):

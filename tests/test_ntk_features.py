@@ -1,9 +1,13 @@
 """Chapter 7: the ``ntk_features`` experiment (smoke, cache, and the paper code path)."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
 import ntklab
 from ntklab.experiments import cache, ntk_features
+from tests.claim_controls import assert_negative_controls
 
 
 def _check_result(res, config):
@@ -66,14 +70,114 @@ def test_smoke_run_and_cache(tmp_path):
     assert again["features"]["spearman"] == res["features"]["spearman"]
     # the closed form is close to the empirical NTK of the widest probe net (4096 units)
     assert res["kernel_rel_error"][-1] < 0.05 and res["kernel_rel_error"][-1] < res["kernel_rel_error"][0]
+    _check_analysis(res, ntk_features.analyse(res))
+    _check_predictor_rebuilt(profile, res)
 
 
-def test_paper_settings_follow_tsilivis_and_kempe(paper_profile):
-    real = ntk_features.settings(ntklab.config.get_profile("paper"))
-    assert real["classes"] == [0, 1] and real["widths"] == [256, 2048, 16384] and real["steps"] == 10000
-    assert real["eps"] == 8 / 255
-    tiny = ntk_features.settings(paper_profile)
-    assert tiny["widths"] == [16, 128, 1024] and tiny["steps"] == 100
+def _check_analysis(res, a):
+    """analyse against numpy on the result itself."""
+    widths, kt, fe = res["config"]["widths"], res["kernel_times"], res["features"]
+    assert ntk_features.claims(a, "smoke") and set(a["nets_end"]) == {str(w) for w in widths}
+
+    def at_end(key, w):
+        return np.array([rec[key][-1] for rec in res["nets"][str(w)]])
+
+    for w in widths:
+        assert math.isclose(a["nets_end"][str(w)]["cos"]["mean"], at_end("cos", w).mean(), rel_tol=1e-9)
+        assert a["nets_end"][str(w)]["own_pgd"]["min"] == min(rec["own_pgd"] for rec in res["nets"][str(w)])
+    cos_w, cos_n = at_end("cos", widths[-1]), at_end("cos", widths[0])
+    expect = "better" if cos_w.min() > cos_n.max() else "worse" if cos_w.max() < cos_n.min() else "overlapping"
+    assert a["full_alignment"] == expect
+    best = int(np.argmax(kt["fgsm"]))
+    assert a["kernel_machine"] == {"peak_fgsm": kt["fgsm"][best], "peak_step": res["times"][best],
+                                   "clean_at_peak": kt["clean"][best], "end_fgsm": kt["fgsm"][-1],
+                                   "end_clean": kt["clean"][-1]}
+    assert math.isclose(a["features"]["robustness_top10"], np.mean(fe["robustness"][:10]))
+    k_best = int(np.argmax(fe["robust_first"]["robust"]))
+    assert a["sweet_spot"]["k"] == fe["ks"][k_best] and a["sweet_spot"]["clean"] == fe["robust_first"]["clean"][k_best]
+    assert math.isclose(a["kernel_error_largest_step"], np.diff(res["kernel_rel_error"]).max())
+    assert a["predictor"]["agreement"] == res["predictor"]["agreement"]
+
+
+def _check_predictor_rebuilt(profile, res):
+    """The kernel predictor the chapter rebuilds from the result (data, lr, steps) classifies the
+    test images as the experiment's did (the notebook asserted this before)."""
+    import functools
+
+    import torch.nn.functional as F
+
+    d = ntk_features.pair_data(profile)
+    (X, y), (Xt, yt) = d["kernel"], d["test"]
+    mean, std = ntklab.data.stats(profile.dataset)
+    kernel_fn = functools.partial(ntklab.kernels.two_layer_ntk, mean=mean, std=std)
+    alpha = ntklab.kernels.regression_weights(kernel_fn(X.double()), F.one_hot(y, 2).double(), lr=res["lr"],
+                                              steps=res["times"][-1])
+    P = ntklab.kernels.KernelPredictor(kernel_fn, X, alpha)
+    assert abs(float(ntklab.evaluate.clean_accuracy(P, (Xt, yt))) - res["predictor"]["clean_inf"]) < 1e-6
+
+
+def _good_analysis():
+    """A synthetic analysis on which every claim of chapter 7 holds (with margin)."""
+    return {"kernel_error_largest_step": -0.05, "kernel_rel_error_widest": 0.02, "predictor": {"agreement": 0.98},
+            "widest": {"own_fgsm": [0.40, 0.45, 0.42], "kernel_fgsm": [0.30, 0.46, 0.40],
+                       "cos": [0.20, 0.22, 0.25], "cos_lin": [0.80, 0.82, 0.85]},
+            "narrowest": {"cos": [0.40, 0.45, 0.50], "cos_lin": [0.50, 0.55, 0.60]},
+            "kernel_machine": {"peak_fgsm": 0.60, "end_fgsm": 0.40, "clean_at_peak": 0.90, "end_clean": 0.97},
+            "features": {"spearman": -0.8, "full_robust": 0.30, "full_clean": 0.97},
+            "sweet_spot": {"robust": 0.55, "clean": 0.85, "last_robust": 0.35}}
+
+
+def _set(path, value):
+    def spoil(a):
+        *head, last = path
+        for k in head:
+            a = a[k]
+        a[last] = value
+    return spoil
+
+
+def test_claims_have_negative_controls():
+    assert_negative_controls(ntk_features.claims, _good_analysis(), {
+        "kernel_error_falls": _set(["kernel_error_largest_step"], 0.001),
+        "kernel_error_widest": _set(["kernel_rel_error_widest"], 0.05),
+        "predictor_agreement": _set(["predictor", "agreement"], 0.94),
+        "kernel_fgsm_transfers": _set(["widest", "kernel_fgsm"], [0.30, 0.51, 0.40]),   # one seed 0.06 above its own
+        "lazy_alignment_grows": _set(["narrowest", "cos_lin"], [0.50, 0.55, 0.81]),
+        "full_alignment_ordered": _set(["narrowest", "cos"], [0.10, 0.21, 0.30]),        # the seeds overlap
+        "robustness_peaks_early": _set(["kernel_machine", "end_fgsm"], 0.58),
+        "clean_keeps_rising": _set(["kernel_machine", "end_clean"], 0.90),
+        "robustness_at_the_top": _set(["features", "spearman"], -0.5),
+        "sweet_spot_robust": _set(["sweet_spot", "robust"], 0.35),
+        "sweet_spot_costs_accuracy": _set(["sweet_spot", "clean"], 0.95),
+        "vulnerability_returns": _set(["sweet_spot", "last_robust"], 0.51),
+    })
+
+
+def test_full_alignment_claim_holds_either_way():
+    a = _good_analysis()                     # the good analysis has the widest below; now above: "better"
+    a["widest"]["cos"], a["narrowest"]["cos"] = [0.6, 0.7, 0.8], [0.1, 0.2, 0.3]
+    assert {c.key: c.holds for c in ntk_features.claims(a, "quick")}["full_alignment_ordered"]
+
+
+def test_claims_keep_the_chapters_thresholds_at_the_boundary():
+    a = _good_analysis()
+    a["kernel_rel_error_widest"], a["predictor"]["agreement"], a["features"]["spearman"] = 0.049, 0.95, -0.51
+    verdict = {c.key: c.holds for c in ntk_features.claims(a, "quick")}
+    assert verdict["kernel_error_widest"] and verdict["predictor_agreement"] and verdict["robustness_at_the_top"]
+    assert all(c.profiles == ("quick",) for c in ntk_features.claims(a, "quick"))
+
+
+def test_settings_follow_the_profiles(paper_profile):
+    quick = ntk_features.Settings.for_profile(ntklab.config.get_profile("quick"))
+    assert quick.classes == (3, 5) and quick.widths == (32, 256, 2048) and quick.times[-1] == quick.steps == 160
+    with pytest.raises(AttributeError):
+        quick.steps = 1                                  # frozen
+    real = ntk_features.Settings.for_profile(ntklab.config.get_profile("paper"))
+    assert real.classes == (0, 1) and real.widths == (256, 2048, 16384) and real.steps == 10000
+    assert real.eps == 8 / 255
+    tiny = ntk_features.Settings.for_profile(paper_profile)
+    assert tiny.widths == (16, 128, 1024) and tiny.steps == 100
+    assert ntk_features.make_config(paper_profile)["widths"] == [16, 128, 1024]
 
 
 def test_paper_code_path(paper_profile, tmp_path):

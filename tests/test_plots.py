@@ -109,3 +109,22 @@ def test_distance_matrix():
     with pytest.raises(ValueError, match="one entry per row"):
         plots.distance_matrix(D, [0, 1])
     plt.close("all")
+
+
+# --- chapter 7 ---
+def test_pgd_attack_and_adversarial_grid():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    x, y = torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    attack = plots.pgd_attack(steps=3)
+    x_adv = attack(net, x, y, 0.1)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and torch.equal(attack(net, x, y, 0.0), x)
+    with pytest.raises(ValueError, match="steps"):
+        plots.pgd_attack(steps=0)
+    fig = plots.adversarial_grid(net, x, y, eps=0.5, steps=3, names={0: "a", 1: "b", 2: "c"}, model_name="net")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 15 and titles[0].startswith("net: ") and titles[5].startswith("PGD: ")
+    assert titles[10] == "perturbation" and "of 5 predictions" in fig._suptitle.get_text()
+    with pytest.raises(ValueError, match="labels"):
+        plots.adversarial_grid(net, x, y[:3], eps=0.1)
+    plt.close("all")

@@ -22,7 +22,7 @@ Training" (NeurIPS 2022), following their released code (see ``shared/papers`` d
 Adversarial training in both phases makes one clean and one adversarial update per batch, as Loo et
 al.'s code does (``clean_update=True`` of :func:`ntklab.train.train`).
 
-Settings per profile (``settings(profile)``):
+Settings per profile (:class:`Settings`, ``Settings.for_profile(profile)``):
 
 * ``quick``: the SmallCNN at width 16 on MNIST-5k; eps 0.15 (half the usual MNIST radius of 0.3,
   as Loo et al.'s 4/255 is half the usual CIFAR-10 radius of 8/255); phase 1: 3 epochs, lr 0.05,
@@ -40,54 +40,82 @@ Settings per profile (``settings(profile)``):
   Snapshot times that fall on the same batch boundary are merged (only with a small ``n_train``). The
   tiny ``paper_profile`` test fixture scales all of these by its sizes.
 * ``smoke``: the smoke model and data, 2 epochs, snapshots 0, 0.5, 2; phase 2 one epoch on 64 images.
+
+:func:`analyse` turns a result into the numbers the chapter discusses and :func:`claims` into the
+chapter's claims (:mod:`ntklab.claims`).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 
-from ntklab.experiments import cached, data_from_profile, model_from_profile, register, result_path
+from ntklab.claims import Claim, compare
+from ntklab.experiments import cached, checkpoint_dir, data_from_profile, model_from_profile, register
 
-__all__ = ["run", "make_config", "settings", "NAME", "CELLS"]
+__all__ = ["run", "make_config", "Settings", "analyse", "claims", "NAME", "CELLS"]
 
 NAME = "frozen_kernel"
 CELLS = ("CC", "AC", "CA", "AA")
 _PAPER_TIMES = (0, 0.125, 0.25, 0.5, 1, 2, 5, 20, 100)
+_NEAR_REFERENCE = 0.06      # "AA comes within 6 points of the nonlinear reference"
 
 
-def settings(profile) -> dict:
-    """The chapter's settings under ``profile`` (see the module docstring)."""
-    if profile.name == "smoke":
-        eps = 0.15
-        return dict(eps=eps, model_kwargs=dict(profile.model_kwargs), epochs1=2, lr1=0.05, times=[0, 0.5, 2],
-                    train_attack="fgsm_rs", train_alpha=1.25 * eps, train_steps=None, n_phase2=64, epochs2=1,
-                    lr2=0.01, n_eval=64, eval_steps=3, eval_alpha=eps / 4, n_autoattack=16)
-    if profile.name == "quick":
-        eps = 0.15
-        return dict(eps=eps, model_kwargs={**profile.model_kwargs, "width": 16}, epochs1=3, lr1=0.05,
-                    times=[0, 0.25, 1, 3], train_attack="fgsm_rs", train_alpha=1.25 * eps, train_steps=None,
-                    n_phase2=2000, epochs2=1, lr2=0.01, n_eval=250, eval_steps=10, eval_alpha=eps / 4,
-                    n_autoattack=100)
-    eps = 4 / 255
-    epochs = max(1, int(profile.epochs) // 2)
-    train_steps, eval_steps = 2 * int(profile.pgd_steps), 5 * int(profile.eval_pgd_steps)
-    times = [t for t in _PAPER_TIMES if t <= epochs]
-    if profile.n_train is not None:   # merge the times that round up to the same batch boundary
-        batches = -(-int(profile.n_train) // int(profile.batch_size))
-        kept = {}
-        for t in times:
-            kept.setdefault(-(-t * batches // 1) / batches, t)
-        times = sorted(kept.values())
-    return dict(eps=eps, model_kwargs=dict(profile.model_kwargs), epochs1=epochs, lr1=0.1,
-                times=times, train_attack="pgd",
-                train_alpha=2 * eps / train_steps, train_steps=train_steps, n_phase2=profile.n_train,
-                epochs2=epochs, lr2=0.01, n_eval=int(profile.n_eval), eval_steps=eval_steps,
-                eval_alpha=2 * eps / eval_steps, n_autoattack=int(profile.n_probe))
+@dataclass(frozen=True)
+class Settings:
+    """Every per-profile constant of chapter 8 (see the module docstring): ``eps``; the model's
+    ``model_kwargs``; phase 1 (``epochs1`` at ``lr1``, snapshots at the fractional epochs
+    ``times``, training attack ``train_attack`` with step ``train_alpha`` and ``train_steps``);
+    phase 2 (``epochs2`` on ``n_phase2`` training images at ``lr2``); evaluation on ``n_eval`` test
+    images with PGD of ``eval_steps`` steps of ``eval_alpha``, APGD-CE on ``n_autoattack``."""
+
+    eps: float
+    model_kwargs: dict
+    epochs1: int
+    lr1: float
+    times: tuple[float, ...]
+    train_attack: str
+    train_alpha: float
+    train_steps: int | None
+    n_phase2: int | None
+    epochs2: int
+    lr2: float
+    n_eval: int
+    eval_steps: int
+    eval_alpha: float
+    n_autoattack: int
+
+    @classmethod
+    def for_profile(cls, profile) -> "Settings":
+        if profile.name in ("smoke", "quick"):
+            eps, quick = 0.15, profile.name == "quick"
+            model_kwargs = {**profile.model_kwargs, "width": 16} if quick else dict(profile.model_kwargs)
+            return cls(eps=eps, model_kwargs=model_kwargs, epochs1=3 if quick else 2, lr1=0.05,
+                       times=(0, 0.25, 1, 3) if quick else (0, 0.5, 2), train_attack="fgsm_rs",
+                       train_alpha=1.25 * eps, train_steps=None, n_phase2=2000 if quick else 64, epochs2=1,
+                       lr2=0.01, n_eval=250 if quick else 64, eval_steps=10 if quick else 3, eval_alpha=eps / 4,
+                       n_autoattack=100 if quick else 16)
+        eps = 4 / 255
+        epochs = max(1, int(profile.epochs) // 2)
+        train_steps, eval_steps = 2 * int(profile.pgd_steps), 5 * int(profile.eval_pgd_steps)
+        times = [t for t in _PAPER_TIMES if t <= epochs]
+        if profile.n_train is not None:   # merge the times that round up to the same batch boundary
+            batches = -(-int(profile.n_train) // int(profile.batch_size))
+            kept = {}
+            for t in times:
+                kept.setdefault(-(-t * batches // 1) / batches, t)
+            times = sorted(kept.values())
+        return cls(eps=eps, model_kwargs=dict(profile.model_kwargs), epochs1=epochs, lr1=0.1, times=tuple(times),
+                   train_attack="pgd", train_alpha=2 * eps / train_steps, train_steps=train_steps,
+                   n_phase2=profile.n_train, epochs2=epochs, lr2=0.01, n_eval=int(profile.n_eval),
+                   eval_steps=eval_steps, eval_alpha=2 * eps / eval_steps, n_autoattack=int(profile.n_probe))
 
 
 def make_config(profile) -> dict:
     """Everything the result depends on (the cache key)."""
-    return {"profile": profile.to_dict(), **settings(profile), "momentum": 0.9, "weight_decay": 0.0,
-            "clean_update": True, "centered": True, "cells": list(CELLS)}
+    s = Settings.for_profile(profile)
+    return {"profile": profile.to_dict(), **dataclasses.asdict(s), "times": list(s.times), "momentum": 0.9,
+            "weight_decay": 0.0, "clean_update": True, "centered": True, "cells": list(CELLS)}
 
 
 @register(NAME, "two-phase training: kernels frozen at fractional epochs of benign or adversarial "
@@ -106,9 +134,97 @@ def run(profile, device=None, *, force: bool = False, progress: bool = True) -> 
     from ntklab.config import get_device
 
     config = make_config(profile)
-    checkpoints = result_path(NAME, config).with_suffix(".checkpoints")
+    checkpoints = checkpoint_dir(NAME, config)
     return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress, checkpoints),
                   force=force)
+
+
+def analyse(result: dict) -> dict:
+    """The numbers chapter 8 discusses, from a result of :func:`run`.
+
+    Per freeze time (lists over ``times``): ``robust[c]`` and ``clean[c]`` for each cell c and
+    ``"reference"``, ``base_robust[p1]``/``base_clean[p1]`` of the phase-1 networks. At the last
+    time ``last``: ``ac_minus_cc`` (benign training on the adversarial kernel against the benign
+    one), ``aa_minus_ca`` (adversarial training on the two kernels), ``ac_robust`` and
+    ``base_a_robust`` (AC against the network its kernel was frozen from), ``aa_gain`` (AA's robust
+    accuracy at the last time minus at the first), ``aa_worst_step`` (the smallest change of AA from
+    one time to the next, negative when it falls), ``aa_minus_reference`` per time and
+    ``aa_near_reference_from_t`` (the first freeze time from which on AA stays within 6 points of
+    the reference, or ``"never"``); ``autoattack`` with ``apgd_drop`` (the
+    most APGD-CE takes off the FGSM/PGD worst case on either model); ``train_time`` (mean phase-2
+    wall seconds per model kind) and ``linear_over_reference``.
+    """
+    times, cells, ref = list(result["times"]), result["cells"], result["reference"]
+    robust = {**{c: [float(v) for v in cells[c]["robust"]] for c in cells}, "reference": [float(v) for v in ref["robust"]]}
+    clean = {**{c: [float(v) for v in cells[c]["clean"]] for c in cells}, "reference": [float(v) for v in ref["clean"]]}
+    aa = robust["AA"]
+    a = result["autoattack"]
+
+    def mean(v):
+        return sum(v) / len(v)
+
+    train_time = {"AC": mean(cells["AC"]["train_time"]), "AA": mean(cells["AA"]["train_time"]),
+                  "reference": mean(ref["train_time"])}
+    return {
+        "times": times, "t_first": times[0], "t_last": times[-1], "actual_times": list(result["actual_times"]["A"]),
+        "robust": robust, "clean": clean,
+        "base_robust": {p1: [float(v) for v in result["base"][p1]["robust"]] for p1 in result["base"]},
+        "base_clean": {p1: [float(v) for v in result["base"][p1]["clean"]] for p1 in result["base"]},
+        "last": {**{f"{c}_robust": robust[c][-1] for c in robust}, **{f"{c}_clean": clean[c][-1] for c in clean},
+                 "base_A_robust": float(result["base"]["A"]["robust"][-1]),
+                 "base_C_robust": float(result["base"]["C"]["robust"][-1])},
+        "ac_minus_cc": robust["AC"][-1] - robust["CC"][-1],
+        "aa_minus_ca": robust["AA"][-1] - robust["CA"][-1],
+        "aa_gain": aa[-1] - aa[0],
+        "aa_worst_step": min((a1 - a0 for a0, a1 in zip(aa, aa[1:])), default=0.0),
+        "aa_minus_reference": [x - r for x, r in zip(aa, robust["reference"])],
+        "aa_near_reference_from_t": _near_from(aa, robust["reference"], times),
+        "autoattack": {"t": a["t"], "n": int(a["n"]), "linear": float(a["linear"]), "linear_pgd": float(a["linear_pgd"]),
+                       "reference": float(a["reference"]), "reference_pgd": float(a["reference_pgd"]),
+                       "apgd_drop": max(a["linear_pgd"] - a["linear"], a["reference_pgd"] - a["reference"])},
+        "train_time": train_time, "linear_over_reference": train_time["AA"] / train_time["reference"],
+    }
+
+
+def _near_from(aa, ref, times):
+    """The first freeze time from which on AA stays within 6 points of the reference, or "never"."""
+    near = [x >= r - _NEAR_REFERENCE for x, r in zip(aa, ref)]
+    for i in range(len(near)):
+        if all(near[i:]):
+            return times[i]
+    return "never"
+
+
+def _far_since_first_close(aa, ref) -> int:
+    """How many freeze times, from the first at which AA is within 6 points of the reference on,
+    it is not (all of them if it never is): 0 exactly when it comes close at some t and stays."""
+    close = [x >= r - _NEAR_REFERENCE for x, r in zip(aa, ref)]
+    if not any(close):
+        return len(close)
+    return close[close.index(True):].count(False)
+
+
+def claims(analysis: dict, profile) -> list[Claim]:
+    """Chapter 8's claims about its run (thresholds written for ``quick``; asserted only there)."""
+    rob, last = analysis["robust"], analysis["last"]
+    return [
+        compare("adversarial_kernel_carries_robustness", "At the last freeze time, benign training on the frozen "
+                "adversarial kernel (AC) is at least 15 points more robust than on the frozen benign kernel (CC)",
+                analysis["ac_minus_cc"], ">=", 0.15),
+        compare("ac_near_its_network", "At the last freeze time AC is within 10 points of the robust accuracy of the "
+                "adversarially trained network its kernel was frozen from (AC's robust accuracy)", last["AC_robust"], ">=",
+                last["base_A_robust"] - 0.10),
+        compare("aa_gains_with_t", "Adversarial training on the frozen adversarial kernel (AA) gains at least 30 "
+                "points of robust accuracy from the first to the last freeze time", analysis["aa_gain"], ">=", 0.30),
+        compare("aa_never_falls", "AA never loses more than 3 points of robust accuracy from one freeze time to the "
+                "next (its smallest change from one time to the next)", analysis["aa_worst_step"], ">=", -0.03),
+        compare("aa_reaches_reference", "From some freeze time on, AA stays within 6 points of the nonlinear network "
+                "trained adversarially for the same budget (freeze times after it first comes close at which it "
+                "is not)", _far_since_first_close(rob["AA"], rob["reference"]), "==", 0),
+        compare("benign_kernel_limits", "At the last freeze time, adversarial training on the frozen benign kernel "
+                "(CA) stays at least 5 points below adversarial training on the frozen adversarial kernel (AA)",
+                analysis["aa_minus_ca"], ">=", 0.05),
+    ]
 
 
 def _compute(profile, config, device, progress, checkpoints) -> dict:
