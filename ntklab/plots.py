@@ -284,6 +284,7 @@ def ks_against_robustness(result: dict, *, axes=None):
     axes[1].legend(fontsize=8)
     return axes
 
+
 # --- chapter 7 ---
 __all__ += ["pgd_attack", "adversarial_grid"]
 
