@@ -73,11 +73,15 @@ from ntklab.experiments import (cached, data_from_profile, model_from_profile, r
                                 train_kwargs)
 
 __all__ = ["run", "make_config", "collapse_epoch", "noise_starts", "noise_statistics", "analyse", "claims",
-           "Settings", "METHODS", "KERNEL_METHODS", "NAME"]
+           "Settings", "METHODS", "KERNEL_METHODS", "NOISES", "LABELS", "NAME"]
 
 NAME = "overfitting"
 METHODS = ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca")
 KERNEL_METHODS = ("fgsm", "fgsm_aniso")
+NOISES = ("fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca")    # the methods whose step starts from noise
+#: The chapter's names of the methods (and of the PGD-AT reference), for tables and figures.
+LABELS = {"fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "n_fgsm": "N-FGSM", "fgsm_aniso": "fgsm_aniso",
+          "fgsm_pca": "fgsm_pca", "pgd": "PGD-AT"}
 
 #: The claims' thresholds (asserted under ``quick``; see :func:`claims`).
 MIN_COLLAPSED = 2          # FGSM-AT and fgsm_pca collapse in at least 2 of the 3 seeds
@@ -240,9 +244,6 @@ class _HeldOutAccuracy:
             history.log("eval_clean_acc", evaluate.clean_accuracy(model, (self.x, self.y)))
             history.log("eval_fgsm_acc", evaluate.worst_case_accuracy(model, (self.x, self.y), eps=self.eps,
                                                                       attacks=("fgsm",)))
-
-
-NOISES = ("fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca")
 
 
 def noise_starts(model, X, eps: float, n: int, *, basis=None, seed: int = 0) -> dict:
