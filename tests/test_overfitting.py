@@ -293,3 +293,24 @@ def test_which_claims_are_asserted():
     bad = good_analysis()
     del bad["methods"]["fgsm_pca"]
     assert {c.key: c.holds for c in co.claims(bad, "quick")}["pca_collapses"] is False
+
+
+def test_seed_curves_draws_seeds_and_means():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ntklab import plots
+
+    fig, ax = plt.subplots()
+    stacks = {"a": [[0.1, 0.2, 0.3], [0.3, 0.4, 0.5]], "b": [[0.5, 0.5, 0.5]]}
+    plots.seed_curves([1, 2, 3], stacks, ax=ax)
+    lines = ax.get_lines()
+    assert len(lines) == 2 + 1 + 1 + 1          # per label: one line per seed, then the mean
+    np.testing.assert_allclose(lines[2].get_ydata(), [0.2, 0.3, 0.4])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    with pytest.raises(ValueError, match="2 values for 3 x values"):
+        plots.seed_curves([1, 2, 3], {"c": [[0.1, 0.2]]}, ax=ax)
+    plt.close(fig)
