@@ -331,3 +331,31 @@ def adversarial_grid(model, x, y, *, eps: float, steps: int = 10, names: dict | 
     fig.suptitle(f"PGD-{steps} at eps {eps:g} changes {int((pred != pred_adv).sum())} of {n} predictions",
                  fontsize=9)
     return fig
+
+# --- chapter 6 ---
+__all__ += ["seed_curves"]
+
+def seed_curves(x, stacks: dict, *, ax=None, xlabel: str = "epoch", ylabel: str = "accuracy",
+                title: str | None = None, ylim=(-0.02, 1.02)):
+    """One curve per label over the seeds: ``stacks`` maps a label to an (S, T) array (S seeds, T
+    values over ``x``), drawn as thin lines (one per seed) under a thick line with markers (their
+    mean), one colour per label. Introduced in chapter 6 (held-out PGD accuracy per epoch of every
+    training method). Returns the Axes."""
+    ax = ax or plt.gca()
+    colours = plt.get_cmap("tab10")(np.arange(len(stacks)) % 10)
+    for colour, (label, stack) in zip(colours, stacks.items()):
+        stack = np.atleast_2d(_np(stack).astype(float))
+        if stack.shape[1] != len(_np(x)):
+            raise ValueError(f"curves {label!r} have {stack.shape[1]} values for {len(_np(x))} x values")
+        for line in stack:
+            ax.plot(_np(x), line, color=colour, alpha=0.25, lw=1)
+        ax.plot(_np(x), stack.mean(0), color=colour, lw=2.5, marker="o", label=str(label))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    if title:
+        ax.set_title(title)
+    return ax

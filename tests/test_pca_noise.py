@@ -214,3 +214,45 @@ def test_attack_kwargs_checks(small_train, tmp_path):
         fit(small_train, attack_kwargs={"basis": basis * 0.5}, checkpoint_dir=tmp_path / "b")
     model, history = fit(small_train, attack_kwargs={"basis": copy.deepcopy(basis)}, checkpoint_dir=tmp_path / "b")
     assert history.finished
+
+
+# ------------------------------------------------------------------ the chapter's noises (chapter 6)
+def test_basis_by_hand_on_the_whole_training_set():
+    """Chapter 6 builds the basis by hand in float64 (covariance, eigen-decomposition, scaling) next
+    to ntklab's float32 one, on every training image of the quick profile: the two noise covariances
+    agree to 1e-6, and fewer directions than pixels carry variance (MNIST's border is constant)."""
+    X = ntklab.data.load("mnist5k", "train").tensors[0]
+    flat = X.flatten(1).double()
+    centred = flat - flat.mean(0)
+    lam, U = torch.linalg.eigh(centred.T @ centred / (len(flat) - 1))
+    lam, U = lam.flip(0).clamp(min=0), U.flip(1)
+    B_hand = (U * lam.sqrt()).T
+    B_hand = B_hand / (B_hand ** 2).sum(0).max().sqrt()
+    B = attacks.pca_noise_basis(X).flatten(1).double()
+    assert float((B_hand.T @ B_hand - B.T @ B).abs().max()) < 1e-6
+    assert len(B) < X[0].numel()
+
+
+def test_uniform_and_log_uniform_noise_are_isotropic_in_covariance(trained_cnn, images):
+    """The noises of FGSM-RS and fgsm_aniso, drawn through the attacks as chapter 6 draws them (3000
+    draws at eps 0.3): the effective rank of their covariance is above 0.8 d (isotropic noise gives
+    a little less than d from finitely many draws, Marchenko-Pastur), that of fgsm_pca's far below;
+    FGSM-RS's root mean square is eps / sqrt(3) (uniform on [-eps, eps]), fgsm_aniso's that of
+    s z projected to [-1, 1] (by Monte Carlo)."""
+    from ntklab.experiments import overfitting as co
+
+    starts = co.noise_starts(trained_cnn, images, 0.3, 3000, seed=0)
+    assert set(starts) == set(co.NOISES) and starts["fgsm_pca"].shape == (3000, 1, 28, 28)
+    stats = co.noise_statistics(starts, 0.3)
+    d = 784
+    for m in ("fgsm_rs", "n_fgsm", "fgsm_aniso"):
+        assert stats[m]["erank"] > co.ISOTROPIC_ABOVE * d, (m, stats[m])
+    assert stats["fgsm_pca"]["erank"] < 0.2 * d
+    assert stats["fgsm_rs"]["rms"] == pytest.approx(3 ** -0.5, rel=0.01)
+    rng = np.random.default_rng(0)     # sqrt E[clip(s z, -1, 1)^2], log s uniform on [-3, 0], z ~ N(0, 1)
+    clipped = np.clip(np.exp(rng.uniform(-3, 0, 10**6)) * rng.standard_normal(10**6), -1, 1)
+    assert stats["fgsm_aniso"]["rms"] == pytest.approx(np.sqrt(np.mean(clipped ** 2)), rel=0.01)
+    # reproducible by seed, and the seed matters
+    again = co.noise_starts(trained_cnn, images, 0.3, 10, seed=0)
+    assert torch.equal(again["fgsm_rs"], starts["fgsm_rs"][:10])
+    assert not torch.equal(co.noise_starts(trained_cnn, images, 0.3, 10, seed=1)["fgsm_rs"], again["fgsm_rs"])
