@@ -332,8 +332,10 @@ def adversarial_grid(model, x, y, *, eps: float, steps: int = 10, names: dict | 
                  fontsize=9)
     return fig
 
+
 # --- chapter 6 ---
 __all__ += ["seed_curves"]
+
 
 def seed_curves(x, stacks: dict, *, ax=None, xlabel: str = "epoch", ylabel: str = "accuracy",
                 title: str | None = None, ylim=(-0.02, 1.02)):
