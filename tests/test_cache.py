@@ -1,18 +1,189 @@
-"""Tests of the cache key (the code an experiment runs) and of the registry's ``experiment``
-decorator (config -> cache -> checkpoint folder). The cache's storage is tested in
-``test_experiments.py``."""
+"""Tests of the result cache (ntklab/experiments/cache.py): storage, listing, and the key, a
+digest of the code an experiment runs."""
+import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import ntklab
-from ntklab.config import get_profile
 from ntklab.experiments import EXPERIMENTS, cache
 
-import dummy_experiment
+CONFIG = {"eps": 0.3, "epochs": 2, "milestones": (1,), "name": "x"}
 
+
+class Counter:
+    def __init__(self, value=None):
+        self.calls = 0
+        self.value = value if value is not None else {"acc": 0.5, "k": torch.arange(6.0).reshape(2, 3)}
+
+    def __call__(self):
+        self.calls += 1
+        return self.value
+
+
+# ---------------------------------------------------------------- cache
+def test_cache_computes_once(tmp_path):
+    compute = Counter()
+    first = cache.cached("demo", CONFIG, compute, root=tmp_path)
+    second = cache.cached("demo", dict(reversed(list(CONFIG.items()))), compute, root=tmp_path)  # key order
+    assert compute.calls == 1
+    assert second["acc"] == first["acc"] == 0.5 and torch.equal(second["k"], first["k"])
+    path = cache.result_path("demo", CONFIG, root=tmp_path)
+    assert path.exists() and path.parent == tmp_path / "demo"
+    assert json.loads(path.with_suffix(".json").read_text())["config"]["eps"] == 0.3
+
+
+def test_cache_different_config_or_name_is_another_entry(tmp_path):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    cache.cached("demo", {**CONFIG, "eps": 0.2}, compute, root=tmp_path)
+    cache.cached("other", CONFIG, compute, root=tmp_path)
+    assert compute.calls == 3
+    assert len({cache.result_path(n, c, root=tmp_path) for n, c in
+                [("demo", CONFIG), ("demo", {**CONFIG, "eps": 0.2}), ("other", CONFIG)]}) == 3
+
+
+def test_cache_key_includes_the_code_of_the_module(tmp_path, monkeypatch):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    sidecar = json.loads(cache.result_path("demo", CONFIG, root=tmp_path).with_suffix(".json").read_text())
+    assert sidecar["source"] == cache.code_digest(__name__) and sidecar["module"] == __name__
+    monkeypatch.setattr(cache, "code_digest", lambda module, **kw: "0" * 16)   # as if a line had changed
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    assert compute.calls == 2 and len(list((tmp_path / "demo").glob("*.pt"))) == 2
+
+
+def test_two_processes_asking_for_one_entry_compute_it_once(tmp_path):
+    """A second process that asks for an entry while the first computes it waits, then loads it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        from ntklab.experiments import cache
+        def compute():
+            with open({str(tmp_path / "calls")!r}, "a") as f:
+                f.write("x")
+            time.sleep(2)
+            return {{"value": 7}}
+        with cache.track() as paths:
+            result = cache.cached("demo", {{"a": 1}}, compute, root={str(tmp_path)!r})
+        print(paths[0][1], result["value"])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outputs == ["computed 7", "loaded 7"]
+    assert (tmp_path / "calls").read_text() == "x"
+
+
+def test_entries_and_clear(tmp_path, monkeypatch):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    cache.cached("other", CONFIG, compute, root=tmp_path)
+    (tmp_path / "demo" / f"{cache.config_key('demo', {'unfinished': 1})}.checkpoints").mkdir()
+    monkeypatch.setattr(cache, "code_digest", lambda module, **kw: "f" * 16)
+    cache.cached("demo", CONFIG, compute, root=tmp_path)                # made by "other code"
+    found = cache.entries(tmp_path)
+    assert [e.name for e in found].count("demo") == 3 and len(found) == 4
+    assert sum(e.current for e in found) == 1 and sum(not e.finished for e in found) == 1
+    assert all(e.size > 0 or not e.finished for e in found)
+    stale = cache.clear(tmp_path, stale_only=True)
+    assert len(stale) == 3 and all(not e.current for e in stale)
+    assert [(e.name, e.current) for e in cache.entries(tmp_path)] == [("demo", True)]
+    assert cache.clear(tmp_path, names={"nothing"}) == []
+    assert len(cache.clear(tmp_path)) == 1 and cache.entries(tmp_path) == [] and not (tmp_path / "demo").exists()
+    assert cache.entries(tmp_path / "missing") == []
+
+
+def test_entries_are_written_with_the_folders_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        cache.cached("demo", CONFIG, Counter(), root=tmp_path)
+    finally:
+        os.umask(old)
+    path = cache.result_path("demo", CONFIG, root=tmp_path)
+    for p in (path, path.with_suffix(".json")):
+        assert p.stat().st_mode & 0o777 == 0o644, oct(p.stat().st_mode)
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []   # no temporary left
+
+
+def test_cache_key_includes_version(tmp_path, monkeypatch):
+    before = cache.result_path("demo", CONFIG, root=tmp_path)
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    monkeypatch.setattr(ntklab, "__version__", "999.0")
+    assert cache.result_path("demo", CONFIG, root=tmp_path) != before
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    assert compute.calls == 2
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign", "objects"])
+def test_cache_corrupt_entry_is_recomputed_with_warning(tmp_path, damage):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    path = cache.result_path("demo", CONFIG, root=tmp_path)
+    blob = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"not a torch file")
+    elif damage == "truncated":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "foreign":  # a readable file that is not an entry of this cache
+        torch.save({"something": "else"}, path)
+    else:  # a pickle of Python objects, which weights_only refuses (torch suggests weights_only=False)
+        torch.save({"format": 1, "result": Counter()}, path)
+    with pytest.warns(UserWarning, match="unreadable.*recomputing") as caught:
+        result = cache.cached("demo", CONFIG, compute, root=tmp_path)
+    assert "weights_only" not in str(caught[0].message)      # never the advice to unpickle it
+    assert compute.calls == 2 and result["acc"] == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.cached("demo", CONFIG, compute, root=tmp_path)  # repaired: no warning, no compute
+    assert compute.calls == 2
+
+
+def test_cache_force_recomputes(tmp_path):
+    compute = Counter()
+    cache.cached("demo", CONFIG, compute, root=tmp_path)
+    cache.cached("demo", CONFIG, compute, root=tmp_path, force=True)
+    assert compute.calls == 2
+
+
+def test_cache_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTKLAB_RESULTS", str(tmp_path / "env"))
+    assert cache.results_root() == tmp_path / "env"
+    with cache.using_root(tmp_path / "ctx"):
+        assert cache.result_path("d", CONFIG).parent == tmp_path / "ctx" / "d"
+        assert cache.results_root(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("NTKLAB_RESULTS")
+    monkeypatch.setenv("NTKLAB_CACHE", str(tmp_path / "user"))
+    assert cache.results_root() == tmp_path / "user" / "results"
+
+
+def test_cache_converts_numpy_and_rejects_objects(tmp_path):
+    value = {"a": np.float64(0.25), "b": np.arange(3), "c": [1, "x", None, (2.0, True)],
+             "t": torch.ones(2, requires_grad=True)}
+    result = cache.cached("np", CONFIG, Counter(value), root=tmp_path)
+    loaded = cache.cached("np", CONFIG, Counter(), root=tmp_path)
+    for r in (result, loaded):
+        assert type(r["a"]) is float and torch.equal(r["b"], torch.arange(3))
+        assert r["c"] == [1, "x", None, (2.0, True)] and not r["t"].requires_grad
+    with pytest.raises(TypeError, match=r"result\['o'\] is a object"):
+        cache.cached("bad", CONFIG, Counter({"o": object()}), root=tmp_path)
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        cache.result_path("bad", {"f": object()})
+    assert [p.suffix for p in (tmp_path / "bad").iterdir()] == [".lock"]      # no result, no sidecar
+    assert cache.entries(tmp_path) == cache.entries(tmp_path)[:1] and cache.entries(tmp_path)[0].name == "np"
+
+
+# ---------------------------------------------------------------- the key: the code an experiment runs
 MODULE = "ntklab.experiments.strategies"
 
 
@@ -94,38 +265,6 @@ def test_docstring_edit_keeps_the_entry_and_code_edit_recomputes(package, tmp_pa
     assert ask() == "computed" and len(calls) == 2
     found = cache.entries(tmp_path)
     assert [e.current for e in found] == [False, True] and found[1].module == MODULE
-
-
-# ---------------------------------------------------------------- the registry's experiment decorator
-def test_experiment_decorator_owns_config_cache_and_checkpoints(tmp_path):
-    with dummy_experiment.registered() as run, cache.using_root(tmp_path):
-        assert EXPERIMENTS[dummy_experiment.NAME] is run and run.module == "dummy_experiment"
-        assert run.__doc__ == dummy_experiment.compute.__doc__ and run.compute is dummy_experiment.compute
-        first = run("smoke", "cpu", steps=4)
-        assert first["total"] == 6 and first["profile"] == "smoke" and first["device"] == "cpu"
-        ctx = dummy_experiment.CALLS[0]
-        assert ctx.config == dummy_experiment.make_config(get_profile("smoke"), steps=4) and not ctx.force
-        # the checkpoints sit beside the entry, at the key of the registered module, whoever asks
-        config = ctx.config
-        path = cache.result_path(dummy_experiment.NAME, config)
-        assert ctx.checkpoints == path.with_suffix(".checkpoints") == cache.checkpoint_dir(dummy_experiment.NAME, config)
-        assert path.exists() and not ctx.checkpoints.exists()         # deleted once the result is stored
-        assert ntklab.experiments.run(dummy_experiment.NAME, "smoke", "cpu", out=tmp_path)["total"] == 3
-        assert run("smoke", "cpu", steps=4)["total"] == 6 and len(dummy_experiment.CALLS) == 2   # loaded
-        run("smoke", "cpu", steps=4, force=True)
-        assert len(dummy_experiment.CALLS) == 3 and dummy_experiment.CALLS[-1].force
-    assert dummy_experiment.NAME not in EXPERIMENTS
-
-
-def test_experiment_resumes_from_its_checkpoints(tmp_path):
-    with dummy_experiment.registered() as run, cache.using_root(tmp_path):
-        dummy_experiment.FAIL.update(at=2, **{"with": KeyboardInterrupt()})
-        with pytest.raises(KeyboardInterrupt):
-            run("smoke", "cpu", steps=5)
-        assert list(dummy_experiment.CALLS[0].checkpoints.iterdir())
-        dummy_experiment.FAIL.update(at=None)
-        result = run("smoke", "cpu", steps=5)
-        assert result["resumed_at"] == 2 and result["total"] == 10
 
 
 def test_shared_entries_take_the_module_of_the_code_that_computes_them():
