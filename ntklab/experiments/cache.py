@@ -187,17 +187,13 @@ def code_modules(module: str, *, package: str | os.PathLike | None = None) -> li
     """The sorted names of the ``ntklab`` modules whose code ``module`` runs: itself (if it is an
     ``ntklab`` module) and every ``ntklab`` module it imports, transitively (see :func:`code_digest`).
 
-    package: the folder of the ``ntklab`` package to read (default: the one imported). A module
-    outside ``ntklab`` (a test file, a script) is read from its file if it has one; without one
-    (``__main__`` of a notebook) every module of the package counts."""
+    package: the folder of the ``ntklab`` package to read (default: the one imported). For a
+    module outside ``ntklab`` (a test file, a script, a notebook's ``__main__``, whose imports
+    cannot always be read) every module of the package counts, as a conservative choice."""
     package = Path(package) if package is not None else _package_dir()
-    todo, seen = [module], set()
     if _module_file(module, package) is None:
-        file = getattr(sys.modules.get(module), "__file__", None)
-        if not file or not Path(file).is_file():
-            return sorted(_all_modules(package))
-        tree = _tree(Path(file))
-        todo = sorted(_imports(tree, module, Path(file).name == "__init__.py", package))
+        return sorted(_all_modules(package))
+    todo, seen = [module], set()
     while todo:
         name = todo.pop()
         if name in seen:
@@ -237,7 +233,8 @@ def code_digest(module: str, *, package: str | os.PathLike | None = None) -> str
     """A 16-hex-digit SHA-256 of the code ``module`` runs: for each module of :func:`code_modules`
     (sorted), its name and ``ast.dump`` of its syntax tree with docstrings and other bare strings
     removed. Comments, blank lines, docstrings and line numbers do not count; every other edit of
-    one of those modules does (as does a new Python version, whose syntax trees differ).
+    one of those modules does (as does a new Python version, whose syntax trees differ). For a
+    module outside ``ntklab`` (see :func:`code_modules`) its own file, if it has one, counts too.
 
     With the default ``package`` (the imported one) the digest is computed once per process, so it
     describes the code this process loaded even if the files change on disk afterwards."""
@@ -247,7 +244,7 @@ def code_digest(module: str, *, package: str | os.PathLike | None = None) -> str
     h = hashlib.sha256()
     for name in code_modules(module, package=folder):
         h.update(name.encode() + b"\0" + ast.dump(_tree(_module_file(name, folder))).encode() + b"\0")
-    if _module_file(module, folder) is None:           # a module outside ntklab: its own code too
+    if _module_file(module, folder) is None:           # a module outside ntklab: its own file too
         file = getattr(sys.modules.get(module), "__file__", None)
         if file and Path(file).is_file():
             h.update(module.encode() + b"\0" + ast.dump(_tree(Path(file))).encode() + b"\0")
