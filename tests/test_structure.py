@@ -142,6 +142,13 @@ def test_io_helpers_are_not_public(module, private):
     assert all(hasattr(mod, name) for name in mod.__all__)
 
 
+def test_every_public_module_loads_from_the_package():
+    """``import ntklab`` then ``ntklab.<module>`` works for every public module (they load lazily)."""
+    public = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")}
+    public |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert set(ntklab._SUBMODULES) == public, "add the module to ntklab._SUBMODULES in ntklab/__init__.py"
+
+
 def test_contributing_names_follow_the_package():
     """CONTRIBUTING.md's fixed names are the ones the package's signatures use."""
     text = (ROOT / "CONTRIBUTING.md").read_text()
