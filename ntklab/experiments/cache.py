@@ -11,13 +11,15 @@ the top or inside functions), each as its syntax tree without docstrings (commen
 a syntax tree). So a change of the config or of a line of code the experiment runs gives a new
 entry, while an edited docstring or comment, or an edit of a module the experiment does not import
 (``plots.py``, another chapter), keeps it; bump ``VERSION`` to recompute for a reason the code does
-not show (new data, a fixed dependency). The module is the one the experiment ``name`` was
-registered from (:func:`ntklab.experiments.register` tells :func:`bind`), else the one that
-defines ``compute`` (for :func:`cached`) or that calls (for :func:`result_path`,
-:func:`checkpoint_dir`, :func:`config_key`), or the ``module=`` argument. ``root`` is, in order: the ``root`` argument, the
-folder set by :func:`using_root` (the command line's ``--out``), ``$NTKLAB_RESULTS``, or
-``ntklab.data.cache_dir() / "results"``. :func:`entries` lists a cache and :func:`clear` empties
-it (``python -m ntklab cache``).
+not show (new data, a fixed dependency). The module is the ``module=`` argument if given, else
+the one the experiment ``name`` was registered from (:func:`ntklab.experiments.register` tells
+:func:`bind`), else the one that defines ``compute`` (for :func:`cached`) or that calls (for
+:func:`result_path`, :func:`checkpoint_dir`, :func:`config_key`): for the entries that chapters
+share, such as ``models`` and ``kernel_runs``, the module of the function that computes them.
+
+``root`` is, in order: the ``root`` argument, the folder set by :func:`using_root` (the command
+line's ``--out``), ``$NTKLAB_RESULTS``, or ``ntklab.data.cache_dir() / "results"``.
+:func:`entries` lists a cache and :func:`clear` empties it (``python -m ntklab cache``).
 
 Results may hold tensors (stored on the CPU, detached), dicts, lists, tuples, strings, numbers,
 bools and None; NumPy arrays and scalars are converted to tensors and Python numbers. Entries are
