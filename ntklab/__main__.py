@@ -7,8 +7,9 @@
     python -m ntklab cache --clear --stale      # delete what older code computed
 
 Results go to the result cache (see :mod:`ntklab.experiments.cache`); each run prints where.
-A second run of the same experiment under the same profile and the same package source loads the
-stored result instead of recomputing (``--force`` recomputes); an interrupted run resumes from its
+A second run of the same experiment under the same profile and the same code (the experiment's
+module and the ``ntklab`` modules it imports, docstrings and comments aside) loads the stored
+result instead of recomputing (``--force`` recomputes); an interrupted run resumes from its
 last checkpoint when started again. Errors print one line on stderr, never a traceback: exit code
 2 for bad arguments (usage), 1 for a run that fails (missing data, a corrupt checkpoint, a folder
 that cannot be written), 130 when interrupted; ``NTKLAB_DEBUG=1`` shows the traceback of a failure.
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run an experiment (or 'all') and print where its results went",
         description="Run an experiment, or load its cached result, and print where the result is stored. "
                     "Results are keyed by the experiment's config (including the profile) and a digest "
-                    "of ntklab's source; an interrupted run resumes from its checkpoints.")
+                    "of the code it runs (docstrings and comments aside); an interrupted run resumes "
+                    "from its checkpoints.")
     run.add_argument("name", metavar="NAME", help="experiment name (see 'list'), or 'all' for every one")
     run.add_argument("--profile", default=None,
                      help="scale of the run: smoke (seconds, for tests), quick (CPU, minutes; the default) "
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cache", help="show the result cache (folder, entries, size), or clear it",
         description="List the entries of the result cache: experiment, key, profile, size, time, and "
                     "whether this code made them ('current') or other code did ('stale': the cache is "
-                    "keyed by a digest of ntklab's source, so those entries are never read again). "
+                    "keyed by a digest of the code each experiment runs, so those entries are never "
+                    "read again). "
                     "With --clear, delete entries (results, sidecars and checkpoints).")
     cache.add_argument("names", nargs="*", metavar="NAME", help="only these experiments (default: all)")
     cache.add_argument("--out", default=None, metavar="DIR",

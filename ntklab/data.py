@@ -29,8 +29,9 @@ from torch.utils.data import TensorDataset
 
 from ntklab import _checks
 
-__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "cache_dir", "atomic_save",
-           "atomic_write_text", "describe_load_error", "as_tensors", "DEFAULT"]
+# cache_dir, atomic_save, atomic_write_text and describe_load_error are the package's own I/O
+# helpers (the result cache and the checkpoints use them), not part of the data API.
+__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "as_tensors", "DEFAULT"]
 
 DEFAULT = "mnist5k"
 _SPLITS = ("train", "test")

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from ntklab.__main__ import main
+from ntklab.config import get_profile
+
+import dummy_experiment
 
 
 def cli(*args, cwd=None, timeout=120, env=None):
@@ -60,48 +63,109 @@ def test_unknown_experiment_in_a_subprocess_has_no_traceback(tmp_path):
     assert "unknown experiment 'nope'" in done.stderr
 
 
-def test_run_strategies_end_to_end(tmp_path):
-    out = tmp_path / "results"
-    done = cli("run", "strategies", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--quiet",
-               cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    files = list((out / "strategies").glob("*.pt"))
-    assert len(files) == 1 and f"results (computed): {files[0]}" in done.stdout
-    result = torch.load(files[0], weights_only=True)["result"]
-    assert result["strategies"] == ["normal", "fgsm_rs", "pgd", "trades"]
-    again = cli("run", "strategies", "--profile", "smoke", "--device", "cpu", "--out", str(out), cwd=tmp_path)
-    assert again.returncode == 0 and f"results (loaded): {files[0]}" in again.stdout
+@pytest.fixture
+def dummy():
+    """The dummy experiment ``_dummy`` registered for the test (tests/dummy_experiment.py)."""
+    with dummy_experiment.registered() as run:
+        yield run
 
 
 def one_line_error(stderr):
     return stderr.count("\n") == 1 and stderr.startswith("ntklab: error: ") and "Traceback" not in stderr
 
 
-def test_changing_a_line_of_the_package_computes_a_new_entry(tmp_path):
-    """A result is keyed by the source of the package that made it: the same command under a copy
-    of ntklab with one more line computes a new entry instead of loading the old one."""
-    import shutil
+def test_run_computes_then_loads_then_forces(dummy, tmp_path, capsys):
+    out = tmp_path / "results"
+    args = ["run", "_dummy", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    files = list((out / "_dummy").glob("*.pt"))
+    text = capsys.readouterr().out
+    assert len(files) == 1 and f"results (computed): {files[0]}" in text
+    assert text.startswith("_dummy (profile smoke, device cpu): ")
+    assert torch.load(files[0], weights_only=True)["result"]["total"] == 3
+    assert main(args) == 0 and f"results (loaded): {files[0]}" in capsys.readouterr().out
+    assert main(args + ["--force"]) == 0 and f"results (computed): {files[0]}" in capsys.readouterr().out
+    assert len(dummy_experiment.CALLS) == 2 and dummy_experiment.CALLS[-1].force
 
-    import ntklab
 
-    out, pkg = tmp_path / "results", tmp_path / "pkg"
-    shutil.copytree(os.path.dirname(ntklab.__file__), pkg / "ntklab", ignore=shutil.ignore_patterns("__pycache__"))
-    env = {"PYTHONPATH": str(pkg)}
-    args = ("run", "strategies", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--quiet")
-    first = cli(*args, cwd=tmp_path, env=env)
-    assert first.returncode == 0 and "(computed)" in first.stdout, first.stderr
-    again = cli(*args, cwd=tmp_path, env=env)
-    assert "(loaded)" in again.stdout
-    with open(pkg / "ntklab" / "plots.py", "a") as f:
-        f.write("# one more line\n")
-    changed = cli(*args, cwd=tmp_path, env=env)
-    assert changed.returncode == 0 and "(computed)" in changed.stdout
-    assert len(list((out / "strategies").glob("*.pt"))) == 2
-    listing = cli("cache", "--out", str(out), cwd=tmp_path, env=env)
-    rows = [line for line in listing.stdout.splitlines() if line.startswith("strategies ")]
-    assert [r.split()[-1] for r in rows].count("current") == 1 and [r.split()[-1] for r in rows].count("stale") == 1
-    # each of the experiment's training runs is an entry of its own ("kernel_runs"), 6 per source version
-    assert listing.stdout.count("kernel_runs ") == 12
+def test_list_shows_a_registered_experiment(dummy, capsys):
+    assert main(["list"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.split(maxsplit=1) == ["_dummy", "a dummy experiment for the tests"]
+
+
+def test_interrupted_run_exits_130_and_resumes(dummy, tmp_path, capsys):
+    out = tmp_path / "results"
+    args = ["run", "_dummy", "--profile", "smoke", "--device", "cpu", "--out", str(out)]
+    dummy_experiment.FAIL.update(at=2, **{"with": KeyboardInterrupt()})
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert one_line_error(err) and "_dummy interrupted; run the same command again to resume" in err
+    dummy_experiment.FAIL.update(at=None)
+    assert main(args) == 0 and "(computed)" in capsys.readouterr().out
+    assert dummy_experiment.CALLS[-1].checkpoints.parent == out / "_dummy"
+    assert not dummy_experiment.CALLS[-1].checkpoints.exists()
+    result = torch.load(next((out / "_dummy").glob("*.pt")), weights_only=True)["result"]
+    assert result["resumed_at"] == 2 and result["total"] == 3
+
+
+def test_failed_run_exits_1_with_one_line(dummy, tmp_path, capsys, monkeypatch):
+    args = ["run", "_dummy", "--profile", "smoke", "--device", "cpu", "--out", str(tmp_path)]
+    dummy_experiment.FAIL.update(at=1, **{"with": RuntimeError("something broke\nsecond line")})
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert one_line_error(err) and "_dummy failed: something broke (NTKLAB_DEBUG=1 shows the traceback)" in err
+    monkeypatch.setenv("NTKLAB_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="something broke"):
+        main(args)
+
+
+def test_corrupt_checkpoint_fails_with_one_line_and_exit_1(dummy, tmp_path, capsys):
+    from ntklab.experiments import checkpoint_dir, using_root
+
+    out = tmp_path / "results"
+    with using_root(out):
+        folder = checkpoint_dir("_dummy", dummy_experiment.make_config(get_profile("smoke")))
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["run", "_dummy", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert one_line_error(err) and "cannot read the checkpoint" in err and "delete it" in err
+
+
+def test_failed_run_in_a_subprocess_has_no_traceback(tmp_path):
+    """The whole path in a fresh process: the dummy registered, then the command line's main()."""
+    script = ("import sys, dummy_experiment\n"
+              "from ntklab.__main__ import main\n"
+              "with dummy_experiment.registered():\n"
+              "    dummy_experiment.FAIL.update(at=0, **{'with': OSError('disk full')})\n"
+              "    sys.exit(main(sys.argv[1:]))\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script, "run", "_dummy", "--profile", "smoke", "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 1 and one_line_error(done.stderr), done.stderr
+    assert "_dummy failed: disk full" in done.stderr
+
+
+def test_cache_lists_stale_entries_of_older_code(dummy, tmp_path, capsys, monkeypatch):
+    """An entry made by other code (another digest of the experiment's code) is listed as stale and
+    ``--clear --stale`` removes it; the entry of this code stays."""
+    from ntklab.experiments import cache
+
+    args = ["run", "_dummy", "--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--quiet"]
+    real = cache.code_digest
+    monkeypatch.setattr(cache, "code_digest", lambda module, **kw: "0" * 16)     # older code
+    assert main(args) == 0
+    monkeypatch.setattr(cache, "code_digest", real)
+    assert main(args) == 0 and "(computed)" in capsys.readouterr().out
+    assert main(["cache", "--out", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("_dummy ")]
+    assert sorted(r.split()[-1] for r in rows) == ["current", "stale"]
+    assert main(["cache", "--clear", "--stale", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("cleared 1 entries")
+    assert [e.current for e in cache.entries(tmp_path)] == [True]
 
 
 def test_cache_command_lists_and_clears(tmp_path, capsys):
@@ -140,20 +204,3 @@ def test_unusable_device_exits_2(device, capsys):
     assert main(["run", "strategies", "--profile", "smoke", "--device", device]) == 2
     err = capsys.readouterr().err
     assert one_line_error(err) and device in err
-
-
-def test_corrupt_checkpoint_fails_with_one_line_and_exit_1(tmp_path):
-    from ntklab.config import get_profile
-    from ntklab.experiments import checkpoint_dir, strategies, using_root
-
-    out = tmp_path / "results"
-    with using_root(out):
-        # chapter 4's experiment checkpoints each training run beside its own entry; the first is normal training's
-        folder = checkpoint_dir(strategies.RUNS_ENTRY, strategies.run_config(
-            strategies.chapter_profile(get_profile("smoke")), "normal", "multistep", ae=False))
-    folder.mkdir(parents=True)
-    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    done = cli("run", "strategies", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--quiet",
-               cwd=tmp_path)
-    assert done.returncode == 1 and one_line_error(done.stderr), done.stderr
-    assert "cannot read the checkpoint" in done.stderr and "delete it" in done.stderr

@@ -2,9 +2,15 @@
 
 Each experiment is a function ``fn(profile, device, *, force=False, progress=True) -> dict`` that
 computes its result under a :class:`ntklab.config.Profile` (or loads it from the result cache,
-:mod:`ntklab.experiments.cache`) and registers itself with :func:`register`. Every module of this
-package (except ``cache`` and names starting with ``_``) is imported here, so a chapter adds its
-experiment by adding a module, without editing this file.
+:mod:`ntklab.experiments.cache`) and registers itself with :func:`register`. The usual way to
+write one is :func:`experiment`, which owns config -> cache -> checkpoint folder::
+
+    @experiment(NAME, "one-line description (chapter N)", make_config)
+    def run(ctx: RunContext) -> dict:      # ctx.profile, ctx.config, ctx.device, ctx.checkpoints, ...
+        ...
+
+Every module of this package (except ``cache`` and names starting with ``_``) is imported here, so
+a chapter adds its experiment by adding a module, without editing this file.
 
     >>> import ntklab.experiments as ex
     >>> ex.list_experiments()              # {name: one-line description}
@@ -15,32 +21,90 @@ Introduced in chapter 1; each chapter names the experiment it runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
 import pkgutil
+from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ntklab.config import Profile, get_device, get_profile
+from ntklab.experiments import cache
 from ntklab.experiments.cache import cached, checkpoint_dir, result_path, using_root
 
-__all__ = ["EXPERIMENTS", "register", "run", "list_experiments", "model_from_profile",
-           "data_from_profile", "train_kwargs", "trained_model", "cached", "result_path", "checkpoint_dir"]
+__all__ = ["EXPERIMENTS", "register", "experiment", "RunContext", "run", "list_experiments", "model_from_profile",
+           "data_from_profile", "train_kwargs", "trained_model"]
 
 EXPERIMENTS: dict[str, Callable] = {}
 
 
 def register(name: str, description: str) -> Callable[[Callable], Callable]:
-    """Decorator: add ``fn`` to :data:`EXPERIMENTS` under ``name`` with a one-line ``description``."""
+    """Decorator: add ``fn`` to :data:`EXPERIMENTS` under ``name`` with a one-line ``description``.
+
+    Records ``fn.module``, the module ``fn`` was defined in: the result cache keys the entries
+    called ``name`` by the code of that module and of the ``ntklab`` modules it imports
+    (:func:`ntklab.experiments.cache.code_digest`)."""
 
     def deco(fn: Callable) -> Callable:
         if name in EXPERIMENTS and EXPERIMENTS[name] is not fn:
             raise ValueError(f"experiment {name!r} is registered twice")
         fn.description = description.strip().splitlines()[0]
+        fn.module = fn.__module__
+        cache.bind(name, fn.module)
         EXPERIMENTS[name] = fn
         return fn
+
+    return deco
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What an experiment's computation gets from :func:`experiment`: the experiment ``name``, the
+    ``profile``, its ``config`` (the cache key's config, from the experiment's ``make_config``), the
+    ``device``, ``force`` (recompute, also the shared entries the experiment asks for), ``progress``
+    (show progress bars) and ``checkpoints``, the folder for the run's checkpoints beside its cache
+    entry (an interrupted run resumes from it; deleted once the result is stored; not created)."""
+
+    name: str
+    profile: Profile
+    config: dict
+    device: torch.device
+    force: bool
+    progress: bool
+    checkpoints: Path
+
+
+def experiment(name: str, description: str, make_config: Callable[..., dict]) -> Callable[[Callable], Callable]:
+    """Decorator: register ``compute(ctx: RunContext) -> dict`` as experiment ``name``, through
+    the result cache.
+
+    The registered function is ``run(profile, device=None, *, force=False, progress=True,
+    **options)``: it takes a profile name or :class:`Profile`, builds ``config =
+    make_config(profile, **options)`` (everything the result depends on), resolves the device,
+    and returns ``cached(name, config, lambda: compute(ctx), force=force)`` with ``ctx`` a
+    :class:`RunContext` whose ``checkpoints`` is the entry's :func:`checkpoint_dir`. The function
+    keeps ``compute``'s name, docstring and module (the cache keys by that module's code) and
+    offers ``run.compute`` and ``run.make_config``. Introduced in chapter 1.
+    """
+
+    def deco(compute: Callable[[RunContext], dict]) -> Callable:
+        module = compute.__module__
+
+        def run_experiment(profile, device=None, *, force: bool = False, progress: bool = True, **options) -> dict:
+            profile = profile if isinstance(profile, Profile) else get_profile(profile)
+            config = make_config(profile, **options)
+            ctx = RunContext(name=name, profile=profile, config=config, device=get_device(device), force=force,
+                             progress=progress, checkpoints=checkpoint_dir(name, config, module=module))
+            return cached(name, config, lambda: compute(ctx), force=force, module=module)
+
+        run_experiment.__module__, run_experiment.__name__ = module, compute.__name__
+        run_experiment.__qualname__, run_experiment.__doc__ = compute.__qualname__, compute.__doc__
+        run_experiment.compute, run_experiment.make_config = compute, make_config
+        return register(name, description)(run_experiment)
 
     return deco
 

@@ -1,16 +1,25 @@
-"""The result cache of the experiments: on disk, keyed by the experiment, its config and the code.
+"""The result cache of the experiments: on disk, keyed by the experiment, its config and the code it runs.
 
 ``cached(name, config, compute)`` returns ``compute()``'s result, computing it only when no valid
 entry exists. An entry is ``<root>/<name>/<key>.pt`` (with a readable ``<key>.json`` beside it
 holding the config, and a ``<key>.checkpoints`` folder for runs that checkpoint), where ``key`` is
-a SHA-256 of the JSON of ``{"name", "config", "version", "source"}`` with sorted keys: ``version``
-is ``ntklab.__version__`` and ``source`` is :func:`source_digest`, a digest of every ``.py`` file
-of the installed ``ntklab`` package. Any change of the config or of any line of the package gives
-a new entry, so a result is never reused by code other than the code that made it (the package
-version does not change with every commit). ``root`` is, in order: the ``root`` argument, the
-folder set by :func:`using_root` (the command line's ``--out``), ``$NTKLAB_RESULTS``, or
-``ntklab.data.cache_dir() / "results"``. :func:`entries` lists a cache and :func:`clear` empties
-it (``python -m ntklab cache``).
+a SHA-256 of the JSON of ``{"name", "config", "version", "source", "experiment_version"}`` with
+sorted keys: ``version`` is ``ntklab.__version__``, ``source`` is :func:`code_digest` of the module
+that computes the entry, and ``experiment_version`` that module's ``VERSION`` constant (1 if it has
+none). The code digest covers the module and every ``ntklab`` module it imports, transitively (at
+the top or inside functions), each as its syntax tree without docstrings (comments are not part of
+a syntax tree). So a change of the config or of a line of code the experiment runs gives a new
+entry, while an edited docstring or comment, or an edit of a module the experiment does not import
+(``plots.py``, another chapter), keeps it; bump ``VERSION`` to recompute for a reason the code does
+not show (new data, a fixed dependency). The module is the ``module=`` argument if given, else
+the one the experiment ``name`` was registered from (:func:`ntklab.experiments.register` tells
+:func:`bind`), else the one that defines ``compute`` (for :func:`cached`) or that calls (for
+:func:`result_path`, :func:`checkpoint_dir`, :func:`config_key`): for the entries that chapters
+share, such as ``models`` and ``kernel_runs``, the module of the function that computes them.
+
+``root`` is, in order: the ``root`` argument, the folder set by :func:`using_root` (the command
+line's ``--out``), ``$NTKLAB_RESULTS``, or ``ntklab.data.cache_dir() / "results"``.
+:func:`entries` lists a cache and :func:`clear` empties it (``python -m ntklab cache``).
 
 Results may hold tensors (stored on the CPU, detached), dicts, lists, tuples, strings, numbers,
 bools and None; NumPy arrays and scalars are converted to tensors and Python numbers. Entries are
@@ -19,6 +28,7 @@ entry is recomputed with a warning. Introduced in chapter 1; every chapter loads
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import contextvars
 import dataclasses
@@ -26,17 +36,19 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["cached", "result_path", "checkpoint_dir", "results_root", "using_root", "config_key", "track", "source_digest",
-           "Entry", "entries", "clear"]
+__all__ = ["cached", "result_path", "checkpoint_dir", "results_root", "using_root", "config_key", "track",
+           "code_digest", "code_modules", "code_version", "bind", "Entry", "entries", "clear"]
 
 _FORMAT = 1
-_SOURCE: str | None = None
+_DIGESTS: dict[str, str] = {}          # module -> code digest, once per process (the code it loaded)
+_BOUND: dict[str, str] = {}            # entry name -> module that computes it (filled by the registry)
 _ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ntklab_results_root", default=None)
 _TRACKERS: list[list[tuple[Path, str]]] = []
 
@@ -90,43 +102,202 @@ def _json_default(obj):
                     f"got {type(obj).__name__}: {obj!r}")
 
 
-def source_digest() -> str:
-    """A 16-hex-digit SHA-256 of the package's source: the relative path and the bytes of every
-    ``.py`` file under the ``ntklab`` package folder, in sorted order. Computed once per process,
-    so it describes the code this process loaded."""
-    global _SOURCE
-    if _SOURCE is None:
-        import ntklab
+# ------------------------------------------------------------------ the code an entry depends on
+def _package_dir() -> Path:
+    import ntklab
 
-        package = Path(ntklab.__file__).resolve().parent
-        h = hashlib.sha256()
-        for path in sorted(package.rglob("*.py")):
-            if "__pycache__" in path.parts:
+    return Path(ntklab.__file__).resolve().parent
+
+
+def _module_file(module: str, package: Path) -> Path | None:
+    """The source file of ``ntklab`` module ``module`` in the package folder ``package``, or None."""
+    parts = module.split(".")
+    if parts[0] != "ntklab":
+        return None
+    base = package.joinpath(*parts[1:])
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _imports(tree: ast.Module, module: str, is_package: bool, package: Path) -> set[str]:
+    """The ``ntklab`` modules that the code of ``tree`` (module ``module``) imports: ``import``
+    and ``from ... import`` statements anywhere (top level, functions, classes), relative ones
+    resolved, the parent packages of each (Python runs them first), and ``ntklab.x.y`` attribute
+    chains on a name bound to an ``ntklab`` module (``import ntklab`` then ``ntklab.plots.f()``)."""
+    found: set[str] = set()
+    bound: dict[str, str] = {}             # local name -> ntklab module it is bound to
+
+    def add(name: str) -> bool:
+        if _module_file(name, package) is None:
+            return False
+        found.update(p for p in _parents(name) if _module_file(p, package) is not None)
+        return True
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if add(alias.name):
+                    bound[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else "ntklab"
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                here = module.split(".") if is_package else module.split(".")[:-1]
+                here = here[:len(here) - (node.level - 1)]
+                base = ".".join(here + ([base] if base else []))
+            if not add(base):
                 continue
-            h.update(path.relative_to(package).as_posix().encode() + b"\0")
-            h.update(path.read_bytes() + b"\0")
-        _SOURCE = h.hexdigest()[:16]
-    return _SOURCE
+            for alias in node.names:
+                if add(f"{base}.{alias.name}"):
+                    bound[alias.asname or alias.name] = f"{base}.{alias.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain, value = [], node
+            while isinstance(value, ast.Attribute):
+                chain.append(value.attr)
+                value = value.value
+            if isinstance(value, ast.Name) and value.id in bound:
+                current = bound[value.id]
+                for attr in reversed(chain):
+                    if not add(f"{current}.{attr}"):
+                        break
+                    current = f"{current}.{attr}"
+    return found
 
 
-def config_key(name: str, config: dict) -> str:
-    """The stable 16-hex-digit key of (name, config, ``ntklab.__version__``, :func:`source_digest`)."""
+class _StripDocstrings(ast.NodeTransformer):
+    """Drops every statement that is only a string (docstrings of modules, classes and functions,
+    and strings used as comments): they do not change what the code computes."""
+
+    def visit_Expr(self, node):
+        if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            return None
+        return self.generic_visit(node)
+
+
+def _tree(path: Path) -> ast.Module:
+    return _StripDocstrings().visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+
+
+def code_modules(module: str, *, package: str | os.PathLike | None = None) -> list[str]:
+    """The sorted names of the ``ntklab`` modules whose code ``module`` runs: itself (if it is an
+    ``ntklab`` module) and every ``ntklab`` module it imports, transitively (see :func:`code_digest`).
+
+    package: the folder of the ``ntklab`` package to read (default: the one imported). For a
+    module outside ``ntklab`` (a test file, a script, a notebook's ``__main__``, whose imports
+    cannot always be read) every module of the package counts, as a conservative choice."""
+    package = Path(package) if package is not None else _package_dir()
+    if _module_file(module, package) is None:
+        return sorted(_all_modules(package))
+    todo, seen = [module], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = _module_file(name, package)
+        todo.extend(_imports(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py",
+                             package) - seen)
+    return sorted(seen)
+
+
+def _all_modules(package: Path) -> set[str]:
+    names = set()
+    for path in package.rglob("*.py"):
+        if "__pycache__" in path.parts:
+            continue
+        parts = path.relative_to(package).with_suffix("").parts
+        names.add(".".join(("ntklab",) + (parts[:-1] if parts[-1] == "__init__" else parts)))
+    return names
+
+
+def code_version(module: str, *, package: str | os.PathLike | None = None) -> int:
+    """The module's ``VERSION`` (a top-level ``VERSION = <int>``), 1 if it has none: bump it to
+    recompute an experiment's entries for a reason its code does not show."""
+    package = Path(package) if package is not None else _package_dir()
+    path = _module_file(module, package) or getattr(sys.modules.get(module), "__file__", None)
+    if not path or not Path(path).is_file():
+        return 1
+    for node in ast.parse(Path(path).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "VERSION" for t in node.targets) \
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, int):
+            return node.value.value
+    return 1
+
+
+def code_digest(module: str, *, package: str | os.PathLike | None = None) -> str:
+    """A 16-hex-digit SHA-256 of the code ``module`` runs: for each module of :func:`code_modules`
+    (sorted), its name and ``ast.dump`` of its syntax tree with docstrings and other bare strings
+    removed. Comments, blank lines, docstrings and line numbers do not count; every other edit of
+    one of those modules does (as does a new Python version, whose syntax trees differ). For a
+    module outside ``ntklab`` (see :func:`code_modules`) its own file, if it has one, counts too.
+
+    With the default ``package`` (the imported one) the digest is computed once per process, so it
+    describes the code this process loaded even if the files change on disk afterwards."""
+    if package is None and module in _DIGESTS:
+        return _DIGESTS[module]
+    folder = Path(package) if package is not None else _package_dir()
+    h = hashlib.sha256()
+    for name in code_modules(module, package=folder):
+        h.update(name.encode() + b"\0" + ast.dump(_tree(_module_file(name, folder))).encode() + b"\0")
+    if _module_file(module, folder) is None:           # a module outside ntklab: its own file too
+        file = getattr(sys.modules.get(module), "__file__", None)
+        if file and Path(file).is_file():
+            h.update(module.encode() + b"\0" + ast.dump(_tree(Path(file))).encode() + b"\0")
+    digest = h.hexdigest()[:16]
+    if package is None:
+        _DIGESTS[module] = digest
+    return digest
+
+
+def bind(name: str, module: str) -> None:
+    """Entries called ``name`` are computed by ``module``: their key takes its :func:`code_digest`
+    (the experiment registry binds each experiment's name to the module it was registered from)."""
+    _BOUND[name] = module
+
+
+def _module_for(name: str, module, default: str) -> str:
+    if module is not None:
+        return module if isinstance(module, str) else module.__name__
+    return _BOUND.get(name, default)
+
+
+def _caller() -> str:
+    """The module of the code that called the public function that calls this."""
+    return sys._getframe(2).f_globals.get("__name__", "__main__")
+
+
+def config_key(name: str, config: dict, *, module=None) -> str:
+    """The stable 16-hex-digit key of (name, config, ``ntklab.__version__``, :func:`code_digest`
+    and :func:`code_version` of the module that computes the entry; see the module docstring)."""
+    return _key(name, config, _module_for(name, module, _caller()))
+
+
+def _key(name: str, config: dict, module: str) -> str:
     import ntklab
 
     text = json.dumps({"name": name, "config": config, "version": ntklab.__version__,
-                       "source": source_digest()}, sort_keys=True, default=_json_default)
+                       "source": code_digest(module), "experiment_version": code_version(module)},
+                      sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def result_path(name: str, config: dict, *, root: str | os.PathLike | None = None) -> Path:
+def result_path(name: str, config: dict, *, root: str | os.PathLike | None = None, module=None) -> Path:
     """Where the result of experiment ``name`` under ``config`` is (or would be) stored."""
-    return results_root(root) / name / f"{config_key(name, config)}.pt"
+    return results_root(root) / name / f"{_key(name, config, _module_for(name, module, _caller()))}.pt"
 
 
-def checkpoint_dir(name: str, config: dict, *, root: str | os.PathLike | None = None) -> Path:
+def checkpoint_dir(name: str, config: dict, *, root: str | os.PathLike | None = None, module=None) -> Path:
     """The folder for the checkpoints of the run that computes this entry (beside the result), so
     that an interrupted run resumes. :func:`cached` deletes it once the result is stored."""
-    return result_path(name, config, root=root).with_suffix(".checkpoints")
+    key = _key(name, config, _module_for(name, module, _caller()))
+    return results_root(root) / name / f"{key}.checkpoints"
 
 
 def _storable(obj, where: str = "result"):
@@ -157,8 +328,11 @@ def _load(path: Path, key: str):
 
 
 def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool = False,
-           root: str | os.PathLike | None = None):
+           root: str | os.PathLike | None = None, module=None):
     """``compute()``'s result for experiment ``name`` under ``config``, from the cache if there.
+
+    module: the module (or its name) whose code computes the entry; default: the module
+    ``name`` is bound to (:func:`bind`), else the module that defines ``compute``.
 
     ``force=True`` recomputes and overwrites. A corrupt or partial entry gives a ``UserWarning``
     and is recomputed. Once the result is stored, the entry's :func:`checkpoint_dir` (the
@@ -168,7 +342,8 @@ def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool =
     import ntklab
     from ntklab.data import atomic_save, atomic_write_text, describe_load_error
 
-    key = config_key(name, config)
+    module = _module_for(name, module, getattr(compute, "__module__", None) or "__main__")
+    key = _key(name, config, module)
     path = results_root(root) / name / f"{key}.pt"
     with _exclusive(path):
         if path.exists() and not force:
@@ -180,10 +355,10 @@ def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool =
                 warnings.warn(f"cached result {path} is unreadable ({describe_load_error(err)}); recomputing it",
                               stacklevel=3)
         result = _storable(compute())
-        atomic_save({"format": _FORMAT, "key": key, "name": name, "version": ntklab.__version__,
-                     "source": source_digest(), "result": result}, path)
-        sidecar = {"name": name, "version": ntklab.__version__, "source": source_digest(), "key": key,
-                   "config": config}
+        code = {"version": ntklab.__version__, "source": code_digest(module), "module": module,
+                "experiment_version": code_version(module)}
+        atomic_save({"format": _FORMAT, "key": key, "name": name, **code, "result": result}, path)
+        sidecar = {"name": name, **code, "key": key, "config": config}
         atomic_write_text(json.dumps(sidecar, sort_keys=True, indent=1, default=_json_default),
                           path.with_suffix(".json"))
         shutil.rmtree(path.with_suffix(".checkpoints"), ignore_errors=True)
@@ -221,10 +396,10 @@ def _note(path: Path, how: str) -> None:
 class Entry:
     """One entry of the cache: ``path`` (the ``.pt`` file), experiment ``name``, ``key``, total
     ``size`` in bytes (result, sidecar and checkpoints), ``modified`` (POSIX time of the result,
-    or of the checkpoints of an unfinished run), the ``version``, ``source`` digest and ``profile``
-    name recorded in the sidecar (``None`` if unreadable), ``finished`` (the result exists; False
-    for a run that has only checkpoints so far) and ``current`` (made by this code: its source
-    digest is :func:`source_digest`)."""
+    or of the checkpoints of an unfinished run), the ``version``, ``source`` digest, ``profile``
+    name and ``module`` (that computed it) recorded in the sidecar (``None`` if unreadable),
+    ``finished`` (the result exists; False for a run that has only checkpoints so far) and
+    ``current`` (made by this code: its source digest is :func:`code_digest` of its module)."""
 
     path: Path
     name: str
@@ -235,10 +410,11 @@ class Entry:
     source: str | None
     profile: str | None
     finished: bool
+    module: str | None = None
 
     @property
     def current(self) -> bool:
-        return self.source == source_digest()
+        return self.module is not None and self.source == code_digest(self.module)
 
     def files(self) -> list[Path]:
         """The result, its sidecar, its checkpoint folder and its lock file, those that exist."""
@@ -272,7 +448,7 @@ def entries(root: str | os.PathLike | None = None) -> list[Entry]:
             entry = Entry(path=path, name=sub.name, key=key, size=0, modified=0.0,
                           version=meta.get("version"), source=meta.get("source"),
                           profile=profile.get("name") if isinstance(profile, dict) else None,
-                          finished=path.exists())
+                          finished=path.exists(), module=meta.get("module"))
             files = entry.files()
             found.append(dataclasses.replace(entry, size=sum(_size(p) for p in files),
                                              modified=max(p.stat().st_mtime for p in files)))
@@ -283,7 +459,7 @@ def clear(root: str | os.PathLike | None = None, *, names=None, stale_only: bool
     """Delete entries (result, sidecar, checkpoints) and return them.
 
     names: experiment names to clear (``None``: all); stale_only: only entries made by other code
-    than this (a source digest other than :func:`source_digest`, or none recorded).
+    than this (see :attr:`Entry.current`).
     """
     removed = []
     for entry in entries(root):
