@@ -37,7 +37,7 @@ from ntklab.config import get_device
 from ntklab.data import as_tensors
 
 __all__ = ["clean_accuracy", "pgd_accuracy", "worst_case_accuracy", "autoattack_accuracy", "robust_flags",
-           "model_device", "predict", "craft", "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
+           "predict", "craft", "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "fast", "custom")
 AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")

@@ -28,9 +28,13 @@ def test_chapter_template(path):
     cells = nb["cells"]
     text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     assert "Claims this chapter tests" in text, "a chapter states its claims up front"
-    asserts = [c for c in cells if c["cell_type"] == "code" and "remove-cell" in c.get("metadata", {}).get("tags", [])
-               and "assert " in "".join(c["source"])]
-    assert asserts, "a chapter asserts its claims in a hidden cell (tag remove-cell)"
+    code = {i: "".join(c["source"]) for i, c in enumerate(cells) if c["cell_type"] == "code"}
+    hidden = {i for i in code if "remove-cell" in cells[i].get("metadata", {}).get("tags", [])}
+    assert any("claims.check(" in code[i] for i in hidden), \
+        "a chapter asserts its claims with ntklab.claims.check in a hidden cell (tag remove-cell)"
+    assert any("claims.table(" in code[i] for i in set(code) - hidden), "a chapter shows its claims table"
+    assert not any("profile.name ==" in src or "profile.name !=" in src for src in code.values()), \
+        "claims say under which profiles they are asserted; the chapter does not branch on the profile"
     assert "```{exercise}" in text and "```{solution}" in text and ":class: dropdown" in text
     assert "What to look at" in text, "figures have captions saying what to look at"
     footer = "".join(cells[-1]["source"])
