@@ -168,3 +168,20 @@ def test_claims_are_asserted_under_quick_only():
     with pytest.raises(AssertionError, match="pgd_trains"):
         ntklab.claims.check(ch5.claims(spoiled, "quick"), "quick")
     assert ntklab.claims.check(ch5.claims(spoiled, "paper"), "paper") == []
+
+
+def test_cost_robustness_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = good_analysis()
+    strong = {l: v - 0.02 for l, v in a["robust_acc"].items()}
+    fig, ax = plt.subplots()
+    ntklab.plots.cost_robustness(a["cpu_training_time"], a["robust_acc"], strong, band=(0.77, 0.80),
+                                 names={"normal": "normal (no AT)"}, at_edge=["normal"], ax=ax)
+    low, high = ax.get_ylim()
+    assert low == pytest.approx(0.74 - 0.02 - 0.05) and high == pytest.approx(0.85)
+    assert len(ax.collections) >= 2 * 5 and "normal (no AT)" in [t.get_text() for t in ax.texts]
+    plt.close("all")

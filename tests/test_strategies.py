@@ -216,3 +216,19 @@ def test_claims_are_asserted_under_quick_only():
     with pytest.raises(AssertionError, match="burst_per_lr"):
         ntklab.claims.check(ch4.claims(spoiled, "quick"), "quick")
     assert ntklab.claims.check(ch4.claims(spoiled, "smoke"), "smoke") == []
+
+
+def test_polar_paths_figure(strategies_run):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = ch4.analyse(strategies_run[0])
+    fig = plt.figure()
+    ax = ntklab.plots.polar_paths({s: (p["radius"], p["angle"]) for s, p in a["polar"].items()}, title="polar")
+    assert len(ax.lines) == 4 and ax.name == "polar"
+    assert np.degrees(max(max(p["angle"]) for p in a["polar"].values())) <= ax.get_thetamax() <= 180
+    with pytest.raises(ValueError, match="radii"):
+        ntklab.plots.polar_paths({"x": ([0.0, 1.0], [0.0])}, ax=fig.add_subplot(projection="polar"))
+    plt.close("all")

@@ -28,6 +28,13 @@ The result (a dict, cached by config and package version):
 * ``runs[label]``: the run's result without the weights (see ``kernel_run``) plus
   ``autoattack_acc``; ``config``; ``compute_seconds`` (runs and AutoAttack, wall seconds, also
   when the runs came from the cache).
+
+:func:`analyse` turns a result into the numbers chapter 5 discusses, :func:`claims` into its claims
+(:mod:`ntklab.claims`), which the chapter shows as a table and asserts under ``quick``.
+
+    >>> result = ntklab.experiments.run(NAME, "quick")
+    >>> analysis = analyse(result)
+    >>> ntklab.claims.check(claims(analysis, "quick"), "quick")
 """
 from __future__ import annotations
 
@@ -221,8 +228,8 @@ def _auto(result, a, cap) -> dict:
 
 # ------------------------------------------------------------------ claims
 def claims(analysis: dict, profile) -> list[Claim]:
-    """The claims of chapter 5 on an :func:`analyse` d run, in the chapter's order; asserted under
-    ``quick`` (the thresholds were written for its numbers)."""
+    """The claims of chapter 5 on the output of :func:`analyse`, in the chapter's order; asserted
+    under ``quick`` (the thresholds were written for its numbers), shown under every profile."""
     a, tol = analysis, analysis["tolerance"]
     fixed, robust, full, normal = a["fixed"], a["robust_acc"], a["fixed"][0], "normal"
     switched = [l for l in a["labels"] if l not in (full, normal)]

@@ -19,10 +19,17 @@ those of :mod:`ntklab.experiments.runs` (:class:`Settings` holds them with the c
 The result (a dict, cached by config and the package's source):
 
 * ``strategies``, ``schedules``: the names; ``runs[schedule][strategy]``: the result of
-  :func:`kernel_run` without the weights (the multistep schedule has every strategy, the controls
-  ``CONTROL_STRATEGIES``); ``config``; ``probe_y`` (n,);
+  :func:`ntklab.experiments.runs.kernel_run` without the weights (the multistep schedule has every
+  strategy, the controls ``CONTROL_STRATEGIES``); ``config``; ``probe_y`` (n,);
 * ``compute_seconds``: wall seconds of the runs' computation (also when loaded from the run cache),
   ``kernel_seconds``: the part of it spent on kernel snapshots.
+
+:func:`analyse` turns a result into the numbers chapter 4 discusses, :func:`claims` into its claims
+(:mod:`ntklab.claims`), which the chapter shows as a table and asserts under ``quick``.
+
+    >>> result = ntklab.experiments.run(NAME, "quick")
+    >>> analysis = analyse(result)
+    >>> ntklab.claims.check(claims(analysis, "quick"), "quick")
 """
 from __future__ import annotations
 
@@ -229,8 +236,8 @@ def _controls(result, runs, ticks, d, before, lr) -> dict:
 
 # ------------------------------------------------------------------ claims
 def claims(analysis: dict, profile) -> list[Claim]:
-    """The claims of chapter 4 on an :func:`analyse` d run, in the chapter's order; asserted under
-    ``quick`` (the thresholds were written for its numbers)."""
+    """The claims of chapter 4 on the output of :func:`analyse`, in the chapter's order; asserted
+    under ``quick`` (the thresholds were written for its numbers), shown under every profile."""
     a, names, adversarial = analysis, analysis["strategies"], analysis["adversarial"]
     runs = [r for group in a["runs"].values() for r in group.values()]
     run_names = [f"{sched}/{s}" for sched, group in a["runs"].items() for s in group]
