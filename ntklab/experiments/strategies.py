@@ -236,51 +236,53 @@ def _controls(result, runs, ticks, d, before, lr) -> dict:
 
 # ------------------------------------------------------------------ claims
 def claims(analysis: dict, profile) -> list[Claim]:
-    """The claims of chapter 4 on the output of :func:`analyse`, in the chapter's order; asserted
-    under ``quick`` (the thresholds were written for its numbers), shown under every profile."""
+    """The claims of chapter 4 on the output of :func:`analyse`, numbered as in the chapter; asserted
+    under ``quick`` (the thresholds were written for its numbers), shown under every profile. Each
+    combines one comparison per strategy (or run) with :func:`ntklab.claims.all_of`."""
     a, names, adversarial = analysis, analysis["strategies"], analysis["adversarial"]
-    runs = [r for group in a["runs"].values() for r in group.values()]
-    run_names = [f"{sched}/{s}" for sched, group in a["runs"].items() for s in group]
 
-    def each(key, statement, values, op, threshold, parts_of=names):
+    def per(label, values, op, threshold, parts_of):
         thresholds = threshold if isinstance(threshold, dict) else {s: threshold for s in parts_of}
-        return all_of(key, statement, [compare(s, "", math.nan if values[s] is None else values[s], op, thresholds[s])
-                                       for s in parts_of])
+        return [compare(f"{s}{label}", "", math.nan if values[s] is None else values[s], op, thresholds[s])
+                for s in parts_of]
 
     const = a["runs"].get("constant", {}).get("normal", {})
     cosine = a["runs"].get("cosine", {}).get("normal", {})
+    centring = {f"{sched}/{s}": r["centring_ratio"] for sched, group in a["runs"].items() for s, r in group.items()}
     return [
-        each("lazy_early", "Each strategy's centred velocity falls 5x below its first epoch's within the first "
-             "quarter of the epochs (kernel learning, then lazy training).", a["lazy_onset"], "<", a["epochs"] // 4),
-        each("slower_after_decay", "Per epoch, after the first decay every strategy's kernel moves more slowly than "
-             "in the three epochs before it (largest velocity after / median before).", a["slower"], "<", 1),
-        each("burst_per_lr", "Per unit of learning rate, every strategy's velocity in the first epoch after the "
-             "first decay is at least twice its median over the three epochs before.", a["burst"], ">=", 2),
-        each("burst_above_floor", "In that epoch every strategy's kernel moves at least 3x as far as refreshing "
-             "the batch-norm statistics alone moves it (velocity; threshold 3x the floor).",
-             a["velocity_after_decay"], ">=", {s: 3 * a["floor"][s] for s in names}),
-        all_of("no_burst_constant", "Under a constant rate, normal training's velocity per unit of learning rate in "
-               "the second half stays below twice its median over the three epochs before the step schedule's first "
-               "decay, and the phase rule finds two phases.",
-               [compare("rise", "", a["constant_rise"], "<", 2),
-                compare("phases", "", const.get("n_phases_per_lr", math.nan), "==", 2)]),
-        compare("cosine_lazy", "Under the cosine schedule, normal training's per-epoch velocity has two phases: "
-                "kernel learning, then lazy training to the end.", cosine.get("n_phases_per_epoch", math.nan), "==", 2),
-        all_of("no_drawing_apart", "The centred distance between normal training's kernel and each adversarial "
-               "strategy's changes by less than 25% between the first decay and the end (end / decay).",
-               [p for s in adversarial for p in (compare(s, "", a["apart"][s], ">", 0.75),
-                                                 compare(s, "", a["apart"][s], "<", 1.25))]),
-        each("little_motion_after_decay", "Each strategy's kernel moves less from the first decay to the end than "
-             "half of what it moved from epoch 1 to the decay (KD; threshold half of the lazy path).",
-             a["after_decay"], "<", {s: 0.5 * a["lazy_path"][s] for s in names}),
-        all_of("centring_matters", "In every run the centred kernel moves farther from its initialisation than "
-               "the uncentred one (centred / uncentred distance at the end).",
-               [compare(n, "", r["centring_ratio"], ">", 1) for n, r in zip(run_names, runs)]),
-        each("adversarial_concentrates", "At the end, each adversarial strategy's centred C-NTK has a smaller "
-             "effective rank than normal training's.", a["effective_rank_end"], "<",
-             a["effective_rank_end"].get("normal", math.nan), parts_of=adversarial),
-        each("ae_converges", "At the end, each adversarial strategy's C-NTK is closer to its AE-NTK than half their "
-             "distance at initialisation (KD; threshold half the initial one).",
-             {s: a["clean_vs_ae"][s][-1] for s in adversarial}, "<",
-             {s: 0.5 * a["clean_vs_ae"][s][0] for s in adversarial}, parts_of=adversarial),
+        all_of("lazy_early", "Kernel learning, then lazy training: each strategy's centred velocity falls 5x below "
+               "its first epoch's within the first quarter of the epochs (the epoch index, 0-based, at which it does).",
+               per("", a["lazy_onset"], "<", a["epochs"] // 4, names)),
+        all_of("slower_after_decay", "Per epoch, the decays start no third phase: after the first decay every "
+               "strategy's kernel moves more slowly than in the three epochs before it (largest velocity after / "
+               "median before).", per("", a["slower"], "<", 1, names)),
+        all_of("burst_per_lr", "Per unit of learning rate, the first decay is a burst: every strategy's velocity in "
+               "the first epoch after it is at least twice its median over the three epochs before (burst), and at "
+               "least 3x the motion that refreshing the batch-norm statistics alone causes (velocity; floor).",
+               per(" burst", a["burst"], ">=", 2, names)
+               + per(" velocity", a["velocity_after_decay"], ">=", {s: 3 * a["floor"][s] for s in names}, names)),
+        all_of("no_burst_without_step", "Without a step decay there is no burst: under a constant rate normal "
+               "training's velocity per unit of learning rate in the second half stays below twice its median over "
+               "the three epochs before the first decay (rise), with two phases; under the cosine schedule it has "
+               "two phases per epoch, kernel learning then lazy training.",
+               [compare("constant rise", "", a["constant_rise"], "<", 2),
+                compare("constant phases", "", const.get("n_phases_per_lr", math.nan), "==", 2),
+                compare("cosine phases", "", cosine.get("n_phases_per_epoch", math.nan), "==", 2)]),
+        all_of("no_drawing_apart", "The strategies' kernels do not draw apart after the decay: the centred distance "
+               "between normal training's kernel and each adversarial strategy's changes by less than 25% between the "
+               "first decay and the end (apart: end / decay), and each strategy's kernel moves less from the decay to "
+               "the end than half of what it moved from epoch 1 to the decay (KD after the decay).",
+               [p for s in adversarial for p in (compare(f"{s} apart", "", a["apart"][s], ">", 0.75),
+                                                 compare(f"{s} apart", "", a["apart"][s], "<", 1.25))]
+               + per(" after", a["after_decay"], "<", {s: 0.5 * a["lazy_path"][s] for s in names}, names)),
+        all_of("centring_matters", "Centring matters: in every run the centred kernel moves farther from its "
+               "initialisation than the uncentred one (centred / uncentred distance at the end).",
+               per("", centring, ">", 1, list(centring))),
+        all_of("adversarial_concentrates", "Adversarial training concentrates the kernel: at the end each "
+               "adversarial strategy's centred C-NTK has a smaller effective rank than normal training's (rank); and "
+               "the AE-NTK converges to the C-NTK: their centred distance is less than half of what it was at "
+               "initialisation (KD).",
+               per(" rank", a["effective_rank_end"], "<", a["effective_rank_end"].get("normal", math.nan), adversarial)
+               + per(" KD", {s: a["clean_vs_ae"][s][-1] for s in adversarial}, "<",
+                     {s: 0.5 * a["clean_vs_ae"][s][0] for s in adversarial}, adversarial)),
     ]
