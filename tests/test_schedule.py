@@ -49,7 +49,8 @@ def test_schedule_shares_chapter_4_runs_and_switches_where_it_says(schedule_run)
     how = [(p.parent.name, h) for p, h in paths]
     assert how.count(("kernel_runs", "loaded")) == 2 and how.count(("kernel_runs", "computed")) == 3
     assert how[-1] == ("schedule", "computed")
-    assert torch.equal(result["runs"]["s=0"]["kernels"]["clean"], shared["runs"]["multistep"]["pgd"]["kernels"]["clean"])
+    assert torch.equal(result["runs"]["s=0"]["kernels"]["clean"],
+                       shared["runs"]["multistep"]["pgd"]["kernels"]["clean"])
     for label in result["labels"]:
         r, s = result["runs"][label], result["switch_epochs"][label]
         strategies = r["history"]["strategy"]

@@ -26,7 +26,8 @@ def test_strategies_result(strategies_run):
     cp = chapter_profile(get_profile("smoke"))
     assert result["strategies"] == ["normal", "fgsm_rs", "pgd", "trades"]
     assert sorted(result["runs"]) == ["constant", "cosine", "multistep"]
-    assert [(p.parent.name, how) for p, how in paths] == [("kernel_runs", "computed")] * 6 + [("strategies", "computed")]
+    assert [(p.parent.name, how) for p, how in paths] == ([("kernel_runs", "computed")] * 6
+                                                          + [("strategies", "computed")])
     assert paths[-1][0].parent == out / "strategies"
     runs = [(sched, s, r) for sched, group in result["runs"].items() for s, r in group.items()]
     assert sorted((sched, s) for sched, s, _ in runs) == sorted(
@@ -97,8 +98,9 @@ def test_strategies_paper_code_path(paper_profile):
 def test_settings_hold_the_chapter_profile_and_the_runs(paper_profile):
     st = ch4.Settings.for_profile(get_profile("quick"))
     assert st.profile == chapter_profile(get_profile("quick")) and st.profile.epochs == 20
-    assert st.run_specs() == [("normal", "multistep", False), ("fgsm_rs", "multistep", True), ("pgd", "multistep", True),
-                              ("trades", "multistep", True), ("normal", "cosine", False), ("normal", "constant", False)]
+    assert st.run_specs() == [("normal", "multistep", False), ("fgsm_rs", "multistep", True),
+                              ("pgd", "multistep", True), ("trades", "multistep", True),
+                              ("normal", "cosine", False), ("normal", "constant", False)]
     assert ch4.Settings.for_profile(paper_profile, strategies=("pgd",), controls=()).run_specs() == [
         ("pgd", "multistep", True)]
     with pytest.raises(Exception):
@@ -143,7 +145,8 @@ def test_analyse_on_the_smoke_run(strategies_run):
         assert len(a["cross"][s]) == len(a["clean_vs_ae"][s]) == 5 and a["cross"][s][0] == pytest.approx(0, abs=1e-12)
         assert a["apart"][s] == pytest.approx(a["cross"][s][-1] / a["cross"][s][2])
     # the constant rate's rise over the second half (entries 2, 3) against the median before the decay
-    const = centred_velocity_by_hand(result["runs"]["constant"]["normal"]["kernels"]["clean"]) / result["runs"]["constant"]["normal"]["lr_time"][0]
+    constant = result["runs"]["constant"]["normal"]
+    const = centred_velocity_by_hand(constant["kernels"]["clean"]) / constant["lr_time"][0]
     assert a["constant_rise"] == pytest.approx(const[2:].max() / np.median(const[:2]), rel=1e-9)
     assert a["n_relearn_per_lr"] == len(a["relearn_per_lr"]) <= 4
     claims = ch4.claims(a, "smoke")
