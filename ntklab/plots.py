@@ -361,3 +361,65 @@ def seed_curves(x, stacks: dict, *, ax=None, xlabel: str = "epoch", ylabel: str 
     if title:
         ax.set_title(title)
     return ax
+
+
+# --- chapter 4 ---
+__all__ += ["polar_paths", "cost_robustness"]
+
+
+def polar_paths(paths: dict, *, ax=None, title: str | None = None):
+    """Kernel paths in polar form (chapter 4): for each label, ``(radius, angle)`` as returned by
+    :func:`ntklab.metrics.polar_dynamics` (angle in radians from the initial kernel, radius the
+    distance travelled), on a polar Axes (made if not given), the angular range cut a little above
+    the largest angle (at most 180 degrees). Returns the Axes."""
+    if ax is None:
+        ax = plt.gcf().add_subplot(projection="polar")
+    largest = 0.0
+    for label, (radius, angle) in paths.items():
+        radius, angle = _np(radius).astype(float), _np(angle).astype(float)
+        if radius.shape != angle.shape:
+            raise ValueError(f"path {label!r} has {radius.size} radii for {angle.size} angles")
+        ax.plot(angle, radius, marker=".", label=label)
+        largest = max(largest, float(np.degrees(angle.max())) if angle.size else 0.0)
+    ax.set_thetamax(min(180, 10 * np.ceil(largest / 10) + 5))
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+# --- chapter 5 ---
+def cost_robustness(cost: dict, robust: dict, strong: dict, *, band: tuple[float, float] | None = None,
+                    names: dict | None = None, at_edge: Sequence[str] = (), ax=None,
+                    xlabel: str = "training time", robust_label: str = "robust accuracy",
+                    strong_label: str = "a stronger attack", band_label: str = "tolerance"):
+    """Robust accuracy against the cost of training, one point per schedule (chapter 5).
+
+    For each label of ``cost`` (x values, e.g. CPU seconds): a filled dot at ``robust[label]`` above
+    an open dot at ``strong[label]`` (a stronger attack, e.g. on a smaller sample), joined by a line,
+    annotated with ``names[label]`` (default: the label). ``band``: (low, high) of robust accuracy
+    shaded (the tolerance around a reference); ``at_edge``: labels whose accuracies sit far below the
+    others (normal training): drawn at the lower edge, 0.05 below the others' lowest value.
+    Returns the Axes.
+    """
+    ax = ax or plt.gca()
+    names = names or {}
+    others = [l for l in cost if l not in at_edge] or list(cost)
+    low = min(min(robust[l], strong[l]) for l in others) - 0.05
+    for i, label in enumerate(cost):
+        x, hi, lo = cost[label], max(robust[label], low), max(strong[label], low)
+        ax.plot([x, x], [lo, hi], color="lightgray", zorder=1)
+        ax.scatter(x, hi, s=60, zorder=2, clip_on=False)
+        ax.scatter(x, lo, s=40, facecolors="none", edgecolors="k", zorder=2, clip_on=False)
+        ax.annotate(names.get(label, label), (x, hi), textcoords="offset points", xytext=(-4, 8), fontsize=9,
+                    ha="right" if i % 2 else "left")
+    if band is not None:
+        ax.axhspan(*band, color="tab:green", alpha=0.12, label=band_label)
+    ax.scatter([], [], s=60, color="gray", label=robust_label)
+    ax.scatter([], [], s=40, facecolors="none", edgecolors="k", label=strong_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(low, min(1.0, max(robust[l] for l in others) + 0.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return ax

@@ -1,8 +1,6 @@
-"""Tests of the experiments' helpers (model_from_profile, data_from_profile, train_kwargs, trained_model)
-and of the ``strategies`` experiment. The cache is tested in test_cache.py, the registry in test_registry.py."""
-import math
-
-import numpy as np
+"""Tests of the experiments' helpers (model_from_profile, data_from_profile, train_kwargs, trained_model).
+The experiments have test files of their own; the cache is tested in test_cache.py, the registry in
+test_registry.py."""
 import pytest
 import torch
 
@@ -11,7 +9,6 @@ from ntklab import experiments
 from ntklab.config import get_profile
 from ntklab.experiments import cache
 
-from smoke_runs import rerun_from_cache, smoke_run
 
 
 # ---------------------------------------------------------------- helpers of the experiments
@@ -34,98 +31,12 @@ def test_data_and_train_kwargs_from_profile():
     assert "alpha" not in kw and kw["eps"] == profile.eps and kw["epochs"] == profile.epochs
 
 
-# ---------------------------------------------------------------- the strategies experiment (chapter 4)
-@pytest.fixture(scope="module")
-def strategies_run(tmp_path_factory):
-    return smoke_run(tmp_path_factory, "strategies")
-
-
-def test_chapter_profile_decays_at_half_and_three_quarters(paper_profile):
-    from ntklab.experiments.strategies import chapter_profile
-
-    smoke, quick, paper = (chapter_profile(get_profile(n)) for n in ("smoke", "quick", "paper"))
-    assert (smoke.epochs, smoke.lr_milestones) == (4, (2, 3))
-    assert (quick.epochs, quick.lr_milestones, quick.model_kwargs) == (20, (10, 15), {"width": 8})
-    assert (quick.eps, quick.pgd_alpha, quick.pgd_steps, quick.n_probe) == (0.15, 0.0375, 3, 100)
-    assert paper == get_profile("paper")  # the paper profile as it is: 200 epochs, decays at 100 and 150
-    assert chapter_profile(paper_profile).lr_milestones == (1,)  # 2 epochs: the decay at 50% only
-
-
-def test_strategies_result(strategies_run):
-    result, out, paths = strategies_run
-    from ntklab.experiments.strategies import chapter_profile
-
-    cp = chapter_profile(get_profile("smoke"))
-    assert result["strategies"] == ["normal", "fgsm_rs", "pgd", "trades"]
-    assert sorted(result["runs"]) == ["constant", "cosine", "multistep"]
-    assert [(p.parent.name, how) for p, how in paths] == [("kernel_runs", "computed")] * 6 + [("strategies", "computed")]
-    assert paths[-1][0].parent == out / "strategies"
-    runs = [(sched, s, r) for sched, group in result["runs"].items() for s, r in group.items()]
-    assert sorted((sched, s) for sched, s, _ in runs) == sorted(
-        [("multistep", s) for s in result["strategies"]] + [("cosine", "normal"), ("constant", "normal")])
-    first = result["runs"]["multistep"]["normal"]["kernels"]["clean"][0]
-    n_batches = -(-cp.n_train // cp.batch_size)
-    for sched, s, r in runs:
-        h = r["history"]
-        assert len(h["epoch"]) == cp.epochs and set(h["strategy"]) == {s} and "state_dict" not in r
-        assert 0 <= r["robust_acc"] <= r["clean_acc"] <= 1
-        assert r["training_time"] == pytest.approx(sum(h["time_attack"]) + sum(h["time_update"]))
-        k = r["kernels"]
-        assert k["epochs"] == list(range(cp.epochs + 1))
-        assert k["clean"].shape == (cp.epochs + 1, cp.n_probe, cp.n_probe) and ("ae" in k) == (s != "normal")
-        if s != "normal":
-            assert k["ae"].shape == k["clean"].shape and not torch.equal(k["ae"][-1], k["clean"][-1])
-        assert torch.equal(k["clean"][0], first)  # one initialisation for every run
-        # the mean learning rate of each epoch, by hand
-        if sched == "multistep":
-            expected = [cp.lr * cp.lr_gamma ** sum(m <= e for m in cp.lr_milestones) for e in range(cp.epochs)]
-        elif sched == "constant":
-            expected = [cp.lr] * cp.epochs
-        else:
-            expected = [np.mean([cp.lr * 0.5 * (1 + math.cos(math.pi * (e + b / n_batches) / cp.epochs))
-                                 for b in range(n_batches)]) for e in range(cp.epochs)]
-        assert r["lr_time"] == pytest.approx(expected, rel=1e-12)
-        assert r["bn_refresh"].shape == (cp.n_probe, cp.n_probe)
-        assert 0 < ntklab.metrics.kernel_distance(r["bn_refresh"], k["clean"][-1]) < 0.5
-        assert len(r["cpu_epoch_seconds"]) == cp.epochs and min(r["cpu_epoch_seconds"]) > 0
-        assert r["cpu_training_time"] == pytest.approx(sum(r["cpu_epoch_seconds"]))
-    step = result["runs"]["multistep"]
-    assert step["pgd"]["cpu_training_time"] > step["normal"]["cpu_training_time"]  # PGD-2 epochs cost more
-    assert torch.equal(result["probe_y"], result["probe_y"].sort().values)
-    assert set(result["probe_y"].tolist()) == set(range(10))
-    assert result["compute_seconds"] > result["kernel_seconds"] > 0
-
-
-def test_strategies_second_run_loads_the_cache(strategies_run, monkeypatch):
-    result, out, _ = strategies_run
-    import ntklab.train
-
-    again, _ = rerun_from_cache("strategies", out, monkeypatch, ntklab.train, "train")
-    assert again["runs"]["multistep"]["pgd"]["clean_acc"] == result["runs"]["multistep"]["pgd"]["clean_acc"]
-    assert torch.equal(again["runs"]["multistep"]["fgsm_rs"]["kernels"]["ae"],
-                       result["runs"]["multistep"]["fgsm_rs"]["kernels"]["ae"])
-    # the result, its sidecar and its lock file; each run's checkpoints are gone once it is stored
-    assert sorted(p.suffix for p in (out / "strategies").iterdir()) == [".json", ".lock", ".pt"]
-    assert len(list((out / "kernel_runs").glob("*.pt"))) == 6
-    assert not list((out / "kernel_runs").glob("*.checkpoints"))
-
-
-def test_strategies_paper_code_path(paper_profile):
-    result = experiments.run("strategies", paper_profile, "cpu", progress=False)
-    assert result["config"]["profile"]["dataset"] == "cifar10"
-    assert result["config"]["profile"]["model"] == "preact_resnet18"
-    for group in result["runs"].values():
-        for r in group.values():
-            assert 0 <= r["robust_acc"] <= r["clean_acc"] <= 1
-            assert r["kernels"]["clean"].shape == (3, 10, 10) and r["kernels"]["epochs"] == [0, 1, 2]
-    assert result["runs"]["multistep"]["pgd"]["lr_time"] == pytest.approx([paper_profile.lr, paper_profile.lr / 10])
-
-
+# ---------------------------------------------------------------- the runs' CPU clock (chapters 4 and 5)
 def test_cpu_clock_counts_training_epochs_and_survives_a_checkpoint(tmp_path):
     import time
 
     from ntklab.callbacks import Callback
-    from ntklab.experiments.strategies import CPUClock
+    from ntklab.experiments.runs import CPUClock
     from test_train import Interrupt
 
     class Busy(Callback):  # a measurement that burns CPU: it must not count as training
@@ -147,40 +58,6 @@ def test_cpu_clock_counts_training_epochs_and_survives_a_checkpoint(tmp_path):
                        callbacks=[resumed.first, Busy(), resumed.last], **kw)
     assert len(resumed.seconds) == 3 and resumed.seconds[0] == clock.seconds[0]
     assert all(0 < t < 0.3 for t in resumed.seconds)  # the busy measurement is not in it
-
-
-# ---------------------------------------------------------------- the schedule experiment (chapter 5)
-def test_schedule_shares_chapter_4_runs_and_switches_where_it_says(strategies_run):
-    ch4, out, _ = strategies_run
-    from ntklab.experiments.strategies import chapter_profile
-
-    cp = chapter_profile(get_profile("smoke"))
-    with cache.track() as paths:
-        result = experiments.run("schedule", "smoke", "cpu", out=out, progress=False)
-    assert result["labels"] == ["s=0", "s=1", "s=2", "auto", "normal"]  # 0, 1/2 and all of the first decay
-    # full PGD-AT and normal training are chapter 4's runs, loaded; the others are computed
-    how = [(p.parent.name, h) for p, h in paths]
-    assert how.count(("kernel_runs", "loaded")) == 2 and how.count(("kernel_runs", "computed")) == 3
-    assert how[-1] == ("schedule", "computed")
-    assert torch.equal(result["runs"]["s=0"]["kernels"]["clean"], ch4["runs"]["multistep"]["pgd"]["kernels"]["clean"])
-    for label in result["labels"]:
-        r, s = result["runs"][label], result["switch_epochs"][label]
-        strategies = r["history"]["strategy"]
-        expected = ["normal"] * cp.epochs if label == "normal" else ["normal"] * s + ["pgd"] * (cp.epochs - s)
-        assert strategies == expected, label
-        assert 0 <= r["autoattack_acc"] <= r["clean_acc"] <= 1 and 0 <= r["robust_acc"] <= r["clean_acc"]
-    auto = result["runs"]["auto"]["history"]
-    assert auto["switch_epoch"] == result["switch_epochs"]["auto"] == cp.lr_milestones[0]  # 4 epochs: the cap
-    assert sum(auto["time_switch"]) > 0 and result["runs"]["auto"]["training_time"] == pytest.approx(
-        sum(auto["time_attack"]) + sum(auto["time_update"]) + sum(auto["time_switch"]))
-    assert result["compute_seconds"] > 0
-
-
-def test_schedule_paper_code_path(paper_profile):
-    result = experiments.run("schedule", paper_profile, "cpu", progress=False)
-    assert result["labels"] == ["s=0", "s=1", "auto", "normal"]  # first decay after epoch 1
-    assert result["switch_epochs"] == {"s=0": 0, "s=1": 1, "auto": 1, "normal": 2}
-    assert all(0 <= r["autoattack_acc"] <= 1 for r in result["runs"].values())
 
 
 # ---------------------------------------------------------------- shared trained models

@@ -12,253 +12,77 @@ training under a cosine and a constant learning rate. After every epoch
 at that epoch). Each run is evaluated at the end on the profile's test subset: clean accuracy and
 robust accuracy, per example the worst of FGSM and PGD.
 
-Each run is one entry of the result cache (``"kernel_runs"``, see :func:`kernel_run`), so chapter 5
-(experiment ``schedule``) shares the full PGD-AT run with this chapter.
-
-Chapter settings per profile (:func:`chapter_profile`; everything else is the profile's own):
-
-* ``smoke``: 4 epochs (decays after 2 and 3), a ``SmallCNN`` of width 8 (at the smoke profile's width
-  4 the ReLUs of the FGSM-RS model died on the adversarial probe, leaving a constant AE-NTK),
-  eps 0.15, PGD-2, a probe of 16;
-* ``quick``: 20 epochs (decays after 10 and 15), a ``SmallCNN`` of width 8 instead of 32 (so that
-  six runs with a kernel after every epoch fit in about four minutes of one CPU core), eps 0.15
-  (full PGD-AT from scratch at eps 0.2 failed to get off the ground for one of three seeds at this
-  width), training PGD-3 with step eps/4, a probe of 100 images;
-* ``paper``: the profile as it is (200 epochs with decays at 100 and 150, PreAct ResNet-18, eps 8/255,
-  PGD-10, a probe of ``n_probe``), kernels every ``epochs // 50`` epochs.
+Each run is one entry of the result cache (:func:`ntklab.experiments.runs.kernel_run`), so chapter 5
+(experiment ``schedule``) shares the full PGD-AT run with this chapter. The settings per profile are
+those of :mod:`ntklab.experiments.runs` (:class:`Settings` holds them with the chapter's runs).
 
 The result (a dict, cached by config and the package's source):
 
 * ``strategies``, ``schedules``: the names; ``runs[schedule][strategy]``: the result of
-  :func:`kernel_run` without the weights (the multistep schedule has every strategy, the controls
-  ``CONTROL_STRATEGIES``); ``config``; ``probe_y`` (n,);
+  :func:`ntklab.experiments.runs.kernel_run` without the weights (the multistep schedule has every
+  strategy, the controls ``CONTROL_STRATEGIES``); ``config``; ``probe_y`` (n,);
 * ``compute_seconds``: wall seconds of the runs' computation (also when loaded from the run cache),
   ``kernel_seconds``: the part of it spent on kernel snapshots.
+
+:func:`analyse` turns a result into the numbers chapter 4 discusses, :func:`claims` into its claims
+(:mod:`ntklab.claims`), which the chapter shows as a table and asserts under ``quick``.
+
+    >>> result = ntklab.experiments.run(NAME, "quick")
+    >>> analysis = analyse(result)
+    >>> ntklab.claims.check(claims(analysis, "quick"), "quick")
 """
 from __future__ import annotations
 
-import time
+import math
+from dataclasses import dataclass
 
-from ntklab import _progress
-from ntklab.experiments import (cached, checkpoint_dir, data_from_profile, model_from_profile, register,
-                                train_kwargs)
+import numpy as np
 
-__all__ = ["run", "make_config", "kernel_run", "kernel_runs", "run_config", "chapter_profile", "CPUClock", "STRATEGIES", "SCHEDULES",
-           "CONTROL_STRATEGIES", "NAME", "RUNS_ENTRY"]
+from ntklab import metrics
+from ntklab.claims import Claim, all_of, compare
+from ntklab.config import Profile
+from ntklab.experiments import cached, register
+# RUNS_ENTRY, chapter_profile and run_config are imported for older callers; they live in runs
+from ntklab.experiments.runs import RUNS_ENTRY, chapter_profile, kernel_runs, run_config  # noqa: F401
+
+__all__ = ["run", "make_config", "analyse", "claims", "Settings", "STRATEGIES", "SCHEDULES",
+           "CONTROL_STRATEGIES", "NAME"]
 
 NAME = "strategies"
-RUNS_ENTRY = "kernel_runs"
 STRATEGIES = ("normal", "fgsm_rs", "pgd", "trades")
 SCHEDULES = ("multistep", "cosine", "constant")
 CONTROL_STRATEGIES = ("normal",)
-DECAYS = (0.5, 0.75)  # fractions of the epochs at which the learning rate is multiplied by gamma
-SETTINGS = {
-    "smoke": {"epochs": 4, "model_kwargs": {"width": 8}, "eps": 0.15, "pgd_steps": 2, "n_probe": 16},
-    "quick": {"epochs": 20, "model_kwargs": {"width": 8}, "eps": 0.15, "pgd_steps": 3, "n_probe": 100,
-              "n_eval": 1000},
-    "paper": {},
-}
 
 
-def chapter_profile(profile):
-    """The profile that chapters 4 and 5 run: ``profile`` with the settings of :data:`SETTINGS`
-    for its name (see the module docstring), PGD step eps/4, and learning-rate decays at 50% and
-    75% of the epochs (epochs 100 and 150 of the paper's 200). Unknown profile names keep their
-    own values apart from the decays."""
-    settings = dict(SETTINGS.get(profile.name, {}))
-    if "eps" in settings:
-        settings["pgd_alpha"] = settings["eps"] / 4
-    cp = profile.replace(**settings)
-    milestones = {round(f * cp.epochs) for f in DECAYS}
-    return cp.replace(lr_milestones=tuple(sorted(m for m in milestones if 0 < m < cp.epochs)))
+@dataclass(frozen=True)
+class Settings:
+    """Chapter 4 under one profile: ``profile``, the chapter profile of
+    :func:`ntklab.experiments.runs.chapter_profile` (model, eps, PGD, epochs and decays per profile,
+    see :class:`ntklab.experiments.runs.RunSettings`); ``strategies``, trained under the step
+    schedule (the adversarial ones with the AE-NTK); ``controls``, the strategies also trained under
+    the other ``schedules``."""
 
+    profile: Profile
+    strategies: tuple[str, ...] = STRATEGIES
+    controls: tuple[str, ...] = CONTROL_STRATEGIES
+    schedules: tuple[str, ...] = SCHEDULES
 
-def _snapshot_epochs(profile) -> list[int]:
-    every = 1 if profile.name in ("smoke", "quick") else max(1, profile.epochs // 50)
-    return sorted(set(range(0, profile.epochs + 1, every)) | {profile.epochs})
+    @classmethod
+    def for_profile(cls, profile: Profile, strategies=STRATEGIES, controls=CONTROL_STRATEGIES) -> "Settings":
+        return cls(chapter_profile(profile), tuple(strategies), tuple(controls))
 
-
-def run_config(cp, strategy, schedule, ae, overrides=None) -> dict:
-    kw = {**train_kwargs(cp, strategy), "lr_schedule": schedule, "eval_every": 0, **(overrides or {})}
-    return {"profile": cp.to_dict(), "train": kw, "snapshot_epochs": _snapshot_epochs(cp), "ae": bool(ae),
-            "timing": "wall and process CPU", "probe": {"n": cp.n_probe, "seed": cp.seed + 1, "kind": "trace"},
-            "eval": {"n": cp.n_eval, "attacks": ["fgsm", "pgd"], "steps": cp.eval_pgd_steps}}
-
-
-def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool = False, device=None,
-               force: bool = False, progress=True, **train_overrides) -> dict:
-    """One training run of chapters 4 and 5 with a kernel snapshot after every epoch, cached.
-
-    profile: a profile already passed through :func:`chapter_profile`. strategy: one of
-    :data:`ntklab.train.STRATEGIES`; schedule: ``"multistep"``, ``"cosine"`` or ``"constant"``;
-    ae: also the AE-NTK (PGD-``pgd_steps`` examples of the probe against the model of that epoch);
-    train_overrides: further JSON-serialisable keywords of :func:`ntklab.train.train`, e.g.
-    ``switch_epoch=5`` or ``switch_epoch="auto"`` (normal training first, chapter 5).
-    progress: ``True`` for a bar that ticks once per epoch, or a tqdm bar to tick (the experiments
-    share one over all their runs), or ``False``. One tick per epoch rather than the training
-    loop's bars per batch: a notebook cell that trains for minutes would otherwise send thousands
-    of widget messages, more than a notebook test runner reliably reads after the cell.
-
-    Returns a dict: ``history`` (:meth:`ntklab.train.History.to_dict`); ``kernels``: ``epochs``
-    (completed epochs of the snapshots, 0 = initialisation), ``clean`` (T, n, n) and, with ``ae``,
-    ``ae`` (T, n, n) float32 trace kernels, ``probe_clean_acc``, ``probe_ae_acc``; ``probe_y`` (n,)
-    labels of the probe (sorted); ``lr_time``: the mean learning rate of every epoch (the length of
-    the epoch in gradient-flow time, per unit of the base rate times steps); ``bn_refresh``: the
-    trace C-NTK after one more pass over the training data in train mode with the weights frozen
-    (only the batch-norm running statistics change: the kernel's motion without learning);
-    ``clean_acc``, ``robust_acc`` in [0, 1] on the test subset; ``training_time`` (attack + update
-    (+ switch measurement) wall seconds, from the history); ``cpu_training_time``: the same
-    measured in process CPU seconds (see :class:`CPUClock`); ``state_dict``; ``compute_seconds``.
-    Same config, same entry: a chapter asking for a run another chapter made loads it.
-    """
-    from ntklab.config import get_device
-
-    config = run_config(profile, strategy, schedule, ae, train_overrides)
-    checkpoints = checkpoint_dir(RUNS_ENTRY, config)
-    return cached(RUNS_ENTRY, config, lambda: _compute_run(profile, config, get_device(device), progress,
-                                                           checkpoints), force=force)
-
-
-def _compute_run(cp, config, device, progress, checkpoints) -> dict:
-    import torch
-
-    from ntklab import data, evaluate
-    from ntklab.callbacks import KernelSnapshots
-    from ntklab.config import seed_everything
-    from ntklab.train import make_schedule, train
-
-    start = time.perf_counter()
-    kw = config["train"]
-    train_set, test_set = data_from_profile(cp)
-    probe_x, probe_y = data.subset(train_set, config["probe"]["n"], seed=config["probe"]["seed"]).tensors
-    order = probe_y.argsort(stable=True)
-    probe_x, probe_y = probe_x[order], probe_y[order]
-    seed_everything(cp.seed)  # the same initialisation for every run
-    model = model_from_profile(cp)
-    snaps = KernelSnapshots(probe_x, probe_y, config["snapshot_epochs"], kind=config["probe"]["kind"],
-                            ae=config["ae"], eps=cp.eps, alpha=cp.pgd_alpha, steps=cp.pgd_steps)
-    clock = CPUClock()
-    with _epoch_bar(progress, kw["epochs"], f"{kw['strategy']} ({kw['lr_schedule']})") as bar:
-        history = train(model, train_set, **kw, callbacks=[clock.first, snaps, _Tick(bar), clock.last], device=device,
-                        checkpoint_dir=checkpoints, progress=False)
-    schedule = make_schedule(kw["lr_schedule"], lr=kw["lr"], epochs=kw["epochs"], milestones=kw["milestones"],
-                             gamma=kw["gamma"])
-    n_batches = -(-len(train_set) // kw["batch_size"])
-    kernels = {"epochs": snaps.snapshot_epochs, "clean": snaps.kernels("clean"),
-               "probe_clean_acc": snaps.probe_clean_acc, "probe_ae_acc": snaps.probe_ae_acc}
-    if config["ae"]:
-        kernels["ae"] = snaps.kernels("ae")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    refresh = _bn_refresh_kernel(model, train_set, kw["batch_size"], probe_x, device)
-    model.load_state_dict(state)
-    test = data.subset(test_set, config["eval"]["n"], seed=cp.seed)
-    torch.manual_seed(cp.seed)
-    clean = evaluate.clean_accuracy(model, test, device=device)
-    robust = evaluate.worst_case_accuracy(model, test, eps=cp.eps, attacks=config["eval"]["attacks"],
-                                          alpha=cp.pgd_alpha, steps=config["eval"]["steps"], device=device)
-    return {"history": history.to_dict(), "kernels": kernels, "probe_y": probe_y,
-            "lr_time": [schedule.epoch_mean(e, n_batches) for e in range(kw["epochs"])],
-            "bn_refresh": refresh, "clean_acc": float(clean), "robust_acc": float(robust),
-            "training_time": history.training_time, "cpu_training_time": float(sum(clock.seconds)),
-            "cpu_epoch_seconds": list(clock.seconds), "state_dict": state,
-            "compute_seconds": time.perf_counter() - start, "kernel_seconds": history.measurement_time}
-
-
-class CPUClock:
-    """Process CPU seconds of the training part of every epoch, for runs on a shared CPU.
-
-    The history's times are wall seconds, which on a machine shared with other processes grow with
-    their load (on the book's 2-core machine a run with fewer adversarial epochs once took longer
-    than full PGD-AT). This clock measures ``time.process_time()`` from the end of one epoch's
-    measurements to the start of the next one's: the training (attack, update, and under
-    ``switch_epoch="auto"`` the switch's kernels, which the loop runs before the callbacks) plus the
-    loop's small overhead (shuffling, checkpoint writing). Pass ``clock.first`` as the first and
-    ``clock.last`` as the last callback. With one thread, CPU seconds are compute seconds; with
-    several, they add up over threads (compare runs made with the same number). Survives
-    checkpoints. Chapters 4 and 5.
-    """
-
-    def __init__(self):
-        self.seconds: list[float] = []
-        self._mark: float | None = None
-        self.first, self.last = _Hook(self, first=True), _Hook(self, first=False)
-
-
-class _Hook:
-    def __init__(self, clock: CPUClock, first: bool):
-        self.clock, self.is_first = clock, first
-
-    def on_train_begin(self, model, history):
-        if not self.is_first:
-            self.clock._mark = time.process_time()
-
-    def on_epoch_end(self, epoch, model, history):
-        if self.is_first:
-            self.clock.seconds.append(time.process_time() - self.clock._mark)
-        else:
-            self.clock._mark = time.process_time()
-
-    def state_dict(self):
-        return {"seconds": list(self.clock.seconds)} if self.is_first else None
-
-    def load_state_dict(self, state):
-        self.clock.seconds = [float(v) for v in state["seconds"]]
-
-
-class _Tick:
-    """A callback that ticks a progress bar once per epoch trained."""
-
-    def __init__(self, bar):
-        self.bar = bar
-
-    def on_epoch_end(self, epoch, model, history):
-        self.bar.update(1)
-
-
-def _epoch_bar(progress, total: int, desc: str):
-    """A bar over ``total`` epochs (a context manager): ``progress`` itself when it is a bar (not
-    closed here), a new tqdm.auto bar when it is true, a silent stand-in otherwise."""
-    import contextlib
-
-    if hasattr(progress, "update"):
-        return contextlib.nullcontext(progress)
-    return _progress.bar(progress, total=total, desc=desc)
-
-
-def kernel_runs(profile, specs, *, device=None, force: bool = False, progress=True, desc: str = "") -> list[dict]:
-    """:func:`kernel_run` for each dict of keyword arguments in ``specs``, with one progress bar
-    over all their epochs (runs loaded from the cache count as done). Chapters 4 and 5."""
-    results = []
-    with _progress.bar(progress, total=len(specs) * profile.epochs, desc=desc) as bar:
-        for i, spec in enumerate(specs):
-            results.append(kernel_run(profile, device=device, force=force, progress=bar, **spec))
-            bar.update((i + 1) * profile.epochs - bar.n)
-    return results
-
-
-def _bn_refresh_kernel(model, train_set, batch_size, probe_x, device):
-    """The trace NTK of the probe after one pass over the training data in train mode without any
-    update: the batch-norm running statistics move, the weights do not (the motion of the eval-mode
-    kernel that is not learning). Changes ``model``'s buffers."""
-    import torch
-
-    from ntklab import ntk
-
-    x = train_set.tensors[0]
-    model.train()
-    with torch.no_grad():
-        for idx in torch.arange(len(x)).split(batch_size):
-            model(x[idx].to(device))
-    model.eval()
-    return ntk.empirical_ntk(model, probe_x.to(device), kind="trace").cpu()
+    def run_specs(self) -> list[tuple[str, str, bool]]:
+        """``(strategy, schedule, ae)`` of every run, in order: each strategy under the step
+        schedule, then the controls under the other schedules."""
+        specs = [(s, self.schedules[0], s != "normal") for s in self.strategies]
+        return specs + [(s, sched, False) for sched in self.schedules[1:] for s in self.controls]
 
 
 def make_config(profile, strategies=STRATEGIES, controls=CONTROL_STRATEGIES) -> dict:
     """Everything the result depends on (the cache key): the chapter profile and the runs."""
-    cp = chapter_profile(profile)
-    runs = [run_config(cp, s, "multistep", s != "normal") for s in strategies]
-    runs += [run_config(cp, s, sched, False) for sched in SCHEDULES[1:] for s in controls]
-    return {"profile": cp.to_dict(), "strategies": list(strategies), "controls": list(controls), "runs": runs}
+    st = Settings.for_profile(profile, strategies, controls)
+    return {"profile": st.profile.to_dict(), "strategies": list(st.strategies), "controls": list(st.controls),
+            "runs": [run_config(st.profile, s, sched, ae) for s, sched, ae in st.run_specs()]}
 
 
 @register(NAME, "normal, FGSM-RS, PGD and TRADES training under a step schedule, normal training "
@@ -267,20 +91,198 @@ def run(profile, device=None, *, force: bool = False, progress: bool = True, str
         controls=CONTROL_STRATEGIES) -> dict:
     """Train the runs of chapter 4 under ``profile`` (see the module docstring for the result)."""
     config = make_config(profile, strategies, controls)
-    return cached(NAME, config, lambda: _compute(profile, config, device, force, progress), force=force)
+    st = Settings.for_profile(profile, strategies, controls)
+    return cached(NAME, config, lambda: _compute(st, config, device, force, progress), force=force)
 
 
-def _compute(profile, config, device, force, progress) -> dict:
-    cp = chapter_profile(profile)
-    out = {"strategies": list(config["strategies"]), "schedules": list(SCHEDULES), "config": config,
-           "runs": {s: {} for s in SCHEDULES}, "compute_seconds": 0.0, "kernel_seconds": 0.0}
-    todo = [(s, "multistep", s != "normal") for s in config["strategies"]]
-    todo += [(s, sched, False) for sched in SCHEDULES[1:] for s in config["controls"]]
-    results = kernel_runs(cp, [{"strategy": s, "schedule": sched, "ae": ae} for s, sched, ae in todo], device=device,
-                          force=force, progress=progress, desc=f"{NAME}: epochs of {len(todo)} runs")
+def _compute(st: Settings, config, device, force, progress) -> dict:
+    out = {"strategies": list(st.strategies), "schedules": list(st.schedules), "config": config,
+           "runs": {s: {} for s in st.schedules}, "compute_seconds": 0.0, "kernel_seconds": 0.0}
+    todo = st.run_specs()
+    results = kernel_runs(st.profile, [{"strategy": s, "schedule": sched, "ae": ae} for s, sched, ae in todo],
+                          device=device, force=force, progress=progress, desc=f"{NAME}: epochs of {len(todo)} runs")
     for (strategy, schedule, ae), res in zip(todo, results):
         out["runs"][schedule][strategy] = {k: v for k, v in res.items() if k != "state_dict"}
         out["compute_seconds"] += res["compute_seconds"]
         out["kernel_seconds"] += res["kernel_seconds"]
         out["probe_y"] = res["probe_y"]
     return out
+
+
+# ------------------------------------------------------------------ analysis
+def _index(ticks, epoch) -> int:
+    """The index of the first snapshot taken after ``epoch`` or later completed epochs."""
+    return next(i for i, t in enumerate(ticks) if t >= epoch)
+
+
+def _ratio(a, b) -> float:
+    return float(a) / float(b) if b else math.nan
+
+
+def _run_curves(run, ticks) -> dict:
+    """The per-run numbers of the chapter: velocities in both clocks (centred C-NTK), their phases,
+    the batch-norm floor, distances from initialisation, effective rank, accuracies and costs."""
+    K = run["kernels"]["clean"]
+    lr_clock = np.concatenate([[0.0], np.cumsum(run["lr_time"])])[ticks]
+    v = metrics.kernel_velocity(K, times=ticks, center=True)
+    v_lr = metrics.kernel_velocity(K, times=lr_clock, center=True)
+    from_init = [metrics.kernel_distance(K[0], k, center=True) for k in K]
+    from_init_u = [metrics.kernel_distance(K[0], k) for k in K]
+    phases = {"per_epoch": metrics.split_phases(v), "per_lr": metrics.split_phases(v_lr)}
+    return {"velocity": v.tolist(), "velocity_per_lr": v_lr.tolist(),
+            "phases_per_epoch": phases["per_epoch"], "phases_per_lr": phases["per_lr"],
+            "n_phases_per_epoch": len(phases["per_epoch"]), "n_phases_per_lr": len(phases["per_lr"]),
+            "floor": metrics.kernel_distance(K[-1], run["bn_refresh"], center=True),
+            "from_init": from_init, "from_init_uncentred": from_init_u,
+            "centring_ratio": _ratio(from_init[-1], from_init_u[-1]),
+            "effective_rank": [metrics.effective_rank(k, center=True) for k in K],
+            "lr_time": [float(x) for x in run["lr_time"]],
+            **{k: float(run[k]) for k in ("clean_acc", "robust_acc", "cpu_training_time", "training_time",
+                                          "kernel_seconds")}}
+
+
+def analyse(result: dict) -> dict:
+    """The numbers chapter 4 discusses, from a result of :func:`run`.
+
+    Velocities are of the centred trace C-NTK between consecutive snapshots, per epoch and per unit
+    of learning rate (:func:`ntklab.metrics.kernel_velocity` with the epochs, or the cumulative mean
+    learning rate, as times); velocity entry ``i`` covers snapshot ``i`` to ``i + 1`` (with a
+    snapshot after every epoch: epoch ``i``, 0-based). ``decay_index`` is the entry of the first
+    epoch after the first decay, ``before`` the (up to) three entries before it.
+
+    Returns a dict: ``epochs``, ``decays`` (epochs after which the rate decays), ``snapshot_epochs``,
+    ``strategies``, ``adversarial``; ``runs[schedule][strategy]`` (see ``_run_curves``: velocity
+    curves, phases, ``floor``, distances from initialisation, ``effective_rank``, accuracies, costs);
+    per strategy under the step schedule: ``lazy_onset`` (entry at which lazy training starts, or
+    ``None``), ``lazy_fall`` (first velocity / velocity there), ``slower`` (largest velocity per epoch
+    after the first decay / median before), ``burst`` (velocity per unit of lr in the first epoch after
+    the decay / median before), ``velocity_after_decay`` and ``floor`` (the per-epoch velocity there
+    and the batch-norm floor), ``lazy_path`` (KD from epoch 1 to the first decay), ``after_decay``
+    (KD from the first decay to the end), ``effective_rank_init``/``_decay``/``_end``, ``pairwise``
+    (KD between every pair of snapshots), ``polar`` (radius, angle); per adversarial strategy:
+    ``cross``/``cross_uncentred`` (KD to normal training's kernel at every snapshot), ``apart`` (that
+    distance at the end / at the first decay), ``clean_vs_ae`` (KD between its C-NTK and AE-NTK);
+    ``relearn_per_epoch``/``relearn_per_lr`` (strategies with kernel learning again after the first
+    decay) and their counts; the controls: ``constant_rise``, ``cosine_late_epochs``,
+    ``step_velocity_after_second_decay``; costs: ``compute_seconds``, ``kernel_share``, ``n_runs``.
+    """
+    profile = result["config"]["profile"]
+    epochs, decays = int(profile["epochs"]), [int(m) for m in profile["lr_milestones"]]
+    names = list(result["strategies"])
+    adversarial = [s for s in names if s != "normal"]
+    step = result["runs"]["multistep"]
+    ticks = [int(t) for t in step[names[0]]["kernels"]["epochs"]]
+    d = _index(ticks, decays[0] if decays else epochs // 2)
+    before = slice(max(0, d - 3), d)
+    runs = {sched: {s: _run_curves(r, ticks) for s, r in group.items()} for sched, group in result["runs"].items()}
+    a = {"epochs": epochs, "decays": decays, "first_decay": ticks[d], "decay_index": d,
+         "snapshot_epochs": ticks, "velocity_epochs": ticks[1:], "strategies": names, "adversarial": adversarial,
+         "runs": runs}
+    for key in ("lazy_onset", "lazy_fall", "slower", "burst", "velocity_after_decay", "floor", "lazy_path",
+                "after_decay", "effective_rank_init", "effective_rank_decay", "effective_rank_end", "pairwise", "polar",
+                "cross", "cross_uncentred", "clean_vs_ae", "apart"):
+        a[key] = {}
+    for s in names:
+        c, K = runs["multistep"][s], step[s]["kernels"]["clean"]
+        v, v_lr = np.asarray(c["velocity"]), np.asarray(c["velocity_per_lr"])
+        onset = metrics.lazy_onset(v)
+        a["lazy_onset"][s] = onset
+        a["lazy_fall"][s] = _ratio(v[0], v[onset]) if onset is not None else math.nan
+        a["slower"][s] = float(v[d:].max() / np.median(v[before]))
+        a["burst"][s] = float(v_lr[d] / np.median(v_lr[before]))
+        a["velocity_after_decay"][s] = float(v[d])
+        a["floor"][s] = c["floor"]
+        a["lazy_path"][s] = metrics.kernel_distance(K[1], K[d], center=True)
+        a["after_decay"][s] = metrics.kernel_distance(K[d], K[-1], center=True)
+        er = c["effective_rank"]
+        a["effective_rank_init"][s], a["effective_rank_decay"][s], a["effective_rank_end"][s] = er[0], er[d], er[-1]
+        a["pairwise"][s] = [[metrics.kernel_distance(x, y, center=True) for y in K] for x in K]
+        radius, angle = metrics.polar_dynamics(K, center=True)
+        a["polar"][s] = {"radius": np.asarray(radius).tolist(), "angle": np.asarray(angle).tolist()}
+    for s in adversarial:
+        pairs = list(zip(step["normal"]["kernels"]["clean"], step[s]["kernels"]["clean"]))
+        a["cross"][s] = [metrics.kernel_distance(x, y, center=True) for x, y in pairs]
+        a["cross_uncentred"][s] = [metrics.kernel_distance(x, y) for x, y in pairs]
+        a["clean_vs_ae"][s] = [metrics.kernel_distance(x, y, center=True)
+                               for x, y in zip(step[s]["kernels"]["clean"], step[s]["kernels"]["ae"])]
+        a["apart"][s] = _ratio(a["cross"][s][-1], a["cross"][s][d])
+    for clock in ("epoch", "lr"):
+        relearn = [s for s in names if any(p == metrics.PHASES[0] and start >= d
+                                           for p, start, _ in runs["multistep"][s][f"phases_per_{clock}"])]
+        a[f"relearn_per_{clock}"], a[f"n_relearn_per_{clock}"] = relearn, len(relearn)
+    a.update(_controls(result, runs, ticks, d, before, float(profile["lr"])))
+    n_runs = sum(len(g) for g in result["runs"].values())
+    a.update(compute_seconds=float(result["compute_seconds"]), kernel_seconds=float(result["kernel_seconds"]),
+             kernel_share=_ratio(result["kernel_seconds"], result["compute_seconds"]), n_runs=n_runs,
+             n_snapshots=len(ticks))
+    return a
+
+
+def _controls(result, runs, ticks, d, before, lr) -> dict:
+    """The numbers of the schedules without a step decay (NaN where a control was not run)."""
+    out = {"constant_rise": math.nan, "cosine_late_epochs": [], "step_velocity_after_second_decay": math.nan}
+    if "normal" in runs.get("constant", {}):
+        v_lr = np.asarray(runs["constant"]["normal"]["velocity_per_lr"])
+        out["constant_rise"] = float(v_lr[_index(ticks, ticks[-1] // 2):].max() / np.median(v_lr[before]))
+    if "normal" in runs.get("cosine", {}):
+        lr_time = result["runs"]["cosine"]["normal"]["lr_time"]
+        out["cosine_late_epochs"] = [t + 1 for t, x in enumerate(lr_time) if x < 0.02 * lr]
+    if "normal" in runs["multistep"]:
+        decays = result["config"]["profile"]["lr_milestones"]
+        v = np.asarray(runs["multistep"]["normal"]["velocity"])
+        out["step_velocity_after_second_decay"] = float(v[_index(ticks, decays[-1]):].mean()) if decays else math.nan
+    return out
+
+
+# ------------------------------------------------------------------ claims
+def claims(analysis: dict, profile) -> list[Claim]:
+    """The claims of chapter 4 on the output of :func:`analyse`, numbered as in the chapter; asserted
+    under ``quick`` (the thresholds were written for its numbers), shown under every profile. Each
+    combines one comparison per strategy (or run) with :func:`ntklab.claims.all_of`."""
+    a, names, adversarial = analysis, analysis["strategies"], analysis["adversarial"]
+
+    def per(label, values, op, threshold, parts_of):
+        thresholds = threshold if isinstance(threshold, dict) else {s: threshold for s in parts_of}
+        return [compare(f"{s}{label}", "", math.nan if values[s] is None else values[s], op, thresholds[s])
+                for s in parts_of]
+
+    const = a["runs"].get("constant", {}).get("normal", {})
+    cosine = a["runs"].get("cosine", {}).get("normal", {})
+    centring = {f"{sched}/{s}": r["centring_ratio"] for sched, group in a["runs"].items() for s, r in group.items()}
+    return [
+        all_of("lazy_early", "Kernel learning, then lazy training: each strategy's centred velocity falls 5x below "
+               "its first epoch's within the first quarter of the epochs (the epoch index, 0-based, at which it does).",
+               per("", a["lazy_onset"], "<", a["epochs"] // 4, names)),
+        all_of("slower_after_decay", "Per epoch, the decays start no third phase: after the first decay every "
+               "strategy's kernel moves more slowly than in the three epochs before it (largest velocity after / "
+               "median before).", per("", a["slower"], "<", 1, names)),
+        all_of("burst_per_lr", "Per unit of learning rate, the first decay is a burst: every strategy's velocity in "
+               "the first epoch after it is at least twice its median over the three epochs before (burst), and at "
+               "least 3x the motion that refreshing the batch-norm statistics alone causes (velocity; floor).",
+               per(" burst", a["burst"], ">=", 2, names)
+               + per(" velocity", a["velocity_after_decay"], ">=", {s: 3 * a["floor"][s] for s in names}, names)),
+        all_of("no_burst_without_step", "Without a step decay there is no burst: under a constant rate normal "
+               "training's velocity per unit of learning rate in the second half stays below twice its median over "
+               "the three epochs before the first decay (rise), with two phases; under the cosine schedule it has "
+               "two phases per epoch, kernel learning then lazy training.",
+               [compare("constant rise", "", a["constant_rise"], "<", 2),
+                compare("constant phases", "", const.get("n_phases_per_lr", math.nan), "==", 2),
+                compare("cosine phases", "", cosine.get("n_phases_per_epoch", math.nan), "==", 2)]),
+        all_of("no_drawing_apart", "The strategies' kernels do not draw apart after the decay: the centred distance "
+               "between normal training's kernel and each adversarial strategy's changes by less than 25% between the "
+               "first decay and the end (apart: end / decay), and each strategy's kernel moves less from the decay to "
+               "the end than half of what it moved from epoch 1 to the decay (KD after the decay).",
+               [p for s in adversarial for p in (compare(f"{s} apart", "", a["apart"][s], ">", 0.75),
+                                                 compare(f"{s} apart", "", a["apart"][s], "<", 1.25))]
+               + per(" after", a["after_decay"], "<", {s: 0.5 * a["lazy_path"][s] for s in names}, names)),
+        all_of("centring_matters", "Centring matters: in every run the centred kernel moves farther from its "
+               "initialisation than the uncentred one (centred / uncentred distance at the end).",
+               per("", centring, ">", 1, list(centring))),
+        all_of("adversarial_concentrates", "Adversarial training concentrates the kernel: at the end each "
+               "adversarial strategy's centred C-NTK has a smaller effective rank than normal training's (rank); and "
+               "the AE-NTK converges to the C-NTK: their centred distance is less than half of what it was at "
+               "initialisation (KD).",
+               per(" rank", a["effective_rank_end"], "<", a["effective_rank_end"].get("normal", math.nan), adversarial)
+               + per(" KD", {s: a["clean_vs_ae"][s][-1] for s in adversarial}, "<",
+                     {s: 0.5 * a["clean_vs_ae"][s][0] for s in adversarial}, adversarial)),
+    ]
