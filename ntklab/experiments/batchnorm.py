@@ -62,7 +62,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from ntklab.experiments import cached, data_from_profile, model_from_profile, register, trained_model
+from ntklab.experiments import RunContext, data_from_profile, experiment, model_from_profile, trained_model
 
 __all__ = ["run", "make_config", "Settings", "model_profile", "train_overrides", "analyse", "claims",
            "gradient_split", "gradient_shares", "accuracy_row", "accuracy_table", "NAME", "STRATEGIES",
@@ -147,14 +147,12 @@ def make_config(profile) -> dict:
             "attacks": ["fgsm", "pgd"], "autoattack": "fast", "kernel": "full"}
 
 
-@register(NAME, "normal and PGD training with and without BN running statistics: accuracies over test "
-                "batch sizes, compositions and crafting modes, AutoAttack, KS of C-NTK and AE-NTK (chapter 3)")
-def run(profile, device=None, *, force: bool = False, progress: bool = True) -> dict:
+@experiment(NAME, "normal and PGD training with and without BN running statistics: accuracies over test "
+                  "batch sizes, compositions and crafting modes, AutoAttack, KS of C-NTK and AE-NTK (chapter 3)",
+            make_config)
+def run(ctx: RunContext) -> dict:
     """Train (or load) the four models and evaluate them (see the module docstring for the result)."""
-    from ntklab.config import get_device
-
-    config = make_config(profile)
-    return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress), force=force)
+    return _compute(ctx.profile, ctx.config, ctx.device, ctx.progress)
 
 
 # ------------------------------------------------------------------------------------------ analysis and claims

@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass
 
 from ntklab.claims import Claim, compare
-from ntklab.experiments import cached, checkpoint_dir, data_from_profile, model_from_profile, register
+from ntklab.experiments import RunContext, data_from_profile, experiment, model_from_profile
 
 __all__ = ["run", "make_config", "Settings", "analyse", "claims", "NAME", "CELLS"]
 
@@ -118,9 +118,10 @@ def make_config(profile) -> dict:
             "weight_decay": 0.0, "clean_update": True, "centered": True, "cells": list(CELLS)}
 
 
-@register(NAME, "two-phase training: kernels frozen at fractional epochs of benign or adversarial "
-                "training, centred linearised models trained on them benignly or adversarially (chapter 8)")
-def run(profile, device=None, *, force: bool = False, progress: bool = True) -> dict:
+@experiment(NAME, "two-phase training: kernels frozen at fractional epochs of benign or adversarial "
+                  "training, centred linearised models trained on them benignly or adversarially (chapter 8)",
+            make_config)
+def run(ctx: RunContext) -> dict:
     """Run the chapter 8 experiment under ``profile`` (see the module docstring).
 
     Returns a dict: ``config``; ``times`` (requested) and ``actual_times[p1]`` (batch-rounded);
@@ -131,12 +132,7 @@ def run(profile, device=None, *, force: bool = False, progress: bool = True) -> 
     FGSM/PGD worst case on the same ``n`` images); ``aa_state``: the state dict of the AA linearised model at the
     last t (for the chapter's explorer); ``compute_seconds``.
     """
-    from ntklab.config import get_device
-
-    config = make_config(profile)
-    checkpoints = checkpoint_dir(NAME, config)
-    return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress, checkpoints),
-                  force=force)
+    return _compute(ctx.profile, ctx.config, ctx.device, ctx.progress, ctx.checkpoints)
 
 
 def analyse(result: dict) -> dict:

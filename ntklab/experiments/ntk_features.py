@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 from ntklab import _progress
 from ntklab.claims import Claim, all_of, compare
-from ntklab.experiments import cached, data_from_profile, register
+from ntklab.experiments import RunContext, data_from_profile, experiment
 
 __all__ = ["run", "make_config", "Settings", "pair_data", "analyse", "claims", "NAME"]
 
@@ -145,9 +145,10 @@ def pair_data(profile, classes=None, kernel_fraction: float = 0.75) -> dict:
     return {"kernel": (x[first], y[first]), "val": (x[rest], y[rest]), "test": out["test"]}
 
 
-@register(NAME, "closed-form NTK of two-layer nets, training-free kernel attacks transferred to nets "
-                "of growing width, eigen-features by usefulness and robustness (chapter 7)")
-def run(profile, device=None, *, force: bool = False, progress: bool = True) -> dict:
+@experiment(NAME, "closed-form NTK of two-layer nets, training-free kernel attacks transferred to nets "
+                  "of growing width, eigen-features by usefulness and robustness (chapter 7)",
+            make_config)
+def run(ctx: RunContext) -> dict:
     """Run the chapter 7 experiment under ``profile`` (see the module docstring).
 
     Returns a dict with ``config``; ``lr``; ``kernel_widths`` and ``kernel_rel_error`` (per width);
@@ -161,10 +162,7 @@ def run(profile, device=None, *, force: bool = False, progress: bool = True) -> 
     "grad_images", "grad_image_x", "ks", "robust_first", "useful_first", "full"}``;
     ``compute_seconds``.
     """
-    from ntklab.config import get_device
-
-    config = make_config(profile)
-    return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress), force=force)
+    return _compute(ctx.profile, ctx.config, ctx.device, ctx.progress)
 
 
 # ------------------------------------------------------------------ analysis and claims

@@ -69,8 +69,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from ntklab.experiments import (cached, data_from_profile, model_from_profile, register, result_path,
-                                train_kwargs)
+from ntklab.experiments import RunContext, data_from_profile, experiment, model_from_profile, train_kwargs
 
 __all__ = ["run", "make_config", "collapse_epoch", "noise_starts", "noise_statistics", "analyse", "claims",
            "Settings", "METHODS", "KERNEL_METHODS", "NOISES", "LABELS", "NAME"]
@@ -216,18 +215,13 @@ def collapse_epoch(history: dict, *, floor: float = 0.1, min_train_acc: float = 
     return None
 
 
-@register(NAME, "catastrophic overfitting of FGSM-AT, the NTK spectrum around it, and isotropic "
-                "against anisotropic noise (chapter 6)")
-def run(profile, device=None, *, force: bool = False, progress: bool = True, methods=METHODS,
-        n_seeds: int | None = None, grid_eps=None) -> dict:
+@experiment(NAME, "catastrophic overfitting of FGSM-AT, the NTK spectrum around it, and isotropic "
+                  "against anisotropic noise (chapter 6)",
+            make_config)
+def run(ctx: RunContext) -> dict:
     """Train and evaluate everything under ``profile`` (see the module docstring for the result);
     ``methods``, ``n_seeds`` and ``grid_eps`` as in :func:`make_config`."""
-    from ntklab.config import get_device
-
-    config = make_config(profile, methods, n_seeds=n_seeds, grid_eps=grid_eps)
-    checkpoints = result_path(NAME, config).with_suffix(".checkpoints")
-    return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress, checkpoints),
-                  force=force)
+    return _compute(ctx.profile, ctx.config, ctx.device, ctx.progress, ctx.checkpoints)
 
 
 class _HeldOutAccuracy:

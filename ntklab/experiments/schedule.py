@@ -47,7 +47,7 @@ import numpy as np
 from ntklab import metrics
 from ntklab.claims import Claim, all_of, compare
 from ntklab.config import Profile
-from ntklab.experiments import cached, register
+from ntklab.experiments import RunContext, experiment
 from ntklab.experiments.runs import chapter_profile, kernel_runs, run_config
 
 __all__ = ["run", "make_config", "analyse", "claims", "Settings", "TOLERANCE", "NAME"]
@@ -105,13 +105,12 @@ def make_config(profile) -> dict:
             "autoattack": {"attacks": list(st.autoattack_attacks), "n": st.autoattack_n, "seed": st.profile.seed}}
 
 
-@register(NAME, "normal training first, PGD-AT after a fixed or automatic switch epoch: time, clean, "
-                "worst-case and AutoAttack accuracy, final kernels (chapter 5)")
-def run(profile, device=None, *, force: bool = False, progress: bool = True) -> dict:
+@experiment(NAME, "normal training first, PGD-AT after a fixed or automatic switch epoch: time, clean, "
+                  "worst-case and AutoAttack accuracy, final kernels (chapter 5)",
+            make_config)
+def run(ctx: RunContext) -> dict:
     """Train the runs of chapter 5 under ``profile`` (see the module docstring for the result)."""
-    config = make_config(profile)
-    return cached(NAME, config, lambda: _compute(Settings.for_profile(profile), config, device, force, progress),
-                  force=force)
+    return _compute(Settings.for_profile(ctx.profile), ctx.config, ctx.device, ctx.force, ctx.progress)
 
 
 def _compute(st: Settings, config, device, force, progress) -> dict:

@@ -41,7 +41,7 @@ import numpy as np
 from ntklab import metrics
 from ntklab.claims import Claim, all_of, compare
 from ntklab.config import Profile
-from ntklab.experiments import cached, register
+from ntklab.experiments import RunContext, experiment
 # RUNS_ENTRY, chapter_profile and run_config are imported for older callers; they live in runs
 from ntklab.experiments.runs import RUNS_ENTRY, chapter_profile, kernel_runs, run_config  # noqa: F401
 
@@ -85,14 +85,14 @@ def make_config(profile, strategies=STRATEGIES, controls=CONTROL_STRATEGIES) -> 
             "runs": [run_config(st.profile, s, sched, ae) for s, sched, ae in st.run_specs()]}
 
 
-@register(NAME, "normal, FGSM-RS, PGD and TRADES training under a step schedule, normal training "
-                "under cosine and constant rates: the trace C-NTK/AE-NTK after every epoch (chapter 4)")
-def run(profile, device=None, *, force: bool = False, progress: bool = True, strategies=STRATEGIES,
-        controls=CONTROL_STRATEGIES) -> dict:
-    """Train the runs of chapter 4 under ``profile`` (see the module docstring for the result)."""
-    config = make_config(profile, strategies, controls)
-    st = Settings.for_profile(profile, strategies, controls)
-    return cached(NAME, config, lambda: _compute(st, config, device, force, progress), force=force)
+@experiment(NAME, "normal, FGSM-RS, PGD and TRADES training under a step schedule, normal training "
+                  "under cosine and constant rates: the trace C-NTK/AE-NTK after every epoch (chapter 4)",
+            make_config)
+def run(ctx: RunContext) -> dict:
+    """Train the runs of chapter 4 under ``profile`` (see the module docstring for the result);
+    ``strategies`` and ``controls`` as in :func:`make_config`."""
+    st = Settings.for_profile(ctx.profile, ctx.config["strategies"], ctx.config["controls"])
+    return _compute(st, ctx.config, ctx.device, ctx.force, ctx.progress)
 
 
 def _compute(st: Settings, config, device, force, progress) -> dict:

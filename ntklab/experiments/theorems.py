@@ -76,8 +76,8 @@ import torch.nn.functional as F
 
 from ntklab import _progress, attacks, data, evaluate
 from ntklab.claims import all_of, compare
-from ntklab.config import get_device, seed_everything
-from ntklab.experiments import cached, data_from_profile, model_from_profile, register, trained_model
+from ntklab.config import seed_everything
+from ntklab.experiments import RunContext, data_from_profile, experiment, model_from_profile, trained_model
 from ntklab.models import bn_batch_statistics, bn_dataset_statistics, bn_layers, bn_statistics_gap, \
     using_bn_statistics
 from ntklab.ntk import empirical_ntk
@@ -169,12 +169,12 @@ def make_config(profile) -> dict:
             "batch_sizes": sizes, "slope_points": SLOPE_POINTS, "kernel1": "full", "kernel2": "trace"}
 
 
-@register(NAME, "Theorem 1 (NTK under sign perturbations) and Theorem 2 (BN statistics and the NTK) "
-                "checked numerically (chapter 2)")
-def run(profile, device=None, *, force: bool = False, progress: bool = True) -> dict:
+@experiment(NAME, "Theorem 1 (NTK under sign perturbations) and Theorem 2 (BN statistics and the NTK) "
+                  "checked numerically (chapter 2)",
+            make_config)
+def run(ctx: RunContext) -> dict:
     """Both checks under ``profile`` (see the module docstring for the result)."""
-    config = make_config(profile)
-    return cached(NAME, config, lambda: _compute(profile, config, get_device(device), progress), force=force)
+    return _compute(ctx.profile, ctx.config, ctx.device, ctx.progress)
 
 
 def _compute(profile, config, device, progress) -> dict:
