@@ -33,12 +33,13 @@ resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`; tim
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -331,28 +332,33 @@ def _plain(obj):
 
 # ------------------------------------------------------------------ random streams
 def stream_seed(seed: int, stream: str, *, index: int = 0, epoch: int = 0, batch: int = 0) -> int:
-    """The seed of one named random stream of a run: a 64-bit hash (``numpy.random.SeedSequence``)
-    of ``(seed, stream, index, epoch, batch)``, so that streams of different consumers, epochs or
-    batches cannot collide (unlike seeds made by adding offsets).
+    """The seed of one named random stream of a run: a 64-bit hash (BLAKE2b) of the fixed-length key
+    ``(seed, stream, index, epoch, batch)``, so that the streams of different consumers, epochs or
+    batches cannot collide (unlike seeds made by adding offsets, which did).
 
     stream: one of :data:`STREAMS`: ``"shuffle"`` (the order of each epoch's batches), ``"attack"``
     (everything random in a batch's training step: the attacks' random starts, dropout),
-    ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index``; its
-    ``on_batch_end`` after batch b uses ``batch=b + 1``, its other hooks ``batch=0``).
-    epoch: 0-based; -1 before the first epoch (``on_train_begin``). batch: >= 0.
+    ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index`` in the
+    list the loop runs; its ``on_batch_end`` after batch b uses ``batch=b + 1``, its other hooks
+    ``batch=0``). epoch: 0-based; -1 before the first epoch (``on_train_begin``) and ``epochs``
+    after the last (``on_train_end``). batch: >= 0.
     """
     if stream not in STREAMS:
         raise ValueError(f"unknown random stream {stream!r}; the streams are {', '.join(STREAMS)}")
     if min(index, epoch + 1, batch) < 0:
         raise ValueError(f"index, epoch + 1 and batch must be >= 0, got {index}, {epoch + 1}, {batch}")
-    # a key of fixed length: SeedSequence gives [a] and [a, 0] the same state
-    key = [int(seed), STREAMS.index(stream), int(index), int(epoch) + 1, int(batch)]
-    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+    key = struct.pack("<Q4q", int(seed), STREAMS.index(stream), int(index), int(epoch) + 1, int(batch))
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8, person=b"ntklab.stream").digest(), "little")
 
 
-def _seed(seed: int, stream: str, **key) -> None:
-    """Seed torch's global random state (CPU and every GPU) with one stream."""
-    torch.manual_seed(stream_seed(seed, stream, **key))
+def _seed(run: "_Run", stream: str, **key) -> None:
+    """Seed torch's random state on the CPU and on the run's GPU with one stream (the generators of
+    the device only: ``torch.manual_seed`` would visit every backend, about 1 ms a call)."""
+    seed = stream_seed(run.config.seed, stream, **key)
+    torch.default_generator.manual_seed(seed)
+    if run.device.type == "cuda":
+        index = run.device.index if run.device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 # ------------------------------------------------------------------ attacks and steps
@@ -585,7 +591,7 @@ def train(model: nn.Module, train_set, config: TrainConfig | None = None, *, eva
                 break
     history.finished = True
     for i, cb in enumerate(run.callbacks):
-        _seed(config.seed, "callback", index=i, epoch=config.epochs)
+        _seed(run, "callback", index=i, epoch=config.epochs)
         _call(cb, "on_train_end", model, history)
     model.eval()
     return history
@@ -675,7 +681,7 @@ def _train_epoch(run: _Run, strategy: str, epoch: int, history: History, bar):
                 group["lr"] = run.schedule(epoch, b, len(batches))
         xb = run.x[idx].to(run.device, non_blocking=True)
         yb = run.y[idx].to(run.device, non_blocking=True)
-        _seed(cfg.seed, "attack", epoch=epoch, batch=b)
+        _seed(run, "attack", epoch=epoch, batch=b)
         loss, logits = _train_step(run, strategy, xb, yb)
         loss_sum += loss * len(idx)
         if logits is not None:
@@ -722,7 +728,7 @@ def _train_begin(run: _Run, history: History) -> None:
     """Every callback's ``on_train_begin``; the time of those that are part of training falls in the
     first epoch's ``time_switch`` (their kernel at initialisation), the others' in ``time_begin``."""
     for i, cb in enumerate(run.callbacks):
-        _seed(run.config.seed, "callback", index=i, epoch=-1)
+        _seed(run, "callback", index=i, epoch=-1)
         with run.clock.interval("switch" if _clock_name(cb) == "switch" else "begin"):
             _call(cb, "on_train_begin", run.model, history)
     wall, cpu = run.clock.collect("begin").get("begin", (0.0, 0.0))
@@ -733,7 +739,7 @@ def _train_begin(run: _Run, history: History) -> None:
 def _batch_end(run: _Run, epoch: int, batch: int, num_batches: int, history: History) -> None:
     for i, cb in enumerate(run.callbacks):
         if callable(getattr(cb, "on_batch_end", None)):
-            _seed(run.config.seed, "callback", index=i, epoch=epoch, batch=batch + 1)
+            _seed(run, "callback", index=i, epoch=epoch, batch=batch + 1)
             with run.clock.interval(_clock_name(cb)):
                 cb.on_batch_end(epoch, batch, num_batches, run.model, history)
 
@@ -742,7 +748,7 @@ def _epoch_end(run: _Run, epoch: int, history: History) -> None:
     """Every callback's ``on_epoch_end`` (the epoch's row is in ``history``); then the times of the
     callbacks (per batch and per epoch) into that row."""
     for i, cb in enumerate(run.callbacks):
-        _seed(run.config.seed, "callback", index=i, epoch=epoch)
+        _seed(run, "callback", index=i, epoch=epoch)
         with run.clock.interval(_clock_name(cb)):
             _call(cb, "on_epoch_end", epoch, run.model, history)
     for key, value in _times(run.clock.collect("callbacks", "switch")).items():
@@ -760,7 +766,7 @@ def _times(totals: dict) -> dict:
 def _evaluate(run: _Run, epoch: int) -> dict:
     """Clean and PGD accuracy on the evaluation subset, from the epoch's ``"eval"`` stream."""
     cfg = run.config
-    _seed(cfg.seed, "eval", epoch=epoch)
+    _seed(run, "eval", epoch=epoch)
     with run.clock.interval("eval"), evaluating(run.model):
         clean = evaluate.clean_accuracy(run.model, run.eval_xy, device=run.device)
         robust = evaluate.pgd_accuracy(run.model, run.eval_xy, eps=cfg.eps if cfg.eval_eps is None else cfg.eval_eps,
