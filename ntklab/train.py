@@ -64,7 +64,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 #: keyed by the code that wrote them, so one of another format is a leftover, never a run to resume.
 CHECKPOINT_FORMAT = 2
 #: The named random streams (see :func:`stream_seed`).
-STREAMS = ("shuffle", "attack", "eval", "callback")
+STREAMS = ("attack", "eval", "callback")
 _CLOCKS = ("attack", "update", "eval", "callbacks", "switch")
 _TIME_KEYS = tuple(f"time_{name}" for name in _CLOCKS) + tuple(f"time_{name}_cpu" for name in _CLOCKS)
 
@@ -336,12 +336,17 @@ def stream_seed(seed: int, stream: str, *, index: int = 0, epoch: int = 0, batch
     ``(seed, stream, index, epoch, batch)``, so that the streams of different consumers, epochs or
     batches cannot collide (unlike seeds made by adding offsets, which did).
 
-    stream: one of :data:`STREAMS`: ``"shuffle"`` (the order of each epoch's batches), ``"attack"``
-    (everything random in a batch's training step: the attacks' random starts, dropout),
+    stream: one of :data:`STREAMS`: ``"attack"`` (everything random in a batch's training step:
+    the attacks' random starts, dropout),
     ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index`` in the
     list the loop runs; its ``on_batch_end`` after batch b uses ``batch=b + 1``, its other hooks
     ``batch=0``). epoch: 0-based; -1 before the first epoch (``on_train_begin``) and ``epochs``
     after the last (``on_train_end``). batch: >= 0.
+
+    The order of the batches has a stream of its own: a ``torch.Generator`` seeded with ``seed``
+    itself (not a hash, which no other stream's seed equals but with chance 2**-64), one permutation
+    per epoch, as before the streams were named, so that a run without random attacks (``"normal"``,
+    ``"fgsm"``) trains exactly as it did.
     """
     if stream not in STREAMS:
         raise ValueError(f"unknown random stream {stream!r}; the streams are {', '.join(STREAMS)}")
@@ -612,6 +617,7 @@ class _Run:
     callbacks: list
     clock: Clock
     device: torch.device
+    shuffle: torch.Generator  # the order of the batches: one permutation per epoch
     record: dict  # what a checkpoint must match: the config and the data's fingerprint
 
     @property
@@ -661,15 +667,15 @@ def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, dev
         cap = _switch_cap(config.switch_cap, config.epochs, getattr(schedule, "milestones", ()))
         callbacks = [AutoSwitch(probe, cap, threshold=config.switch_threshold,
                                 lr_of_epoch=lambda e: schedule.epoch_mean(e, n_batches)), *callbacks]
-    return _Run(config, model, opt, schedule, x, y, eval_xy, attack_kw, callbacks, Clock(device), device, record)
+    return _Run(config, model, opt, schedule, x, y, eval_xy, attack_kw, callbacks, Clock(device), device,
+                torch.Generator().manual_seed(config.seed), record)
 
 
 def _train_epoch(run: _Run, strategy: str, epoch: int, history: History, bar):
-    """One pass over the epoch's shuffle; returns (mean loss, train accuracy or None). No host sync
-    per batch. Every batch draws its random numbers from its own ``"attack"`` stream."""
+    """One pass over the epoch's permutation; returns (mean loss, train accuracy or None). No host
+    sync per batch. Every batch draws its random numbers from its own ``"attack"`` stream."""
     cfg, model, opt = run.config, run.model, run.opt
-    shuffle = torch.Generator().manual_seed(stream_seed(cfg.seed, "shuffle", epoch=epoch))
-    batches = torch.randperm(len(run.y), generator=shuffle).to(run.x.device).split(cfg.batch_size)
+    batches = torch.randperm(len(run.y), generator=run.shuffle).to(run.x.device).split(cfg.batch_size)
     for group in opt.param_groups:
         group["lr"] = run.schedule(epoch)
     model.train()
@@ -846,8 +852,8 @@ def _check_config(saved: dict, now: dict, where: Path) -> None:
 
 
 def _resume(path: Path, run: _Run) -> History:
-    """Load a checkpoint of this run into the model, optimiser and callbacks; its history. Nothing
-    random needs restoring: every epoch and batch seeds its own streams."""
+    """Load a checkpoint of this run into the model, optimiser and callbacks; its history. No random
+    state is saved: every batch seeds its own streams, and the shuffle stream is drawn again."""
     try:
         state = torch.load(path, map_location=run.device, weights_only=True)
     except Exception as err:
@@ -869,4 +875,7 @@ def _resume(path: Path, run: _Run) -> History:
                          f"{[s['name'] for s in saved]}, this call passes {[type(cb).__name__ for cb in stateful]}")
     for cb, s in zip(stateful, saved):
         cb.load_state_dict(s["state"])
-    return History.from_dict(state["history"])
+    history = History.from_dict(state["history"])
+    for _ in range(len(history)):  # the shuffle stream, past the epochs done
+        torch.randperm(len(run.y), generator=run.shuffle)
+    return history

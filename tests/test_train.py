@@ -380,21 +380,54 @@ def test_config_from_profile():
 # ---------------------------------------------------------------- random streams
 def test_random_streams_cannot_collide_over_cifar_sized_epochs():
     """Every consumer, epoch and batch has its own seed: 391 batches (CIFAR-10 at batch 128) and a
-    few epochs and callbacks. The old scheme, seed * 1_000_003 + epoch * 101 + salt with salt 3 + b
-    for the batch callbacks and 3 for AutoSwitch, fails the same count (the negative control)."""
+    few epochs and callbacks; the shuffle's generator is seeded with the seed itself. The old scheme,
+    seed * 1_000_003 + epoch * 101 + salt with salt 3 + b for the batch callbacks and 3 for
+    AutoSwitch, fails the same count (the negative control)."""
     epochs, batches, callbacks = range(-1, 4), range(392), range(4)
-    keys = [("shuffle", 0, e, 0) for e in epochs] + [("eval", 0, e, 0) for e in epochs]
-    keys += [("attack", 0, e, b) for e in epochs for b in batches]
+    keys = [("eval", 0, e, 0) for e in epochs] + [("attack", 0, e, b) for e in epochs for b in batches]
     keys += [("callback", i, e, b) for i in callbacks for e in epochs for b in batches]
     for seed in (0, 1):
-        seeds = [stream_seed(seed, s, index=i, epoch=e, batch=b) for s, i, e, b in keys]
-        assert len(set(seeds)) == len(keys) and all(0 <= x < 2**64 for x in seeds)
+        seeds = [stream_seed(seed, s, index=i, epoch=e, batch=b) for s, i, e, b in keys] + [seed]
+        assert len(set(seeds)) == len(keys) + 1 and all(0 <= x < 2**64 for x in seeds)
     assert stream_seed(0, "attack", epoch=1) != stream_seed(1, "attack", epoch=1)
     old = [0 * 1_000_003 + e * 101 + salt for e in epochs for salt in [1, 2, 3] + [3 + b for b in batches]]
     assert len(set(old)) < len(old)
-    assert set(STREAMS) == {"shuffle", "attack", "eval", "callback"}
+    assert set(STREAMS) == {"attack", "eval", "callback"}
     with pytest.raises(ValueError, match="unknown random stream"):
         stream_seed(0, "dropout")
+
+
+def test_the_attack_stream_is_per_batch(tiny, monkeypatch):
+    """The random start of every batch's attack comes from that batch's own stream."""
+    starts = []
+    real = ntklab.attacks.adversarial_examples
+
+    def attack(*args, **kw):  # the random state the attack starts from
+        starts.append(torch.get_rng_state())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ntklab.attacks, "adversarial_examples", attack)
+    fit(tiny[0], strategy="fgsm_rs", eps=0.1, epochs=2, batch_size=128, seed=5)
+    expected = [torch.Generator().manual_seed(stream_seed(5, "attack", epoch=e, batch=b)).get_state()
+                for e in range(2) for b in range(2)]
+    assert len(starts) == 4 and all(torch.equal(a, b) for a, b in zip(starts, expected))
+
+
+def test_normal_training_shuffles_as_before(tiny):
+    """The order of the batches is a generator seeded with the seed, one permutation per epoch: a
+    run without random attacks is the hand-written loop over those permutations."""
+    model, _ = fit(tiny[0], epochs=2, batch_size=64, lr=0.05, lr_schedule="constant", seed=7)
+    ref = cnn()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(7)
+    x, y = tiny[0].tensors
+    ref.train()
+    for _ in range(2):
+        for idx in torch.randperm(len(y), generator=gen).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+            opt.step()
+    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(model.parameters(), ref.parameters()))
 
 
 def test_callbacks_draw_from_their_own_streams(tiny):
