@@ -24,10 +24,10 @@ gradients.
 
 Every option of a run is a field of the frozen :class:`TrainConfig`; :func:`train` takes one (or its
 fields as keywords) and returns a :class:`History`. Random numbers come from named streams
-(:func:`stream_seed`): the shuffle of each epoch, the attack's random start of each batch, the
-evaluation and each callback draw from their own seeds, so no consumer shares another's numbers and
-measuring never changes the trajectory. With ``checkpoint_dir`` a run survives interruption and
-resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`; time is kept by
+(:func:`stream_seed`): the order of the batches, the attack's random start of each batch, the
+evaluation of each epoch and each callback draw from their own seeds, so no consumer shares
+another's numbers and measuring never changes the trajectory. With ``checkpoint_dir`` a run survives
+interruption and resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`; time is kept by
 :class:`ntklab.clock.Clock`. Introduced in chapter 1; the strategies are compared in chapter 4.
 """
 from __future__ import annotations
