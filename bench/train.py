@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import ntklab
 from ntklab.config import get_device
 from ntklab.models import SmallCNN
-from ntklab.train import train
+from ntklab.train import TrainConfig, train
 
 EPS, ALPHA = 0.3, 0.075
 
@@ -72,9 +72,9 @@ def main() -> None:
             if name == "bare":
                 runs[name].append(bare_normal_epoch(model, x, y, 128, device))
                 continue
-            extra = {"alpha": ALPHA, "steps": 10} if name == "pgd" else {}
-            h = train(model, data, strategy=name, epochs=1, batch_size=128, eps=EPS, device=device,
-                      seed=rep, progress=False, **extra)
+            config = TrainConfig(strategy=name, epochs=1, batch_size=128, eps=EPS, seed=rep,
+                                 **({"alpha": ALPHA, "steps": 10} if name == "pgd" else {}))
+            h = train(model, data, config, device=device, progress=False)
             runs[name].append(h.training_time)
         print(f"  repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in runs.items()))
     for label, pick in (("median", statistics.median), ("min", min)):

@@ -12,12 +12,15 @@ A callback is any object with some of the methods of :class:`Callback` (all opti
 * ``state_dict()`` / ``load_state_dict(state)``: what must survive a checkpoint (tensors and plain
   containers only, since checkpoints are loaded with ``weights_only=True``); ``None`` for no state.
 
-The loop (:func:`ntklab.train.train`) runs callbacks with the model on the training device and with
-a forked random state seeded from the run's seed and the epoch, so that taking measurements never
-changes the training trajectory. Their wall time is recorded apart
-from the training time. Introduced in chapter 4 (kernel snapshots) and chapter 6 (the check);
-:class:`AutoSwitch` (chapter 5) is the measurement behind ``train(..., switch_epoch="auto")``, whose
-time counts as training time.
+and one optional attribute, ``part_of_training``: ``True`` when the callback's time counts as
+training time (``History.time_switch``), not as measurement (``History.time_callbacks``).
+
+The loop (:func:`ntklab.train.train`) runs callbacks with the model on the training device; before
+each hook it seeds torch's random state from the callback's own named stream
+(:func:`ntklab.train.stream_seed`), and training seeds its own streams per batch, so that taking
+measurements never changes the training trajectory. Introduced in chapter 4 (kernel snapshots) and
+chapter 6 (the check); :class:`AutoSwitch` (chapter 5) is the measurement behind
+``train(..., switch_epoch="auto")``, an ordinary callback that is part of training.
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ log = logging.getLogger("ntklab.train")
 
 class Callback:
     """Base class with no-op hooks; subclass it or write any object with the same methods."""
+
+    #: whether the callback's time is training time (``History.time_switch``) or measurement
+    part_of_training = False
 
     def on_train_begin(self, model: nn.Module, history) -> None:
         pass
@@ -258,9 +264,13 @@ class AutoSwitch(Callback):
     lr_of_epoch: the mean learning rate of a 0-based epoch (default: ``history.lr`` of that epoch).
 
     Each measured epoch logs ``switch_velocity`` into the history; after the decision
-    ``switch_epoch`` is the chosen 0-based epoch (``None`` before). :func:`ntklab.train.train` builds
-    one for ``switch_epoch="auto"``, counts its time as training time and checkpoints its state.
+    ``switch_epoch`` (and ``history.switch_epoch``, from which the loop picks each epoch's strategy)
+    is the chosen 0-based epoch (``None`` before). :func:`ntklab.train.train` puts one first among
+    the callbacks for ``switch_epoch="auto"``; its time is training time (``part_of_training``) and
+    its state survives checkpoints like any callback's.
     """
+
+    part_of_training = True
 
     def __init__(self, probe_x: torch.Tensor, cap: int, *, threshold: float = 0.2,
                  lr_of_epoch=None, implementation: str = "auto"):
@@ -308,6 +318,7 @@ class AutoSwitch(Callback):
         self.velocities.append(velocity)
         history.log("switch_velocity", velocity)
         self.switch_epoch = self.decide(self.velocities, self.threshold, self.cap)
+        history.switch_epoch = self.switch_epoch
         if self.switch_epoch is not None:
             self._kernel = None  # no more measurements, nothing more to keep
 

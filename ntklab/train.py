@@ -1,6 +1,6 @@
 """One training loop for every strategy of the book, with schedules, callbacks, timing and resume.
 
-Strategies (``strategy=``), each a minimisation of the cross-entropy on the inputs named:
+Strategies (``TrainConfig.strategy``), each a minimisation of the cross-entropy on the inputs named:
 
 * ``"normal"``: clean inputs;
 * ``"fgsm"``: FGSM examples from the clean point, step eps (Goodfellow et al. 2015);
@@ -15,22 +15,27 @@ Strategies (``strategy=``), each a minimisation of the cross-entropy on the inpu
 ``switch_epoch=s`` trains normally for epochs 0..s-1 and with ``strategy`` from epoch s on: the
 cost-saving schedule that Li et al. derive from the "kernel learning, lazy training, kernel learning"
 evolution of the NTK (chapter 5). ``switch_epoch="auto"`` picks s during the run from the kernel
-velocity on a small probe set (:class:`ntklab.callbacks.AutoSwitch`), at the latest at a cap.
-``clean_update=True`` gives every adversarial batch an update on its clean inputs before the
-adversarial one, the rule of Loo et al.'s code (chapter 8). The optimiser is SGD with momentum and
-weight decay; the learning rate follows a :class:`LRSchedule`. Inputs are images in [0, 1]; the
-attacks come from :mod:`ntklab.attacks` and never touch parameter gradients.
+velocity on a small probe set (:class:`ntklab.callbacks.AutoSwitch`, an ordinary callback that the
+loop adds), at the latest at a cap. ``clean_update=True`` gives every adversarial batch an update on
+its clean inputs before the adversarial one, the rule of Loo et al.'s code (chapter 8). The
+optimiser is SGD with momentum and weight decay; the learning rate follows a :class:`LRSchedule`.
+Inputs are images in [0, 1]; the attacks come from :mod:`ntklab.attacks` and never touch parameter
+gradients.
 
-:func:`train` returns a :class:`History`; with ``checkpoint_dir`` a run survives interruption and
-resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`. Introduced in chapter 1;
-the strategies are compared in chapter 4.
+Every option of a run is a field of the frozen :class:`TrainConfig`; :func:`train` takes one (or its
+fields as keywords) and returns a :class:`History`. Random numbers come from named streams
+(:func:`stream_seed`): the order of the batches, the attack's random start of each batch, the
+evaluation of each epoch and each callback draw from their own seeds, so no consumer shares
+another's numbers and measuring never changes the trajectory. With ``checkpoint_dir`` a run survives
+interruption and resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`; time is kept by
+:class:`ntklab.clock.Clock`. Introduced in chapter 1; the strategies are compared in chapter 4.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import hashlib
 import math
-import time
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -40,20 +45,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ntklab import _checks, _progress
+from ntklab import _checks, _progress, attacks, evaluate
 from ntklab.callbacks import AutoSwitch, CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
+from ntklab.clock import Clock
 from ntklab.config import get_device
-from ntklab.data import as_tensors, describe_load_error, subset
+from ntklab.data import as_tensors, atomic_save, describe_load_error, subset
 
-__all__ = ["train", "History", "STRATEGIES", "SCHEDULES", "LRSchedule", "MultiStepLR", "CosineLR",
-           "ConstantLR", "make_schedule", "Callback", "KernelSnapshots",
-           "CatastrophicOverfittingDetector", "CHECKPOINT_NAME"]
+__all__ = ["train", "TrainConfig", "History", "STRATEGIES", "SCHEDULES", "STREAMS", "LRSchedule", "MultiStepLR",
+           "CosineLR", "ConstantLR", "make_schedule", "stream_seed", "attack_arguments", "extra_attack_arguments",
+           "sgd_step", "Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "CHECKPOINT_NAME",
+           "CHECKPOINT_FORMAT"]
 
 STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd", "trades")
 SCHEDULES = ("multistep", "cosine", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
-_FORMAT = 1
-_TIME_KEYS = ("time_attack", "time_update", "time_eval", "time_callbacks", "time_switch")
+#: The layout of ``checkpoint.pt``. A checkpoint of another format is refused (``ValueError`` saying
+#: to delete the folder) rather than read through compatibility branches: checkpoint folders are
+#: keyed by the code that wrote them, so one of another format is a leftover, never a run to resume.
+CHECKPOINT_FORMAT = 2
+#: The named random streams (see :func:`stream_seed`).
+STREAMS = ("attack", "eval", "callback")
+_CLOCKS = ("attack", "update", "eval", "callbacks", "switch")
+_TIME_KEYS = tuple(f"time_{name}" for name in _CLOCKS) + tuple(f"time_{name}_cpu" for name in _CLOCKS)
 
 
 # ------------------------------------------------------------------ learning-rate schedules
@@ -134,6 +147,276 @@ def make_schedule(lr_schedule, *, lr: float, epochs: int, milestones=(), gamma: 
                      f"or an LRSchedule object")
 
 
+# ------------------------------------------------------------------ configuration
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a training run, checked when the config is made (``ValueError`` naming the
+    field). Change fields with :meth:`replace` (``dataclasses.replace`` with a ``ValueError`` for an
+    unknown name); :meth:`to_dict` is the plain form written into checkpoints and cache keys.
+
+    strategy: one of :data:`STRATEGIES` (see the module docstring).
+    epochs: number of passes; each reshuffles with its own stream (:func:`stream_seed`). The last
+        batch may be smaller. Seed the model's initialisation yourself, before building it.
+    lr_schedule, lr, milestones, gamma: ``"multistep"`` (``lr`` times ``gamma`` at each of
+        ``milestones``, per epoch), ``"cosine"`` (per batch, to 0 at the end), ``"constant"``, or
+        an :class:`LRSchedule` (then ``lr``, ``milestones`` and ``gamma`` are not used).
+    momentum, weight_decay, batch_size: of the SGD optimiser.
+    eps, alpha, steps, beta, attack_bn_mode: the attack's L-inf radius (pixel scale), step size
+        (``None``: the attack's default; eps / 4 for PGD and TRADES), steps (``None``: 10 for PGD
+        and TRADES), the TRADES weight, and the BN mode during the attack ("eval" or "train").
+    attack_kwargs: further keyword arguments of the attack, passed at every batch to
+        :func:`ntklab.attacks.adversarial_examples` (not for ``"normal"`` and ``"trades"``), e.g.
+        ``{"low": 0.1}`` for ``"fgsm_aniso"``, ``{"noise": 0.3}`` for ``"n_fgsm"``, ``{"basis": B,
+        "scale": 0.5}`` for ``"fgsm_pca"``; tensors are moved to the device. ``"fgsm_pca"`` without
+        a ``"basis"`` uses :func:`ntklab.attacks.pca_noise_basis` of the training images, computed
+        once before the first epoch (chapter 6).
+    clean_update: in adversarial epochs, give every batch two updates: first on its clean inputs,
+        then on adversarial examples crafted against the updated model (the rule of Loo et al.'s
+        code, NeurIPS 2022: twice the updates of standard AT on a 50/50 clean/adversarial mix;
+        chapter 8). The loss and train accuracy recorded are those of the adversarial update.
+        Not with ``"trades"``, whose loss already has a clean term.
+    switch_epoch: train normally before this 0-based epoch and with ``strategy`` from it on;
+        ``"auto"``: switch once lazy training has begun (chapter 5, :class:`ntklab.callbacks.AutoSwitch`):
+        after each epoch the centred trace NTK of ``switch_probe`` class-balanced training images
+        (drawn with ``seed``) is taken, and training switches after the first epoch whose kernel
+        velocity per unit of learning rate is at most ``switch_threshold`` times the first epoch's,
+        at the latest at epoch ``switch_cap`` (default: the first milestone of a multistep
+        schedule, else ``epochs // 2``; at most ``epochs - 1``, so AT always gets an epoch). The
+        measurement's time counts as training time (``History.time_switch``); the chosen epoch is
+        ``History.switch_epoch``. ``switch_threshold``, ``switch_probe``, ``switch_cap`` are used
+        only with ``"auto"``.
+    eval_every, eval_size, eval_eps, eval_alpha, eval_steps: with an ``eval_set``, every
+        ``eval_every`` epochs (and after the last) clean and PGD-``eval_steps`` accuracy (radius
+        ``eval_eps``, default ``eps``) on a fixed class-balanced subset of ``eval_size`` examples.
+    seed: of every random stream of the run (the shuffles, the attacks' random starts, the
+        evaluation, the callbacks) and of the probe and evaluation subsets; in [0, 2**63).
+    """
+
+    strategy: str
+    epochs: int
+    lr_schedule: str | LRSchedule = "multistep"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: Sequence[int] = ()
+    gamma: float = 0.1
+    batch_size: int = 128
+    eps: float = 0.3
+    alpha: float | None = None
+    steps: int | None = None
+    beta: float = 6.0
+    attack_bn_mode: str = "eval"
+    attack_kwargs: dict | None = None
+    clean_update: bool = False
+    switch_epoch: int | str | None = None
+    switch_threshold: float = 0.2
+    switch_probe: int = 32
+    switch_cap: int | None = None
+    eval_every: int = 1
+    eval_size: int | None = 500
+    eval_eps: float | None = None
+    eval_alpha: float | None = None
+    eval_steps: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; valid strategies are: {', '.join(STRATEGIES)}")
+        _checks.count("epochs", self.epochs, minimum=0)
+        _checks.count("batch_size", self.batch_size)
+        if isinstance(self.milestones, (str, bytes)) or not hasattr(self.milestones, "__iter__"):
+            raise ValueError(f"milestones must be a sequence of epochs, got {self.milestones!r}")
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+        schedule = self.schedule()                                 # checks lr, gamma, milestones
+        for name in ("momentum", "weight_decay", "beta"):
+            _checks.number(name, getattr(self, name))
+        _checks.count("eval_every", self.eval_every, minimum=0)
+        _checks.count("eval_size", self.eval_size, allow_none=True)
+        _checks.number("eval_eps", self.eval_eps, allow_none=True)
+        _checks.number("eval_alpha", self.eval_alpha, positive=True, allow_none=True)
+        _checks.count("eval_steps", self.eval_steps)
+        if not 0 <= _checks.count("seed", self.seed, minimum=0) < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+        if self.clean_update not in (True, False):
+            raise ValueError(f"clean_update must be True or False, got {self.clean_update!r}")
+        if self.clean_update and self.strategy == "trades":
+            raise ValueError("clean_update does not apply to 'trades' (its loss already has a clean term)")
+        self._check_switch(schedule)
+        attack_arguments(self.strategy, self.eps, self.alpha, self.steps, self.attack_bn_mode)
+        _check_extra(self.strategy, self.attack_kwargs)
+
+    def _check_switch(self, schedule) -> None:
+        if self.auto_switch:
+            if not 0 < _checks.number("switch_threshold", self.switch_threshold) < 1:
+                raise ValueError(f"switch_threshold must be in (0, 1), got {self.switch_threshold!r}")
+            _checks.count("switch_probe", self.switch_probe, minimum=2)
+            _switch_cap(self.switch_cap, self.epochs, getattr(schedule, "milestones", ()))
+        elif isinstance(self.switch_epoch, (str, bool)):
+            raise ValueError(f"switch_epoch must be 'auto', None or an integer in [0, epochs={self.epochs}], "
+                             f"got {self.switch_epoch!r}")
+        elif self.switch_epoch is not None and not 0 <= _checks.count(
+                "switch_epoch", self.switch_epoch, minimum=0) <= self.epochs:
+            raise ValueError(f"switch_epoch must be in [0, epochs={self.epochs}], got {self.switch_epoch}")
+
+    @classmethod
+    def from_profile(cls, profile, strategy: str, **overrides) -> "TrainConfig":
+        """The config of ``strategy`` under a :class:`ntklab.config.Profile`: optimisation, schedule
+        (multistep at ``lr_milestones``), eps, the evaluation PGD and, for PGD and TRADES, the
+        profile's step size and steps (FGSM variants keep their own default step); then
+        ``overrides`` (fields of this class)."""
+        config = cls(strategy=strategy, epochs=profile.epochs, lr_schedule="multistep", lr=profile.lr,
+                     momentum=profile.momentum, weight_decay=profile.weight_decay,
+                     milestones=tuple(profile.lr_milestones), gamma=profile.lr_gamma,
+                     batch_size=profile.batch_size, eps=profile.eps, eval_size=profile.n_eval,
+                     eval_steps=profile.eval_pgd_steps, eval_alpha=profile.pgd_alpha, seed=profile.seed,
+                     **({"alpha": profile.pgd_alpha, "steps": profile.pgd_steps}
+                        if strategy in ("pgd", "trades") else {}))
+        return config.replace(**overrides)
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with some fields changed (checked again); an unknown field raises ``ValueError``."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(map(repr, unknown))}; "
+                             f"the options are the fields of ntklab.train.TrainConfig")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def to_dict(self) -> dict:
+        """``dataclasses.asdict`` in plain form: tuples as lists, an :class:`LRSchedule` as its
+        ``describe()``, a tensor in ``attack_kwargs`` as its shape and sum (checkpoints, cache keys)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(self.lr_schedule, LRSchedule):
+            d["lr_schedule"] = self.lr_schedule.describe()
+        if self.attack_kwargs is not None:
+            d["attack_kwargs"] = {k: {"tensor_shape": list(v.shape), "tensor_sum": float(v.detach().double().sum())}
+                                  if isinstance(v, torch.Tensor) else v for k, v in sorted(self.attack_kwargs.items())}
+        return _plain(d)
+
+    @property
+    def auto_switch(self) -> bool:
+        return isinstance(self.switch_epoch, str) and self.switch_epoch == "auto"
+
+    def schedule(self) -> LRSchedule:
+        """The learning rate of every epoch and batch (:func:`make_schedule`)."""
+        return make_schedule(self.lr_schedule, lr=self.lr, epochs=self.epochs, milestones=self.milestones,
+                             gamma=self.gamma)
+
+    def strategy_of(self, epoch: int, switch_epoch: int | None) -> str:
+        """The strategy of a 0-based epoch: ``"normal"`` before the switch (while undecided under
+        ``"auto"``, ``switch_epoch`` is ``None``), ``strategy`` otherwise."""
+        if self.switch_epoch is None or (switch_epoch is not None and epoch >= switch_epoch):
+            return self.strategy
+        return "normal"
+
+
+def _switch_cap(cap, epochs: int, milestones) -> int:
+    """The latest switch epoch of ``switch_epoch="auto"``: ``cap``, else the first milestone, else
+    half the epochs; checked to lie in [1, epochs - 1]."""
+    if cap is None:
+        cap = min(int(m) for m in milestones) if milestones else int(epochs) // 2
+        cap = min(max(cap, 1), int(epochs) - 1)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= int(epochs) - 1:
+        raise ValueError(f"switch_cap must be an integer in [1, epochs - 1 = {int(epochs) - 1}] "
+                         f"(switch_epoch='auto' needs epochs >= 2), got {cap!r}")
+    return cap
+
+
+def _plain(obj):
+    """Tuples to lists, recursively (configs compare the same before and after a checkpoint)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------ random streams
+def stream_seed(seed: int, stream: str, *, index: int = 0, epoch: int = 0, batch: int = 0) -> int:
+    """The seed of one named random stream of a run: a 64-bit hash (BLAKE2b) of the fixed-length key
+    ``(seed, stream, index, epoch, batch)``, so that the streams of different consumers, epochs or
+    batches cannot collide (unlike seeds made by adding offsets, which did).
+
+    stream: one of :data:`STREAMS`: ``"attack"`` (everything random in a batch's training step:
+    the attacks' random starts, dropout),
+    ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index`` in the
+    list the loop runs; its ``on_batch_end`` after batch b uses ``batch=b + 1``, its other hooks
+    ``batch=0``). epoch: 0-based; -1 before the first epoch (``on_train_begin``) and ``epochs``
+    after the last (``on_train_end``). batch: >= 0.
+
+    The order of the batches has a stream of its own: a ``torch.Generator`` seeded with ``seed``
+    itself (not a hash, which no other stream's seed equals but with chance 2**-64), one permutation
+    per epoch, as before the streams were named, so that a run without random attacks (``"normal"``,
+    ``"fgsm"``) trains exactly as it did.
+    """
+    if stream not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; the streams are {', '.join(STREAMS)}")
+    if min(index, epoch + 1, batch) < 0:
+        raise ValueError(f"index, epoch + 1 and batch must be >= 0, got {index}, {epoch + 1}, {batch}")
+    key = struct.pack("<Q4q", int(seed), STREAMS.index(stream), int(index), int(epoch) + 1, int(batch))
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8, person=b"ntklab.stream").digest(), "little")
+
+
+def _seed(run: "_Run", stream: str, **key) -> None:
+    """Seed torch's random state on the CPU and on the run's GPU with one stream (the generators of
+    the device only: ``torch.manual_seed`` would visit every backend, about 1 ms a call)."""
+    seed = stream_seed(run.config.seed, stream, **key)
+    torch.default_generator.manual_seed(seed)
+    if run.device.type == "cuda":
+        index = run.device.index if run.device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
+# ------------------------------------------------------------------ attacks and steps
+def attack_arguments(strategy: str, eps, alpha=None, steps=None, bn_mode: str = "eval") -> dict:
+    """The keyword arguments of the attack of ``strategy`` (checked; PGD and TRADES: step
+    ``eps / 4`` and 10 steps by default): ``{"eps", "alpha", "steps", "bn_mode"}``, for
+    :func:`ntklab.attacks.adversarial_examples` and :func:`ntklab.attacks.trades_loss`."""
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    eps = _checks.number("eps", eps)
+    _checks.number("alpha", alpha, positive=True, allow_none=True)
+    _checks.count("steps", steps, allow_none=True)
+    if strategy in ("pgd", "trades"):
+        alpha = eps / 4 if alpha is None and eps > 0 else alpha       # radius 0 needs no step
+        steps = 10 if steps is None else steps
+    elif steps not in (None, 1):
+        raise ValueError(f"{strategy!r} makes no multi-step attack: steps must be None or 1, got {steps!r}")
+    if strategy == "fgsm" and alpha is not None:
+        raise ValueError("'fgsm' takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' for another step")
+    return {"eps": eps, "alpha": alpha, "steps": steps, "bn_mode": bn_mode}
+
+
+def _check_extra(strategy: str, attack_kwargs) -> None:
+    if attack_kwargs is not None and not isinstance(attack_kwargs, dict):
+        raise ValueError(f"attack_kwargs must be a dict or None, got {attack_kwargs!r}")
+    if attack_kwargs and strategy in ("normal", "trades"):
+        raise ValueError(f"attack_kwargs is for the attacks of the single-step strategies and 'pgd', "
+                         f"not for {strategy!r}")
+    taken = sorted(set(attack_kwargs or {}) & {"eps", "alpha", "steps", "bn_mode", "beta"})
+    if taken:
+        raise ValueError(f"attack_kwargs must not hold {taken}: they are arguments of train itself")
+
+
+def extra_attack_arguments(strategy: str, attack_kwargs, x: torch.Tensor, device) -> dict:
+    """``attack_kwargs`` checked, its tensors on ``device``; for ``"fgsm_pca"`` without a basis, the
+    basis of the training images ``x`` (:func:`ntklab.attacks.pca_noise_basis`)."""
+    _check_extra(strategy, attack_kwargs)
+    extra = dict(attack_kwargs or {})
+    if strategy == "fgsm_pca" and extra.get("basis") is None:
+        extra["basis"] = attacks.pca_noise_basis(x)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+
+
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor):
+    """One update on the cross-entropy of ``model`` on (xb, yb); returns (loss, logits), detached."""
+    logits = model(xb)
+    loss = F.cross_entropy(logits, yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
 # ------------------------------------------------------------------ history
 @dataclass
 class History:
@@ -143,15 +426,17 @@ class History:
     lr: the learning rate at the epoch's first batch; loss: mean training loss; train_acc: accuracy
     on the inputs the update saw (the adversarial examples under AT; ``None`` for TRADES, whose
     loss hides its logits); clean_acc, pgd_acc: on the fixed evaluation subset (``None`` when not
-    evaluated that epoch); time_attack, time_update, time_eval, time_callbacks: wall seconds
-    (for TRADES the loss's own forward passes fall in time_attack, inside ``trades_loss``);
-    time_switch: seconds the automatic switch (``switch_epoch="auto"``) spent measuring kernels,
-    part of the training time since the schedule cannot do without it (0 otherwise).
+    evaluated that epoch).
+    time_attack, time_update, time_eval, time_callbacks: wall seconds (for TRADES the loss's own
+    forward passes fall in time_attack, inside ``trades_loss``); time_switch: seconds of the
+    callbacks that are part of training (``part_of_training``: the kernel measurements of
+    ``switch_epoch="auto"``, which the schedule cannot do without; 0 otherwise). Each has a
+    ``_cpu`` twin in process-CPU seconds (:class:`ntklab.clock.Clock`), e.g. ``time_attack_cpu``.
     extra: per-epoch values logged by callbacks (``log``), padded with ``None``.
     switch_epoch: the 0-based epoch from which ``strategy`` was used when a switch was asked for
     (the one chosen, under ``"auto"``; ``None`` while undecided or without a switch).
-    ``training_time`` = attack + update (+ switch) time, excluding measurement. JSON-ready via
-    ``to_dict``.
+    ``training_time`` = attack + update (+ switch) time, excluding measurement (``training_time_cpu``
+    in CPU seconds). JSON-ready via ``to_dict``.
     """
 
     epoch: list = field(default_factory=list)
@@ -166,8 +451,14 @@ class History:
     time_eval: list = field(default_factory=list)
     time_callbacks: list = field(default_factory=list)
     time_switch: list = field(default_factory=list)
+    time_attack_cpu: list = field(default_factory=list)
+    time_update_cpu: list = field(default_factory=list)
+    time_eval_cpu: list = field(default_factory=list)
+    time_callbacks_cpu: list = field(default_factory=list)
+    time_switch_cpu: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     time_begin: float = 0.0  # callbacks' on_train_begin (e.g. the kernel at initialisation)
+    time_begin_cpu: float = 0.0
     stop_reason: str | None = None
     finished: bool = False
     switch_epoch: int | None = None
@@ -198,16 +489,32 @@ class History:
         """Ask the loop to stop after the current epoch."""
         self.stop_reason = reason
 
+    def epoch_training_times(self, cpu: bool = False) -> list[float]:
+        """Training seconds of every epoch: attack + update + switch (wall, or CPU with ``cpu``)."""
+        suffix = "_cpu" if cpu else ""
+        parts = [getattr(self, f"time_{name}{suffix}") for name in ("attack", "update", "switch")]
+        return [float(sum(values)) for values in zip(*parts)]
+
     @property
     def training_time(self) -> float:
-        """Seconds spent crafting attacks, updating weights and, under ``switch_epoch="auto"``,
+        """Wall seconds spent crafting attacks, updating weights and, under ``switch_epoch="auto"``,
         measuring the kernel velocity that decides the switch (evaluation and callbacks excluded)."""
-        return float(sum(self.time_attack) + sum(self.time_update) + sum(self.time_switch))
+        return float(sum(self.epoch_training_times()))
+
+    @property
+    def training_time_cpu(self) -> float:
+        """:attr:`training_time` in process-CPU seconds."""
+        return float(sum(self.epoch_training_times(cpu=True)))
 
     @property
     def measurement_time(self) -> float:
-        """Seconds spent in evaluation and callbacks."""
+        """Wall seconds spent in evaluation and callbacks."""
         return float(sum(self.time_eval) + sum(self.time_callbacks) + self.time_begin)
+
+    @property
+    def measurement_time_cpu(self) -> float:
+        """:attr:`measurement_time` in process-CPU seconds."""
+        return float(sum(self.time_eval_cpu) + sum(self.time_callbacks_cpu) + self.time_begin_cpu)
 
     def to_dict(self) -> dict:
         """Plain dict of lists and numbers (JSON-serialisable; also safe for ``weights_only``)."""
@@ -217,402 +524,260 @@ class History:
 
     @classmethod
     def from_dict(cls, d: dict) -> "History":
+        """The history of a :meth:`to_dict` of this version of the class (unknown keys raise
+        ``ValueError``: a dict of another layout belongs to results computed by other code)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        history = cls(**{k: (dict(v) if k == "extra" else list(v) if isinstance(v, (list, tuple)) else v)
-                         for k, v in d.items() if k in names})
-        if not history.time_switch:  # written before time_switch existed
-            history.time_switch = [0.0] * len(history)
-        return history
-
-
-# ------------------------------------------------------------------ helpers
-class _Clock:
-    """Sums named intervals: ``perf_counter`` on the CPU; CUDA events on the GPU, read once per
-    epoch so that timing costs no host synchronisation per batch."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.totals: dict[str, float] = {}
-        self._pending: list = []
-
-    def now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def add(self, name: str, start, end) -> None:
-        if self.cuda:
-            self._pending.append((name, start, end))
-        else:
-            self.totals[name] = self.totals.get(name, 0.0) + (end - start)
-
-    def collect(self) -> dict[str, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            for name, s, e in self._pending:
-                self.totals[name] = self.totals.get(name, 0.0) + s.elapsed_time(e) / 1000.0
-        totals, self.totals, self._pending = self.totals, {}, []
-        return totals
-
-
-@contextlib.contextmanager
-def _measurement_rng(device: torch.device, seed: int, epoch: int, salt: int):
-    """Random numbers for evaluation and callbacks, seeded from (seed, epoch, salt), drawn from a
-    fork so the training stream is untouched (measuring never changes the trajectory)."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed((seed * 1_000_003 + epoch * 101 + salt) % 2**63)
-        yield
-
-
-def _plain(obj):
-    """Tuples to lists, recursively (configs compare the same before and after a checkpoint)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _check_config(saved: dict, now: dict, where: Path) -> None:
-    diffs = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        same = math.isclose(a, b, rel_tol=1e-6) if key == "data_sum" and None not in (a, b) else a == b
-        if not same:
-            diffs.append(f"{key}: checkpoint {a!r}, this call {b!r}")
-    if diffs:
-        raise ValueError(f"the checkpoint in {where} was written by a different run ("
-                         + "; ".join(diffs) + "). Use another checkpoint_dir, or delete it to start over.")
-
-
-def _attack_kwargs(strategy, eps, alpha, steps, bn_mode) -> dict:
-    """The attack's arguments, checked before the first batch (not after a switch epoch)."""
-    if bn_mode not in ("eval", "train"):
-        raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
-    eps = _checks.number("eps", eps)
-    _checks.number("alpha", alpha, positive=True, allow_none=True)
-    _checks.count("steps", steps, allow_none=True)
-    if strategy in ("pgd", "trades"):
-        alpha = eps / 4 if alpha is None and eps > 0 else alpha       # radius 0 needs no step
-        steps = 10 if steps is None else steps
-    elif steps not in (None, 1):
-        raise ValueError(f"{strategy!r} makes no multi-step attack: steps must be None or 1, got {steps!r}")
-    if strategy == "fgsm" and alpha is not None:
-        raise ValueError("'fgsm' takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' for another step")
-    return {"eps": eps, "alpha": alpha, "steps": steps, "bn_mode": bn_mode}
-
-
-def _extra_attack_kwargs(strategy, attack_kwargs, x, device) -> dict:
-    """``attack_kwargs`` checked, its tensors on ``device``; for ``"fgsm_pca"`` without a basis, the
-    basis of the training images ``x`` (:func:`ntklab.attacks.pca_noise_basis`)."""
-    from ntklab import attacks
-
-    extra = dict(attack_kwargs or {})
-    if extra and strategy in ("normal", "trades"):
-        raise ValueError(f"attack_kwargs is for the attacks of the single-step strategies and 'pgd', "
-                         f"not for {strategy!r}")
-    taken = sorted(set(extra) & {"eps", "alpha", "steps", "bn_mode", "beta"})
-    if taken:
-        raise ValueError(f"attack_kwargs must not hold {taken}: they are arguments of train itself")
-    if strategy == "fgsm_pca" and extra.get("basis") is None:
-        extra["basis"] = attacks.pca_noise_basis(x)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-
-
-def _describe(kwargs) -> dict:
-    """A plain form of keyword arguments for checkpoint configs: a tensor as its shape and sum."""
-    return {k: {"tensor_shape": list(v.shape), "tensor_sum": float(v.detach().double().sum())}
-            if isinstance(v, torch.Tensor) else v for k, v in sorted((kwargs or {}).items())}
-
-
-# ------------------------------------------------------------------ one epoch
-def _sgd_step(model, opt, xb, yb) -> None:
-    """One update on the cross-entropy of ``model`` on (xb, yb)."""
-    loss = F.cross_entropy(model(xb), yb)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
-def _train_epoch(model, opt, x, y, perm, strategy, schedule, epoch, batch_size, attack_kw, beta,
-                 device, clock, bar, clean_update=False, batch_end=None):
-    """One pass over ``perm``; returns (mean loss, train accuracy or None). No host sync per batch.
-
-    clean_update: before the attack, one update on the clean batch (Loo et al.'s rule).
-    batch_end: ``batch_end(b, num_batches)`` after every batch's update (per-batch callbacks)."""
-    from ntklab import attacks
-
-    model.train()
-    batches = perm.split(batch_size)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for b, idx in enumerate(batches):
-        if schedule.per_batch:
-            for group in opt.param_groups:
-                group["lr"] = schedule(epoch, b, len(batches))
-        xb = x[idx].to(device, non_blocking=True)
-        yb = y[idx].to(device, non_blocking=True)
-        if clean_update and strategy not in ("normal", "trades"):
-            t_clean = clock.now()
-            _sgd_step(model, opt, xb, yb)
-            clock.add("update", t_clean, clock.now())
-        t0 = clock.now()
-        logits = None
-        if strategy == "trades":  # the inner maximisation lives inside the loss: timed as attack
-            loss, _ = attacks.trades_loss(model, xb, yb, beta=beta, **attack_kw)
-        elif strategy != "normal":
-            xb = attacks.adversarial_examples(strategy, model, xb, yb, **attack_kw)
-        t1 = clock.now()
-        if strategy != "normal":
-            clock.add("attack", t0, t1)
-        if strategy != "trades":
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        clock.add("update", t1, clock.now())
-        loss_sum += loss.detach() * len(idx)
-        if logits is not None:
-            correct += (logits.detach().argmax(1) == yb).sum()
-        if batch_end is not None:
-            batch_end(b, len(batches))
-        bar.update(1)
-    n = len(perm)
-    return (loss_sum / n).item(), (None if strategy == "trades" else correct.item() / n)
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"not a History dict of this version of ntklab: unknown keys {unknown}")
+        return cls(**{k: (dict(v) if k == "extra" else list(v) if isinstance(v, (list, tuple)) else v)
+                      for k, v in d.items()})
 
 
 # ------------------------------------------------------------------ the loop
-def train(model: nn.Module, train_set, *, strategy: str, epochs: int,
-          lr_schedule="multistep", lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
-          milestones: Sequence[int] = (), gamma: float = 0.1, batch_size: int = 128,
-          eps: float = 0.3, alpha: float | None = None, steps: int | None = None, beta: float = 6.0,
-          attack_bn_mode: str = "eval", attack_kwargs: dict | None = None,
-          switch_epoch: int | str | None = None, switch_threshold: float = 0.2, switch_probe: int = 32,
-          switch_cap: int | None = None, callbacks=(),
-          eval_set=None, eval_every: int = 1, eval_size: int | None = 500, eval_eps: float | None = None,
-          eval_alpha: float | None = None, eval_steps: int = 10, device=None, seed: int = 0,
-          checkpoint_dir=None, progress: bool = True, clean_update: bool = False) -> History:
-    """Train ``model`` in place with one of :data:`STRATEGIES`; return its :class:`History`.
+def train(model: nn.Module, train_set, config: TrainConfig | None = None, *, eval_set=None, callbacks=(),
+          device=None, checkpoint_dir=None, progress: bool = True, **overrides) -> History:
+    """Train ``model`` in place as ``config`` says (a :class:`TrainConfig`); return its :class:`History`.
 
+    config: the run's options; ``overrides`` are fields of :class:`TrainConfig` that replace its
+        values (``train(model, data, strategy="pgd", epochs=3)`` needs no config at all). An
+        unknown keyword raises ``ValueError`` naming it; every option is checked before any work.
     train_set, eval_set: ``TensorDataset`` or ``(x, y)``; x (N, C, H, W) in [0, 1], y (N,) int64.
-    strategy: see the module docstring; unknown names raise ``ValueError``.
-    epochs: number of passes; each reshuffles with a ``torch.Generator`` seeded from ``seed``
-        (seed the model's initialisation yourself, before building it). The last batch may be smaller.
-    lr_schedule: ``"multistep"`` (``lr`` times ``gamma`` at each of ``milestones``, per epoch),
-        ``"cosine"`` (per batch, to 0 at the end), ``"constant"``, or an :class:`LRSchedule`.
-    eps, alpha, steps, beta, attack_bn_mode: the attack's L-inf radius (pixel scale), step size
-        (``None``: the attack's default; eps / 4 for PGD and TRADES), steps (``None``: 10 for PGD
-        and TRADES), the TRADES weight, and the BN mode during the attack ("eval" or "train").
-    attack_kwargs: further keyword arguments of the attack, passed at every batch to
-        :func:`ntklab.attacks.adversarial_examples` (not for ``"normal"`` and ``"trades"``), e.g.
-        ``{"low": 0.1}`` for ``"fgsm_aniso"``, ``{"noise": 0.3}`` for ``"n_fgsm"``, ``{"basis": B,
-        "scale": 0.5}`` for ``"fgsm_pca"``; tensors are moved to ``device``. ``"fgsm_pca"`` without a
-        ``"basis"`` uses :func:`ntklab.attacks.pca_noise_basis` of the training images, computed once
-        before the first epoch (chapter 6).
-    switch_epoch: train normally before this 0-based epoch and with ``strategy`` from it on;
-        ``"auto"``: switch once lazy training has begun (chapter 5, :class:`ntklab.callbacks.AutoSwitch`):
-        after each epoch the centred trace NTK of ``switch_probe`` class-balanced training images
-        (drawn with ``seed``) is taken, and training switches after the first epoch whose kernel
-        velocity per unit of learning rate is at most ``switch_threshold`` times the first epoch's,
-        at the latest at epoch ``switch_cap`` (default: the first milestone of a multistep
-        schedule, else ``epochs // 2``; at most ``epochs - 1``, so AT always gets an epoch). The
-        measurement's time counts as training time (``History.time_switch``); the chosen epoch is
-        ``History.switch_epoch``. ``switch_threshold``, ``switch_probe``, ``switch_cap`` are used
-        only with ``"auto"``.
-    callbacks: objects with the hooks of :class:`ntklab.callbacks.Callback`.
-    eval_set, eval_every, eval_size, eval_eps, eval_alpha, eval_steps: every ``eval_every``
-        epochs (and after the last), clean and PGD-``eval_steps`` accuracy (radius ``eval_eps``,
-        default ``eps``) on a fixed class-balanced subset of ``eval_size`` examples of ``eval_set``.
+        The evaluation (``eval_every``, ``eval_size``, ...) needs an ``eval_set``.
+    callbacks: objects with the hooks of :class:`ntklab.callbacks.Callback` (``on_train_begin``,
+        ``on_epoch_end``, ``on_batch_end``, ``on_train_end``, ``state_dict``); under
+        ``switch_epoch="auto"`` the loop puts an :class:`ntklab.callbacks.AutoSwitch` first. Each
+        callback draws random numbers from its own stream (:func:`stream_seed`); the time of those
+        with ``part_of_training = True`` counts as training (``History.time_switch``), the others'
+        as measurement.
     device: see :func:`ntklab.config.get_device`; the model and the batches are moved there.
-    checkpoint_dir: after every epoch, write model, optimiser, schedule, random states, history and
-        callback states atomically to ``checkpoint_dir/checkpoint.pt``; calling ``train`` again with
-        the same arguments resumes there (a finished run returns at once, its weights and callback
-        states loaded); different arguments raise ``ValueError``.
+    checkpoint_dir: after every epoch, write the config, model, optimiser, history and callback
+        states atomically to ``checkpoint_dir/checkpoint.pt`` (format :data:`CHECKPOINT_FORMAT`);
+        calling ``train`` again with the same config resumes there (a finished run returns at once,
+        its weights and callback states loaded); another config raises ``ValueError``.
     progress: tqdm bars for epochs and batches.
-    clean_update: in adversarial epochs, give every batch two updates: first on its clean inputs,
-        then on adversarial examples crafted against the updated model (the rule of Loo et al.'s
-        code, NeurIPS 2022: twice the updates of standard AT on a 50/50 clean/adversarial mix;
-        chapter 8). The loss and train accuracy recorded are those of the adversarial update.
-        Not with ``"trades"``, whose loss already has a clean term.
-
-    Callbacks with an ``on_batch_end(epoch, batch, num_batches, model, history)`` method are also
-    called after every batch's update (e.g. :class:`ntklab.callbacks.ParameterSnapshots`, which
-    keeps the weights at fractional epochs).
 
     Returns the history; the model is left in eval mode. Introduced in chapter 1.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; valid strategies are: {', '.join(STRATEGIES)}")
-    epochs = _checks.count("epochs", epochs, minimum=0)
-    batch_size = _checks.count("batch_size", batch_size)
-    auto = isinstance(switch_epoch, str) and switch_epoch == "auto"
-    if auto:
-        if not 0 < _checks.number("switch_threshold", switch_threshold) < 1:
-            raise ValueError(f"switch_threshold must be in (0, 1), got {switch_threshold!r}")
-        switch_probe = _checks.count("switch_probe", switch_probe, minimum=2)
-    elif isinstance(switch_epoch, (str, bool)):
-        raise ValueError(f"switch_epoch must be 'auto', None or an integer in [0, epochs={epochs}], "
-                         f"got {switch_epoch!r}")
-    elif switch_epoch is not None and not 0 <= _checks.count("switch_epoch", switch_epoch, minimum=0) <= epochs:
-        raise ValueError(f"switch_epoch must be in [0, epochs={epochs}], got {switch_epoch}")
-    if clean_update not in (True, False):
-        raise ValueError(f"clean_update must be True or False, got {clean_update!r}")
-    if clean_update and strategy == "trades":
-        raise ValueError("clean_update does not apply to 'trades' (its loss already has a clean term)")
-    schedule = make_schedule(lr_schedule, lr=lr, epochs=epochs, milestones=milestones, gamma=gamma)
-    if auto:
-        switch_cap = _switch_cap(switch_cap, epochs, getattr(schedule, "milestones", ()))
-    _checks.number("momentum", momentum)
-    _checks.number("weight_decay", weight_decay)
-    _checks.number("beta", beta)
-    _checks.count("eval_every", eval_every, minimum=0)
-    _checks.count("eval_size", eval_size, allow_none=True)
-    _checks.number("eval_eps", eval_eps, allow_none=True)
-    _checks.number("eval_alpha", eval_alpha, positive=True, allow_none=True)
-    _checks.count("eval_steps", eval_steps)
-    if not 0 <= _checks.count("seed", seed, minimum=0) < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
-    attack_kw = _attack_kwargs(strategy, eps, alpha, steps, attack_bn_mode)
-    alpha, steps = attack_kw["alpha"], attack_kw["steps"]
-    ckpt = _checkpoint_file(checkpoint_dir)
+    config = _config(config, overrides)
+    checkpoint = _checkpoint_file(checkpoint_dir)
     device = get_device(device)
     model.to(device)
-    x, y = as_tensors(train_set, model=model)          # images in [0, 1] of the model's dtype: once, not per batch
-    k = _num_outputs(model, x[:2].to(device))
-    _checks.labels("the labels of train_set", y, len(y), num_classes=k)
-    data_sum, label_sum = float(x.sum(dtype=torch.float64)), int(y.sum())
-    if device.type == "cuda" and x.nbytes <= 2**30:  # small sets live on the GPU, big ones move per batch
-        x, y = x.to(device), y.to(device)
-    attack_kw.update(_extra_attack_kwargs(strategy, attack_kwargs, x, device))
-
-    eval_xy = None
-    if eval_set is not None and eval_every:
-        ex, ey = as_tensors(eval_set, model=model)
-        _checks.labels("the labels of eval_set", ey, len(ey), num_classes=k)
-        sub = subset(TensorDataset(ex, ey), eval_size, seed=seed)
-        eval_xy = (sub.tensors[0].to(device), sub.tensors[1].to(device))
-    eval_eps = eps if eval_eps is None else eval_eps
-
-    opt = torch.optim.SGD(model.parameters(), lr=schedule(0), momentum=momentum, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    callbacks = list(callbacks)
-    n_batches = math.ceil(len(y) / batch_size)
-    switcher = None
-    if auto:
-        probe = subset(TensorDataset(x.cpu(), y.cpu()), switch_probe, seed=seed).tensors[0]
-        switcher = AutoSwitch(probe, switch_cap, threshold=switch_threshold,
-                              lr_of_epoch=lambda e: schedule.epoch_mean(e, n_batches))
-    config = _plain({
-        "strategy": strategy, "epochs": int(epochs), "schedule": schedule.describe(),
-        "momentum": momentum, "weight_decay": weight_decay, "batch_size": int(batch_size),
-        "eps": eps, "alpha": alpha, "steps": steps, "beta": beta, "attack_bn_mode": attack_bn_mode,
-        "switch_epoch": switch_epoch, "eval_every": eval_every, "eval_size": eval_size,
-        "eval_eps": eval_eps, "eval_alpha": eval_alpha, "eval_steps": eval_steps, "seed": seed,
-        "n_train": len(y), "data_sum": data_sum, "label_sum": label_sum,
-        "model": type(model).__name__,
-        **({"switch_threshold": switch_threshold, "switch_probe": switch_probe, "switch_cap": switch_cap}
-           if auto else {}),
-    })
-    if attack_kwargs:  # only when given, so that older checkpoints still resume
-        config["attack_kwargs"] = _plain(_describe(attack_kwargs))
-    if clean_update:  # only when set, so that checkpoints written before the option still resume
-        config["clean_update"] = True
-    history = History()
-    saved = callbacks + ([switcher] if switcher is not None else [])  # states kept in checkpoints
-    if ckpt is not None and ckpt.exists():
-        history = _resume(ckpt, config, model, opt, gen, saved, device)
+    run = _setup(model, train_set, eval_set, config, list(callbacks), device)
+    history = History(switch_epoch=None if config.auto_switch else config.switch_epoch)
+    if checkpoint is not None and checkpoint.exists():
+        history = _resume(checkpoint, run)
         if history.finished:
             model.eval()
             return history
-
-    begin = time.perf_counter()
-    with _measurement_rng(device, seed, -1, 0):
-        for cb in callbacks:
-            _call(cb, "on_train_begin", model, history)
-    history.time_begin += time.perf_counter() - begin
-    switch_begin = 0.0  # the kernel at initialisation, counted in the first epoch's switch time
-    if switcher is not None and len(history) == 0:
-        start = time.perf_counter()
-        with _measurement_rng(device, seed, -1, 3):
-            switcher.on_train_begin(model, history)
-        switch_begin = time.perf_counter() - start
-    if switch_epoch is not None and not auto:
-        history.switch_epoch = int(switch_epoch)
-    clock = _Clock(device)
-    batch_cbs = [cb for cb in callbacks if callable(getattr(cb, "on_batch_end", None))]
-    with _bar(progress, total=epochs, initial=len(history), desc=f"{strategy} epochs") as epoch_bar:
-        for epoch in range(len(history), epochs):
-            if switcher is not None:
-                current = strategy if switcher.switch_epoch is not None and epoch >= switcher.switch_epoch \
-                    else "normal"
-            else:
-                current = "normal" if switch_epoch is not None and epoch < switch_epoch else strategy
-            for group in opt.param_groups:
-                group["lr"] = schedule(epoch)
-            perm = torch.randperm(len(y), generator=gen).to(x.device)
-            batch_end, batch_cb_time = None, [0.0]
-            if batch_cbs:
-                def batch_end(b, num_batches, epoch=epoch):
-                    start = time.perf_counter()
-                    with _measurement_rng(device, seed, epoch, 3 + b):
-                        for cb in batch_cbs:
-                            cb.on_batch_end(epoch, b, num_batches, model, history)
-                    batch_cb_time[0] += time.perf_counter() - start
-            with _bar(progress, total=n_batches, leave=False, desc=f"epoch {epoch}") as batch_bar:
-                loss, acc = _train_epoch(model, opt, x, y, perm, current, schedule, epoch, batch_size,
-                                         attack_kw, beta, device, clock, batch_bar, clean_update, batch_end)
-            times = clock.collect()
+    _train_begin(run, history)
+    with _bar(progress, total=config.epochs, initial=len(history), desc=f"{config.strategy} epochs") as epoch_bar:
+        for epoch in range(len(history), config.epochs):
+            strategy = config.strategy_of(epoch, history.switch_epoch)
+            with _bar(progress, total=run.n_batches, leave=False, desc=f"epoch {epoch}") as batch_bar:
+                loss, acc = _train_epoch(run, strategy, epoch, history, batch_bar)
             if not math.isfinite(loss):
                 raise FloatingPointError(
-                    f"training diverged in epoch {epoch}: the mean {current} training loss is {loss} (lr "
-                    f"{schedule(epoch):g}). Nothing of this epoch was kept"
-                    + (f"; the checkpoint in {ckpt.parent} holds the last finite epoch" if ckpt else "")
+                    f"training diverged in epoch {epoch}: the mean {strategy} training loss is {loss} (lr "
+                    f"{run.schedule(epoch):g}). Nothing of this epoch was kept"
+                    + (f"; the checkpoint in {checkpoint.parent} holds the last finite epoch" if checkpoint else "")
                     + ". Try a smaller learning rate.")
-            row = dict(epoch=epoch, strategy=current, lr=schedule(epoch), loss=loss, train_acc=acc,
-                       time_attack=times.get("attack", 0.0), time_update=times.get("update", 0.0))
-            if eval_xy is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-                row.update(_evaluate(model, eval_xy, eval_eps, eval_alpha, eval_steps, device, seed, epoch))
-            history.append(**row)
-            if switcher is not None and switcher.switch_epoch is None:
-                start = time.perf_counter()
-                with _measurement_rng(device, seed, epoch, 3):
-                    switcher.on_epoch_end(epoch, model, history)
-                history.time_switch[-1] = time.perf_counter() - start + (switch_begin if epoch == 0 else 0.0)
-                history.switch_epoch = switcher.switch_epoch
-            start = time.perf_counter()
-            with _measurement_rng(device, seed, epoch, 1):
-                for cb in callbacks:
-                    _call(cb, "on_epoch_end", epoch, model, history)
-            history.time_callbacks[-1] = time.perf_counter() - start + batch_cb_time[0]
-            history.finished = bool(history.stop_reason) or epoch + 1 == epochs
-            if ckpt is not None:
-                _save(ckpt, config, model, opt, gen, saved, history)
+            row = dict(epoch=epoch, strategy=strategy, lr=run.schedule(epoch), loss=loss, train_acc=acc)
+            if run.eval_xy is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+                row.update(_evaluate(run, epoch))
+            history.append(**row, **_times(run.clock.collect("attack", "update", "eval")))
+            _epoch_end(run, epoch, history)
+            history.finished = bool(history.stop_reason) or epoch + 1 == config.epochs
+            if checkpoint is not None:
+                _save(checkpoint, run, history)
             epoch_bar.update(1)
             epoch_bar.set_postfix(_postfix(history))
             if history.finished:
                 break
     history.finished = True
-    for cb in callbacks:
+    for i, cb in enumerate(run.callbacks):
+        _seed(run, "callback", index=i, epoch=config.epochs)
         _call(cb, "on_train_end", model, history)
     model.eval()
     return history
 
 
-def _switch_cap(cap, epochs: int, milestones) -> int:
-    """The latest switch epoch of ``switch_epoch="auto"``: ``cap``, else the first milestone, else
-    half the epochs; checked to lie in [1, epochs - 1]."""
-    if cap is None:
-        cap = min(int(m) for m in milestones) if milestones else int(epochs) // 2
-        cap = min(max(cap, 1), int(epochs) - 1)
-    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= int(epochs) - 1:
-        raise ValueError(f"switch_cap must be an integer in [1, epochs - 1 = {int(epochs) - 1}] "
-                         f"(switch_epoch='auto' needs epochs >= 2), got {cap!r}")
-    return cap
+@dataclass
+class _Run:
+    """What the loop's pieces share: the config and everything built from it before the first epoch."""
+
+    config: TrainConfig
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    schedule: LRSchedule
+    x: torch.Tensor
+    y: torch.Tensor
+    eval_xy: tuple | None
+    attack_kw: dict
+    callbacks: list
+    clock: Clock
+    device: torch.device
+    shuffle: torch.Generator  # the order of the batches: one permutation per epoch
+    record: dict  # what a checkpoint must match: the config and the data's fingerprint
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(len(self.y) / self.config.batch_size)
+
+
+def _config(config, overrides) -> TrainConfig:
+    if config is None:
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(map(repr, unknown))}; "
+                             f"the options are the fields of ntklab.train.TrainConfig")
+        missing = [name for name in ("strategy", "epochs") if name not in overrides]
+        if missing:
+            raise TypeError(f"train() needs {' and '.join(missing)} (as keywords or in a TrainConfig)")
+        return TrainConfig(**overrides)
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig or None, got {type(config).__name__}")
+    return config.replace(**overrides)
+
+
+def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, device) -> _Run:
+    """The data (checked, on ``device`` when small), the evaluation subset, the optimiser, the
+    attack's arguments and the callbacks, with an :class:`AutoSwitch` first under ``"auto"``."""
+    x, y = as_tensors(train_set, model=model)          # images in [0, 1] of the model's dtype: once, not per batch
+    k = _num_outputs(model, x[:2].to(device))
+    _checks.labels("the labels of train_set", y, len(y), num_classes=k)
+    record = {**config.to_dict(), "n_train": len(y), "data_sum": float(x.sum(dtype=torch.float64)),
+              "label_sum": int(y.sum()), "model": type(model).__name__}
+    if device.type == "cuda" and x.nbytes <= 2**30:  # small sets live on the GPU, big ones move per batch
+        x, y = x.to(device), y.to(device)
+    eval_xy = None
+    if eval_set is not None and config.eval_every:
+        ex, ey = as_tensors(eval_set, model=model)
+        _checks.labels("the labels of eval_set", ey, len(ey), num_classes=k)
+        sub = subset(TensorDataset(ex, ey), config.eval_size, seed=config.seed)
+        eval_xy = (sub.tensors[0].to(device), sub.tensors[1].to(device))
+    attack_kw = attack_arguments(config.strategy, config.eps, config.alpha, config.steps, config.attack_bn_mode)
+    attack_kw.update(extra_attack_arguments(config.strategy, config.attack_kwargs, x, device))
+    schedule = config.schedule()
+    opt = torch.optim.SGD(model.parameters(), lr=schedule(0), momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+    if config.auto_switch:
+        n_batches = math.ceil(len(y) / config.batch_size)
+        probe = subset(TensorDataset(x.cpu(), y.cpu()), config.switch_probe, seed=config.seed).tensors[0]
+        cap = _switch_cap(config.switch_cap, config.epochs, getattr(schedule, "milestones", ()))
+        callbacks = [AutoSwitch(probe, cap, threshold=config.switch_threshold,
+                                lr_of_epoch=lambda e: schedule.epoch_mean(e, n_batches)), *callbacks]
+    return _Run(config, model, opt, schedule, x, y, eval_xy, attack_kw, callbacks, Clock(device), device,
+                torch.Generator().manual_seed(config.seed), record)
+
+
+def _train_epoch(run: _Run, strategy: str, epoch: int, history: History, bar):
+    """One pass over the epoch's permutation; returns (mean loss, train accuracy or None). No host
+    sync per batch. Every batch draws its random numbers from its own ``"attack"`` stream."""
+    cfg, model, opt = run.config, run.model, run.opt
+    batches = torch.randperm(len(run.y), generator=run.shuffle).to(run.x.device).split(cfg.batch_size)
+    for group in opt.param_groups:
+        group["lr"] = run.schedule(epoch)
+    model.train()
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    for b, idx in enumerate(batches):
+        if run.schedule.per_batch:
+            for group in opt.param_groups:
+                group["lr"] = run.schedule(epoch, b, len(batches))
+        xb = run.x[idx].to(run.device, non_blocking=True)
+        yb = run.y[idx].to(run.device, non_blocking=True)
+        _seed(run, "attack", epoch=epoch, batch=b)
+        loss, logits = _train_step(run, strategy, xb, yb)
+        loss_sum += loss * len(idx)
+        if logits is not None:
+            correct += (logits.argmax(1) == yb).sum()
+        _batch_end(run, epoch, b, len(batches), history)
+        bar.update(1)
+    n = len(run.y)
+    return (loss_sum / n).item(), (None if strategy == "trades" else correct.item() / n)
+
+
+def _train_step(run: _Run, strategy: str, xb, yb):
+    """The update(s) of one batch, timed as attack and update; returns (loss, logits or None), detached.
+    With ``clean_update`` an adversarial batch first gets an update on its clean inputs."""
+    clock, model, opt = run.clock, run.model, run.opt
+    if run.config.clean_update and strategy not in ("normal", "trades"):
+        start = clock.now()
+        sgd_step(model, opt, xb, yb)
+        clock.add("update", start)
+    start = clock.now()
+    if strategy == "trades":  # the inner maximisation lives inside the loss: timed as attack
+        loss, _ = attacks.trades_loss(model, xb, yb, beta=run.config.beta, **run.attack_kw)
+        crafted = clock.now()
+        clock.add("attack", start, crafted)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        clock.add("update", crafted)
+        return loss.detach(), None
+    if strategy != "normal":
+        xb = attacks.adversarial_examples(strategy, model, xb, yb, **run.attack_kw)
+        crafted = clock.now()
+        clock.add("attack", start, crafted)
+        start = crafted
+    loss, logits = sgd_step(model, opt, xb, yb)
+    clock.add("update", start)
+    return loss, logits
+
+
+def _clock_name(callback) -> str:
+    return "switch" if getattr(callback, "part_of_training", False) else "callbacks"
+
+
+def _train_begin(run: _Run, history: History) -> None:
+    """Every callback's ``on_train_begin``; the time of those that are part of training falls in the
+    first epoch's ``time_switch`` (their kernel at initialisation), the others' in ``time_begin``."""
+    for i, cb in enumerate(run.callbacks):
+        _seed(run, "callback", index=i, epoch=-1)
+        with run.clock.interval("switch" if _clock_name(cb) == "switch" else "begin"):
+            _call(cb, "on_train_begin", run.model, history)
+    wall, cpu = run.clock.collect("begin").get("begin", (0.0, 0.0))
+    history.time_begin += wall
+    history.time_begin_cpu += cpu
+
+
+def _batch_end(run: _Run, epoch: int, batch: int, num_batches: int, history: History) -> None:
+    for i, cb in enumerate(run.callbacks):
+        if callable(getattr(cb, "on_batch_end", None)):
+            _seed(run, "callback", index=i, epoch=epoch, batch=batch + 1)
+            with run.clock.interval(_clock_name(cb)):
+                cb.on_batch_end(epoch, batch, num_batches, run.model, history)
+
+
+def _epoch_end(run: _Run, epoch: int, history: History) -> None:
+    """Every callback's ``on_epoch_end`` (the epoch's row is in ``history``); then the times of the
+    callbacks (per batch and per epoch) into that row."""
+    for i, cb in enumerate(run.callbacks):
+        _seed(run, "callback", index=i, epoch=epoch)
+        with run.clock.interval(_clock_name(cb)):
+            _call(cb, "on_epoch_end", epoch, run.model, history)
+    for key, value in _times(run.clock.collect("callbacks", "switch")).items():
+        getattr(history, key)[-1] = value
+
+
+def _times(totals: dict) -> dict:
+    """``{"time_x": wall, "time_x_cpu": cpu}`` of :meth:`Clock.collect`'s ``{x: (wall, cpu)}``."""
+    out = {}
+    for name, (wall, cpu) in totals.items():
+        out[f"time_{name}"], out[f"time_{name}_cpu"] = wall, cpu
+    return out
+
+
+def _evaluate(run: _Run, epoch: int) -> dict:
+    """Clean and PGD accuracy on the evaluation subset, from the epoch's ``"eval"`` stream."""
+    cfg = run.config
+    _seed(run, "eval", epoch=epoch)
+    with run.clock.interval("eval"), evaluating(run.model):
+        clean = evaluate.clean_accuracy(run.model, run.eval_xy, device=run.device)
+        robust = evaluate.pgd_accuracy(run.model, run.eval_xy, eps=cfg.eps if cfg.eval_eps is None else cfg.eval_eps,
+                                       alpha=cfg.eval_alpha, steps=cfg.eval_steps)
+    return {"clean_acc": float(clean), "pgd_acc": float(robust)}
 
 
 def _checkpoint_file(checkpoint_dir) -> Path | None:
@@ -657,24 +822,7 @@ def _postfix(history: History) -> dict:
     return out
 
 
-def _evaluate(model, eval_xy, eps, alpha, steps, device, seed, epoch) -> dict:
-    from ntklab import evaluate
-
-    start = time.perf_counter()
-    with _measurement_rng(device, seed, epoch, 2), evaluating(model):
-        clean = evaluate.clean_accuracy(model, eval_xy, device=device)
-        robust = evaluate.pgd_accuracy(model, eval_xy, eps=eps, alpha=alpha, steps=steps)
-    return {"clean_acc": float(clean), "pgd_acc": float(robust), "time_eval": time.perf_counter() - start}
-
-
 # ------------------------------------------------------------------ checkpoints
-def _rng_state(gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "generator": gen.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def _callback_states(callbacks) -> list:
     states = []
     for cb in callbacks:
@@ -685,38 +833,49 @@ def _callback_states(callbacks) -> list:
     return states
 
 
-def _save(path: Path, config, model, opt, gen, callbacks, history) -> None:
-    from ntklab.data import atomic_save
-
-    atomic_save({"format": _FORMAT, "config": config, "model": model.state_dict(),
-                  "optimizer": opt.state_dict(), "schedule": config["schedule"], "rng": _rng_state(gen),
-                  "history": history.to_dict(), "callbacks": _callback_states(callbacks)}, path)
+def _save(path: Path, run: _Run, history: History) -> None:
+    atomic_save({"format": CHECKPOINT_FORMAT, "config": run.record, "model": run.model.state_dict(),
+                 "optimizer": run.opt.state_dict(), "history": history.to_dict(),
+                 "callbacks": _callback_states(run.callbacks)}, path)
 
 
-def _resume(path: Path, config, model, opt, gen, callbacks, device) -> History:
+def _check_config(saved: dict, now: dict, where: Path) -> None:
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        same = math.isclose(a, b, rel_tol=1e-6) if key == "data_sum" and None not in (a, b) else a == b
+        if not same:
+            diffs.append(f"{key}: checkpoint {a!r}, this call {b!r}")
+    if diffs:
+        raise ValueError(f"the checkpoint in {where} was written by a different run ("
+                         + "; ".join(diffs) + "). Use another checkpoint_dir, or delete it to start over.")
+
+
+def _resume(path: Path, run: _Run) -> History:
+    """Load a checkpoint of this run into the model, optimiser and callbacks; its history. No random
+    state is saved: every batch seeds its own streams, and the shuffle stream is drawn again."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=run.device, weights_only=True)
     except Exception as err:
         raise ValueError(f"cannot read the checkpoint {path} ({describe_load_error(err)}); "
                          f"delete it to start over") from err
-    if state.get("format") != _FORMAT:
-        raise ValueError(f"the checkpoint {path} has format {state.get('format')}, expected {_FORMAT}")
-    _check_config(state["config"], config, path.parent)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"the checkpoint {path} has format {state.get('format')!r}, but this version of "
+                         f"ntklab reads format {CHECKPOINT_FORMAT} only; delete {path.parent} to start the run over")
+    _check_config(state["config"], run.record, path.parent)
     try:
-        model.load_state_dict(state["model"])
+        run.model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise ValueError(f"the checkpoint in {path.parent} holds another model's weights: {err}") from err
-    opt.load_state_dict(state["optimizer"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"].cpu())
-    gen.set_state(rng["generator"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-    stateful = [cb for cb in callbacks if getattr(cb, "state_dict", None) and cb.state_dict() is not None]
+    run.opt.load_state_dict(state["optimizer"])
+    stateful = [cb for cb in run.callbacks if getattr(cb, "state_dict", None) and cb.state_dict() is not None]
     saved = state["callbacks"]
     if [type(cb).__name__ for cb in stateful] != [s["name"] for s in saved]:
         raise ValueError(f"the checkpoint in {path.parent} has states of callbacks "
                          f"{[s['name'] for s in saved]}, this call passes {[type(cb).__name__ for cb in stateful]}")
     for cb, s in zip(stateful, saved):
         cb.load_state_dict(s["state"])
-    return History.from_dict(state["history"])
+    history = History.from_dict(state["history"])
+    for _ in range(len(history)):  # the shuffle stream, past the epochs done
+        torch.randperm(len(run.y), generator=run.shuffle)
+    return history

@@ -31,35 +31,6 @@ def test_data_and_train_kwargs_from_profile():
     assert "alpha" not in kw and kw["eps"] == profile.eps and kw["epochs"] == profile.epochs
 
 
-# ---------------------------------------------------------------- the runs' CPU clock (chapters 4 and 5)
-def test_cpu_clock_counts_training_epochs_and_survives_a_checkpoint(tmp_path):
-    import time
-
-    from ntklab.callbacks import Callback
-    from ntklab.experiments.runs import CPUClock
-    from test_train import Interrupt
-
-    class Busy(Callback):  # a measurement that burns CPU: it must not count as training
-        def on_epoch_end(self, epoch, model, history):
-            end = time.process_time() + 0.3
-            while time.process_time() < end:
-                pass
-
-    profile = get_profile("smoke")
-    train_set, _ = experiments.data_from_profile(profile)
-    kw = dict(strategy="normal", epochs=3, batch_size=64, device="cpu", progress=False, checkpoint_dir=tmp_path)
-    clock = CPUClock()
-    with pytest.raises(KeyboardInterrupt):
-        ntklab.train.train(experiments.model_from_profile(profile), train_set,
-                           callbacks=[clock.first, Busy(), Interrupt(at=1), clock.last], **kw)
-    assert len(clock.seconds) == 2  # epoch 1 was measured before the interruption, then lost with it
-    resumed = CPUClock()
-    ntklab.train.train(experiments.model_from_profile(profile), train_set,
-                       callbacks=[resumed.first, Busy(), resumed.last], **kw)
-    assert len(resumed.seconds) == 3 and resumed.seconds[0] == clock.seconds[0]
-    assert all(0 < t < 0.3 for t in resumed.seconds)  # the busy measurement is not in it
-
-
 # ---------------------------------------------------------------- shared trained models
 def test_trained_model_is_trained_once_and_shared():
     profile = get_profile("smoke")

@@ -1,6 +1,5 @@
 """Tests of the phase splitter (ntklab.metrics.split_phases, lazy_onset) and of the automatic switch
 epoch (train(..., switch_epoch="auto"), ntklab.callbacks.AutoSwitch): chapters 4 and 5."""
-import math
 
 import numpy as np
 import pytest
@@ -154,7 +153,8 @@ def test_train_switches_at_the_epoch_the_curve_gives(tiny, monkeypatch, schedule
     assert measured[:expected] == pytest.approx([d / lr[e] for e, d in enumerate(distances[:expected])], rel=1e-12)
     assert measured[expected:] == [None] * (epochs - expected) and fake.calls == expected + 1
     # its measurement is training time
-    assert all(t > 0 for t in h.time_switch[:expected]) and set(h.time_switch[expected:]) == {0.0}
+    # after the decision AutoSwitch's hooks return at once (an ordinary callback: still called)
+    assert all(t > 0 for t in h.time_switch[:expected]) and max(h.time_switch[expected:]) < 0.01
     assert h.training_time == pytest.approx(sum(h.time_attack) + sum(h.time_update) + sum(h.time_switch))
     assert set(h.time_attack[:expected]) == {0.0} and min(h.time_attack[expected:]) > 0
 
@@ -220,13 +220,3 @@ def test_default_cap_is_the_first_decay_or_half_the_epochs(tiny, monkeypatch):
     assert train(cnn(), tiny, epochs=7, milestones=(5, 3), switch_epoch="auto", **AUTO_KW).switch_epoch == 3
     FakeKernels(monkeypatch, [0.1] * 10)
     assert train(cnn(), tiny, epochs=7, lr_schedule="constant", switch_epoch="auto", **AUTO_KW).switch_epoch == 3
-
-
-def test_history_from_an_older_dict_gets_switch_times():
-    h = History()
-    h.append(epoch=0, strategy="normal", lr=0.1, loss=1.0, time_attack=1.0, time_update=2.0)
-    d = h.to_dict()
-    del d["time_switch"], d["switch_epoch"]
-    old = History.from_dict(d)
-    assert old.time_switch == [0.0] and old.switch_epoch is None and old.training_time == 3.0
-    assert math.isclose(History.from_dict(h.to_dict()).training_time, 3.0)

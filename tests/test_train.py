@@ -1,6 +1,8 @@
-"""Tests of the training loop (ntklab.train) and its callbacks (ntklab.callbacks): strategies,
-switch epoch, LR schedules, timing, checkpoint/resume, kernel snapshots, the CO detector."""
+"""Tests of the training loop (ntklab.train) and its callbacks (ntklab.callbacks): the config,
+strategies, switch epoch, LR schedules, random streams, timing, checkpoint/resume, kernel snapshots,
+the CO detector."""
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -13,8 +15,9 @@ import torch
 import ntklab
 from ntklab.callbacks import Callback, CatastrophicOverfittingDetector, KernelSnapshots
 from ntklab.models import SmallCNN
-from ntklab.train import (CHECKPOINT_NAME, STRATEGIES, ConstantLR, CosineLR, History, MultiStepLR,
-                          make_schedule, train)
+from ntklab.config import get_profile
+from ntklab.train import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, STRATEGIES, STREAMS, ConstantLR, CosineLR, History,
+                          MultiStepLR, TrainConfig, make_schedule, stream_seed, train)
 
 MEAN, STD = ntklab.data.stats("mnist5k")
 
@@ -164,8 +167,10 @@ def test_history_times_and_serialisation(tiny):
     _, h = fit(train_set, strategy="fgsm", epochs=2, eval_set=test_set, eval_every=2, callbacks=[Slow()])
     wall = time.perf_counter() - start
     for key in ("time_attack", "time_update", "time_eval", "time_callbacks"):
-        values = getattr(h, key)
-        assert len(values) == 2 and all(v >= 0 for v in values)
+        for values in (getattr(h, key), getattr(h, key + "_cpu")):  # wall and process-CPU seconds
+            assert len(values) == 2 and all(v >= 0 for v in values)
+    assert h.training_time_cpu == pytest.approx(sum(h.time_attack_cpu) + sum(h.time_update_cpu)) and h.training_time_cpu > 0
+    assert max(h.time_callbacks_cpu) < 0.1 <= min(h.time_callbacks)  # sleeping costs no CPU
     assert h.clean_acc[0] is None and h.clean_acc[1] is not None  # eval_every=2
     assert h.time_eval[1] > 0 and min(h.time_callbacks) >= 0.1
     assert h.training_time == pytest.approx(sum(h.time_attack) + sum(h.time_update))
@@ -323,3 +328,142 @@ def test_co_detector_stops_the_loop(trained_cnn, mnist_small):
                lr_schedule="constant", weight_decay=0.0, callbacks=[Breaker(), det])
     assert len(h) == 2 and h.finished and "catastrophic overfitting" in h.stop_reason
     assert h.extra["co_flag"] == [False, True]
+
+
+# ---------------------------------------------------------------- the config
+def test_train_config_is_checked_frozen_and_replaced():
+    config = TrainConfig(strategy="pgd", epochs=3, milestones=[2])
+    assert config.milestones == (2,) and config.alpha is None  # defaults are resolved where used
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.eps = 0.1
+    other = config.replace(eps=0.2)
+    assert other.eps == 0.2 and config.eps == 0.3 and other.replace() is other
+    for changes, message in [({"epochs": -1}, "epochs must be an integer >= 0"), ({"strategy": "adam"}, "unknown strategy"),
+                             ({"switch_epoch": 4}, r"switch_epoch must be in \[0, epochs=3\]"),
+                             ({"bogus": 1, "eps": 0.1}, "unknown training option.*'bogus'"),
+                             ({"attack_kwargs": {"eps": 0.1}}, "must not hold"),
+                             ({"strategy": "normal", "attack_kwargs": {"noise": 0.1}}, "attack_kwargs is for")]:
+        with pytest.raises(ValueError, match=message):
+            config.replace(**changes)
+    # the plain form is what checkpoints and cache keys hold
+    d = config.replace(lr_schedule=MultiStepLR(0.1, (1,)), attack_kwargs={"random_start": True}).to_dict()
+    assert json.loads(json.dumps(d)) == d and d["lr_schedule"]["class"] == "MultiStepLR"
+    assert set(d) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_train_takes_a_config_or_its_fields_and_names_an_unknown_keyword(tiny):
+    config = TrainConfig(strategy="fgsm", epochs=2, batch_size=64, eps=0.1, seed=4)
+    a, ha = cnn(), None
+    ha = train(a, tiny[0], config, epochs=1, device="cpu", progress=False)   # a field overridden
+    b, hb = fit(tiny[0], strategy="fgsm", epochs=1, eps=0.1, seed=4)
+    assert len(ha) == 1 and strip_times(ha.to_dict()) == strip_times(hb.to_dict())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="unknown training option.*'learning_rate'"):
+        fit(tiny[0], learning_rate=0.1)
+    with pytest.raises(ValueError, match="unknown training option.*'learning_rate'"):
+        train(cnn(), tiny[0], config, learning_rate=0.1)
+    with pytest.raises(TypeError, match="strategy"):
+        train(cnn(), tiny[0], epochs=1)
+
+
+def test_config_from_profile():
+    profile = get_profile("smoke")
+    pgd = TrainConfig.from_profile(profile, "pgd")
+    assert (pgd.epochs, pgd.lr, pgd.eps, pgd.steps, pgd.alpha) == (profile.epochs, profile.lr, profile.eps,
+                                                                   profile.pgd_steps, profile.pgd_alpha)
+    fgsm = TrainConfig.from_profile(profile, "fgsm", epochs=1)
+    assert fgsm.alpha is None and fgsm.steps is None and fgsm.epochs == 1
+    assert ntklab.experiments.train_kwargs(profile, "pgd") == {
+        k: v for k, v in dataclasses.asdict(pgd).items() if v is not None}
+
+
+# ---------------------------------------------------------------- random streams
+def test_random_streams_cannot_collide_over_cifar_sized_epochs():
+    """Every consumer, epoch and batch has its own seed: 391 batches (CIFAR-10 at batch 128) and a
+    few epochs and callbacks; the shuffle's generator is seeded with the seed itself. The old scheme,
+    seed * 1_000_003 + epoch * 101 + salt with salt 3 + b for the batch callbacks and 3 for
+    AutoSwitch, fails the same count (the negative control)."""
+    epochs, batches, callbacks = range(-1, 4), range(392), range(4)
+    keys = [("eval", 0, e, 0) for e in epochs] + [("attack", 0, e, b) for e in epochs for b in batches]
+    keys += [("callback", i, e, b) for i in callbacks for e in epochs for b in batches]
+    for seed in (0, 1):
+        seeds = [stream_seed(seed, s, index=i, epoch=e, batch=b) for s, i, e, b in keys] + [seed]
+        assert len(set(seeds)) == len(keys) + 1 and all(0 <= x < 2**64 for x in seeds)
+    assert stream_seed(0, "attack", epoch=1) != stream_seed(1, "attack", epoch=1)
+    old = [0 * 1_000_003 + e * 101 + salt for e in epochs for salt in [1, 2, 3] + [3 + b for b in batches]]
+    assert len(set(old)) < len(old)
+    assert set(STREAMS) == {"attack", "eval", "callback"}
+    with pytest.raises(ValueError, match="unknown random stream"):
+        stream_seed(0, "dropout")
+
+
+def test_the_attack_stream_is_per_batch(tiny, monkeypatch):
+    """The random start of every batch's attack comes from that batch's own stream."""
+    starts = []
+    real = ntklab.attacks.adversarial_examples
+
+    def attack(*args, **kw):  # the random state the attack starts from
+        starts.append(torch.get_rng_state())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ntklab.attacks, "adversarial_examples", attack)
+    fit(tiny[0], strategy="fgsm_rs", eps=0.1, epochs=2, batch_size=128, seed=5)
+    expected = [torch.Generator().manual_seed(stream_seed(5, "attack", epoch=e, batch=b)).get_state()
+                for e in range(2) for b in range(2)]
+    assert len(starts) == 4 and all(torch.equal(a, b) for a, b in zip(starts, expected))
+
+
+def test_normal_training_shuffles_as_before(tiny):
+    """The order of the batches is a generator seeded with the seed, one permutation per epoch: a
+    run without random attacks is the hand-written loop over those permutations."""
+    model, _ = fit(tiny[0], epochs=2, batch_size=64, lr=0.05, lr_schedule="constant", seed=7)
+    ref = cnn()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(7)
+    x, y = tiny[0].tensors
+    ref.train()
+    for _ in range(2):
+        for idx in torch.randperm(len(y), generator=gen).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+            opt.step()
+    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def test_callbacks_draw_from_their_own_streams(tiny):
+    class Draw(Callback):
+        def __init__(self):
+            self.draws = []
+
+        def on_epoch_end(self, epoch, model, history):
+            self.draws.append(torch.rand(1).item())
+
+        def on_batch_end(self, epoch, batch, num_batches, model, history):
+            self.draws.append(torch.rand(1).item())
+
+    first, second = Draw(), Draw()
+    fit(tiny[0], epochs=2, batch_size=128, callbacks=[first, second])
+    assert len(first.draws) == 6 and len(set(first.draws + second.draws)) == 12
+    again = Draw()
+    fit(tiny[0], epochs=2, batch_size=128, callbacks=[again])
+    assert again.draws == first.draws  # a callback's numbers depend on its place, not on the others
+
+
+# ---------------------------------------------------------------- checkpoint format
+def test_a_checkpoint_of_another_format_is_refused(tiny, tmp_path):
+    fit(tiny[0], epochs=1, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT and state["config"]["strategy"] == "normal"
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(state["config"])
+    state["format"] = CHECKPOINT_FORMAT - 1
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match=f"format {CHECKPOINT_FORMAT - 1}.*reads format {CHECKPOINT_FORMAT}.*delete"):
+        fit(tiny[0], epochs=1, checkpoint_dir=tmp_path)
+
+
+def test_history_from_dict_refuses_another_layout():
+    h = History()
+    h.append(epoch=0, strategy="normal", time_attack=1.0, time_update_cpu=2.0)
+    assert History.from_dict(h.to_dict()) == h and h.training_time_cpu == 2.0
+    with pytest.raises(ValueError, match="unknown keys \\['time_old'\\]"):
+        History.from_dict({**h.to_dict(), "time_old": [0.0]})

@@ -160,17 +160,12 @@ def data_from_profile(profile: Profile):
 
 
 def train_kwargs(profile: Profile, strategy: str) -> dict:
-    """Keyword arguments of :func:`ntklab.train.train` for ``strategy`` under ``profile``:
-    optimisation, schedule (multistep at ``lr_milestones``), eps, the evaluation PGD and, for PGD
-    and TRADES, the profile's step size and steps (FGSM variants keep their own default step)."""
-    kw = dict(strategy=strategy, epochs=profile.epochs, lr_schedule="multistep", lr=profile.lr,
-              momentum=profile.momentum, weight_decay=profile.weight_decay,
-              milestones=tuple(profile.lr_milestones), gamma=profile.lr_gamma,
-              batch_size=profile.batch_size, eps=profile.eps, eval_size=profile.n_eval,
-              eval_steps=profile.eval_pgd_steps, eval_alpha=profile.pgd_alpha, seed=profile.seed)
-    if strategy in ("pgd", "trades"):
-        kw.update(alpha=profile.pgd_alpha, steps=profile.pgd_steps)
-    return kw
+    """The fields of :meth:`ntklab.train.TrainConfig.from_profile` that are not ``None``, as keyword
+    arguments of :func:`ntklab.train.train` (a thin wrapper kept for callers that build dicts)."""
+    from ntklab.train import TrainConfig
+
+    return {k: v for k, v in dataclasses.asdict(TrainConfig.from_profile(profile, strategy)).items()
+            if v is not None}
 
 
 MODELS_ENTRY = "models"
@@ -182,36 +177,30 @@ def trained_model(profile: Profile, strategy: str = "normal", *, device=None, fo
 
     The model is built with :func:`model_from_profile` after seeding with ``profile.seed`` and
     trained by :func:`ntklab.train.train` on ``data_from_profile(profile)`` with
-    ``train_kwargs(profile, strategy)`` updated by ``overrides`` (any keyword of ``train`` whose
-    value is JSON-serialisable: ``epochs=3``, ``eps=0.2``, ``switch_epoch=2``, ...; callbacks are
-    not accepted, an experiment that needs them trains its own model). Its weights and history are
-    cached under the name ``"models"``, keyed by the profile and the training arguments, so two
+    ``TrainConfig.from_profile(profile, strategy)`` updated by ``overrides`` (fields of
+    :class:`ntklab.train.TrainConfig` whose value is JSON-serialisable: ``epochs=3``, ``eps=0.2``,
+    ``switch_epoch=2``, ...; callbacks are not accepted, an experiment that needs them trains its
+    own model). Its weights and history are
+    cached under the name ``"models"``, keyed by the profile and the training config, so two
     chapters that ask for the same model share one run (and one checkpoint folder, so an
     interrupted run resumes).
 
     Returns ``(model, history)``: the model on ``device`` in eval mode, and its
     :class:`ntklab.train.History`. Raises ``ValueError`` for an unknown strategy or a keyword that
-    :func:`ntklab.train.train` does not take. Introduced in chapter 2.
+    is not a field of :class:`ntklab.train.TrainConfig`. Introduced in chapter 2.
     """
     from ntklab.config import seed_everything
-    from ntklab.train import STRATEGIES, History, train
+    from ntklab.train import History, TrainConfig, train
 
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; valid strategies are: {', '.join(STRATEGIES)}")
-    accepted = set(inspect.signature(train).parameters) - {"model", "train_set", "callbacks", "eval_set",
-                                                             "device", "checkpoint_dir", "progress"}
-    unknown = sorted(set(overrides) - accepted)
-    if unknown:
-        raise ValueError(f"trained_model got keywords that train() does not take here: {unknown}")
-    kw = {**train_kwargs(profile, strategy), **overrides}
-    config = {"profile": profile.to_dict(), "train": kw}
+    train_config = TrainConfig.from_profile(profile, strategy).replace(**overrides)
+    config = {"profile": profile.to_dict(), "train": train_config.to_dict()}
     device = get_device(device)
 
     def compute():
         train_set, test_set = data_from_profile(profile)
         seed_everything(profile.seed)
         model = model_from_profile(profile)
-        history = train(model, train_set, **kw, eval_set=test_set, device=device,
+        history = train(model, train_set, train_config, eval_set=test_set, device=device,
                         checkpoint_dir=checkpoint_dir(MODELS_ENTRY, config), progress=progress)
         return {"state_dict": model.state_dict(), "history": history.to_dict()}
 

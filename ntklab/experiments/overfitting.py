@@ -354,7 +354,7 @@ def _step_costs(p, config, train_set, device) -> dict:
 
     from ntklab import attacks
     from ntklab.config import seed_everything
-    from ntklab.train import _attack_kwargs, _extra_attack_kwargs, _sgd_step  # the loop's own pieces
+    from ntklab.train import attack_arguments, extra_attack_arguments, sgd_step  # the loop's own pieces
 
     def clock():
         if device.type == "cuda":
@@ -377,8 +377,8 @@ def _step_costs(p, config, train_set, device) -> dict:
         opt = torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
         steps = config["pgd_at_steps"] if m == "pgd" else None
         alpha = (p.pgd_alpha if steps == p.pgd_steps else p.eps / steps) if m == "pgd" else None
-        kw = _attack_kwargs(m, p.eps, alpha, steps, "eval")
-        kw.update(_extra_attack_kwargs(m, None, x_all, device))   # fgsm_pca: the data's basis, once
+        kw = attack_arguments(m, p.eps, alpha, steps, "eval")
+        kw.update(extra_attack_arguments(m, None, x_all, device))   # fgsm_pca: the data's basis, once
         setup[m] = net, opt, kw
     for _ in range(config["cost_reps"]):
         for m in methods:
@@ -386,7 +386,7 @@ def _step_costs(p, config, train_set, device) -> dict:
             net.train()
             start = clock()
             for xb, yb in batches:
-                _sgd_step(net, opt, attacks.adversarial_examples(m, net, xb, yb, **kw), yb)
+                sgd_step(net, opt, attacks.adversarial_examples(m, net, xb, yb, **kw), yb)
             times[m].append((clock() - start) / len(batches))
     return {m: statistics.median(t) for m, t in times.items()}
 

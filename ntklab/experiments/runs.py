@@ -125,7 +125,8 @@ def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool 
     (only the batch-norm running statistics change: the kernel's motion without learning);
     ``clean_acc``, ``robust_acc`` in [0, 1] on the test subset; ``training_time`` (attack + update
     (+ switch measurement) wall seconds, from the history); ``cpu_training_time``: the same
-    measured in process CPU seconds (see :class:`CPUClock`); ``state_dict``; ``compute_seconds``.
+    measured in process CPU seconds (``History.training_time_cpu``); ``cpu_epoch_seconds``: per
+    epoch; ``state_dict``; ``compute_seconds``.
     Same config, same entry: a chapter asking for a run another chapter made loads it.
     """
     from ntklab.config import get_device
@@ -154,9 +155,8 @@ def _compute_run(cp, config, device, progress, checkpoints) -> dict:
     model = model_from_profile(cp)
     snaps = KernelSnapshots(probe_x, probe_y, config["snapshot_epochs"], kind=config["probe"]["kind"],
                             ae=config["ae"], eps=cp.eps, alpha=cp.pgd_alpha, steps=cp.pgd_steps)
-    clock = CPUClock()
     with _epoch_bar(progress, kw["epochs"], f"{kw['strategy']} ({kw['lr_schedule']})") as bar:
-        history = train(model, train_set, **kw, callbacks=[clock.first, snaps, _Tick(bar), clock.last], device=device,
+        history = train(model, train_set, **kw, callbacks=[snaps, _Tick(bar)], device=device,
                         checkpoint_dir=checkpoints, progress=False)
     schedule = make_schedule(kw["lr_schedule"], lr=kw["lr"], epochs=kw["epochs"], milestones=kw["milestones"],
                              gamma=kw["gamma"])
@@ -176,50 +176,9 @@ def _compute_run(cp, config, device, progress, checkpoints) -> dict:
     return {"history": history.to_dict(), "kernels": kernels, "probe_y": probe_y,
             "lr_time": [schedule.epoch_mean(e, n_batches) for e in range(kw["epochs"])],
             "bn_refresh": refresh, "clean_acc": float(clean), "robust_acc": float(robust),
-            "training_time": history.training_time, "cpu_training_time": float(sum(clock.seconds)),
-            "cpu_epoch_seconds": list(clock.seconds), "state_dict": state,
+            "training_time": history.training_time, "cpu_training_time": history.training_time_cpu,
+            "cpu_epoch_seconds": history.epoch_training_times(cpu=True), "state_dict": state,
             "compute_seconds": time.perf_counter() - start, "kernel_seconds": history.measurement_time}
-
-
-class CPUClock:
-    """Process CPU seconds of the training part of every epoch, for runs on a shared CPU.
-
-    The history's times are wall seconds, which on a machine shared with other processes grow with
-    their load (on the book's 2-core machine a run with fewer adversarial epochs once took longer
-    than full PGD-AT). This clock measures ``time.process_time()`` from the end of one epoch's
-    measurements to the start of the next one's: the training (attack, update, and under
-    ``switch_epoch="auto"`` the switch's kernels, which the loop runs before the callbacks) plus the
-    loop's small overhead (shuffling, checkpoint writing). Pass ``clock.first`` as the first and
-    ``clock.last`` as the last callback. With one thread, CPU seconds are compute seconds; with
-    several, they add up over threads (compare runs made with the same number). Survives
-    checkpoints. Chapters 4 and 5.
-    """
-
-    def __init__(self):
-        self.seconds: list[float] = []
-        self._mark: float | None = None
-        self.first, self.last = _Hook(self, first=True), _Hook(self, first=False)
-
-
-class _Hook:
-    def __init__(self, clock: CPUClock, first: bool):
-        self.clock, self.is_first = clock, first
-
-    def on_train_begin(self, model, history):
-        if not self.is_first:
-            self.clock._mark = time.process_time()
-
-    def on_epoch_end(self, epoch, model, history):
-        if self.is_first:
-            self.clock.seconds.append(time.process_time() - self.clock._mark)
-        else:
-            self.clock._mark = time.process_time()
-
-    def state_dict(self):
-        return {"seconds": list(self.clock.seconds)} if self.is_first else None
-
-    def load_state_dict(self, state):
-        self.clock.seconds = [float(v) for v in state["seconds"]]
 
 
 class _Tick:
