@@ -68,8 +68,6 @@ def test_code_lines_counts_neither_blank_lines_nor_comments_nor_docstrings():
     assert code_lines(tree.body[0], text.splitlines(), docstring_lines(tree)) == 3
 
 
-@pytest.mark.xfail(strict=False, reason="train.py:train and experiments/ntk_features.py:_compute are over 100 "
-                                        "lines; the train and ch78 branches split them (remove this mark after the merge)")
 def test_no_function_is_longer_than_100_lines_of_code():
     assert long_functions() == {}
 
