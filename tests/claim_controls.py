@@ -21,3 +21,20 @@ def assert_negative_controls(claims_fn: Callable, good: dict, controls: dict[str
         spoil(bad)
         verdict = {c.key: c.holds for c in claims_fn(bad, profile)}
         assert verdict[key] is False, f"claim {key!r} still holds on its negative control"
+
+
+def set_at(*path_value) -> Callable[[dict], None]:
+    """A negative control that sets one value of the analysis: ``set_at("methods", "fgsm", 0.0)``
+    (or ``set_at(["methods", "fgsm"], 0.0)``) sets ``analysis["methods"]["fgsm"] = 0.0``."""
+    *path, value = path_value
+    if len(path) == 1 and isinstance(path[0], (list, tuple)):
+        path = list(path[0])
+    if not path:
+        raise ValueError("set_at needs a path and a value")
+
+    def spoil(analysis: dict) -> None:
+        for key in path[:-1]:
+            analysis = analysis[key]
+        analysis[path[-1]] = value
+
+    return spoil

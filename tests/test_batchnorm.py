@@ -18,7 +18,7 @@ from ntklab.config import get_profile  # noqa: E402
 from ntklab.experiments import batchnorm  # noqa: E402
 from ntklab.bn import bn_batch_statistics, using_bn_statistics  # noqa: E402
 
-from claim_controls import assert_negative_controls  # noqa: E402
+from claim_controls import assert_negative_controls, set_at as _set  # noqa: E402
 from smoke_runs import rerun_from_cache, smoke_run  # noqa: E402
 
 
@@ -106,17 +106,6 @@ GOOD = {
     "ks_margin": {"clean": 1.08, "ae": 0.43},
     "ks_pgd_order": {"clean": -0.05, "ae": -0.08},
 }
-
-
-def _set(*path_value):
-    *path, value = path_value
-
-    def spoil(a):
-        d = a
-        for k in path[:-1]:
-            d = d[k]
-        d[path[-1]] = value
-    return spoil
 
 
 def test_claims_negative_controls():

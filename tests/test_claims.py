@@ -6,7 +6,7 @@ import torch
 
 from ntklab import claims as C
 from ntklab.config import get_profile
-from tests.claim_controls import assert_negative_controls
+from claim_controls import assert_negative_controls
 
 
 @pytest.mark.parametrize("op,threshold,value,holds", [

@@ -12,7 +12,7 @@ from ntklab.experiments import frozen_kernel
 from ntklab.models import SmallCNN
 from ntklab.train import train
 from test_ntk_features import run_twice
-from tests.claim_controls import assert_negative_controls
+from claim_controls import assert_negative_controls
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 import ntklab
 from ntklab.experiments import cache, ntk_features
-from tests.claim_controls import assert_negative_controls
+from claim_controls import assert_negative_controls, set_at as _set
 
 
 def _check_result(res, config):
@@ -125,15 +125,6 @@ def _good_analysis():
             "kernel_machine": {"peak_fgsm": 0.60, "end_fgsm": 0.40, "clean_at_peak": 0.90, "end_clean": 0.97},
             "features": {"spearman": -0.8, "full_robust": 0.30, "full_clean": 0.97},
             "sweet_spot": {"robust": 0.55, "clean": 0.85, "last_robust": 0.35}}
-
-
-def _set(path, value):
-    def spoil(a):
-        *head, last = path
-        for k in head:
-            a = a[k]
-        a[last] = value
-    return spoil
 
 
 def test_claims_have_negative_controls():

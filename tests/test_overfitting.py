@@ -13,7 +13,7 @@ from ntklab.experiments import cache
 from ntklab.experiments import overfitting as co
 
 from smoke_runs import rerun_from_cache, smoke_run
-from tests.claim_controls import assert_negative_controls
+from claim_controls import assert_negative_controls, set_at as _set
 
 
 @pytest.fixture(scope="module")
@@ -245,15 +245,6 @@ def good_analysis():
                    "change_at_once": {"fgsm": {"ae": 0.5}}, "specificity": 2.0},
         "larger": {"fgsm_aniso": {"collapsed": 0.0}, "fgsm_rs": {"collapsed": 1.0}, "aniso_lead": 0.1},
     }
-
-
-def _set(path, value):
-    def spoil(a):
-        *head, last = path
-        for key in head:
-            a = a[key]
-        a[last] = value
-    return spoil
 
 
 def test_claims_negative_controls():

@@ -12,7 +12,7 @@ from ntklab.experiments import schedule as ch5
 from ntklab.experiments import strategies as ch4
 from ntklab.experiments.runs import chapter_profile
 
-from claim_controls import assert_negative_controls
+from claim_controls import assert_negative_controls, set_at as _set
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +120,6 @@ def good_analysis() -> dict:
             "half_loss": 0.01, "half_saving": 0.1875, "last_loss": 0.06, "last_saving": 0.375,
             "recommended_saving": 0.1875, "switch_epoch": {"s=0": 0, "s=5": 5, "s=10": 10, "auto": 4, "normal": 20},
             "measure_share": 0.01, "to_full": {"s=0": 0.0, "s=5": 0.02, "s=10": 0.03, "auto": 0.02, "normal": 0.08}}
-
-
-def _set(key, *path_value):
-    *path, value = (key, *path_value)
-
-    def spoil(a):
-        d = a
-        for k in path[:-1]:
-            d = d[k]
-        d[path[-1]] = value
-    return spoil
 
 
 CONTROLS = {

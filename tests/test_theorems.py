@@ -13,7 +13,7 @@ from ntklab import attacks, experiments
 from ntklab.config import get_profile
 from ntklab.experiments import batchnorm, theorems
 
-from claim_controls import assert_negative_controls
+from claim_controls import assert_negative_controls, set_at as _set
 from smoke_runs import rerun_from_cache, smoke_run
 
 
@@ -171,15 +171,6 @@ def _good_analysis():
             "smooth_trained": {"slopes": dict(slopes), "cancel": 1e-5, "pgd_at_train_eps": 0.5, **t2},
             "relu_init": {"slopes": dict(slopes), "cancel": 0.9, "pgd_at_train_eps": 0.3},
             "relu_trained": {"slopes": dict(slopes), "cancel": 0.9, "pgd_at_train_eps": 0.6, **t2}}
-
-
-def _set(path, value):
-    def spoil(a):
-        *head, last = path
-        for key in head:
-            a = a[key]
-        a[last] = value
-    return spoil
 
 
 CONTROLS = {
