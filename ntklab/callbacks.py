@@ -30,7 +30,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ntklab.attacks import attack_mode
+from ntklab import attacks
+from ntklab.bn import eval_mode
 from ntklab.evaluate import model_device, clean_accuracy
 
 __all__ = ["Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "ParameterSnapshots", "AutoSwitch",
@@ -61,10 +62,7 @@ class Callback:
         pass
 
 
-def evaluating(model: nn.Module):
-    """A context manager: ``model`` in eval mode for the block, every module's own mode (and the BN
-    buffers) restored afterwards; :func:`ntklab.attacks.attack_mode` with BN in eval mode."""
-    return attack_mode(model, "eval")
+evaluating = eval_mode  # the older name of ntklab.bn.eval_mode, the one eval-mode switch
 
 
 class KernelSnapshots(Callback):
@@ -101,7 +99,7 @@ class KernelSnapshots(Callback):
         self.probe_x, self.probe_y = probe_x, probe_y
         self.epochs = epochs
         self.kind, self.ae, self.implementation, self.chunk_size = kind, ae, implementation, chunk_size
-        self.eps, self.alpha, self.steps = eps, (eps / 4 if alpha is None else alpha), steps
+        self.eps, self.alpha, self.steps = eps, attacks.pgd_alpha(eps, alpha), steps
         self.attack_bn_mode, self.dtype = attack_bn_mode, dtype
         self._state = {"epoch": [], "clean": [], "ae": [], "probe_clean_acc": [], "probe_ae_acc": []}
 
@@ -148,12 +146,12 @@ class KernelSnapshots(Callback):
 
     def snapshot(self, model: nn.Module, completed: int) -> None:
         """Compute and store the kernels of ``model`` now, filed under ``completed`` epochs."""
-        from ntklab import attacks, ntk
+        from ntklab import ntk
 
         dev = model_device(model, None)
         x = self.probe_x.to(dev)
         kw = dict(kind=self.kind, implementation=self.implementation, chunk_size=self.chunk_size)
-        with evaluating(model):
+        with eval_mode(model):
             clean = ntk.empirical_ntk(model, x, **kw)
             st = self._state
             st["clean"].append(clean.detach().to("cpu", self.dtype))
@@ -198,18 +196,16 @@ class CatastrophicOverfittingDetector(Callback):
         if not 0 < drop <= 1:
             raise ValueError(f"drop must be in (0, 1], got {drop}")
         self.x, self.y, self.eps, self.steps, self.restarts = x, y, eps, steps, restarts
-        self.alpha = eps / 4 if alpha is None else alpha
+        self.alpha = attacks.pgd_alpha(eps, alpha)
         self.drop, self.stop, self.bn_mode = drop, stop, bn_mode
         self.best: float | None = None
         self.flagged_epochs: list[int] = []
 
     def robust_accuracy(self, model: nn.Module) -> float:
         """PGD accuracy of ``model`` on the fixed batch."""
-        from ntklab import attacks
-
         dev = model_device(model, None)
         x, y = self.x.to(dev), self.y.to(dev)
-        with evaluating(model):
+        with eval_mode(model):
             x_adv = attacks.pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
                                 restarts=self.restarts, bn_mode=self.bn_mode)
             return clean_accuracy(model, (x_adv, y))

@@ -291,8 +291,8 @@ __all__ += ["pgd_attack", "adversarial_grid"]
 
 def pgd_attack(steps: int = 10):
     """The PGD the book shows in figures and explorers: ``attack(model, x, y, eps)`` running
-    :func:`ntklab.attacks.pgd` with ``steps`` steps of eps/4 (at least 1e-8, so that an explorer's
-    slider may reach eps = 0). Pass it to :func:`ntklab.widgets.attack_explorer` as ``attack``.
+    :func:`ntklab.attacks.pgd` with ``steps`` steps of eps/4 (its default step; at eps = 0, where an
+    explorer's slider starts, the images come back unchanged). Pass it to :func:`ntklab.widgets.attack_explorer` as ``attack``.
     Introduced in chapter 1 (Primer); used from chapter 7 on."""
     from ntklab import attacks
 
@@ -300,7 +300,7 @@ def pgd_attack(steps: int = 10):
         raise ValueError(f"steps must be a positive int; got {steps!r}")
 
     def attack(model, x, y, eps):
-        return attacks.pgd(model, x, y, eps=eps, alpha=max(eps / 4, 1e-8), steps=steps)
+        return attacks.pgd(model, x, y, eps=eps, steps=steps)
 
     return attack
 

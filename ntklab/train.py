@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ntklab import _checks, _progress, attacks, evaluate
-from ntklab.callbacks import AutoSwitch, CatastrophicOverfittingDetector, Callback, KernelSnapshots, evaluating
+from ntklab import _checks, _progress, attacks, bn, evaluate
+from ntklab.bn import eval_mode
+from ntklab.callbacks import AutoSwitch, CatastrophicOverfittingDetector, Callback, KernelSnapshots
 from ntklab.clock import Clock
 from ntklab.config import get_device
 from ntklab.data import as_tensors, atomic_save, describe_load_error, subset
@@ -371,13 +372,12 @@ def attack_arguments(strategy: str, eps, alpha=None, steps=None, bn_mode: str = 
     """The keyword arguments of the attack of ``strategy`` (checked; PGD and TRADES: step
     ``eps / 4`` and 10 steps by default): ``{"eps", "alpha", "steps", "bn_mode"}``, for
     :func:`ntklab.attacks.adversarial_examples` and :func:`ntklab.attacks.trades_loss`."""
-    if bn_mode not in ("eval", "train"):
-        raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    bn.check_bn_mode(bn_mode, name="attack_bn_mode", allowed=("eval", "train"))
     eps = _checks.number("eps", eps)
     _checks.number("alpha", alpha, positive=True, allow_none=True)
     _checks.count("steps", steps, allow_none=True)
     if strategy in ("pgd", "trades"):
-        alpha = eps / 4 if alpha is None and eps > 0 else alpha       # radius 0 needs no step
+        alpha = attacks.pgd_alpha(eps, alpha)                         # eps / 4 by default
         steps = 10 if steps is None else steps
     elif steps not in (None, 1):
         raise ValueError(f"{strategy!r} makes no multi-step attack: steps must be None or 1, got {steps!r}")
@@ -773,7 +773,7 @@ def _evaluate(run: _Run, epoch: int) -> dict:
     """Clean and PGD accuracy on the evaluation subset, from the epoch's ``"eval"`` stream."""
     cfg = run.config
     _seed(run, "eval", epoch=epoch)
-    with run.clock.interval("eval"), evaluating(run.model):
+    with run.clock.interval("eval"), eval_mode(run.model):
         clean = evaluate.clean_accuracy(run.model, run.eval_xy, device=run.device)
         robust = evaluate.pgd_accuracy(run.model, run.eval_xy, eps=cfg.eps if cfg.eval_eps is None else cfg.eval_eps,
                                        alpha=cfg.eval_alpha, steps=cfg.eval_steps)
@@ -798,7 +798,7 @@ def _checkpoint_file(checkpoint_dir) -> Path | None:
 def _num_outputs(model: nn.Module, xb: torch.Tensor) -> int:
     """The number of outputs k of ``model`` (one forward pass in eval mode, without gradients, which
     changes no state and draws no random numbers); its logits must be (n, k) and finite."""
-    with evaluating(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         return _checks.logits(model(xb), where="the model")
 
 

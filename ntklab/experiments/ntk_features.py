@@ -386,7 +386,7 @@ def _kernel_path(task: _Task, config) -> tuple[dict, dict, object]:
         P = kernels.KernelPredictor(task.kernel_fn, task.X,
                                     kernels.regression_weights(task.K, task.Y, lr=task.lr, steps=t)).to(task.device)
         kern[t] = (P, attacks.fgsm(P, Xt, yt, eps=eps), _loss_grad(P, Xt, yt))
-    x_kernel_pgd = attacks.pgd(kern[config["steps"]][0], Xt, yt, eps=eps, alpha=eps / 4, steps=config["pgd_steps"])
+    x_kernel_pgd = attacks.pgd(kern[config["steps"]][0], Xt, yt, eps=eps, steps=config["pgd_steps"])
     kernel_times = {"clean": [_acc(kern[t][0], Xt, yt) for t in config["times"]],
                     "fgsm": [_robust_acc(kern[t][0], Xt, yt, eps, kern[t][1]) for t in config["times"]]}
     return kern, kernel_times, x_kernel_pgd
@@ -425,7 +425,7 @@ def _train_net(task: _Task, config, net, kern: dict, x_kernel_pgd) -> dict:
             rec["clean"].append(_acc(model, Xt, yt))
             rec["own_fgsm"].append(_robust_acc(model, Xt, yt, eps))
             rec["kernel_fgsm"].append(_robust_acc(model, Xt, yt, eps, x_k))
-    x_own_pgd = attacks.pgd(model, Xt, yt, eps=eps, alpha=eps / 4, steps=config["pgd_steps"])
+    x_own_pgd = attacks.pgd(model, Xt, yt, eps=eps, steps=config["pgd_steps"])
     rec["own_pgd"] = _robust_acc(model, Xt, yt, eps, x_own_pgd)
     rec["kernel_pgd"] = _robust_acc(model, Xt, yt, eps, x_kernel_pgd)
     rec["final_loss"] = loss.item()

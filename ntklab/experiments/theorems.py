@@ -284,7 +284,7 @@ def _theorem1(profile, config, device, nets) -> dict:
         inputs = []                                         # per eps: the 7 perturbed probe sets
         for eps in grid:
             torch.manual_seed(profile.seed)
-            x_pgd = attacks.pgd(net64, X, y, eps=eps, alpha=eps / 4, steps=profile.eval_pgd_steps)
+            x_pgd = attacks.pgd(net64, X, y, eps=eps, steps=profile.eval_pgd_steps)
             inputs += [X + eps * signs, X - eps * signs, X + eps * fgsm_signs, x_pgd, X + eps * gauss,
                        (X + eps * signs).clamp(0, 1), (X - eps * signs).clamp(0, 1)]
         K0 = empirical_ntk(net64, X, kind=config["kernel1"])
