@@ -26,3 +26,17 @@ def test_readme_names_the_three_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install --quiet -r requirements.txt" in ci and "python -m pytest" in ci
     assert "jupyter-book build ." in ci
+
+
+def test_readme_claims_example_runs_under_smoke(tmp_path, monkeypatch):
+    """The README's second example (an experiment's analysis and claims without the book), run
+    under the smoke profile: the table lists every claim and check asserts none of quick's there."""
+    text = (ROOT / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[1]
+    assert block.count('"quick"') == 3
+    monkeypatch.setenv("NTKLAB_RESULTS", str(tmp_path))
+    monkeypatch.setenv("NTKLAB_PROGRESS", "0")
+    namespace = {}
+    exec(compile(block.replace('"quick"', '"smoke"'), "README.md", "exec"), namespace)
+    claims = namespace["claims"]
+    assert claims and len(namespace["ntklab"].claims.table(claims, "smoke").rows()) == len(claims)
