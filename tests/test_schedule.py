@@ -33,6 +33,10 @@ def test_settings_per_profile(paper_profile):
     assert quick.switch_epochs == [0, 5, 10]  # 0, half-way to and at the first decay (after epoch 10)
     assert (quick.autoattack_n, quick.auto_threshold, quick.auto_probe) == (200, 0.2, 32)
     assert ch5.Settings.for_profile(get_profile("smoke")).autoattack_n == 32
+    assert (quick.cost_rounds, quick.cost_batches) == (7, 4)
+    assert ch5.make_config(get_profile("quick"))["cost"] == {"rounds": 7, "batches": 4, "seed": 0}
+    smoke = ch5.Settings.for_profile(get_profile("smoke"))
+    assert (smoke.cost_rounds, smoke.cost_batches) == (3, 2)
     assert ch5.Settings.for_profile(paper_profile).autoattack_n == paper_profile.n_eval
     assert [spec[0] for spec in quick.run_specs()] == ["s=0", "s=5", "s=10", "auto", "normal"]
     auto = dict((label, kw) for label, _, kw, _ in quick.run_specs())["auto"]
@@ -62,6 +66,9 @@ def test_schedule_shares_chapter_4_runs_and_switches_where_it_says(schedule_run)
     assert sum(auto["time_switch"]) > 0 and result["runs"]["auto"]["training_time"] == pytest.approx(
         sum(auto["time_attack"]) + sum(auto["time_update"]) + sum(auto["time_switch"]))
     assert result["compute_seconds"] > 0
+    # the per-batch step costs, measured after the runs by ntklab.clock.step_cost
+    assert sorted(result["step_seconds"]) == ["normal", "pgd"]
+    assert all(0 < t < float("inf") for t in result["step_seconds"].values())
 
 
 def test_schedule_paper_code_path(paper_profile):
@@ -105,7 +112,30 @@ def test_analyse_on_the_smoke_run(schedule_run):
     assert a["normal_lazy_onset"] == ntklab.metrics.lazy_onset(by_hand)
     assert a["to_full"]["s=0"] == pytest.approx(0, abs=1e-12) and a["to_full"]["normal"] > 0
     assert set(a["jump"]) == {"s=1", "s=2", "auto"} and len(a["velocity"]["s=1"]) == 4
+    c = result["step_seconds"]
+    assert a["step_seconds"] == c and a["step_ratio"] == pytest.approx(c["pgd"] / c["normal"])
+    assert a["step_cost"]["s=0"] == pytest.approx(1) and a["step_saving"]["normal"] == pytest.approx(
+        1 - c["normal"] / c["pgd"])
     assert ntklab.claims.check(ch5.claims(a, "smoke"), "smoke") == []  # nothing is asserted under smoke
+
+
+def test_step_cost_analysis_by_hand(schedule_run):
+    """The smoke run with synthetic per-batch costs: a PGD step 4 times a normal one."""
+    _, result, _ = schedule_run
+    result = {**result, "step_seconds": {"normal": 0.01, "pgd": 0.04}}
+    a = ch5.analyse(result)
+    assert a["step_ms"] == pytest.approx({"normal": 10.0, "pgd": 40.0}) and a["step_ratio"] == pytest.approx(4.0)
+    # E = 4 epochs: (s * 0.01 + (4 - s) * 0.04) / (4 * 0.04)
+    by_hand = {"s=0": 1.0, "s=1": 0.13 / 0.16, "s=2": 0.10 / 0.16, "auto": 0.10 / 0.16, "normal": 0.04 / 0.16}
+    assert a["step_cost"] == pytest.approx(by_hand)
+    assert a["step_saving"] == pytest.approx({l: 1 - v for l, v in by_hand.items()})
+    assert a["half_step_saving"] == pytest.approx(0.1875) and a["last_step_saving"] == pytest.approx(0.375)
+    assert a["auto_step_saving"] == pytest.approx(0.375)
+    assert a["recommended_step_saving"] == pytest.approx(1 - by_hand[a["recommended"]])
+    # with c_pgd = (k + 1) c_normal the predicted saving is the one counted in passes
+    k = a["pgd_steps"]
+    equal = ch5.analyse({**result, "step_seconds": {"normal": 1.0, "pgd": k + 1.0}})
+    assert equal["step_saving"] == pytest.approx(equal["saving"])
 
 
 # ---------------------------------------------------------------- claims
@@ -114,6 +144,7 @@ def good_analysis() -> dict:
     claim of chapter 5 holds."""
     labels = ["s=0", "s=5", "s=10", "auto", "normal"]
     return {"labels": labels, "fixed": labels[:3], "tolerance": 0.03, "cap": 10, "best": "s=0",
+            "pgd_steps": 3, "step_ratio": 3.5,
             "robust_acc": {"s=0": 0.80, "s=5": 0.79, "s=10": 0.74, "auto": 0.785, "normal": 0.0},
             "cpu_training_time": {"s=0": 50.0, "s=5": 42.0, "s=10": 33.0, "auto": 45.0, "normal": 15.0},
             "saving": {"s=0": 0.0, "s=5": 0.1875, "s=10": 0.375, "auto": 0.15, "normal": 0.75},
@@ -130,6 +161,7 @@ CONTROLS = {
     "auto_switch": _set("switch_epoch", "auto", 1),
     "kernel_trace": _set("to_full", "s=10", 0.08),                     # as far as normal training's
     "cpu_normal_cheaper": _set("cpu_training_time", "normal", 50.0),
+    "pgd_step_cost": _set("step_ratio", 2.0),                          # exactly twice: not more
 }
 
 
@@ -158,6 +190,15 @@ def test_claims_are_asserted_under_quick_only():
     with pytest.raises(AssertionError, match="pgd_trains"):
         ntklab.claims.check(ch5.claims(spoiled, "quick"), "quick")
     assert ntklab.claims.check(ch5.claims(spoiled, "paper"), "paper") == []
+
+
+def test_step_cost_claim_is_an_observation():
+    spoiled = good_analysis()
+    CONTROLS["pgd_step_cost"](spoiled)
+    cl = ch5.claims(spoiled, "quick")
+    assert [c.key for c in cl if not c.holds] == ["pgd_step_cost"]
+    assert "pgd_step_cost" not in [c.key for c in ntklab.claims.check(cl, "quick")]  # reported, not asserted
+    assert "observation" in str(ntklab.claims.table(cl, "quick")).splitlines()[-1]
 
 
 def test_cost_robustness_figure():

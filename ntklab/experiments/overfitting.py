@@ -54,7 +54,8 @@ The result (a dict, cached by config and package version):
 * ``noise``: the covariance of each noise's start, drawn through the attacks (:func:`noise_starts`,
   :func:`noise_statistics`: ``n_draws`` draws), and the training images' pixel statistics;
 * ``step_seconds[method]``: seconds of training per batch (attack + update) of every method and of
-  ``"pgd"``, measured in interleaved rounds after the runs, in CPU time on a CPU (``_step_costs``):
+  ``"pgd"``, measured in interleaved rounds after the runs, in CPU time on a CPU
+  (:func:`ntklab.clock.step_cost`):
   the training times of whole runs are wall-clock sums and grow with whatever else runs on the
   machine, these much less;
 * ``compute_seconds``: wall seconds of the whole computation.
@@ -342,25 +343,19 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
 
 def _step_costs(p, config, train_set, device) -> dict:
     """Training cost per batch (attack + update, as in :func:`ntklab.train.train`) of every method
-    and of the PGD-AT reference, measured so that other work on the machine disturbs it little:
-    ``cost_reps`` rounds, each giving every method in turn ``cost_batches`` batches, from the same
-    initialisation for every method; per method the median over the rounds. On the CPU the clock is
-    the process's CPU time (another process sharing the cores changes it far less than the wall
-    clock), on a GPU the wall clock after synchronising. Returns ``{method: seconds per batch}``."""
+    and of the PGD-AT reference, by :func:`ntklab.clock.step_cost`: ``cost_reps`` rounds, each
+    giving every method in turn the same ``cost_batches`` batches, from the same initialisation for
+    every method; per method the median over the rounds, in process-CPU seconds on the CPU (wall
+    seconds after synchronising on a GPU). Returns ``{method: seconds per batch}``."""
     import copy
-    import statistics
+    import itertools
 
     import torch
 
     from ntklab import attacks
+    from ntklab.clock import step_cost
     from ntklab.config import seed_everything
     from ntklab.train import attack_arguments, extra_attack_arguments, sgd_step  # the loop's own pieces
-
-    def clock():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-        return time.process_time()
 
     seed_everything(p.seed)
     net0 = model_from_profile(p).to(device)
@@ -370,25 +365,24 @@ def _step_costs(p, config, train_set, device) -> dict:
     perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(p.seed))
     idx = perm[: config["cost_batches"] * p.batch_size].split(p.batch_size)
     batches = [(x_all[i].to(device), y_all[i].to(device)) for i in idx]
-    methods = list(config["methods"]) + ["pgd"]
-    setup, times = {}, {m: [] for m in methods}
-    for m in methods:
+
+    def step(m):
         net = copy.deepcopy(net0)
         opt = torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
         steps = config["pgd_at_steps"] if m == "pgd" else None
         alpha = (p.pgd_alpha if steps == p.pgd_steps else p.eps / steps) if m == "pgd" else None
         kw = attack_arguments(m, p.eps, alpha, steps, "eval")
         kw.update(extra_attack_arguments(m, None, x_all, device))   # fgsm_pca: the data's basis, once
-        setup[m] = net, opt, kw
-    for _ in range(config["cost_reps"]):
-        for m in methods:
-            net, opt, kw = setup[m]
+        cycle = itertools.cycle(batches)                            # every round: each batch once
+
+        def one():
+            xb, yb = next(cycle)
             net.train()
-            start = clock()
-            for xb, yb in batches:
-                sgd_step(net, opt, attacks.adversarial_examples(m, net, xb, yb, **kw), yb)
-            times[m].append((clock() - start) / len(batches))
-    return {m: statistics.median(t) for m, t in times.items()}
+            sgd_step(net, opt, attacks.adversarial_examples(m, net, xb, yb, **kw), yb)
+        return one
+
+    steps = {m: step(m) for m in list(config["methods"]) + ["pgd"]}
+    return step_cost(steps, rounds=config["cost_reps"], batches=len(batches), device=device)
 
 
 def _train_one(p, config, strategy, seed, eps, train_set, eval_xy, final_set, probe, autoattack,

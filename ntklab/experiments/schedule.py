@@ -26,8 +26,13 @@ The result (a dict, cached by config and package version):
 * ``labels``: the runs in order (``"s=0"``, ..., ``"auto"``, ``"normal"``); ``switch_epochs``:
   the epoch each one switched at (``"auto"``: the chosen one; ``"normal"``: ``epochs``, never);
 * ``runs[label]``: the run's result without the weights (see ``kernel_run``) plus
-  ``autoattack_acc``; ``config``; ``compute_seconds`` (runs and AutoAttack, wall seconds, also
-  when the runs came from the cache).
+  ``autoattack_acc``; ``config``; ``compute_seconds`` (runs, AutoAttack and the step costs, wall
+  seconds, also when the runs came from the cache);
+* ``step_seconds``: ``{"normal": s, "pgd": s}``, the seconds per batch of a normal training step
+  and of a PGD-k one (attack + update) on the chapter's model, measured after the runs by
+  :func:`ntklab.clock.step_cost` (``Settings.cost_rounds`` interleaved rounds over
+  ``Settings.cost_batches`` batches; process-CPU seconds on the CPU, which other work on a shared
+  machine disturbs far less than the whole runs' seconds).
 
 :func:`analyse` turns a result into the numbers chapter 5 discusses, :func:`claims` into its claims
 (:mod:`ntklab.claims`), which the chapter shows as a table and asserts under ``quick``.
@@ -65,7 +70,9 @@ class Settings:
     switch_fractions: the fixed switch epochs as fractions of the first decay (0: full PGD-AT);
     auto_threshold, auto_probe: the automatic switch's rule (velocity at most this fraction of the
     first epoch's, on a probe of this many training images; the cap is the first decay);
-    autoattack_attacks: AutoAttack's attacks run on every model.
+    autoattack_attacks: AutoAttack's attacks run on every model;
+    cost_rounds, cost_batches: the per-batch step costs (:func:`ntklab.clock.step_cost`), this many
+    interleaved rounds over this many training batches (smoke 3 and 2).
     """
 
     profile: Profile
@@ -74,11 +81,14 @@ class Settings:
     auto_threshold: float = 0.2
     auto_probe: int = 32
     autoattack_attacks: tuple[str, ...] = ("apgd-ce", "apgd-dlr")
+    cost_rounds: int = 7
+    cost_batches: int = 4
 
     @classmethod
     def for_profile(cls, profile: Profile) -> "Settings":
         cp = chapter_profile(profile)
-        return cls(cp, autoattack_n={"smoke": 32, "quick": 200}.get(profile.name, cp.n_eval))
+        cost = {"cost_rounds": 3, "cost_batches": 2} if profile.name == "smoke" else {}
+        return cls(cp, autoattack_n={"smoke": 32, "quick": 200}.get(profile.name, cp.n_eval), **cost)
 
     @property
     def switch_epochs(self) -> list[int]:
@@ -102,7 +112,8 @@ def make_config(profile) -> dict:
     specs = st.run_specs()
     return {"profile": st.profile.to_dict(), "labels": [r[0] for r in specs],
             "runs": [run_config(st.profile, strategy, "multistep", ae, kw) for _, strategy, kw, ae in specs],
-            "autoattack": {"attacks": list(st.autoattack_attacks), "n": st.autoattack_n, "seed": st.profile.seed}}
+            "autoattack": {"attacks": list(st.autoattack_attacks), "n": st.autoattack_n, "seed": st.profile.seed},
+            "cost": {"rounds": st.cost_rounds, "batches": st.cost_batches, "seed": st.profile.seed}}
 
 
 @experiment(NAME, "normal training first, PGD-AT after a fixed or automatic switch epoch: time, clean, "
@@ -120,7 +131,7 @@ def _compute(st: Settings, config, device, force, progress) -> dict:
 
     cp = st.profile
     device = get_device(device)
-    _, test_set = data_from_profile(cp)
+    train_set, test_set = data_from_profile(cp)
     aa = config["autoattack"]
     out = {"labels": list(config["labels"]), "switch_epochs": {}, "runs": {}, "config": config,
            "compute_seconds": 0.0}
@@ -140,7 +151,51 @@ def _compute(st: Settings, config, device, force, progress) -> dict:
                                        else int(switched))
         out["runs"][label] = res
         out["compute_seconds"] += res["compute_seconds"] + time.perf_counter() - start
+    start = time.perf_counter()
+    out["step_seconds"] = _step_costs(cp, config["cost"], train_set, device)
+    out["compute_seconds"] += time.perf_counter() - start
     return out
+
+
+def _step_costs(cp, cost, train_set, device) -> dict:
+    """Seconds per batch of a normal and of a PGD-k training step (attack + update, as in
+    :func:`ntklab.train.train` under the chapter profile ``cp``), by :func:`ntklab.clock.step_cost`:
+    ``cost["rounds"]`` rounds, each giving both steps in turn the same ``cost["batches"]`` training
+    batches, each on its own copy of one initialisation. Returns ``{"normal": s, "pgd": s}``."""
+    import copy
+    import itertools
+
+    import torch
+
+    from ntklab import attacks
+    from ntklab.clock import step_cost
+    from ntklab.config import seed_everything
+    from ntklab.experiments import model_from_profile
+    from ntklab.train import TrainConfig, attack_arguments, sgd_step
+
+    x, y = train_set.tensors
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cost["seed"]))
+    batches = [(x[i].to(device), y[i].to(device)) for i in perm[: cost["batches"] * cp.batch_size].split(cp.batch_size)]
+    seed_everything(cp.seed)
+    net0 = model_from_profile(cp).to(device)
+
+    def step(strategy):
+        tc = TrainConfig.from_profile(cp, strategy)
+        net = copy.deepcopy(net0)
+        opt = torch.optim.SGD(net.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        kw = attack_arguments(strategy, tc.eps, tc.alpha, tc.steps, tc.attack_bn_mode)
+        cycle = itertools.cycle(batches)  # every round: each batch once
+
+        def one():
+            xb, yb = next(cycle)
+            net.train()
+            if strategy != "normal":
+                xb = attacks.adversarial_examples(strategy, net, xb, yb, **kw)
+            sgd_step(net, opt, xb, yb)
+        return one
+
+    return step_cost({s: step(s) for s in ("normal", "pgd")}, rounds=cost["rounds"], batches=len(batches),
+                     device=device)
 
 
 # ------------------------------------------------------------------ analysis
@@ -160,10 +215,16 @@ def analyse(result: dict, tolerance: float = TOLERANCE) -> dict:
     seconds), ``loss`` (full PGD-AT's robust accuracy minus the schedule's), ``velocity`` (centred
     C-NTK velocity per epoch), ``to_full`` (centred KD of the final kernel to full PGD-AT's), ``jump``
     (velocity in the first adversarial epoch / in the last normal one, for switches inside the run),
-    ``predicted_saving`` (the fixed switches' saving by the formula of the chapter); the choices:
+    ``predicted_saving`` (the fixed switches' saving by the formula of the chapter);
+    ``step_seconds`` and ``step_ms`` (``{"normal", "pgd"}``: the measured seconds and milliseconds
+    per batch of a normal and of a PGD-k training step), ``step_ratio`` (PGD-k's / normal's),
+    ``step_cost`` (per label: the schedule's cost relative to full PGD-AT's predicted from the
+    per-batch costs, ``(s c_normal + (E - s) c_pgd) / (E c_pgd)``, without the automatic switch's
+    kernels) and ``step_saving`` (1 - ``step_cost``); the choices:
     ``recommended`` (the latest fixed switch within the tolerance), ``best`` (the fixed switch with
     the highest robust accuracy), ``half`` (the middle fixed switch), ``last`` (the switch at the
-    first decay); the automatic switch: ``auto_velocity`` (the velocities per unit of lr it measured),
+    first decay), each with ``<choice>_saving``, ``_cpu_saving``, ``_step_saving``, ``_loss`` and
+    ``_switch``; the automatic switch (also ``auto_saving``, ``auto_cpu_saving``, ``auto_step_saving``): ``auto_velocity`` (the velocities per unit of lr it measured),
     ``measure_share`` (its kernel measurements' share of its training time, both wall seconds),
     ``auto_minus_best`` (its robust accuracy minus the best fixed choice's); and
     ``normal_velocity_per_lr`` (normal training's centred C-NTK velocity per unit of lr on chapter 4's
@@ -184,6 +245,7 @@ def analyse(result: dict, tolerance: float = TOLERANCE) -> dict:
     a["cpu_saving"] = {l: 1 - runs[l]["cpu_training_time"] / full["cpu_training_time"] for l in labels}
     a["loss"] = {l: full["robust_acc"] - runs[l]["robust_acc"] for l in labels}
     a["predicted_saving"] = {l: 1 - (switch[l] + (epochs - switch[l]) * (k + 1)) / (epochs * (k + 1)) for l in fixed}
+    a.update(_step_analysis(result["step_seconds"], switch, epochs))
     good = [l for l in fixed if a["loss"][l] <= tolerance]
     a["recommended"] = max(good, key=lambda l: switch[l]) if good else None
     a["best"] = max(fixed, key=lambda l: runs[l]["robust_acc"])
@@ -192,6 +254,7 @@ def analyse(result: dict, tolerance: float = TOLERANCE) -> dict:
         l = a[name]
         a[f"{name}_saving"] = a["saving"][l] if l else math.nan
         a[f"{name}_cpu_saving"] = a["cpu_saving"][l] if l else math.nan
+        a[f"{name}_step_saving"] = a["step_saving"][l] if l else math.nan
         a[f"{name}_loss"] = a["loss"][l] if l else math.nan
         a[f"{name}_switch"] = switch[l] if l else -1
     a.update(_auto(result, a, cap))
@@ -202,6 +265,14 @@ def analyse(result: dict, tolerance: float = TOLERANCE) -> dict:
                  for l in labels if 0 < switch[l] < epochs}
     a["compute_seconds"] = float(result["compute_seconds"])
     return a
+
+
+def _step_analysis(step_seconds, switch, epochs) -> dict:
+    """The measured per-batch costs and each schedule's cost and saving predicted from them."""
+    c = {m: float(step_seconds[m]) for m in ("normal", "pgd")}
+    cost = {l: (s * c["normal"] + (epochs - s) * c["pgd"]) / (epochs * c["pgd"]) for l, s in switch.items()}
+    return {"step_seconds": c, "step_ms": {m: 1000 * v for m, v in c.items()}, "step_ratio": c["pgd"] / c["normal"],
+            "step_cost": cost, "step_saving": {l: 1 - v for l, v in cost.items()}}
 
 
 def _auto(result, a, cap) -> dict:
@@ -216,6 +287,7 @@ def _auto(result, a, cap) -> dict:
     onset = metrics.lazy_onset(normal_v)
     return {"auto_velocity": [float(v) for v in auto["history"]["extra"].get("switch_velocity", []) if v is not None],
             "auto_saving": a["saving"]["auto"], "auto_cpu_saving": a["cpu_saving"]["auto"],
+            "auto_step_saving": a["step_saving"]["auto"],
             "auto_switch": a["switch_epoch"]["auto"],
             "auto_minus_best": auto["robust_acc"] - runs[a["best"]]["robust_acc"],
             "measure_seconds": float(sum(auto["history"]["time_switch"])),
@@ -228,7 +300,8 @@ def _auto(result, a, cap) -> dict:
 # ------------------------------------------------------------------ claims
 def claims(analysis: dict, profile) -> list[Claim]:
     """The claims of chapter 5 on the output of :func:`analyse`, numbered as in the chapter; asserted
-    under ``quick`` (the thresholds were written for its numbers), shown under every profile."""
+    under ``quick`` (the thresholds were written for its numbers), shown under every profile; the
+    last, on the measured per-batch costs, is an observation that nothing asserts."""
     a, tol = analysis, analysis["tolerance"]
     fixed, robust, full, normal = a["fixed"], a["robust_acc"], a["fixed"][0], "normal"
     switched = [l for l in a["labels"] if l not in (full, normal)]
@@ -263,4 +336,7 @@ def claims(analysis: dict, profile) -> list[Claim]:
         compare("cpu_normal_cheaper", "Of the CPU seconds, only the several-fold gap: normal training takes fewer CPU "
                 "seconds than full PGD-AT (threshold: full PGD-AT's).",
                 a["cpu_training_time"][normal], "<", a["cpu_training_time"][full]),
+        compare("pgd_step_cost", f"A PGD-{a['pgd_steps']} training step costs more than twice a normal one: the "
+                "per-batch cost ratio PGD / normal, measured interleaved (ntklab.clock.step_cost), is above 2 "
+                "(an observation: a shared CPU can move it).", a["step_ratio"], ">", 2, profiles=()),
     ]
