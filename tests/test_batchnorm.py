@@ -135,8 +135,9 @@ def test_claims_negative_controls():
     # asserted under quick only; the observations under no profile
     cl = batchnorm.claims(GOOD, "quick")
     assert [c.key for c in cl if c.profiles == ("quick",)][-1] == "pgd_robust"
-    assert [c.key for c in cl if c.profiles == ()] == ["pgd_without_buffer_collapsed", "ks_ae_lower",
-                                                       "ks_clean_orders_pgd", "ks_ae_orders_pgd"]
+    # the clean-accuracy cost of training without buffer did not hold on every seed: reported only
+    assert [c.key for c in cl if c.profiles == ()] == ["without_buffer_clean", "pgd_without_buffer_collapsed",
+                                                       "ks_ae_lower", "ks_clean_orders_pgd", "ks_ae_orders_pgd"]
 
 
 def test_gradient_split_by_hand(trained_cnn, mnist_small):

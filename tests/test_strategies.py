@@ -186,6 +186,7 @@ CONTROLS = {
     "no_drawing_apart": _set(("apart", "pgd"), 1.25),
     "centring_matters": _set(("runs", "constant", "normal", "centring_ratio"), 0.9),
     "adversarial_concentrates": _set(("effective_rank_end", "trades"), 36.0),
+    "above_bn_floor": _set(("floor", "fgsm_rs"), 0.01 / 2.9),                 # the burst within 3x the floor
 }
 
 
@@ -195,7 +196,7 @@ def test_every_claim_has_a_negative_control():
 
 @pytest.mark.parametrize("key, spoil", [
     ("lazy_early", _set(("lazy_onset", "normal"), None)),                        # no lazy phase at all
-    ("burst_per_lr", _set(("floor", "fgsm_rs"), 0.01 / 2.9)),                     # the burst within 3x the floor
+    ("above_bn_floor", _set(("velocity_after_decay", "pgd"), 0.0)),
     ("no_burst_without_step", _set(("runs", "constant", "normal", "n_phases_per_lr"), 3)),
     ("no_burst_without_step", _set(("runs", "cosine", "normal", "n_phases_per_epoch"), 4)),
     ("no_drawing_apart", _set(("apart", "trades"), 0.75)),                        # drawing together counts too
@@ -211,7 +212,9 @@ def test_every_part_of_a_claim_can_fail_it(key, spoil):
 
 def test_claims_are_asserted_under_quick_only():
     claims = ch4.claims(good_analysis(), "quick")
-    assert all(c.profiles == ("quick",) for c in claims)
+    # the two statements that did not hold on every seed are reported, never asserted
+    assert {c.key for c in claims if c.profiles == ()} == {"slower_after_decay", "above_bn_floor"}
+    assert all(c.profiles == ("quick",) for c in claims if c.key not in ("slower_after_decay", "above_bn_floor"))
     spoiled = good_analysis()
     CONTROLS["burst_per_lr"](spoiled)
     with pytest.raises(AssertionError, match="burst_per_lr"):

@@ -255,12 +255,11 @@ def claims(analysis: dict, profile) -> list[Claim]:
                per("", a["lazy_onset"], "<", a["epochs"] // 4, names)),
         all_of("slower_after_decay", "Per epoch, the decays start no third phase: after the first decay every "
                "strategy's kernel moves more slowly than in the three epochs before it (largest velocity after / "
-               "median before).", per("", a["slower"], "<", 1, names)),
+               "median before). Reported, not asserted: it did not hold on every seed.",
+               per("", a["slower"], "<", 1, names), profiles=()),
         all_of("burst_per_lr", "Per unit of learning rate, the first decay is a burst: every strategy's velocity in "
-               "the first epoch after it is at least twice its median over the three epochs before (burst), and at "
-               "least 3x the motion that refreshing the batch-norm statistics alone causes (velocity; floor).",
-               per(" burst", a["burst"], ">=", 2, names)
-               + per(" velocity", a["velocity_after_decay"], ">=", {s: 3 * a["floor"][s] for s in names}, names)),
+               "the first epoch after it is at least twice its median over the three epochs before.",
+               per(" burst", a["burst"], ">=", 2, names)),
         all_of("no_burst_without_step", "Without a step decay there is no burst: under a constant rate normal "
                "training's velocity per unit of learning rate in the second half stays below twice its median over "
                "the three epochs before the first decay (rise), with two phases; under the cosine schedule it has "
@@ -285,4 +284,9 @@ def claims(analysis: dict, profile) -> list[Claim]:
                per(" rank", a["effective_rank_end"], "<", a["effective_rank_end"].get("normal", math.nan), adversarial)
                + per(" KD", {s: a["clean_vs_ae"][s][-1] for s in adversarial}, "<",
                      {s: 0.5 * a["clean_vs_ae"][s][0] for s in adversarial}, adversarial)),
+        all_of("above_bn_floor", "The burst is more than batch-norm bookkeeping: every strategy's per-epoch velocity "
+               "in the first epoch after the decay is at least 3x the motion that refreshing the batch-norm "
+               "statistics alone causes (velocity; floor). Reported, not asserted: it did not hold on every seed.",
+               per(" velocity", a["velocity_after_decay"], ">=", {s: 3 * a["floor"][s] for s in names}, names),
+               profiles=()),
     ]
