@@ -1,5 +1,7 @@
-"""Tests of the phase splitter (ntklab.metrics.split_phases, lazy_onset) and of the automatic switch
-epoch (train(..., switch_epoch="auto"), ntklab.callbacks.AutoSwitch): chapters 4 and 5."""
+"""Tests of ntklab.callbacks: the automatic switch epoch (train(..., switch_epoch="auto"),
+AutoSwitch, chapters 4 and 5). KernelSnapshots, the evaluation callbacks and the catastrophic-
+overfitting detector are exercised through train() in test_train.py; the phase splitter it uses is
+tested in test_metrics.py."""
 
 import numpy as np
 import pytest
@@ -9,78 +11,10 @@ import ntklab
 from ntklab import metrics
 from ntklab.callbacks import AutoSwitch
 from ntklab.models import SmallCNN
-from ntklab.train import CHECKPOINT_NAME, History, train
+from ntklab.train import CHECKPOINT_NAME, train
 from test_train import Interrupt, strip_times  # tests/ is on the path: pytest's rootdir-relative imports
 
 MEAN, STD = ntklab.data.stats("mnist5k")
-LEARN, LAZY = metrics.PHASES
-
-
-# ---------------------------------------------------------------- phase splitter
-def threefold(decay_at=10, n=20, seed=0):
-    """A synthetic velocity curve: fast fall, a flat lazy floor with noise, a burst at the decay."""
-    rng = np.random.default_rng(seed)
-    v = 0.3 * np.exp(-np.arange(n) / 1.5) + 0.01 * (1 + 0.2 * rng.random(n))
-    v[decay_at:decay_at + 2] *= [8.0, 5.0]
-    return v
-
-
-def test_split_phases_finds_three_phases_at_the_right_epochs():
-    v = threefold()
-    # the onset by hand: the first value at or below a fifth of the first
-    onset = next(t for t in range(1, len(v)) if v[t] <= 0.2 * v[0])
-    assert metrics.lazy_onset(v) == onset
-    assert metrics.split_phases(v) == [(LEARN, 0, onset), (LAZY, onset, 10), (LEARN, 10, 12), (LAZY, 12, 20)]
-
-
-def test_split_phases_hand_example_and_edges():
-    assert metrics.split_phases([1.0, 0.5, 0.1, 0.1, 0.1, 0.5, 0.1]) == [
-        (LEARN, 0, 2), (LAZY, 2, 5), (LEARN, 5, 6), (LAZY, 6, 7)]
-    # never 5x below the first value: one phase of kernel learning
-    assert metrics.split_phases([1.0, 0.9, 0.5, 0.21]) == [(LEARN, 0, 4)]
-    assert metrics.lazy_onset([1.0, 0.9, 0.5, 0.21]) is None
-    assert metrics.split_phases([2.0]) == [(LEARN, 0, 1)]
-    # exactly at the thresholds: at or below lazy_below is lazy; at rise_above x the level still lazy
-    assert metrics.split_phases([1.0, 0.2, 0.6, 1.81], window=1) == [(LEARN, 0, 1), (LAZY, 1, 3), (LEARN, 3, 4)]
-    # the recent lazy level is the median of the last `window` lazy values
-    v = [1.0, 0.1, 0.1, 0.1, 0.01, 0.01, 0.05]
-    assert metrics.split_phases(v, window=3)[-1] == (LEARN, 6, 7)      # 0.05 > 3 x median(0.1, 0.01, 0.01)
-    assert metrics.split_phases(v, window=5) == [(LEARN, 0, 1), (LAZY, 1, 7)]  # 0.05 <= 3 x 0.1
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_split_phases_invariants_on_random_curves(seed):
-    rng = np.random.default_rng(seed)
-    v = rng.lognormal(sigma=1.5, size=30)
-    phases = metrics.split_phases(v)
-    # consecutive segments covering the curve, alternating names
-    assert phases[0][1] == 0 and phases[-1][2] == len(v)
-    assert all(a[2] == b[1] and a[0] != b[0] for a, b in zip(phases, phases[1:]))
-    labels = [name for name, start, stop in phases for _ in range(start, stop)]
-    onset = metrics.lazy_onset(v)
-    assert onset is None or (labels[onset] == LAZY and v[onset] <= 0.2 * v[0])
-    first_lazy = labels.index(LAZY) if LAZY in labels else len(v)
-    assert first_lazy == (len(v) if onset is None else onset)
-    assert all(v[t] > 0.2 * v[0] for t in range(1, first_lazy))
-    # every later value labelled learning is more than 3x the median of the 3 lazy values before it
-    for t in range(first_lazy + 1, len(v)):
-        recent = [v[s] for s in range(first_lazy, t) if labels[s] == LAZY][-3:]
-        assert (labels[t] == LEARN) == (v[t] > 3 * np.median(recent))
-    # thresholds are relative: a change of units (per epoch -> per unit of a constant lr) changes nothing
-    assert metrics.split_phases(v / 0.05) == phases
-
-
-def test_split_phases_rejects_bad_input():
-    for bad, match in [([], "non-empty"), ([[1.0, 0.5]], "1-d"), ([1.0, float("nan")], "finite"),
-                       ([1.0, -0.1], ">= 0"), ([0.0, 0.1], r"velocity\[0\]")]:
-        with pytest.raises(ValueError, match=match):
-            metrics.split_phases(bad)
-    with pytest.raises(ValueError, match="lazy_below"):
-        metrics.split_phases([1.0, 0.1], lazy_below=1.0)
-    with pytest.raises(ValueError, match="rise_above"):
-        metrics.split_phases([1.0, 0.1], rise_above=1.0)
-    with pytest.raises(ValueError, match="window"):
-        metrics.split_phases([1.0, 0.1], window=0)
 
 
 # ---------------------------------------------------------------- the automatic switch
