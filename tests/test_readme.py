@@ -33,7 +33,7 @@ def test_readme_claims_example_runs_under_smoke(tmp_path, monkeypatch):
     under the smoke profile: the table lists every claim and check asserts none of quick's there."""
     text = (ROOT / "README.md").read_text()
     block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[1]
-    assert block.count('"quick"') == 3
+    assert block.count('"quick"') == 4
     monkeypatch.setenv("NTKLAB_RESULTS", str(tmp_path))
     monkeypatch.setenv("NTKLAB_PROGRESS", "0")
     namespace = {}
