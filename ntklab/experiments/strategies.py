@@ -42,8 +42,7 @@ from ntklab import metrics
 from ntklab.claims import Claim, all_of, compare
 from ntklab.config import Profile
 from ntklab.experiments import RunContext, experiment
-# RUNS_ENTRY, chapter_profile and run_config are imported for older callers; they live in runs
-from ntklab.experiments.runs import RUNS_ENTRY, chapter_profile, kernel_runs, run_config  # noqa: F401
+from ntklab.experiments.runs import chapter_profile, kernel_runs, run_config
 
 __all__ = ["run", "make_config", "analyse", "claims", "Settings", "STRATEGIES", "SCHEDULES",
            "CONTROL_STRATEGIES", "NAME"]
