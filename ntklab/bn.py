@@ -7,6 +7,8 @@
   (the attacks craft in it; chapter 3 is about the choice); :func:`check_bn_mode` validates a mode;
 * :func:`eval_mode` — the one eval-mode switch of the package (evaluation, kernels, callbacks,
   widgets), optionally warning when the model was handed over in train mode;
+* :func:`refresh_bn_statistics` — the running statistics of a statistics-only pass with frozen
+  weights: the eval-mode view of the network SGD actually starts from (its "initialisation kernel");
 * :func:`bn_batch_statistics`, :func:`bn_dataset_statistics`, :func:`using_bn_statistics`,
   :func:`bn_statistics_gap` — the mini-batch and data-set statistics of Li et al.'s Theorem 2
   (arXiv 2312.02236), chapters 2 and 3.
@@ -27,7 +29,7 @@ from torch import nn
 from ntklab import _checks, _progress
 
 __all__ = ["BN_MODES", "bn_layers", "set_bn_running_stats", "check_bn_mode", "bn_mode", "eval_mode",
-           "bn_batch_statistics", "bn_dataset_statistics", "using_bn_statistics", "bn_statistics_gap"]
+           "refresh_bn_statistics", "bn_batch_statistics", "bn_dataset_statistics", "using_bn_statistics", "bn_statistics_gap"]
 
 BN_MODES = ("eval", "train", "keep")
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -237,6 +239,58 @@ def bn_dataset_statistics(model: nn.Module, X: torch.Tensor, *, batch_size: int 
         mean = acc[0] / acc[2]
         stats.append((mean, (acc[1] / acc[2] - mean * mean).clamp_min(0)))
     return stats
+
+
+def refresh_bn_statistics(model: nn.Module, X: torch.Tensor, *, batch_size: int = 128, inplace: bool = False,
+                          progress: bool = False) -> nn.Module:
+    """The model with every BN layer's running mean and variance replaced by the average, over the
+    mini-batches of ``X``, of the batch statistics a train-mode forward pass computes; the weights
+    are not touched (a statistics-only pass, as ``torch.optim.swa_utils.update_bn`` does).
+
+    Why: a freshly built network has PyTorch's default buffers (mean 0, variance 1), which no
+    network SGD trains ever normalises with (train mode uses batch statistics, and the buffers move
+    to data values within a few dozen batches). The eval-mode NTK of the refreshed model is the
+    kernel of the network SGD starts from: the book's kernel "at initialisation" (chapters 1, 2, 4
+    and 5's automatic switch). Applied to a trained model it measures how much the eval-mode kernel
+    moves with the statistics alone (chapter 4's floor).
+
+    X: inputs (N, C, H, W), e.g. the training images, in [0, 1]; batch_size: the training batch
+    size (batch statistics depend on it); inplace: refresh ``model`` itself instead of a deep copy.
+    Layers without running statistics (and models without BN) are left as they are. Returns the refreshed model, in the
+    train/eval mode ``model`` was in. Introduced in chapter 1 (Primer).
+    """
+    import copy
+
+    if bn_layers(model):
+        _check_statistics_inputs(model, X)
+    _checks.count("batch_size", batch_size)
+    target = model if inplace else copy.deepcopy(model)
+    tracked = [m for m in bn_layers(target) if m.track_running_stats and m.running_mean is not None]
+    if not tracked:
+        return target
+    ref = next(iter(target.parameters()), None)
+    device = ref.device if ref is not None else X.device
+    dtype = ref.dtype if ref is not None else X.dtype
+    saved = {m: m.momentum for m in tracked}
+    try:
+        for m in tracked:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+        with bn_mode(target, "train"):  # BN on batch statistics, everything else in eval mode
+            with torch.no_grad():
+                for s in _progress.bar(progress, range(0, X.shape[0], batch_size), desc="BN statistics", leave=False):
+                    target(X[s:s + batch_size].to(device=device, dtype=dtype))
+            kept = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                    for m in tracked}
+    finally:
+        for m, momentum in saved.items():
+            m.momentum = momentum
+    for m, (mean, var, count) in kept.items():  # bn_mode restored the old buffers: install the new ones
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(count)
+    return target
+
 
 
 @contextlib.contextmanager

@@ -197,6 +197,44 @@ def mixed_model():
     return model
 
 
+def test_refresh_statistics_averages_the_batch_statistics_and_keeps_the_weights():
+    torch.manual_seed(0)
+    net = SmallCNN(width=2).double()
+    x = torch.rand(12, 1, 28, 28, dtype=torch.float64) * 0.5 + 0.5
+    weights = copy.deepcopy(net.state_dict())
+    fresh = bn.refresh_bn_statistics(net, x, batch_size=4)
+    # the original is untouched (a copy was refreshed), weights and buffers alike
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+    # layer 1's buffers are the mean over the three batches of its batch statistics (by hand)
+    first = bn_layers(fresh)[0]
+    batches = [bn_batch_statistics(net, x[s:s + 4])[0] for s in (0, 4, 8)]
+    mean = torch.stack([m for m, _ in batches]).mean(0)
+    n = 4 * x.shape[-1] ** 2  # N x H x W values per channel: PyTorch keeps the unbiased variance
+    var = torch.stack([v * n / (n - 1) for _, v in batches]).mean(0)
+    assert torch.allclose(first.running_mean, mean) and torch.allclose(first.running_var, var)
+    assert int(first.num_batches_tracked) == 3 and first.momentum == bn_layers(net)[0].momentum
+    # weights unchanged, modes kept, the buffers moved away from the defaults
+    for k, v in fresh.state_dict().items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, weights[k]), k
+    assert not torch.allclose(first.running_var, torch.ones_like(first.running_var))
+    assert fresh.training == net.training
+    # in place: the model itself
+    assert bn.refresh_bn_statistics(net, x, batch_size=4, inplace=True) is net
+    assert torch.allclose(bn_layers(net)[0].running_mean, mean)
+
+
+def test_refresh_statistics_leaves_models_without_estimators_alone_and_checks_input():
+    net = SmallCNN(width=2)
+    set_bn_running_stats(net, False)
+    out = bn.refresh_bn_statistics(net, torch.rand(4, 1, 28, 28))
+    assert all(m.running_mean is None for m in bn_layers(out))
+    with pytest.raises(ValueError, match="batch_size"):
+        bn.refresh_bn_statistics(SmallCNN(width=2), torch.rand(4, 1, 28, 28), batch_size=0)
+    with pytest.raises(ValueError, match="X"):
+        bn.refresh_bn_statistics(SmallCNN(width=2), torch.zeros(0, 1, 28, 28))
+
+
 @pytest.mark.parametrize("mode, expected", [("eval", [False, False]), ("train", [True, True]),
                                             ("keep", [False, True])])
 def test_bn_mode_sets_bn_layers_only_and_restores_buffers(mode, expected):
