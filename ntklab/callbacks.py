@@ -246,7 +246,8 @@ class AutoSwitch(Callback):
     Li et al. (arXiv 2312.02236) train normally first and adversarially from a switch epoch on,
     picked by hand, arguing that in the lazy phase the kernel hardly moves whatever the strategy.
     This callback picks the epoch instead: it takes the centred trace NTK (see
-    :func:`ntklab.metrics.center_kernel`) of a small fixed probe set at initialisation and after
+    :func:`ntklab.metrics.center_kernel`) of a small fixed probe set at initialisation (with the
+    batch-norm statistics of the network SGD starts from, see ``bn_x``) and after
     every epoch until it decides; the velocity over epoch t is KD(K_t, K_{t+1}) per unit of
     learning rate (divided by ``lr_of_epoch(t)``). The first epoch's velocity is the reference;
     training switches after the first epoch whose velocity is at most ``threshold`` times the
@@ -258,6 +259,13 @@ class AutoSwitch(Callback):
     probe_x: (n, C, H, W) in [0, 1], e.g. 32 class-balanced training images (cost: one trace NTK of
         n images per epoch until the switch). cap: an epoch >= 1. threshold: in (0, 1).
     lr_of_epoch: the mean learning rate of a 0-based epoch (default: ``history.lr`` of that epoch).
+    bn_x, bn_batch_size: training inputs (N, C, H, W) and the training batch size. The reference
+        kernel at initialisation is then taken on :func:`ntklab.bn.refresh_bn_statistics` of the
+        model (a copy with running statistics from a statistics-only pass over ``bn_x``): the
+        network SGD starts from, not PyTorch's default buffers (mean 0, variance 1), against which
+        the first epoch's motion is inflated by the buffers' own calibration. ``None``: the model
+        as it is (for models without BN the two agree). :func:`ntklab.train.train` passes the
+        training inputs.
 
     Each measured epoch logs ``switch_velocity`` into the history; after the decision
     ``switch_epoch`` (and ``history.switch_epoch``, from which the loop picks each epoch's strategy)
@@ -269,9 +277,11 @@ class AutoSwitch(Callback):
     part_of_training = True
 
     def __init__(self, probe_x: torch.Tensor, cap: int, *, threshold: float = 0.2,
-                 lr_of_epoch=None, implementation: str = "auto"):
+                 lr_of_epoch=None, implementation: str = "auto", bn_x: torch.Tensor | None = None,
+                 bn_batch_size: int = 128):
         _check_switch(cap, threshold)
         self.probe_x, self.cap, self.threshold = probe_x, cap, float(threshold)
+        self.bn_x, self.bn_batch_size = bn_x, bn_batch_size
         self.lr_of_epoch, self.implementation = lr_of_epoch, implementation
         self._kernel: torch.Tensor | None = None
         self.velocities: list[float] = []
@@ -298,6 +308,10 @@ class AutoSwitch(Callback):
 
     def on_train_begin(self, model, history):
         if self._kernel is None and len(history) == 0 and self.switch_epoch is None:
+            if self.bn_x is not None:
+                from ntklab.bn import refresh_bn_statistics
+
+                model = refresh_bn_statistics(model, self.bn_x, batch_size=self.bn_batch_size)
             self._kernel = self._measure(model)
 
     def on_epoch_end(self, epoch, model, history):

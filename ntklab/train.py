@@ -666,7 +666,8 @@ def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, dev
         probe = subset(TensorDataset(x.cpu(), y.cpu()), config.switch_probe, seed=config.seed).tensors[0]
         cap = _switch_cap(config.switch_cap, config.epochs, getattr(schedule, "milestones", ()))
         callbacks = [AutoSwitch(probe, cap, threshold=config.switch_threshold,
-                                lr_of_epoch=lambda e: schedule.epoch_mean(e, n_batches)), *callbacks]
+                                lr_of_epoch=lambda e: schedule.epoch_mean(e, n_batches),
+                                bn_x=x, bn_batch_size=config.batch_size), *callbacks]
     return _Run(config, model, opt, schedule, x, y, eval_xy, attack_kw, callbacks, Clock(device), device,
                 torch.Generator().manual_seed(config.seed), record)
 

@@ -106,6 +106,23 @@ def test_auto_switch_trains_like_the_fixed_switch_it_chose(tiny):
         assert torch.equal(a, b), name
 
 
+def test_auto_switch_reference_is_the_kernel_sgd_starts_from(tiny):
+    """With bn_x, the reference kernel is taken with the statistics of a statistics-only pass (the
+    network SGD starts from), not with PyTorch's default buffers; the model is left untouched."""
+    from ntklab import ntk
+    from ntklab.bn import refresh_bn_statistics
+
+    model, x = cnn(), tiny.tensors[0]
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    switch = AutoSwitch(x[:8], cap=3, bn_x=x, bn_batch_size=64)
+    switch.on_train_begin(model, ntklab.train.History())
+    refreshed = ntk.empirical_ntk(refresh_bn_statistics(model, x, batch_size=64).eval(), x[:8], kind="trace")
+    default = ntk.empirical_ntk(model.eval(), x[:8], kind="trace")
+    assert torch.allclose(switch._kernel, refreshed, rtol=1e-5, atol=1e-6)
+    assert metrics.kernel_distance(switch._kernel, default, center=True) > 1e-3  # the buffers matter
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_auto_switch_resumes_from_a_checkpoint(tiny, tmp_path, when):
     kw = dict(epochs=6, milestones=(5,), switch_cap=4, switch_epoch="auto", switch_probe=16, **AUTO_KW)

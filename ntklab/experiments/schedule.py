@@ -8,7 +8,7 @@ PGD-AT models that switch from normal training at several fixed epochs s (fracti
 ``Settings.switch_fractions`` of the first learning-rate decay: 0 is full PGD-AT, the last switches
 at the decay), one whose switch is chosen during the run by ``switch_epoch="auto"``
 (:class:`ntklab.callbacks.AutoSwitch`: the centred trace NTK of ``Settings.auto_probe`` training
-images after every epoch; switch once the kernel velocity is at most ``Settings.auto_threshold`` of
+images at initialisation, with the BN statistics of a statistics-only pass, and after every epoch; switch once the kernel velocity is at most ``Settings.auto_threshold`` of
 the first epoch's, at the latest at the first decay), and the normally trained model for reference
 (no AT).
 
