@@ -13,7 +13,7 @@ import numbers
 import torch
 from torch import nn
 
-__all__ = ["number", "count", "images", "labels", "logits", "model_dtype", "floating_batch"]
+__all__ = ["number", "radius", "count", "images", "labels", "logits", "model_dtype", "floating_batch"]
 
 
 def number(name: str, value, *, positive: bool = False, allow_none: bool = False) -> float | None:
@@ -27,6 +27,17 @@ def number(name: str, value, *, positive: bool = False, allow_none: bool = False
     if not positive and value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return float(value)
+
+
+def radius(name: str, value, *, positive: bool = False, allow_none: bool = False) -> float | None:
+    """A radius or step in pixel scale: a finite number in [0, 1] (``> 0`` if ``positive``), since
+    images live in [0, 1]. A value above 1 is almost always a radius meant in 0-255 units (8 for
+    8/255): refused with that suggestion rather than turned into an attack that saturates every pixel."""
+    value = number(name, value, positive=positive, allow_none=allow_none)
+    if value is not None and value > 1:
+        raise ValueError(f"{name} must be in [0, 1] (pixel scale: images are in [0, 1]), got {value:g}; "
+                         f"if you meant {value:g}/255, pass {name}={value:g} / 255 = {value / 255:.4g}")
+    return value
 
 
 def count(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> int | None:
@@ -79,7 +90,9 @@ def images(name: str, x, *, model: nn.Module | None = None) -> torch.Tensor:
 
 
 def labels(name: str, y, n: int, *, num_classes: int | None = None) -> torch.Tensor:
-    """Integer class labels of shape (n,), in [0, num_classes) when that is given."""
+    """Integer class labels of shape (n,), in [0, num_classes) when that is given; returned as int64
+    (labels of any integer dtype, e.g. int32 or uint8, are accepted and converted: the losses of
+    torch take int64 class indices only)."""
     if not isinstance(y, torch.Tensor) or y.shape != (n,):
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(f"{name} must have shape (N,) = ({n},), one label per input, got {shape}")
@@ -90,7 +103,7 @@ def labels(name: str, y, n: int, *, num_classes: int | None = None) -> torch.Ten
         if low < 0 or high >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) for a model with {num_classes} outputs, "
                              f"got labels in [{low}, {high}]")
-    return y
+    return y if y.dtype == torch.int64 else y.long()
 
 
 def logits(out, y: torch.Tensor | None = None, *, where: str = "the model") -> int:

@@ -62,7 +62,7 @@ def pgd_alpha(eps: float, alpha: float | None = None) -> float | None:
     """PGD's step size: ``alpha`` if given, else ``eps / 4`` (the book's default for every PGD and
     TRADES attack, in training, callbacks and evaluation alike); ``None`` for ``eps = 0`` without
     ``alpha`` (radius 0 needs no step). ``eps`` is checked (a finite number >= 0), ``alpha`` is not."""
-    eps = _checks.number("eps", eps)
+    eps = _checks.radius("eps", eps)
     return eps / 4 if alpha is None and eps > 0 else alpha
 
 
@@ -75,10 +75,10 @@ def _check_inputs(x, y, *, eps, alpha=None, steps=None, restarts=None, noise=Non
     first forward pass, see :func:`_input_grad`). Raises ``ValueError`` naming the argument at fault.
     """
     _checks.images("x", x, model=model)
-    _checks.labels("y", y, x.shape[0])
-    _number("eps", eps)
-    _number("alpha", alpha, positive=True, allow_none=True)
-    _number("noise", noise, allow_none=True)
+    y = _checks.labels("y", y, x.shape[0])
+    _checks.radius("eps", eps)
+    _checks.radius("alpha", alpha, positive=True, allow_none=True)
+    _checks.radius("noise", noise, allow_none=True)
     _count("steps", steps, allow_none=True)
     _count("restarts", restarts, allow_none=True)
     _bn.check_bn_mode(bn_mode)

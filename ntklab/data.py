@@ -282,7 +282,8 @@ def subset(dataset: TensorDataset, n: int | None, *, seed: int = 0, stratified: 
 def as_tensors(data, *, model=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` from a ``TensorDataset`` or a tuple ``(x, y)``, checked: x images (N, C, H, W),
     floating point, finite, in [0, 1] (and of the dtype of ``model``'s parameters if a model is
-    given); y of shape (N,) with integer labels; N > 0. Raises ``ValueError`` otherwise."""
+    given); y of shape (N,) with integer labels of any integer dtype, returned as int64; N > 0.
+    Raises ``ValueError`` otherwise."""
     if isinstance(data, TensorDataset):
         tensors = data.tensors
     elif isinstance(data, (tuple, list)):
@@ -299,4 +300,4 @@ def as_tensors(data, *, model=None) -> tuple[torch.Tensor, torch.Tensor]:
     if len(x) == 0:
         raise ValueError("data is empty")
     _checks.images("the images of data", x, model=model)
-    return x, y
+    return x, y if y.dtype == torch.int64 else y.long()

@@ -97,9 +97,9 @@ def _fraction(flags: torch.Tensor) -> float:
 
 def _pgd(eps, alpha, steps, restarts, random_start, bn_mode) -> Callable:
     """The PGD of an evaluation, its arguments checked now (before any batch is attacked)."""
-    eps = _checks.number("eps", eps)
+    eps = _checks.radius("eps", eps)
     alpha = _attacks.pgd_alpha(eps, alpha)                          # eps / 4 by default
-    _checks.number("alpha", alpha, positive=True, allow_none=True)
+    _checks.radius("alpha", alpha, positive=True, allow_none=True)
     _checks.count("steps", steps)
     _checks.count("restarts", restarts)
     return lambda m, xb, yb: _attacks.pgd(m, xb, yb, eps=eps, alpha=alpha, steps=steps,
@@ -158,7 +158,7 @@ def worst_case_accuracy(model: nn.Module, data, *, eps: float, attacks: Sequence
 
     data: TensorDataset or (x, y); x (N, C, H, W) in [0, 1], y (N,) integers.
     attacks: names from :data:`ntklab.attacks.ATTACKS` except ``"n_fgsm"`` (which leaves the
-    eps-ball). steps, alpha (default ``eps / 4``), restarts, random_start: of ``"pgd"``; the
+    eps-ball) and ``"fgsm_pca"`` (which needs a basis: use :func:`robust_flags`). steps, alpha (default ``eps / 4``), restarts, random_start: of ``"pgd"``; the
     single-step attacks use their own defaults. bn_mode: BN mode while crafting; classification
     is in eval mode. Returns a float in [0, 1]. Chapter 6.
     """
@@ -170,9 +170,13 @@ def worst_case_accuracy(model: nn.Module, data, *, eps: float, attacks: Sequence
         if name == "n_fgsm":
             raise ValueError("'n_fgsm' leaves the eps-ball (up to noise + alpha): it does not "
                              "measure robustness at eps")
+        if name == "fgsm_pca":
+            raise ValueError("'fgsm_pca' needs a noise basis, which worst_case_accuracy cannot choose: pass "
+                             "the attack to robust_flags instead, e.g. robust_flags(model, data, [lambda m, x, y: "
+                             "ntklab.attacks.fgsm_pca(m, x, y, eps=eps, basis=basis)])")
         if name not in _attacks.ATTACKS:
             raise ValueError(f"unknown attack {name!r}; valid attacks are: "
-                             f"{', '.join(a for a in _attacks.ATTACKS if a != 'n_fgsm')}")
+                             f"{', '.join(a for a in _attacks.ATTACKS if a not in ('n_fgsm', 'fgsm_pca'))}")
     device = model_device(model, device)
     fns = []
     for name in names:
@@ -254,7 +258,7 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
         if unknown or not attacks:
             raise ValueError(f"unknown or no AutoAttack attacks {unknown}; valid attacks are: "
                              f"{', '.join(AUTOATTACK_ATTACKS)}")
-    eps = _checks.number("eps", eps)
+    eps = _checks.radius("eps", eps)
     _checks.count("n", n, allow_none=True)
     _checks.count("seed", seed, minimum=0)
     _checks.count("batch_size", batch_size)
@@ -264,7 +268,7 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
     device = model_device(model, device)
     with _bn.eval_mode(model), torch.no_grad():          # the labels fit the model's outputs
         k = _checks.logits(model(x[:1].to(device)))
-    _checks.labels("y", y, len(x), num_classes=k)
+    y = _checks.labels("y", y, len(x), num_classes=k)
     if eps == 0:
         return clean_accuracy(model, (x, y), batch_size=batch_size, device=device)
 

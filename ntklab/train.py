@@ -233,8 +233,8 @@ class TrainConfig:
             _checks.number(name, getattr(self, name))
         _checks.count("eval_every", self.eval_every, minimum=0)
         _checks.count("eval_size", self.eval_size, allow_none=True)
-        _checks.number("eval_eps", self.eval_eps, allow_none=True)
-        _checks.number("eval_alpha", self.eval_alpha, positive=True, allow_none=True)
+        _checks.radius("eval_eps", self.eval_eps, allow_none=True)
+        _checks.radius("eval_alpha", self.eval_alpha, positive=True, allow_none=True)
         _checks.count("eval_steps", self.eval_steps)
         if not 0 <= _checks.count("seed", self.seed, minimum=0) < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
@@ -373,8 +373,8 @@ def attack_arguments(strategy: str, eps, alpha=None, steps=None, bn_mode: str = 
     ``eps / 4`` and 10 steps by default): ``{"eps", "alpha", "steps", "bn_mode"}``, for
     :func:`ntklab.attacks.adversarial_examples` and :func:`ntklab.attacks.trades_loss`."""
     bn.check_bn_mode(bn_mode, name="attack_bn_mode", allowed=("eval", "train"))
-    eps = _checks.number("eps", eps)
-    _checks.number("alpha", alpha, positive=True, allow_none=True)
+    eps = _checks.radius("eps", eps)
+    _checks.radius("alpha", alpha, positive=True, allow_none=True)
     _checks.count("steps", steps, allow_none=True)
     if strategy in ("pgd", "trades"):
         alpha = attacks.pgd_alpha(eps, alpha)                         # eps / 4 by default
@@ -645,7 +645,7 @@ def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, dev
     attack's arguments and the callbacks, with an :class:`AutoSwitch` first under ``"auto"``."""
     x, y = as_tensors(train_set, model=model)          # images in [0, 1] of the model's dtype: once, not per batch
     k = _num_outputs(model, x[:2].to(device))
-    _checks.labels("the labels of train_set", y, len(y), num_classes=k)
+    y = _checks.labels("the labels of train_set", y, len(y), num_classes=k)
     record = {**config.to_dict(), "n_train": len(y), "data_sum": float(x.sum(dtype=torch.float64)),
               "label_sum": int(y.sum()), "model": type(model).__name__}
     if device.type == "cuda" and x.nbytes <= 2**30:  # small sets live on the GPU, big ones move per batch
@@ -653,7 +653,7 @@ def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, dev
     eval_xy = None
     if eval_set is not None and config.eval_every:
         ex, ey = as_tensors(eval_set, model=model)
-        _checks.labels("the labels of eval_set", ey, len(ey), num_classes=k)
+        ey = _checks.labels("the labels of eval_set", ey, len(ey), num_classes=k)
         sub = subset(TensorDataset(ex, ey), config.eval_size, seed=config.seed)
         eval_xy = (sub.tensors[0].to(device), sub.tensors[1].to(device))
     attack_kw = attack_arguments(config.strategy, config.eps, config.alpha, config.steps, config.attack_bn_mode)

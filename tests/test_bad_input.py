@@ -111,6 +111,55 @@ class TestAttacksAndEvaluation:
         with pytest.raises(ValueError, match="integer|labels must be integers"):
             ATTACK_CALLS[name](trained_cnn, x, y.to(dtype))
 
+    @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+    @pytest.mark.parametrize("name", ATTACK_CALLS)
+    def test_labels_of_any_integer_dtype_are_converted(self, name, dtype, trained_cnn, batch):
+        """int32/int16/uint8 labels (numpy's defaults, image-folder loaders) give the int64 answer,
+        never torch's "expected Long" from inside cross_entropy."""
+        x, y = batch
+        torch.manual_seed(0)
+        want = ATTACK_CALLS[name](trained_cnn, x, y)
+        torch.manual_seed(0)
+        got = ATTACK_CALLS[name](trained_cnn, x, y.to(dtype))
+        if isinstance(want, tuple):
+            want, got = want[1], got[1]
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+
+    RADIUS_CALLS = {
+        **{name: lambda m, x, y, name=name, **kw: getattr(attacks, name)(
+            m, x, y, **{"eps": EPS, **ATTACK_ARGS.get(name, {}), **kw}) for name in attacks.ATTACKS},
+        "trades": lambda m, x, y, **kw: attacks.trades_loss(m, x, y, **{"eps": EPS, "alpha": 0.1, "steps": 2, **kw}),
+        "pgd accuracy": lambda m, x, y, **kw: evaluate.pgd_accuracy(m, (x, y), **{"eps": EPS, **kw}),
+        "worst case": lambda m, x, y, **kw: evaluate.worst_case_accuracy(m, (x, y), **{"eps": EPS, **kw}),
+        "autoattack": lambda m, x, y, **kw: evaluate.autoattack_accuracy(m, (x, y), **{"eps": EPS, **kw}),
+        "by name": lambda m, x, y, **kw: attacks.adversarial_examples("pgd", m, x, y, **{"eps": EPS, "steps": 2,
+                                                                                          **kw}),
+    }
+
+    @pytest.mark.parametrize("name", RADIUS_CALLS)
+    @pytest.mark.parametrize("arg", ["eps", "alpha"])
+    def test_radius_in_the_wrong_units(self, name, arg, trained_cnn, batch):
+        """8 meant as 8/255: refused with the suggestion, for every attack and evaluation."""
+        if arg == "alpha" and name in ("fgsm", "autoattack"):
+            pytest.skip(f"{name} takes no step size")
+        with pytest.raises(ValueError, match=rf"{arg} must be in \[0, 1\].*{arg}=8 / 255 = 0.03137"):
+            self.RADIUS_CALLS[name](trained_cnn, *batch, **{arg: 8})
+
+    def test_radius_in_the_wrong_units_in_training_and_callbacks(self, batch):
+        x, y = batch
+        for make in (lambda: ntklab.train.TrainConfig("pgd", 1, eps=8), lambda: ntklab.train.TrainConfig(
+                "normal", 1, eval_eps=8), lambda: ntklab.train.TrainConfig("pgd", 1, eps=0.1, alpha=2),
+                     lambda: ntklab.callbacks.KernelSnapshots(x, y, eps=8),
+                     lambda: ntklab.callbacks.CatastrophicOverfittingDetector(x, y, eps=8),
+                     lambda: attacks.n_fgsm(models.SmallCNN(width=2), x, y, eps=0.1, noise=16)):
+            with pytest.raises(ValueError, match=r"must be in \[0, 1\] \(pixel scale"):
+                make()
+        assert ntklab.train.TrainConfig("pgd", 1, eps=1.0).eps == 1.0  # the whole range is a valid radius
+
+    def test_worst_case_refuses_fgsm_pca_before_any_work(self, trained_cnn, batch):
+        with pytest.raises(ValueError, match="'fgsm_pca' needs a noise basis.*robust_flags"):
+            evaluate.worst_case_accuracy(trained_cnn, batch, eps=EPS, attacks=["fgsm", "fgsm_pca"])
+
     @pytest.mark.parametrize("name", ATTACK_CALLS)
     def test_inputs_of_another_dtype_than_the_model(self, name, trained_cnn, batch):
         x, y = batch
