@@ -2,6 +2,7 @@
 digest of the code an experiment runs."""
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -286,3 +287,171 @@ def test_a_result_is_stored_with_its_module_and_version(tmp_path):
     assert entry.module == __name__ and entry.current and torch.equal(result["x"], torch.ones(2))
     saved = torch.load(entry.path, weights_only=True)
     assert saved["module"] == __name__ and saved["experiment_version"] == 1
+
+
+# ---------------------------------------------------------------- nothing lost, nothing silent
+class Interrupted(BaseException):
+    """Stands for a kill or Ctrl-C between two write steps."""
+
+
+def _raise(*args, **kwargs):
+    raise Interrupted
+
+
+@pytest.mark.parametrize("step", ["sidecar", "compute", "result", "clean-up"])
+def test_an_interruption_at_any_write_step_loses_nothing(tmp_path, monkeypatch, step):
+    """Interrupt cached() at each step; then `clear --stale` keeps everything this code would read
+    and the next call either loads the complete result or computes it (resuming from checkpoints)."""
+    from ntklab import data
+
+    path = cache.result_path("demo", CONFIG, root=tmp_path)
+    checkpoints = path.with_suffix(".checkpoints")
+
+    def compute():  # a run that checkpoints as it goes
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "last.pt").write_text("progress")
+        if step == "compute":
+            raise Interrupted
+        return {"acc": 0.5}
+
+    with monkeypatch.context() as patch:
+        if step == "sidecar":
+            patch.setattr(data, "atomic_write_text", _raise)
+        elif step == "result":
+            patch.setattr(data, "atomic_save", _raise)
+        elif step == "clean-up":
+            patch.setattr(cache.shutil, "rmtree", _raise)
+        with pytest.raises(Interrupted):
+            cache.cached("demo", CONFIG, compute, root=tmp_path)
+    assert not list(tmp_path.rglob("*.tmp"))                              # no partial file left
+    if path.exists():                                                     # a result is always complete
+        assert cache._load(path, path.stem) == {"acc": 0.5}
+    listed = cache.entries(tmp_path)
+    assert cache.clear(tmp_path, stale_only=True) == []                   # nothing of this code is stale
+    if step in ("compute", "result"):                                     # the run's progress is kept
+        assert (checkpoints / "last.pt").read_text() == "progress" and listed[0].current
+    calls = Counter({"acc": 0.5})
+    assert cache.cached("demo", CONFIG, calls, root=tmp_path) == {"acc": 0.5}
+    assert calls.calls == (0 if step == "clean-up" else 1)
+    assert not checkpoints.exists()                                       # a finished result needs none
+    assert json.loads(path.with_suffix(".json").read_text())["config"]["eps"] == 0.3
+
+
+def test_a_result_without_its_sidecar_is_current_and_gets_it_back(tmp_path):
+    cache.cached("demo", CONFIG, Counter(), root=tmp_path)
+    path = cache.result_path("demo", CONFIG, root=tmp_path)
+    sidecar = path.with_suffix(".json")
+    for damage in ("missing", "garbage"):
+        if damage == "missing":
+            sidecar.unlink()
+        else:
+            sidecar.write_text("{not json")
+        (entry,) = cache.entries(tmp_path)
+        assert entry.current and entry.finished and entry.module == "tests.test_cache" or entry.module
+        assert cache.clear(tmp_path, stale_only=True) == [] and path.exists()
+        compute = Counter()
+        cache.cached("demo", CONFIG, compute, root=tmp_path)
+        assert compute.calls == 0 and json.loads(sidecar.read_text())["config"]["eps"] == 0.3
+
+
+def test_stale_means_not_read_by_this_code(tmp_path, monkeypatch):
+    """Another package version or VERSION makes an entry stale, as another code digest does."""
+    cache.cached("demo", CONFIG, Counter(), root=tmp_path)
+    (entry,) = cache.entries(tmp_path)
+    assert entry.current
+    monkeypatch.setattr(ntklab, "__version__", "0.0.0-other")
+    assert not cache.entries(tmp_path)[0].current
+    monkeypatch.undo()
+    monkeypatch.setattr(cache, "code_version", lambda module, **kw: 99)
+    assert not cache.entries(tmp_path)[0].current
+
+
+def test_a_result_with_a_non_finite_number_is_not_stored(tmp_path):
+    for bad, where in (({"slope": float("nan")}, "['slope']"), ({"k": [1.0, torch.tensor([0.0, float("inf")])]},
+                                                                   "['k'][1]")):
+        with pytest.raises(ValueError, match=rf"non-finite number at result{re.escape(where)};"):
+            cache.cached("demo", {"bad": where}, lambda: bad, root=tmp_path)
+        assert not cache.result_path("demo", {"bad": where}, root=tmp_path).exists()
+    assert cache.cached("demo", {"ok": 1}, lambda: {"n": None, "i": torch.arange(3)}, root=tmp_path)["n"] is None
+
+
+def test_a_read_only_results_folder_is_readable(tmp_path, monkeypatch):
+    """A finished entry loads without any write (no lock, no sidecar repair); a missing one is a
+    one-line PermissionError naming the folder and what to do."""
+    cache.cached("demo", CONFIG, Counter(), root=tmp_path)
+    monkeypatch.setattr(cache.os, "access", lambda path, mode: False)          # as on a read-only mount
+    monkeypatch.setattr(cache, "_exclusive", lambda *a, **k: pytest.fail("took a lock"))
+    compute = Counter()
+    assert cache.cached("demo", CONFIG, compute, root=tmp_path)["acc"] == 0.5 and compute.calls == 0
+    with pytest.raises(PermissionError, match=r"not writable, and the entry 'demo' .* is not in it.*NTKLAB_RESULTS"):
+        cache.cached("demo", {"other": 1}, compute, root=tmp_path)
+    assert compute.calls == 0
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only folders")
+def test_a_read_only_results_folder_is_readable_for_real(tmp_path):
+    cache.cached("demo", CONFIG, Counter(), root=tmp_path)
+    for p in [tmp_path, tmp_path / "demo"]:
+        p.chmod(0o555)
+    try:
+        assert cache.cached("demo", CONFIG, Counter(), root=tmp_path)["acc"] == 0.5
+        with pytest.raises(PermissionError, match="not writable"):
+            cache.cached("demo", {"other": 1}, Counter(), root=tmp_path)
+    finally:
+        for p in [tmp_path, tmp_path / "demo"]:
+            p.chmod(0o755)
+
+
+def _holder_process(tmp_path, seconds):
+    """A process that computes the entry ``demo {"a": 1}`` for ``seconds``; returns it once it holds the lock."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent(f"""
+        import time
+        from ntklab.experiments import cache
+        cache.cached("demo", {{"a": 1}}, lambda: time.sleep({seconds}) or {{"value": 7}}, root={str(tmp_path)!r},
+                     module="ntklab.experiments.cache")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    lock = cache.result_path("demo", {"a": 1}, root=tmp_path, module="ntklab.experiments.cache").with_suffix(".lock")
+    deadline = time.time() + 60
+    while time.time() < deadline and not (lock.exists() and '"pid"' in lock.read_text()):
+        time.sleep(0.1)
+    assert cache._holder(lock)[0] == proc.pid
+    return proc
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX locks")
+def test_a_second_run_says_whom_it_waits_for_and_can_time_out(tmp_path, monkeypatch):
+    proc = _holder_process(tmp_path, 4)
+    try:
+        monkeypatch.setenv("NTKLAB_LOCK_TIMEOUT", "0.5")
+        with pytest.warns(UserWarning, match=rf"waiting for process {proc.pid} since .* computing the entry 'demo'"):
+            with pytest.raises(TimeoutError, match=rf"gave up after 0.5 s .*process {proc.pid}"):
+                cache.cached("demo", {"a": 1}, Counter(), root=tmp_path, module="ntklab.experiments.cache")
+        monkeypatch.delenv("NTKLAB_LOCK_TIMEOUT")
+        with pytest.warns(UserWarning, match="waiting for process"):
+            assert cache.cached("demo", {"a": 1}, Counter(), root=tmp_path, module="ntklab.experiments.cache") == {"value": 7}
+    finally:
+        proc.wait(timeout=60)
+    monkeypatch.setenv("NTKLAB_LOCK_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="NTKLAB_LOCK_TIMEOUT must be a number of seconds"):
+        cache.cached("demo", {"b": 1}, Counter(), root=tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to see a stopped process")
+def test_a_lock_held_by_a_stopped_process_is_reported_not_waited_on(tmp_path):
+    import signal
+
+    proc = _holder_process(tmp_path, 3)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(RuntimeError, match=rf"locked by process {proc.pid} .* stopped .*kill -CONT {proc.pid}"):
+            cache.cached("demo", {"a": 1}, Counter(), root=tmp_path, module="ntklab.experiments.cache")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.wait(timeout=60)
+    assert cache.cached("demo", {"a": 1}, Counter(), root=tmp_path, module="ntklab.experiments.cache") == {"value": 7}

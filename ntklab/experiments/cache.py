@@ -22,9 +22,24 @@ line's ``--out``), ``$NTKLAB_RESULTS``, or ``ntklab.data.cache_dir() / "results"
 :func:`entries` lists a cache and :func:`clear` empties it (``python -m ntklab cache``).
 
 Results may hold tensors (stored on the CPU, detached), dicts, lists, tuples, strings, numbers,
-bools and None; NumPy arrays and scalars are converted to tensors and Python numbers. Entries are
-written atomically and read with ``torch.load(..., weights_only=True)``; an unreadable or partial
-entry is recomputed with a warning. Introduced in chapter 1; every chapter loads its runs this way.
+bools and None; NumPy arrays and scalars are converted to tensors and Python numbers; a result with
+a non-finite float (NaN, inf) is refused before it is stored. Entries are written atomically and
+read with ``torch.load(..., weights_only=True)``; an unreadable or partial entry is recomputed with
+a warning.
+
+Nothing is lost when a write is interrupted: the sidecar is written first and the result file
+carries its own metadata (config included), so a result is never without what identifies it; a
+sidecar that is missing or damaged is rebuilt from the result when it is next read, and the
+listing falls back to the result's own metadata. An entry is ``current`` when this code would read
+it (same package version, code digest and ``VERSION``); ``clear(stale_only=True)`` never deletes
+one. A finished result's leftover checkpoints are removed when it is next read.
+
+A results folder the user cannot write (a read-only mount, an archive) is readable: finished
+entries load without a lock; only computing a missing entry needs write access, and then the error
+says so. While another process computes an entry, a second one that asks for it waits and says so
+(which process, since when); a lock held by a stopped process is reported instead of waited on,
+and ``$NTKLAB_LOCK_TIMEOUT`` (seconds) bounds the wait. Introduced in chapter 1; every chapter loads
+its runs this way.
 """
 from __future__ import annotations
 
@@ -34,6 +49,7 @@ import contextvars
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -319,12 +335,49 @@ def _storable(obj, where: str = "result"):
                     f"lists, tuples, strings, numbers, bools and None")
 
 
-def _load(path: Path, key: str):
+def _non_finite(obj, where: str = "result") -> str | None:
+    """The path of the first non-finite float in a storable result (``None``: all finite)."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else where
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            return None if bool(torch.isfinite(obj).all()) else where
+        return None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, f"{where}[{k!r}]")
+        if found:
+            return found
+    return None
+
+
+def _load_entry(path: Path, key: str | None = None) -> dict:
     entry = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(entry, dict) or entry.get("format") != _FORMAT or entry.get("key") != key \
-            or "result" not in entry:
+    if not isinstance(entry, dict) or entry.get("format") != _FORMAT or "result" not in entry \
+            or (key is not None and entry.get("key") != key):
         raise ValueError("not a result entry of this cache")
-    return entry["result"]
+    return entry
+
+
+def _load(path: Path, key: str):
+    return _load_entry(path, key)["result"]
+
+
+def _sidecar_text(entry: dict) -> str:
+    meta = {k: entry.get(k) for k in ("name", "version", "source", "module", "experiment_version", "key", "config")}
+    return json.dumps(meta, sort_keys=True, indent=1, default=_json_default)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (or in its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool = False,
@@ -345,45 +398,154 @@ def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool =
     module = _module_for(name, module, getattr(compute, "__module__", None) or "__main__")
     key = _key(name, config, module)
     path = results_root(root) / name / f"{key}.pt"
-    with _exclusive(path):
+    if path.exists() and not force and not _writable(path.parent):  # a read-only folder: read, never lock
+        result = _load(path, key)
+        _note(path, "loaded")
+        return result
+    if not _writable(path.parent):
+        raise PermissionError(f"the results folder {path.parent} is not writable, and the entry {name!r} "
+                              f"({key}) is not in it: compute it elsewhere, or set NTKLAB_RESULTS (or --out) to a "
+                              f"writable folder")
+    with _exclusive(path, name):
         if path.exists() and not force:
             try:
-                result = _load(path, key)
-                _note(path, "loaded")
-                return result
+                entry = _load_entry(path, key)
             except Exception as err:  # truncated, garbage, or another format: recompute, never crash
                 warnings.warn(f"cached result {path} is unreadable ({describe_load_error(err)}); recomputing it",
                               stacklevel=3)
-        result = _storable(compute())
+            else:
+                _tidy(path, entry)
+                _note(path, "loaded")
+                return entry["result"]
         code = {"version": ntklab.__version__, "source": code_digest(module), "module": module,
                 "experiment_version": code_version(module)}
-        atomic_save({"format": _FORMAT, "key": key, "name": name, **code, "result": result}, path)
-        sidecar = {"name": name, **code, "key": key, "config": config}
-        atomic_write_text(json.dumps(sidecar, sort_keys=True, indent=1, default=_json_default),
-                          path.with_suffix(".json"))
+        entry = {"format": _FORMAT, "key": key, "name": name, **code, "config": config}
+        # the sidecar before the computation, the result (which carries the same metadata) after it:
+        # an interrupted run leaves an unfinished entry that the listing knows as this code's (its
+        # checkpoints are kept by clear(stale_only=True)), a finished one is complete in one file
+        atomic_write_text(_sidecar_text(entry), path.with_suffix(".json"))
+        try:
+            result = _storable(compute())
+            bad = _non_finite(result)
+            if bad:
+                raise ValueError(f"experiment {name!r} returned a non-finite number at {bad}; a result is stored "
+                                 f"only when every number in it is finite (store None with a reason instead)")
+        except Exception:  # a failed computation leaves nothing behind but its checkpoints (an interruption
+            if not path.exists() and not path.with_suffix(".checkpoints").exists():  # keeps the sidecar)
+                path.with_suffix(".json").unlink(missing_ok=True)
+            raise
+        atomic_save({**entry, "result": result}, path)
         shutil.rmtree(path.with_suffix(".checkpoints"), ignore_errors=True)
         _note(path, "computed")
         return result
 
 
+def _tidy(path: Path, entry: dict) -> None:
+    """After loading a finished entry: remove checkpoints an interrupted clean-up left, and rebuild
+    a missing or damaged sidecar from the result's own metadata (entries written before results
+    carried their config get none: their sidecar cannot be rebuilt)."""
+    from ntklab.data import atomic_write_text
+
+    shutil.rmtree(path.with_suffix(".checkpoints"), ignore_errors=True)
+    sidecar = path.with_suffix(".json")
+    try:
+        json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        if "config" in entry:
+            atomic_write_text(_sidecar_text(entry), sidecar)
+
+
+def _holder(lock: Path) -> tuple[int | None, float | None]:
+    """The process id and start time (POSIX) written into a lock file by its holder, if readable."""
+    try:
+        info = json.loads(lock.read_text() or "{}")
+        return int(info["pid"]), float(info["since"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+
+
+def _stopped(pid: int | None) -> bool:
+    """Whether process ``pid`` exists and is stopped (state T: Ctrl-Z, SIGSTOP), where /proc tells."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return line.split()[1] in ("T", "t")
+    except (OSError, IndexError):
+        pass
+    return False
+
+
 @contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the entry (a POSIX advisory lock on ``<key>.lock``): while one
-    process computes an entry, another that asks for the same entry (a second notebook, a parallel
-    test) waits and then loads it instead of computing it again. Different entries do not wait
-    for each other. Where ``fcntl`` is missing (Windows) there is no lock."""
+def _exclusive(path: Path, name: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on the entry (a POSIX advisory lock on ``<key>.lock``, which records
+    the holder's process id and start time): while one process computes an entry, another that asks
+    for the same entry (a second notebook, a parallel test) waits and then loads it instead of
+    computing it again. Different entries do not wait for each other. The lock dies with its
+    process, so a crashed run never blocks the next one.
+
+    A waiting process says so once (a ``UserWarning`` naming the holder and since when). A holder
+    that is stopped (Ctrl-Z, SIGSTOP) would keep the lock forever: that is a ``RuntimeError`` with
+    advice, not a wait. ``$NTKLAB_LOCK_TIMEOUT`` (seconds, default: no limit, since computing an
+    entry can take hours) ends the wait with a ``TimeoutError``. Where ``fcntl`` is missing
+    (Windows) there is no lock."""
     try:
         import fcntl
     except ImportError:
         yield
         return
+    import time
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    lock = path.with_suffix(".lock")
+    timeout = _lock_timeout()
+    with open(lock, "a+") as handle:
+        start, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pid, since = _holder(lock)
+                who = f"process {pid}" if pid is not None else "another process"
+                when = (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+                        if since is not None else "")
+                if _stopped(pid):
+                    raise RuntimeError(f"the entry {name!r} at {path} is locked by {who}{when}, which is stopped "
+                                       f"(Ctrl-Z or SIGSTOP): resume it (fg, or kill -CONT {pid}) or end it "
+                                       f"(kill {pid}), then run again") from None
+                if not told:
+                    warnings.warn(f"waiting for {who}{when}, which is computing the entry {name!r} ({path.name}); "
+                                  f"this run loads it when that one is done", stacklevel=4)
+                    told = True
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise TimeoutError(f"gave up after {timeout:g} s (NTKLAB_LOCK_TIMEOUT) waiting for {who}{when}, "
+                                       f"which is computing the entry {name!r} at {path}") from None
+                time.sleep(0.2 if timeout is not None and timeout < 5 else 1.0)
         try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "since": time.time()}))
+            handle.flush()
             yield
         finally:
+            with contextlib.suppress(OSError):
+                handle.seek(0)
+                handle.truncate()
+                handle.flush()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_timeout() -> float | None:
+    text = os.environ.get("NTKLAB_LOCK_TIMEOUT", "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"NTKLAB_LOCK_TIMEOUT must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _note(path: Path, how: str) -> None:
@@ -412,9 +574,21 @@ class Entry:
     finished: bool
     module: str | None = None
 
+    experiment_version: int | None = None
+
     @property
     def current(self) -> bool:
-        return self.module is not None and self.source == code_digest(self.module)
+        """Whether this code would read the entry: the package version, the code digest and the
+        ``VERSION`` of its module are this code's (an entry whose metadata is unreadable is not)."""
+        import ntklab
+
+        if self.module is None or self.source is None:
+            return False
+        try:
+            return (self.source == code_digest(self.module) and self.version == ntklab.__version__
+                    and (self.experiment_version is None or self.experiment_version == code_version(self.module)))
+        except (OSError, SyntaxError):  # the module's file is gone: no code of today reads it
+            return False
 
     def files(self) -> list[Path]:
         """The result, its sidecar, its checkpoint folder and its lock file, those that exist."""
@@ -444,11 +618,17 @@ def entries(root: str | os.PathLike | None = None) -> list[Entry]:
                 meta = json.loads(path.with_suffix(".json").read_text())
             except (OSError, ValueError):
                 pass
+            if not isinstance(meta, dict) or (not meta.get("source") and path.exists()):
+                try:  # no usable sidecar: the result carries its own metadata
+                    meta = {k: v for k, v in _load_entry(path).items() if k != "result"}
+                except Exception:
+                    meta = {}
             profile = meta.get("config", {}).get("profile") if isinstance(meta.get("config"), dict) else None
             entry = Entry(path=path, name=sub.name, key=key, size=0, modified=0.0,
                           version=meta.get("version"), source=meta.get("source"),
                           profile=profile.get("name") if isinstance(profile, dict) else None,
-                          finished=path.exists(), module=meta.get("module"))
+                          finished=path.exists(), module=meta.get("module"),
+                          experiment_version=meta.get("experiment_version"))
             files = entry.files()
             found.append(dataclasses.replace(entry, size=sum(_size(p) for p in files),
                                              modified=max(p.stat().st_mtime for p in files)))
