@@ -563,7 +563,7 @@ def train(model: nn.Module, train_set, config: TrainConfig | None = None, *, eva
     checkpoint = _checkpoint_file(checkpoint_dir)
     device = get_device(device)
     model.to(device)
-    run = _setup(model, train_set, eval_set, config, list(callbacks), device)
+    run = _setup(model, train_set, eval_set, config, _check_callbacks(callbacks), device)
     history = History(switch_epoch=None if config.auto_switch else config.switch_epoch)
     if checkpoint is not None and checkpoint.exists():
         history = _resume(checkpoint, run)
@@ -640,6 +640,57 @@ def _config(config, overrides) -> TrainConfig:
     return config.replace(**overrides)
 
 
+_HOOKS = ("on_train_begin", "on_epoch_end", "on_train_end", "on_batch_end")
+
+
+def _check_callbacks(callbacks) -> list:
+    """``callbacks`` as a list, each an object with at least one hook: a class (not an instance), a
+    plain function or an object without hooks would otherwise be ignored or fail mid-run."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise ValueError(f"callbacks must be a list of callback objects, got {type(callbacks).__name__}")
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        if isinstance(cb, type):
+            raise ValueError(f"callbacks[{i}] is the class {cb.__name__}, not an instance of it: pass "
+                             f"{cb.__name__}(...)")
+        if not any(callable(getattr(cb, hook, None)) for hook in _HOOKS):
+            kind = "a function" if callable(cb) else f"a {type(cb).__name__}"
+            raise ValueError(f"callbacks[{i}] is {kind} with none of the hooks {', '.join(_HOOKS)}: it would never "
+                             f"be called (write a class with an on_epoch_end(epoch, model, history) method)")
+    return callbacks
+
+
+def _check_model_and_batches(model: nn.Module, n: int, batch_size: int) -> None:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (none requires grad): there is nothing to train")
+    if n % batch_size == 1 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        raise ValueError(f"the last batch of every epoch would hold one example ({n} examples, batch_size "
+                         f"{batch_size}), and a BatchNorm1d layer cannot normalise one value per channel in "
+                         f"train mode: choose another batch_size or drop one example")
+
+
+def _check_attack_kwargs(config: "TrainConfig", model: nn.Module, x, y, attack_kw: dict, extra: dict) -> None:
+    """The attack's extra arguments, checked before the first epoch even when the attack starts after
+    a switch epoch: unknown names against the attack's signature, values by one attack on two
+    training images (eval mode, torch's random state untouched, the model unchanged)."""
+    import inspect
+
+    if not config.attack_kwargs:
+        return
+    fn = getattr(attacks, config.strategy)
+    known = [p for p in inspect.signature(fn).parameters if p not in ("model", "x", "y")]
+    unknown = sorted(set(config.attack_kwargs) - set(known))
+    if unknown:
+        raise ValueError(f"attack_kwargs has arguments {unknown} that {config.strategy!r} does not take; it takes: "
+                         f"{', '.join(k for k in known if k not in ('eps', 'alpha', 'steps', 'bn_mode'))}")
+    device = next(iter(model.parameters())).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
+        attacks.adversarial_examples(config.strategy, model, x[:2].to(device), y[:2].to(device), **attack_kw,
+                                     **extra)
+
+
 def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, device) -> _Run:
     """The data (checked, on ``device`` when small), the evaluation subset, the optimiser, the
     attack's arguments and the callbacks, with an :class:`AutoSwitch` first under ``"auto"``."""
@@ -657,7 +708,10 @@ def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, dev
         sub = subset(TensorDataset(ex, ey), config.eval_size, seed=config.seed)
         eval_xy = (sub.tensors[0].to(device), sub.tensors[1].to(device))
     attack_kw = attack_arguments(config.strategy, config.eps, config.alpha, config.steps, config.attack_bn_mode)
-    attack_kw.update(extra_attack_arguments(config.strategy, config.attack_kwargs, x, device))
+    extra = extra_attack_arguments(config.strategy, config.attack_kwargs, x, device)
+    _check_model_and_batches(model, len(y), config.batch_size)
+    _check_attack_kwargs(config, model, x, y, attack_kw, extra)
+    attack_kw.update(extra)
     schedule = config.schedule()
     opt = torch.optim.SGD(model.parameters(), lr=schedule(0), momentum=config.momentum,
                           weight_decay=config.weight_decay)
@@ -748,7 +802,7 @@ def _batch_end(run: _Run, epoch: int, batch: int, num_batches: int, history: His
         if callable(getattr(cb, "on_batch_end", None)):
             _seed(run, "callback", index=i, epoch=epoch, batch=batch + 1)
             with run.clock.interval(_clock_name(cb)):
-                cb.on_batch_end(epoch, batch, num_batches, run.model, history)
+                _call(cb, "on_batch_end", epoch, batch, num_batches, run.model, history)
 
 
 def _epoch_end(run: _Run, epoch: int, history: History) -> None:
@@ -804,9 +858,15 @@ def _num_outputs(model: nn.Module, xb: torch.Tensor) -> int:
 
 
 def _call(cb, hook, *args):
+    """``cb.hook(*args)``; an exception it raises ends training, with a note naming the callback and hook."""
     fn = getattr(cb, hook, None)
     if fn is not None:
-        fn(*args)
+        try:
+            fn(*args)
+        except Exception as err:
+            where = f" after epoch {args[0]}" if hook in ("on_epoch_end", "on_batch_end") else ""
+            err.add_note(f"raised by the callback {type(cb).__name__} in {hook}{where}; training stopped")
+            raise
 
 
 def _bar(progress: bool, **kw):

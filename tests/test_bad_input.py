@@ -267,6 +267,11 @@ class TestTraining:
         (dict(eps=-1.0), "eps must be >= 0"), (dict(alpha=0.0), "alpha must be > 0"),
         (dict(steps=0), "steps must be an integer >= 1"), (dict(attack_bn_mode="batch"), "attack_bn_mode"),
         (dict(strategy="fgsm", alpha=0.1, steps=None), "'fgsm' takes no alpha"),
+        (dict(strategy="fgsm_rs", alpha=None, steps=None, attack_kwargs={"nosie": 0.1}),
+         r"attack_kwargs has arguments \['nosie'\] that 'fgsm_rs' does not take; it takes: generator"),
+        (dict(strategy="fgsm_aniso", alpha=None, steps=None, attack_kwargs={"low": -1.0}), "low must be > 0"),
+        (dict(strategy="n_fgsm", alpha=None, steps=None, attack_kwargs={"noise": 8}), r"noise must be in \[0, 1\]"),
+        (dict(strategy="pgd", attack_kwargs={"restarts": 0}), "restarts must be an integer >= 1"),
     ])
     def test_attack_arguments_checked_before_the_normal_epochs(self, kw, message, mnist_small):
         """With switch_epoch the first epochs are normal training: the attack's arguments are still
@@ -275,6 +280,40 @@ class TestTraining:
         with pytest.raises(ValueError, match=message):
             run()
         assert unchanged(model, before)
+
+    def test_callbacks_are_checked_before_any_epoch(self, mnist_small):
+        for callbacks, message in (([ntklab.callbacks.Callback], "is the class Callback, not an instance"),
+                                   ([lambda *a: None], "is a function with none of the hooks"),
+                                   ([object()], "is a object with none of the hooks"),
+                                   (ntklab.callbacks.Callback(), "must be a list of callback objects")):
+            model, before, run = tiny_train(mnist_small, callbacks=callbacks)
+            with pytest.raises(ValueError, match=message):
+                run()
+            assert unchanged(model, before)
+        model, before, run = tiny_train(mnist_small, callbacks=None)       # None: no callbacks
+        run()
+
+    def test_a_callback_that_raises_stops_training_naming_itself(self, mnist_small):
+        class Broken(Callback):
+            def on_epoch_end(self, epoch, model, history):
+                raise ZeroDivisionError("by zero")
+
+        model, before, run = tiny_train(mnist_small, epochs=3, callbacks=[Broken()])
+        with pytest.raises(ZeroDivisionError) as err:
+            run()
+        assert err.value.__notes__ == ["raised by the callback Broken in on_epoch_end after epoch 0; training stopped"]
+
+    def test_models_and_batches_that_cannot_train(self, mnist_small):
+        x, y = ntklab.data.subset(mnist_small[0], 65, seed=0).tensors
+        frozen = models.SmallCNN(width=2).requires_grad_(False)
+        with pytest.raises(ValueError, match="no trainable parameters"):
+            train(frozen, (x, y), strategy="normal", epochs=1, progress=False)
+        flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.BatchNorm1d(10))
+        before = copy.deepcopy(flat.state_dict())
+        with pytest.raises(ValueError, match=r"last batch of every epoch would hold one example \(65 examples"):
+            train(flat, (x, y), strategy="normal", epochs=1, batch_size=64, progress=False)
+        assert all(torch.equal(v, flat.state_dict()[k]) for k, v in before.items())
+        train(flat, (x, y), strategy="normal", epochs=1, batch_size=40, progress=False)   # a last batch of 25 trains
 
     def test_checkpoint_dir_that_is_a_file(self, mnist_small, tmp_path):
         afile = tmp_path / "afile"
