@@ -219,6 +219,24 @@ def robust_flags(model: nn.Module, data, attacks: Sequence[Callable] = (), *, ba
                              progress=progress, desc="robust")
 
 
+#: the attacks of each AutoAttack version (pyautoattack 0.2.0)
+_AUTOATTACK_RUNS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "fast": ("apgd-ce", "apgd-t"),
+                    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"), "rand": ("apgd-ce", "apgd-dlr")}
+#: the fewest classes each attack's loss needs: the DLR loss divides by the gap between the largest
+#: and the third-largest logit, its targeted form by the largest minus the mean of the third and fourth
+_AUTOATTACK_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+
+
+def _check_autoattack_classes(version: str, attacks, k: int) -> None:
+    runs = list(attacks) if version == "custom" else list(_AUTOATTACK_RUNS[version])
+    short = [a for a in runs if k < _AUTOATTACK_MIN_CLASSES.get(a, 2)]
+    if short:
+        usable = [a for a in runs if a not in short] or ["apgd-ce"]
+        raise ValueError(f"AutoAttack version {version!r} runs {', '.join(short)}, whose DLR loss needs at least "
+                         f"{max(_AUTOATTACK_MIN_CLASSES[a] for a in short)} classes; the model has {k}: use "
+                         f"version='custom', attacks={usable}")
+
+
 def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "standard",
                         attacks: Sequence[str] | None = None, n: int | None = None, seed: int = 0,
                         batch_size: int = 250, device=None) -> float:
@@ -228,7 +246,7 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
     eps: L-inf radius in pixel scale.
     version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square: the number to report), ``"plus"``
         or ``"rand"`` (pyautoattack's versions); ``"fast"``: APGD-CE and APGD-T only, one
-        restart each, 100 iterations, 9 target classes (fewer for fewer classes), the gradient
+        restart each, 100 iterations, 9 target classes, the gradient
         half of the standard version and a cheap check; ``"custom"``: the attacks listed in
         ``attacks``, from :data:`AUTOATTACK_ATTACKS`, one restart each.
     n: evaluate on a class-balanced subset of ``n`` examples drawn with ``seed``
@@ -236,7 +254,10 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
     seed: AutoAttack's seed. torch's global random state is saved and restored around the run
         (pyautoattack reseeds it).
     batch_size: examples per attack batch. device: see the module docstring.
-    Resuming an interrupted run (pyautoattack's ``state_path``) is not offered: in pyautoattack
+    Targeted attacks use at most k - 1 target classes for a model of k classes, in every version;
+    a version whose DLR loss needs more classes than the model has (APGD-T: 4, APGD-DLR: 3) is
+    refused with the attacks that would run. Resuming an interrupted run (pyautoattack's
+    ``state_path``) is not offered: in pyautoattack
     0.2.0 a reloaded state does not match its own attack list and returns no labels.
 
     The parameters' ``requires_grad`` flags are switched off during the run (so no parameter
@@ -269,6 +290,7 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
     with _bn.eval_mode(model), torch.no_grad():          # the labels fit the model's outputs
         k = _checks.logits(model(x[:1].to(device)))
     y = _checks.labels("y", y, len(x), num_classes=k)
+    _check_autoattack_classes(version, attacks, k)
     if eps == 0:
         return clean_accuracy(model, (x, y), batch_size=batch_size, device=device)
 
@@ -282,9 +304,10 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
                 aa = AutoAttack(model, norm="Linf", eps=eps, seed=seed, device=device, version="custom",
                                 attacks=["apgd-ce", "apgd-t"] if version == "fast" else attacks)
                 aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = aa.fab.n_restarts = 1
-                aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = min(9, k - 1)
             else:
                 aa = AutoAttack(model, norm="Linf", eps=eps, seed=seed, device=device, version=version)
+            for attack in (aa.apgd_targeted, aa.fab):  # at most k - 1 target classes, in every version
+                attack.n_target_classes = min(attack.n_target_classes, k - 1)
             _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
         finally:
             for p, flag in params:

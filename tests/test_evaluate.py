@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ntklab import attacks, bn, evaluate
+from ntklab.models import SmallCNN
 
 EPS = 0.1
 
@@ -296,3 +297,31 @@ def test_gradient_masking_by_batch_statistics(free_cnn, trained_cnn, mnist_small
     acc_own = float((evaluate.predict(free_cnn, own, batch_size=100) == y).float().mean())
     acc_transfer = float((evaluate.predict(free_cnn, transferred, batch_size=100) == y).float().mean())
     assert acc_transfer < acc_own
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_autoattack_with_fewer_than_ten_classes(k, monkeypatch):
+    """Every version caps its target classes at k - 1; versions whose DLR loss needs more classes
+    than the model has are refused before any work, naming the attacks that would run."""
+    import pyautoattack.checks
+
+    torch.manual_seed(0)
+    model = SmallCNN(width=2, num_classes=k).eval()
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4) % k
+    targets = []
+    real = pyautoattack.checks.check_n_classes
+    monkeypatch.setattr(pyautoattack.checks, "check_n_classes",
+                        lambda n, runs, apgd, fab, **kw: targets.append((apgd, fab)) or real(n, runs, apgd, fab, **kw))
+    for version in ("standard", "plus", "rand", "fast"):
+        needs = {"standard": 4, "plus": 4, "fast": 4, "rand": 3}[version]
+        if k < needs:
+            with pytest.raises(ValueError, match=rf"version '{version}' runs .* needs at least {needs} classes; the "
+                                                 rf"model has {k}: use version='custom'"):
+                evaluate.autoattack_accuracy(model, (x, y), eps=0.1, version=version)
+        else:
+            evaluate.autoattack_accuracy(model, (x, y), eps=0.1, version=version)
+            assert max(targets[-1]) <= k - 1
+    if k == 2:
+        assert evaluate.autoattack_accuracy(model, (x, y), eps=0.1, version="custom",
+                                            attacks=["apgd-ce", "fab-t", "square"]) <= 1
+        assert max(targets[-1]) == 1
