@@ -82,6 +82,9 @@ def two_layer_ntk(x1: torch.Tensor, x2: torch.Tensor | None = None, *, net: nn.M
     if net is not None:
         mean, std = net.normalize.mean.flatten().tolist(), net.normalize.std.flatten().tolist()
         freeze_second = not isinstance(getattr(net, "second", None), nn.Parameter)
+    if x2 is not None and isinstance(x1, torch.Tensor) and isinstance(x2, torch.Tensor) and x1.dim() != x2.dim():
+        raise ValueError(f"x1 and x2 must have the same layout (both images (n, C, H, W) or both features (n, d)), "
+                         f"got shapes {tuple(x1.shape)} and {tuple(x2.shape)}: images are normalised, features not")
     h1 = _flat_normalised(x1, mean, std, "x1")
     h2 = h1 if x2 is None else _flat_normalised(x2, mean, std, "x2")
     if h2.shape[1] != h1.shape[1]:
@@ -100,28 +103,51 @@ def two_layer_ntk(x1: torch.Tensor, x2: torch.Tensor | None = None, *, net: nn.M
     return K
 
 
+#: the largest asymmetry max|K - K^T| / max|K| taken for rounding (and symmetrised away)
+SYMMETRY_TOLERANCE = 1e-4
+
+
 def _check_gram(K: torch.Tensor, Y: torch.Tensor) -> None:
+    """K a real, finite, square and symmetric (up to rounding: :data:`SYMMETRY_TOLERANCE`) Gram
+    matrix, Y real finite (n, k) targets."""
     if not isinstance(K, torch.Tensor) or K.dim() != 2 or K.shape[0] != K.shape[1]:
         raise ValueError(f"K must be a square (n, n) Gram matrix, got "
                          f"{tuple(K.shape) if isinstance(K, torch.Tensor) else type(K).__name__}")
     if not isinstance(Y, torch.Tensor) or Y.dim() != 2 or Y.shape[0] != K.shape[0]:
         raise ValueError(f"Y must be (n, k) = ({K.shape[0]}, k) targets, got "
                          f"{tuple(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__}")
+    for name, t in (("K", K), ("Y", Y)):
+        if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
+            raise ValueError(f"{name} must be a real tensor, got dtype {t.dtype}")
     if not bool(torch.isfinite(K).all()) or not bool(torch.isfinite(Y).all()):
         raise ValueError("K and Y must be finite")
+    Kd = K.detach().double()
+    scale = float(Kd.abs().max()) if K.numel() else 0.0
+    asym = float((Kd - Kd.T).abs().max()) if K.numel() else 0.0
+    if scale > 0 and asym > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(f"K must be a symmetric Gram matrix; max|K - K^T| is {asym / scale:.2g} of max|K| (rounding "
+                         f"is at most {SYMMETRY_TOLERANCE:g}, and is symmetrised away): a kernel of two different "
+                         f"input sets is not a Gram matrix")
 
 
 def gd_filter(eigenvalues: torch.Tensor, n: int, *, ridge: float = 0.0, lr: float | None = None,
               steps: int | None = None) -> torch.Tensor:
     r"""The spectral filter ``g(lambda)`` with ``alpha = V diag(g(lambda)) V^T Y``.
 
-    Converged (``steps=None``): ``g = 1 / (lambda + ridge)`` (``ridge > 0`` needed when the matrix is
-    singular). After ``steps`` of gradient descent with rate ``lr`` on ``L = sum_i |f(x_i) - y_i|^2 /
-    (2n)`` from f = 0: ``g = (1 - (1 - lr lambda / n)^steps) / lambda`` (and ``steps lr / n`` where
-    lambda = 0), the exact path of the linearised model (Lee et al. 2019). Chapter 7.
+    Converged (``steps=None``): ``g = 1 / (lambda + ridge)``; with ``ridge = 0`` every eigenvalue must
+    be positive (a singular or indefinite matrix has no inverse: ``ValueError`` naming the smallest
+    eigenvalue and the condition number; pass a ``ridge > 0``). After ``steps`` of gradient descent
+    with rate ``lr`` on ``L = sum_i |f(x_i) - y_i|^2 / (2n)`` from f = 0: ``g = (1 - (1 - lr lambda /
+    n)^steps) / lambda`` (and ``steps lr / n`` where lambda = 0), the exact path of the linearised
+    model (Lee et al. 2019), oscillating where ``lr lambda / n > 1``; a rate with ``lr lambda_max / n
+    >= 2`` diverges and is refused (``lr`` must be below ``2 n / lambda_max``). Chapter 7.
     """
     if steps is None:
         ridge = _number("ridge", ridge)
+        if ridge == 0 and eigenvalues.numel() and float(eigenvalues.min()) <= 0:
+            top, low = float(eigenvalues.max()), float(eigenvalues.min())
+            raise ValueError(f"the Gram matrix is singular or indefinite (smallest eigenvalue {low:.3g}, largest "
+                             f"{top:.3g}): the converged regression needs ridge > 0 (e.g. 1e-3 x the mean diagonal)")
         return 1.0 / (eigenvalues + ridge)
     if lr is None:
         raise ValueError("steps needs lr (the gradient-descent learning rate)")
@@ -130,9 +156,16 @@ def gd_filter(eigenvalues: torch.Tensor, n: int, *, ridge: float = 0.0, lr: floa
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     lam = eigenvalues.clamp_min(0)
     rate = lr * lam / n
+    if lam.numel() and float(rate.max()) >= 2:
+        raise ValueError(f"gradient descent with lr={lr:g} diverges on this kernel (lr lambda_max / n = "
+                         f"{float(rate.max()):.3g} >= 2): lr must be below 2 n / lambda_max = "
+                         f"{2 * n / float(lam.max()):.4g}")
     safe = torch.where(lam > 0, lam, torch.ones_like(lam))
-    return torch.where(lam > 0, -torch.expm1(steps * torch.log1p(-rate.clamp(max=1 - 1e-12))) / safe,
-                       torch.full_like(lam, steps * lr / n))
+    # (1 - r)^steps: through log1p for r < 1 (accurate for small rates), as a power for 1 <= r < 2
+    below = -torch.expm1(steps * torch.log1p(-rate.clamp(max=0.5)))
+    above = 1 - torch.pow(1 - rate, steps)
+    path = torch.where(rate <= 0.5, below, above)
+    return torch.where(lam > 0, path / safe, torch.full_like(lam, steps * lr / n))
 
 
 def regression_weights(K: torch.Tensor, Y: torch.Tensor, *, ridge: float = 0.0, lr: float | None = None,

@@ -26,7 +26,9 @@ in eval mode (batch norm without running statistics) or no parametrised operatio
 """
 from __future__ import annotations
 
+import math
 import operator
+import os
 
 import torch
 from torch import nn
@@ -131,9 +133,46 @@ def _as_batch(x, name, ref):
     return x.detach().to(device=ref.device, dtype=ref.dtype)
 
 
+def _distinct_probe(x1, x2) -> torch.Tensor:
+    """Two inputs to test the model with: the first of x1 and the last of x2 (or x1), the second
+    moved when they coincide, so that a model mixing the samples of a batch (batch statistics)
+    shows it: two equal inputs have the same outputs whether the model mixes them or not."""
+    a, b = x1[:1], (x1 if x2 is None else x2)[-1:]
+    if torch.equal(a, b):
+        b = 0.5 * b + 0.25 + 0.1 * torch.linspace(-1, 1, b.numel(), dtype=b.dtype, device=b.device).reshape(b.shape)
+    return torch.cat([a, b])
+
+
+def _check_output_fits(shape, dtype, device) -> None:
+    """Refuse a kernel larger than the memory available on ``device`` before allocating it."""
+    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    free = _free_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(f"the kernel of shape {tuple(shape)} needs {need / 2**30:.1f} GiB, more than the "
+                         f"{free / 2**30:.1f} GiB free on {device}: use kind='trace' (n1 x n2), fewer inputs, or "
+                         f"compute it in row blocks (x1 in slices against x2)")
+
+
+def _free_bytes(device) -> int | None:
+    """Free memory on ``device`` in bytes (CUDA: the driver's count; CPU: available physical pages), or None."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu" and hasattr(os, "sysconf"):
+            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError):
+        return None
+    return None
+
+
 def _compute(model, params, x1, x2, kind, logit, implementation, chunk_size):
     names = {id(p): nm for nm, p in params.items()}
-    probe = torch.cat([x1[:1], (x1 if x2 is None else x2)[-1:]])
+    probe = _distinct_probe(x1, x2)
+    with torch.no_grad():  # the output's type first: tuples and dicts are not logits
+        out = model(probe)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"the model must return a tensor of logits (n, k), got a {type(out).__name__}: wrap it so "
+                         f"that forward returns the logits alone")
     y, rec, generic = record(model, probe, names)
     if y.dim() != 2 or y.shape[0] != 2:
         raise ValueError(f"the model must map (n, ...) inputs to logits (n, k), got output shape "
@@ -181,6 +220,7 @@ def _blocked(feats, contract, x1, x2, chunk, kind, k, dtype):
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     shape = {"full": (n1, n2, k, k), "diagonal": (n1, n2, k)}.get(kind, (n1, n2))
+    _check_output_fits(shape, dtype, x1.device)
     out = torch.empty(shape, dtype=dtype, device=x1.device)
     rows = [slice(s, min(s + chunk, n1)) for s in range(0, n1, chunk)]
     cols = rows if x2 is None else [slice(s, min(s + chunk, n2)) for s in range(0, n2, chunk)]

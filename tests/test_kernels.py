@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ntklab
+from ntklab import kernels
 from ntklab.kernels import KernelPredictor, eigen_features, gd_filter, regression_weights, two_layer_ntk
 from ntklab.models import TwoLayerNet
 
@@ -174,3 +175,46 @@ def test_kernel_predictor_is_attacked_through_autograd(gram):
     fd = (f(x64.detach() + e.view_as(x64)) - f(x64.detach() - e.view_as(x64))) / 2e-6
     assert math.isclose(float(fd), float(g.flatten()[i]), rel_tol=1e-4)
     assert not P.training   # a kernel machine has no train mode: ntklab.evaluate does not warn
+
+
+def test_kernel_inputs_that_are_not_a_gram_matrix_are_refused():
+    torch.manual_seed(0)
+    A = torch.randn(6, 6, dtype=torch.float64)
+    K, Y = A @ A.T + torch.eye(6, dtype=torch.float64), torch.eye(6, dtype=torch.float64)[:, :3]
+    with pytest.raises(ValueError, match=r"K must be a symmetric Gram matrix; max\|K - K\^T\|"):
+        kernels.regression_weights(K + torch.triu(torch.ones_like(K), 1), Y, ridge=0.1)
+    with pytest.raises(ValueError, match="K must be a real tensor"):
+        kernels.regression_weights(K.to(torch.complex128), Y, ridge=0.1)
+    # rounding-level asymmetry is symmetrised away: the same weights as the symmetric matrix
+    noisy = K + 1e-9 * torch.randn_like(K)
+    assert torch.allclose(kernels.regression_weights(noisy, Y, ridge=0.1),
+                          kernels.regression_weights((noisy + noisy.T) / 2, Y, ridge=0.1))
+
+
+def test_singular_kernels_need_a_ridge():
+    X = torch.randn(6, 2, dtype=torch.float64)
+    K, Y = X @ X.T, torch.eye(6, dtype=torch.float64)[:, :2]   # rank 2
+    with pytest.raises(ValueError, match=r"singular or indefinite \(smallest eigenvalue .*ridge > 0"):
+        kernels.regression_weights(K, Y)
+    assert torch.isfinite(kernels.regression_weights(K, Y, ridge=1e-3)).all()
+
+
+def test_gradient_descent_that_diverges_is_refused_and_oscillation_is_exact():
+    torch.manual_seed(1)
+    A = torch.randn(5, 5, dtype=torch.float64)
+    K, Y = A @ A.T + 0.1 * torch.eye(5, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    lam_max, n = float(torch.linalg.eigvalsh(K).max()), 5
+    with pytest.raises(ValueError, match=r"diverges on this kernel .*lr must be below 2 n / lambda_max"):
+        kernels.regression_weights(K, Y, lr=2.01 * n / lam_max, steps=3)
+    # 1 < lr lambda_max / n < 2 oscillates but converges: the closed form equals the iteration itself
+    lr, steps = 1.6 * n / lam_max, 7
+    alpha = torch.zeros_like(Y)
+    for _ in range(steps):   # f = K alpha; alpha <- alpha - lr/n (K alpha - Y)
+        alpha = alpha - lr / n * (K @ alpha - Y)
+    assert torch.allclose(kernels.regression_weights(K, Y, lr=lr, steps=steps), alpha, rtol=1e-9, atol=1e-10)
+
+
+def test_two_layer_ntk_refuses_inputs_of_two_layouts():
+    images = torch.rand(3, 1, 2, 2)
+    with pytest.raises(ValueError, match="x1 and x2 must have the same layout"):
+        kernels.two_layer_ntk(images, images.flatten(1), mean=(0.5,), std=(0.25,))

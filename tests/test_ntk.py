@@ -423,3 +423,38 @@ def test_bench_peer_when_neural_tangents_is_there():
     diffs = [float(line.split("largest difference ")[1].split()[0]) for line in out.stdout.splitlines()
              if "largest difference" in line]
     assert len(diffs) == 2 and max(diffs) < 1e-3, out.stdout       # float32 sums of 421,642 products
+
+
+def test_outputs_that_are_not_logits_are_refused():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x), {"aux": 1}
+
+    for model, message in ((Pair(), "got a tuple"), (nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)), r"output shape \(2,\)")):
+        with pytest.raises(ValueError, match=message):
+            empirical_ntk(model, torch.rand(5, 4), kind="trace")
+
+
+def test_batch_coupling_is_found_even_when_the_probe_inputs_coincide():
+    """Batch statistics mix the samples of a batch; two equal inputs would not show it."""
+    from ntklab.bn import set_bn_running_stats
+    from ntklab.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = set_bn_running_stats(SmallCNN(width=2), False)
+    same = torch.rand(1, 1, 28, 28).repeat(3, 1, 1, 1)
+    with pytest.raises(ValueError, match="needs the samples of a batch to be independent"):
+        empirical_ntk(model, same, kind="trace", implementation="structured")
+
+
+def test_a_kernel_larger_than_memory_is_refused_before_allocating(monkeypatch):
+    import ntklab.ntk as ntk_module
+
+    monkeypatch.setattr(ntk_module, "_free_bytes", lambda device: 1000)
+    with pytest.raises(ValueError, match=r"kernel of shape \(20, 20, 3, 3\) needs .* GiB, more than .* free"):
+        empirical_ntk(nn.Linear(4, 3), torch.rand(20, 4), kind="full")
+    assert empirical_ntk(nn.Linear(4, 3), torch.rand(5, 4), kind="trace").shape == (5, 5)   # 100 bytes fit
