@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 PROG = "python -m ntklab"
 
@@ -81,18 +79,15 @@ def _one_line(err: BaseException) -> str:
 
 
 def _check_out(out: str | None) -> str | None:
-    """``None`` if ``--out`` is usable (an existing or creatable folder that can be written), else why not."""
+    """``None`` if ``--out`` is usable (:func:`ntklab.experiments.cache.check_folder`), else why not."""
     if out is None:
         return None
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        return f"--out {out} is a file, not a folder"
+    from ntklab.experiments import cache
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        return f"--out {out} cannot be written ({err.strerror or type(err).__name__})"
+        cache.check_folder(out, name="--out")
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -106,16 +101,22 @@ def _size(n: float) -> str:
 def _cache_command(args) -> int:
     from ntklab.experiments import cache
 
-    folder = cache.results_root(args.out)
+    try:
+        folder = cache.results_root(args.out)
+    except ValueError as err:
+        return _fail(str(err).replace("out ", "--out ", 1) if args.out is not None else str(err))
     if folder.exists() and not folder.is_dir():
         return _fail(f"the cache folder {folder} is a file")
     names = set(args.names) or None
-    if args.clear:
-        removed = cache.clear(args.out, names=names, stale_only=args.stale)
-        print(f"cleared {len(removed)} entries ({_size(sum(e.size for e in removed))}) from {folder}")
-        return 0
-    listed = [e for e in cache.entries(args.out)
-              if (names is None or e.name in names) and not (args.stale and e.current)]
+    try:
+        if args.clear:
+            removed = cache.clear(args.out, names=names, stale_only=args.stale)
+            print(f"cleared {len(removed)} entries ({_size(sum(e.size for e in removed))}) from {folder}")
+            return 0
+        listed = [e for e in cache.entries(args.out)
+                  if (names is None or e.name in names) and not (args.stale and e.current)]
+    except OSError as err:  # a read-only mount, a folder that vanished
+        return _fail(_one_line(err), code=1)
     print(f"results folder: {folder} ({len(listed)} entries, {_size(sum(e.size for e in listed))})")
     if listed:
         width = max(len(e.name) for e in listed)

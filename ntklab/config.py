@@ -62,8 +62,46 @@ class Profile:
     n_probe: int = 100
     seed: int = 0
 
+    def __post_init__(self):
+        """Every field checked when a profile is built or replaced (``ValueError`` naming the field)."""
+        from ntklab import _checks
+        from ntklab.data import DATASETS
+        from ntklab.models import MODELS
+
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; valid data sets are: {', '.join(DATASETS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; valid models are: {', '.join(MODELS)}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict, got {self.model_kwargs!r}")
+        for name in ("n_train", "n_test"):
+            _checks.count(name, getattr(self, name), allow_none=True)
+        for name in ("batch_size", "pgd_steps", "eval_pgd_steps", "n_eval", "n_probe"):
+            _checks.count(name, getattr(self, name))
+        _checks.count("epochs", self.epochs, minimum=0)
+        _checks.number("lr", self.lr, positive=True)
+        _checks.number("lr_gamma", self.lr_gamma, positive=True)
+        for name in ("momentum", "weight_decay"):
+            _checks.number(name, getattr(self, name))
+        _checks.radius("eps", self.eps)
+        _checks.radius("pgd_alpha", self.pgd_alpha, positive=True)
+        if isinstance(self.lr_milestones, (str, bytes)) or not hasattr(self.lr_milestones, "__iter__"):
+            raise ValueError(f"lr_milestones must be a sequence of epochs, got {self.lr_milestones!r}")
+        for m in self.lr_milestones:
+            _checks.count("lr_milestones", m, minimum=0)
+        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
+        if not 0 <= _checks.count("seed", self.seed, minimum=0) <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
     def replace(self, **changes) -> "Profile":
-        """A copy with some fields changed, e.g. ``get_profile().replace(epochs=3)``."""
+        """A copy with some fields changed, e.g. ``get_profile().replace(epochs=3)``; an unknown field
+        or a bad value is a ``ValueError`` naming it."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"Profile has no field {unknown[0]!r}; its fields are: "
+                             f"{', '.join(f.name for f in dataclasses.fields(self))}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

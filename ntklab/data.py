@@ -259,11 +259,17 @@ def subset(dataset: TensorDataset, n: int | None, *, seed: int = 0, stratified: 
     ``n=None`` or ``n >= len(dataset)`` returns the data set unchanged. Used for probe sets and
     small evaluation sets.
     """
+    if not isinstance(dataset, TensorDataset) or len(dataset.tensors) < 2:
+        raise ValueError(f"dataset must be a TensorDataset of (images, labels), got {type(dataset).__name__}")
+    _checks.count("n", n, allow_none=True)
+    _checks.count("seed", seed, minimum=0)
+    if stratified not in (True, False):
+        raise ValueError(f"stratified must be True or False, got {stratified!r}")
     x, y = dataset.tensors[:2]
     if n is None or n >= len(y):
         return dataset
-    if n < 1:
-        raise ValueError(f"subset size must be positive, got {n}")
+    if stratified and (y.is_floating_point() or y.dim() != 1):
+        raise ValueError(f"a stratified subset needs integer labels of shape (N,), got {y.dtype} {tuple(y.shape)}")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=g)
     if stratified:

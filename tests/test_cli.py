@@ -196,7 +196,7 @@ def test_out_that_is_a_file_or_cannot_be_written(tmp_path, capsys):
     # /proc refuses new folders even to root (a read-only folder would not stop root)
     assert main(["run", "strategies", "--profile", "smoke", "--out", "/proc/ntklab-results"]) == 2
     err = capsys.readouterr().err
-    assert one_line_error(err) and "cannot be written" in err
+    assert one_line_error(err) and "cannot be created or written" in err
 
 
 @pytest.mark.parametrize("device", ["mps", "meta", "cpu:7"])
@@ -204,3 +204,40 @@ def test_unusable_device_exits_2(device, capsys):
     assert main(["run", "strategies", "--profile", "smoke", "--device", device]) == 2
     err = capsys.readouterr().err
     assert one_line_error(err) and device in err
+
+
+@pytest.mark.parametrize("out, message", [("", "--out is empty"), ("~nosuchuser-ntklab/results", "cannot be expanded")])
+def test_out_that_is_empty_or_cannot_be_expanded(out, message, capsys):
+    for argv in (["run", "strategies", "--profile", "smoke", "--out", out], ["cache", "--out", out]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert one_line_error(err) and message in err
+
+
+def test_the_api_checks_out_as_the_command_line_does(tmp_path):
+    from ntklab import experiments
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in (("", "out is empty"), (afile, "is a file, not a folder"),
+                         ("~nosuchuser-ntklab/r", "cannot be expanded"), ("/proc/ntklab-results", "cannot be created")):
+        with pytest.raises(ValueError, match=message):
+            experiments.run("strategies", "smoke", "cpu", out=out, progress=False)
+
+
+def test_cache_listing_survives_damaged_sidecars_and_symlinks_and_read_only_clear(tmp_path, capsys, monkeypatch):
+    from ntklab.experiments import cache
+
+    cache.cached("demo", {"a": 1}, lambda: {"x": 1}, root=tmp_path)
+    path = cache.result_path("demo", {"a": 1}, root=tmp_path)
+    path.with_suffix(".json").write_text("{damaged")
+    (tmp_path / "demo" / "0123456789abcdef.pt").symlink_to(tmp_path / "nowhere.pt")   # a broken symlink
+    assert main(["cache", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "(2 entries" in text and "current" in text
+    monkeypatch.setattr(cache.os, "access", lambda p, mode: False)            # a read-only mount
+    assert main(["cache", "--clear", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert one_line_error(err) and "is not writable: nothing was cleared" in err and path.exists()
+    monkeypatch.undo()
+    assert main(["cache", "--clear", "--out", str(tmp_path)]) == 0 and cache.entries(tmp_path) == []

@@ -108,3 +108,19 @@ def test_seed_from_the_environment(monkeypatch):
         monkeypatch.setenv("NTKLAB_SEED", bad)
         with pytest.raises(ValueError, match=r"\$NTKLAB_SEED must be an integer"):
             config.get_profile()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(epochs=-1), "epochs must be an integer >= 0"), (dict(eps="0.1"), "eps must be a finite number"),
+    (dict(eps=8), r"eps must be in \[0, 1\].*8 / 255"), (dict(dataset="cifar11"), "unknown dataset 'cifar11'"),
+    (dict(model="resnet"), "unknown model 'resnet'"), (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(lr=0.0), "lr must be > 0"), (dict(n_train=-5), "n_train must be an integer"),
+    (dict(lr_milestones=5), "lr_milestones must be a sequence"), (dict(seed=-1), "seed must be an integer"),
+    (dict(epoch=3), "Profile has no field 'epoch'"), (dict(pgd_alpha=0), "pgd_alpha must be > 0"),
+])
+def test_profiles_are_checked_when_built_or_replaced(change, message):
+    with pytest.raises(ValueError, match=message):
+        config.get_profile("quick").replace(**change)
+    if "epoch" not in change:
+        with pytest.raises(ValueError, match=message):
+            config.Profile(**{**config.get_profile("smoke").to_dict(), **change})

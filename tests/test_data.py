@@ -167,8 +167,15 @@ def test_subset_is_balanced_seeded_and_checked():
     assert torch.equal(a.tensors[0], data.subset(ds, 30, seed=1).tensors[0])
     assert not torch.equal(a.tensors[0], data.subset(ds, 30, seed=2).tensors[0])
     assert data.subset(ds, None) is ds
-    with pytest.raises(ValueError, match="positive"):
-        data.subset(ds, 0)
+    for kw, message in ((dict(n=0), "n must be an integer >= 1"), (dict(n=2.5), "n must be an integer"),
+                        (dict(n=5, seed=-1), "seed must be an integer >= 0"),
+                        (dict(n=5, stratified="yes"), "stratified must be True or False")):
+        with pytest.raises(ValueError, match=message):
+            data.subset(ds, **kw)
+    with pytest.raises(ValueError, match="dataset must be a TensorDataset"):
+        data.subset(ds.tensors, 5)
+    with pytest.raises(ValueError, match="stratified subset needs integer labels"):
+        data.subset(torch.utils.data.TensorDataset(ds.tensors[0], ds.tensors[1].float()), 5)
 
 
 def test_package_import_offline_example():

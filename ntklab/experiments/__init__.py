@@ -128,6 +128,8 @@ def run(name: str, profile: str | Profile | None = None, device=None, *, force: 
     if not isinstance(profile, Profile):
         profile = get_profile(profile)
     device = get_device(device)
+    if out is not None:
+        cache.check_folder(out)
     with using_root(out):
         return EXPERIMENTS[name](profile, device, force=force, progress=progress)
 

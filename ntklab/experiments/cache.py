@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["cached", "result_path", "checkpoint_dir", "results_root", "using_root", "config_key", "track",
+__all__ = ["cached", "result_path", "checkpoint_dir", "results_root", "check_folder", "using_root", "config_key", "track",
            "code_digest", "code_modules", "code_version", "bind", "Entry", "entries", "clear"]
 
 _FORMAT = 1
@@ -69,24 +69,60 @@ _ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ntklab_resu
 _TRACKERS: list[list[tuple[Path, str]]] = []
 
 
+def _folder(value, name: str) -> Path:
+    """A folder argument as a path: an empty string is refused (it would mean the current folder),
+    and a ``~user`` that cannot be expanded is a ``ValueError`` naming ``name``, not a RuntimeError."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a path, got {type(value).__name__}")
+    text = os.fspath(value)
+    if not str(text).strip():
+        raise ValueError(f"{name} is empty: give a folder (an empty path would mean the current folder)")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as err:  # "~nobody/..." with no such user, or no home directory
+        raise ValueError(f"{name} {text!r} cannot be expanded ({err})") from None
+
+
 def results_root(root: str | os.PathLike | None = None) -> Path:
     """The folder of the cache (see the module docstring for the order of precedence)."""
     if root is not None:
-        return Path(root).expanduser()
+        return _folder(root, "out")
     if _ROOT.get() is not None:
         return _ROOT.get()
     env = os.environ.get("NTKLAB_RESULTS")
-    if env:
-        return Path(env).expanduser()
+    if env is not None and env != "":
+        return _folder(env, "$NTKLAB_RESULTS")
     from ntklab.data import cache_dir
 
     return cache_dir() / "results"
 
 
+def check_folder(out: str | os.PathLike | None, *, name: str = "out") -> Path:
+    """The results folder ``out`` (``None``: :func:`results_root`), checked before any work: not a
+    file, and, when it must hold new entries, creatable and writable. A folder that exists but
+    cannot be written is accepted (its finished entries load; computing a missing one says so).
+    Raises ``ValueError`` naming ``name``. The command line's ``--out`` and
+    :func:`ntklab.experiments.run`'s ``out`` go through it."""
+    import tempfile
+
+    folder = _folder(out, name) if out is not None else results_root()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name} {folder} is a file, not a folder")
+    if folder.is_dir():
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{name} {folder} cannot be created or written ({err.strerror or type(err).__name__})") from None
+    return folder
+
+
 @contextlib.contextmanager
 def using_root(root: str | os.PathLike | None) -> Iterator[Path]:
     """Within the block, results go to ``root`` (``None``: no change)."""
-    token = _ROOT.set(Path(root).expanduser() if root is not None else _ROOT.get())
+    token = _ROOT.set(_folder(root, "out") if root is not None else _ROOT.get())
     try:
         yield results_root()
     finally:
@@ -593,13 +629,24 @@ class Entry:
     def files(self) -> list[Path]:
         """The result, its sidecar, its checkpoint folder and its lock file, those that exist."""
         return [p for p in (self.path, self.path.with_suffix(".json"), self.path.with_suffix(".checkpoints"),
-                            self.path.with_suffix(".lock")) if p.exists()]
+                            self.path.with_suffix(".lock")) if p.exists() or p.is_symlink()]
 
 
 def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    """Bytes under ``path``; a broken symlink or a file that vanished counts 0."""
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # a broken symlink: its own time
+        return path.lstat().st_mtime if path.is_symlink() else 0.0
 
 
 def entries(root: str | os.PathLike | None = None) -> list[Entry]:
@@ -629,24 +676,28 @@ def entries(root: str | os.PathLike | None = None) -> list[Entry]:
                           profile=profile.get("name") if isinstance(profile, dict) else None,
                           finished=path.exists(), module=meta.get("module"),
                           experiment_version=meta.get("experiment_version"))
-            files = entry.files()
+            files = entry.files() or [path]
             found.append(dataclasses.replace(entry, size=sum(_size(p) for p in files),
-                                             modified=max(p.stat().st_mtime for p in files)))
+                                             modified=max(_mtime(p) for p in files)))
     return sorted(found, key=lambda e: (e.name, e.modified))
 
 
 def clear(root: str | os.PathLike | None = None, *, names=None, stale_only: bool = False) -> list[Entry]:
-    """Delete entries (result, sidecar, checkpoints) and return them.
+    """Delete entries (result, sidecar, checkpoints) and return them. A folder that cannot be
+    written raises ``PermissionError`` naming it, before anything is deleted.
 
     names: experiment names to clear (``None``: all); stale_only: only entries made by other code
     than this (see :attr:`Entry.current`).
     """
     removed = []
+    folder = results_root(root)
+    if folder.is_dir() and not all(_writable(p) for p in [folder, *(q for q in folder.iterdir() if q.is_dir())]):
+        raise PermissionError(f"the results folder {folder} (or a folder in it) is not writable: nothing was cleared")
     for entry in entries(root):
         if (names is not None and entry.name not in names) or (stale_only and entry.current):
             continue
         for path in entry.files():
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
