@@ -423,3 +423,36 @@ def cost_robustness(cost: dict, robust: dict, strong: dict, *, band: tuple[float
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return ax
+
+
+# --- chapter 1 ---
+__all__ += ["raw_and_normalised_kernels"]
+
+
+def raw_and_normalised_kernels(kernels: dict, labels=None, *, axes=None, titles: dict | None = None):
+    """Each (n, n) kernel of ``kernels`` (name -> K) twice, in one column per kernel: raw on top,
+    normalised K_ij / sqrt(K_ii K_jj) below on a common colour scale (the diagonal is 1), so that
+    class blocks hidden by the diagonal and by the scale of the raw kernel show (chapter 1).
+    ``labels`` (n,): class lines as in :func:`kernel_heatmap`; ``titles``: name -> title of the
+    raw panel. Returns the (2, len(kernels)) array of Axes."""
+    if not kernels:
+        raise ValueError("raw_and_normalised_kernels needs at least one kernel")
+    if axes is None:
+        _, axes = plt.subplots(2, len(kernels), figsize=(4.6 * len(kernels), 8), squeeze=False)
+    axes = np.asarray(axes).reshape(2, len(kernels))
+    titles = titles or {}
+    normalised = {}
+    for name, K in kernels.items():
+        K = _np(K).astype(np.float64)
+        if K.ndim != 2 or K.shape[0] != K.shape[1]:
+            raise ValueError(f"kernel {name!r} must be a square (n, n) matrix, got shape {K.shape}")
+        d = np.sqrt(np.diag(K))
+        if not (d > 0).all():
+            raise ValueError(f"kernel {name!r} needs a positive diagonal to be normalised")
+        normalised[name] = K / d[:, None] / d[None, :]
+    low = min(float(N.min()) for N in normalised.values())
+    for c, (name, K) in enumerate(kernels.items()):
+        kernel_heatmap(K, labels, ax=axes[0, c], title=titles.get(name, f"{name}, raw"))
+        kernel_heatmap(normalised[name], labels, ax=axes[1, c], title=f"{name}, normalised")
+        axes[1, c].images[-1].set_clim(low, 1.0)
+    return axes
