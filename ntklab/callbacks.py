@@ -79,17 +79,30 @@ class KernelSnapshots(Callback):
     eps, alpha, steps, attack_bn_mode: the L-inf PGD of the AEs (Madry et al. 2018), alpha defaults
         to eps / 4.
     dtype: storage type of the kernels, on the CPU (``torch.float16`` halves the memory).
+    statistics_x, statistics_batch_size: inputs (e.g. the training images) and batch size (the
+        training batch size) of a statistics-only pass (:func:`ntklab.bn.refresh_bn_statistics`,
+        on a copy: training is untouched). With them, snapshot 0 is the kernel of the network SGD
+        starts from: the fresh model with its BN running statistics refreshed on ``statistics_x``,
+        not PyTorch's default buffers (mean 0, variance 1), which no trained network ever used; the
+        default-buffer kernel is kept apart (``default_kernel``). ``None``: snapshot 0 of the model
+        as it is (its default buffers).
+    floor: with ``statistics_x``, also the C-NTK of a statistics-refreshed copy of the model at
+        every snapshot (``kernels("refreshed")``; at snapshot 0 it is the snapshot itself): the
+        kernel's twin with the same weights and settled statistics, whose angle to the snapshot is
+        the motion batch-norm bookkeeping alone accounts for at that epoch (chapter 4's floor).
 
     After training: ``snapshot_epochs`` (list of ints), ``kernels("clean")`` / ``kernels("ae")``
-    stacked to (T, n, n, ...) float32, ``kernel(epoch, which)``, and the probe accuracies
-    ``probe_clean_acc`` / ``probe_ae_acc`` (one per snapshot). Introduced in chapter 4.
+    (/ ``kernels("refreshed")``) stacked to (T, n, n, ...) float32, ``kernel(epoch, which)``,
+    ``default_kernel`` (the C-NTK at snapshot 0 with default buffers, or ``None``), and the probe
+    accuracies ``probe_clean_acc`` / ``probe_ae_acc`` (one per snapshot). Introduced in chapter 4.
     """
 
     def __init__(self, probe_x: torch.Tensor, probe_y: torch.Tensor | None = None,
                  epochs: Iterable[int] | None = None, *, kind: str = "trace", ae: bool = True,
                  eps: float = 0.3, alpha: float | None = None, steps: int = 10,
                  implementation: str = "auto", chunk_size: int | None = None,
-                 attack_bn_mode: str = "eval", dtype: torch.dtype = torch.float32):
+                 attack_bn_mode: str = "eval", dtype: torch.dtype = torch.float32,
+                 statistics_x: torch.Tensor | None = None, statistics_batch_size: int = 128, floor: bool = False):
         if ae and probe_y is None:
             raise ValueError("KernelSnapshots with ae=True needs probe_y (the labels of the probe inputs)")
         if epochs is not None:
@@ -101,7 +114,11 @@ class KernelSnapshots(Callback):
         self.kind, self.ae, self.implementation, self.chunk_size = kind, ae, implementation, chunk_size
         self.eps, self.alpha, self.steps = eps, attacks.pgd_alpha(eps, alpha), steps
         self.attack_bn_mode, self.dtype = attack_bn_mode, dtype
-        self._state = {"epoch": [], "clean": [], "ae": [], "probe_clean_acc": [], "probe_ae_acc": []}
+        if floor and statistics_x is None:
+            raise ValueError("KernelSnapshots with floor=True needs statistics_x (the inputs of the statistics pass)")
+        self.statistics_x, self.statistics_batch_size, self.floor = statistics_x, int(statistics_batch_size), floor
+        self._state = {"epoch": [], "clean": [], "ae": [], "probe_clean_acc": [], "probe_ae_acc": [],
+                       "refreshed": [], "default": []}
 
     # -- results ---------------------------------------------------------------------------
     @property
@@ -116,12 +133,21 @@ class KernelSnapshots(Callback):
     def probe_ae_acc(self) -> list[float]:
         return list(self._state["probe_ae_acc"])
 
+    @property
+    def default_kernel(self) -> torch.Tensor | None:
+        """The C-NTK at snapshot 0 of the model with its default BN buffers (only with
+        ``statistics_x``; ``None`` otherwise), float32."""
+        return self._state["default"][0].float() if self._state["default"] else None
+
     def kernels(self, which: str = "clean") -> torch.Tensor:
-        """All snapshots of the ``"clean"`` (C-NTK) or ``"ae"`` (AE-NTK) kernel, (T, n, n, ...) float32."""
-        if which not in ("clean", "ae"):
-            raise ValueError(f"which must be 'clean' or 'ae', got {which!r}")
+        """All snapshots of the ``"clean"`` (C-NTK), ``"ae"`` (AE-NTK) or ``"refreshed"`` (C-NTK of
+        the statistics-refreshed twin) kernel, (T, n, n, ...) float32."""
+        if which not in ("clean", "ae", "refreshed"):
+            raise ValueError(f"which must be 'clean', 'ae' or 'refreshed', got {which!r}")
         if which == "ae" and not self.ae:
             raise ValueError("this KernelSnapshots was made with ae=False")
+        if which == "refreshed" and not self.floor:
+            raise ValueError("this KernelSnapshots was made with floor=False")
         if not self._state[which]:
             raise ValueError("no snapshot was taken yet")
         return torch.stack([k.float() for k in self._state[which]])
@@ -148,13 +174,28 @@ class KernelSnapshots(Callback):
         """Compute and store the kernels of ``model`` now, filed under ``completed`` epochs."""
         from ntklab import ntk
 
+        from ntklab.bn import refresh_bn_statistics
+
         dev = model_device(model, None)
         x = self.probe_x.to(dev)
         kw = dict(kind=self.kind, implementation=self.implementation, chunk_size=self.chunk_size)
+        st = self._state
+        twin = None
+        if self.statistics_x is not None:
+            twin = refresh_bn_statistics(model, self.statistics_x, batch_size=self.statistics_batch_size)
+            if completed == 0:  # K_0: the network SGD starts from; the default-buffer kernel apart
+                with eval_mode(model):
+                    st["default"] = [ntk.empirical_ntk(model, x, **kw).detach().to("cpu", self.dtype)]
+                model = twin
         with eval_mode(model):
             clean = ntk.empirical_ntk(model, x, **kw)
-            st = self._state
             st["clean"].append(clean.detach().to("cpu", self.dtype))
+            if self.floor:
+                if model is twin:
+                    st["refreshed"].append(st["clean"][-1])
+                else:
+                    with eval_mode(twin):
+                        st["refreshed"].append(ntk.empirical_ntk(twin, x, **kw).detach().to("cpu", self.dtype))
             if self.probe_y is not None:
                 y = self.probe_y.to(dev)
                 st["probe_clean_acc"].append(clean_accuracy(model, (x, y)))

@@ -26,7 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["center_kernel", "kernel_distance", "kernel_velocity", "effective_rank", "top_concentration",
+__all__ = ["center_kernel", "kernel_distance", "kernel_angle", "angular_velocity", "kernel_norm", "top_eigenvalue",
+           "kernel_velocity", "effective_rank", "top_concentration",
            "polar_dynamics", "alignment", "kernel_specialization", "lazy_onset", "split_phases", "PHASES"]
 
 
@@ -120,6 +121,49 @@ def kernel_velocity(kernels: Sequence, times: Sequence[float] | None = None, *, 
     if np.any(dt <= 0):
         raise ValueError("times must be strictly increasing")
     return np.array([(1.0 - _cosine(a, b)) / d for a, b, d in zip(mats[:-1], mats[1:], dt)])
+
+
+def kernel_angle(K1, K2, *, center: bool = False) -> float:
+    """The angle theta = arccos(1 - KD) between two kernels seen as vectors of entries, in radians
+    (chapter 4): the kernel distance in units that add up along a path. For small angles
+    KD = 1 - cos(theta) ~ theta^2 / 2, so KD is quadratic in the motion: a kernel turning at a constant
+    speed covers half the angle in half the time but a quarter of the KD. In [0, pi] ([0, pi/2] for
+    PSD kernels). K1, K2, center: as in :func:`kernel_distance`.
+    """
+    return math.acos(min(1.0, max(-1.0, 1.0 - kernel_distance(K1, K2, center=center))))
+
+
+def angular_velocity(kernels: Sequence, times: Sequence[float] | None = None, *, center: bool = False) -> np.ndarray:
+    """Angular velocity theta(K_t, K_{t+1}) / (time_{t+1} - time_t) between consecutive snapshots,
+    theta = arccos(1 - KD) (:func:`kernel_angle`; chapter 4).
+
+    With the epochs as times it is the angle turned per epoch; with the gradient-flow time
+    tau = sum of the learning rates of the steps (per unit of the steps per epoch: the cumulative
+    mean learning rate of the epochs) it is the angle per unit of learning-rate time, which is flat
+    across a learning-rate decay for a kernel that keeps turning at the same speed along the path of
+    the weights (KD per unit of tau is not: it falls with the rate, KD/tau ~ omega^2 eta / 2).
+    kernels: T >= 2 kernels of one shape; times: T strictly increasing times, default 0, ..., T-1.
+    Returns an array of T - 1 values >= 0.
+    """
+    kd = kernel_velocity(kernels, center=center)            # the checks, and KD per unit index
+    t = np.arange(len(kd) + 1, dtype=np.float64) if times is None else np.asarray(times, dtype=np.float64)
+    if t.shape != (len(kd) + 1,):
+        raise ValueError(f"times must have one entry per kernel ({len(kd) + 1}), got shape {t.shape}")
+    dt = np.diff(t)
+    if np.any(dt <= 0):
+        raise ValueError("times must be strictly increasing")
+    return np.arccos(np.clip(1.0 - kd, -1.0, 1.0)) / dt
+
+
+def kernel_norm(K, *, center: bool = False) -> float:
+    """The Frobenius norm ||K||_F (centred: ||HKH||_F), the kernel's scale, which KD ignores
+    (Tsilivis & Kempe 2022, figure 5; chapter 4)."""
+    return float(np.linalg.norm(_matrix(K, center)))
+
+
+def top_eigenvalue(K, *, center: bool = False) -> float:
+    """The largest eigenvalue lambda_max of the symmetric part of K (centred: of HKH; chapter 4)."""
+    return float(_eigvals(K, center).max())
 
 
 def _eigvals(K, center):

@@ -12,7 +12,8 @@ import torch
 
 from ntklab.bn import eval_mode
 
-__all__ = ["attack_explorer", "choice_explorer", "spectrum_explorer", "kernel_explorer", "switch_explorer"]
+__all__ = ["attack_explorer", "choice_explorer", "spectrum_explorer", "kernel_explorer", "switch_explorer",
+           "phase_explorer"]
 
 
 def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -209,3 +210,68 @@ def switch_explorer(velocity, *, cap: int, threshold: float = 0.2):
     slider.observe(draw, names="value")
     draw()
     return widgets.VBox([slider, out])
+
+
+def phase_explorer(curves: dict, epochs, *, lazy_below: float, rise_above: float, decays=(),
+                   ylabel: str = "angular velocity"):
+    """Sliders for the two thresholds of the phase rule (:func:`ntklab.metrics.split_phases`) over
+    cached velocity curves (chapter 4): pick a run and move the thresholds; the curve is redrawn
+    with its lazy-training epochs shaded, and the text below lists the phases and how many runs
+    get a third phase (kernel learning again after the first decay) under these thresholds.
+
+    curves: run name -> velocities (one per snapshot interval, first > 0); epochs: the epoch at the
+    end of each entry (the same for every curve); lazy_below, rise_above: the starting thresholds
+    (in the curves' units: for angles, sqrt of the KD rule's 0.2 and 3); decays: epochs after which
+    the rate decays. The returned container's ``summary`` (an ``HTML`` widget) holds the text.
+    """
+    import ipywidgets as widgets
+    import numpy as np
+
+    from ntklab import metrics
+
+    epochs = [int(e) for e in epochs]
+    if not curves or any(len(v) != len(epochs) for v in curves.values()):
+        raise ValueError("curves must map run names to one value per entry of epochs")
+    for v in curves.values():
+        metrics.split_phases(v, lazy_below=lazy_below, rise_above=rise_above)   # checks curve and thresholds
+    out, summary = widgets.Output(), widgets.HTML()
+    run = widgets.Dropdown(options=list(curves), description="run")
+    low = widgets.FloatSlider(value=lazy_below, min=0.05, max=0.95, step=0.01, description="lazy below",
+                              readout_format=".2f", continuous_update=False)
+    high = widgets.FloatSlider(value=rise_above, min=1.05, max=10.0, step=0.05, description="rise above",
+                               readout_format=".2f", continuous_update=False)
+    first_decay = min(decays) if decays else None
+
+    def third(phases):
+        return first_decay is not None and any(p == metrics.PHASES[0] and epochs[a] > first_decay
+                                               for p, a, _ in phases)
+
+    def draw(*_):
+        phases = {k: metrics.split_phases(v, lazy_below=low.value, rise_above=high.value) for k, v in curves.items()}
+        mine = phases[run.value]
+        n3 = sum(third(p) for p in phases.values())
+        summary.value = (f"<b>{run.value}</b>: " + "; ".join(f"{p} epochs {epochs[a]}-{epochs[b - 1]}"
+                                                             for p, a, b in mine)
+                         + f"<br>runs with kernel learning again after the first decay: {n3} of {len(curves)}")
+        out.clear_output(wait=True)
+        with out:
+            v = np.asarray(curves[run.value], dtype=float)
+            fig, ax = plt.subplots(figsize=(6.5, 3.2))
+            ax.semilogy(epochs, v, marker=".", label=run.value)
+            for p, a, b in mine:
+                if p == metrics.PHASES[1]:
+                    ax.axvspan(epochs[a] - 0.5, epochs[b - 1] + 0.5, color="tab:green", alpha=0.15)
+            for d in decays:
+                ax.axvline(d + 0.5, color="gray", ls=":")
+            ax.axhline(low.value * v[0], color="tab:red", ls="--", lw=1, label="lazy below x first value")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=8)
+            plt.show()
+
+    for w in (run, low, high):
+        w.observe(draw, names="value")
+    draw()
+    box = widgets.VBox([widgets.HBox([run, low, high]), summary, out])
+    box.summary = summary
+    return box

@@ -171,3 +171,48 @@ def test_default_cap_is_the_first_decay_or_half_the_epochs(tiny, monkeypatch):
     assert train(cnn(), tiny, epochs=7, milestones=(5, 3), switch_epoch="auto", **AUTO_KW).switch_epoch == 3
     FakeKernels(monkeypatch, [0.1] * 10)
     assert train(cnn(), tiny, epochs=7, lr_schedule="constant", switch_epoch="auto", **AUTO_KW).switch_epoch == 3
+
+
+# ---------------------------------------------------------------- kernel snapshots at a true initialisation
+def _eval_ntk(model, x):
+    with ntklab.bn.eval_mode(model):
+        return ntklab.ntk.empirical_ntk(model, x, kind="trace").float()
+
+
+def test_kernel_snapshots_take_k0_on_refreshed_statistics_and_leave_training_alone(tiny):
+    from ntklab.bn import refresh_bn_statistics
+    from ntklab.callbacks import KernelSnapshots
+
+    x, y = tiny.tensors
+    px, py = x[:12], y[:12]
+    kw = dict(epochs=2, batch_size=64, lr=0.05, strategy="normal", device="cpu", progress=False)
+    fresh = cnn()
+    plain = KernelSnapshots(px, py, (0, 1, 2), ae=False)
+    true = KernelSnapshots(px, py, (0, 1, 2), ae=True, eps=0.1, steps=1, statistics_x=x, statistics_batch_size=64,
+                           floor=True)
+    m_plain, m_true = cnn(), cnn()
+    train(m_plain, tiny, callbacks=[plain], **kw)
+    train(m_true, tiny, callbacks=[true], **kw)
+    # the statistics pass runs on a copy: training is bit-identical
+    for (k, a), b in zip(m_plain.state_dict().items(), m_true.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(plain.kernels()[1:], true.kernels()[1:])
+    # K_0 is the kernel of the fresh network with statistics of the training images...
+    k0 = _eval_ntk(refresh_bn_statistics(fresh, x, batch_size=64), px)
+    default = _eval_ntk(fresh, px)
+    assert torch.allclose(true.kernel(0), k0, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(true.default_kernel, default, rtol=1e-5, atol=1e-6)
+    assert metrics.kernel_distance(k0, default, center=True) > 1e-3          # the two K_0 differ
+    # ... and without statistics inputs it is the default-buffer kernel (the negative control)
+    assert plain.default_kernel is None
+    assert torch.allclose(plain.kernel(0), default, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain.kernel(0), k0, rtol=1e-3, atol=1e-4)
+    # the floor: at every snapshot the kernel of a refreshed twin; at 0 the snapshot itself
+    R = true.kernels("refreshed")
+    assert R.shape == true.kernels().shape and torch.equal(R[0], true.kernels()[0])
+    assert torch.allclose(R[-1], _eval_ntk(refresh_bn_statistics(m_true, x, batch_size=64), px), rtol=1e-5, atol=1e-6)
+    assert 0 < metrics.kernel_distance(R[-1], true.kernels()[-1], center=True) < 0.5
+    with pytest.raises(ValueError, match="floor"):
+        plain.kernels("refreshed")
+    with pytest.raises(ValueError, match="statistics_x"):
+        KernelSnapshots(px, py, floor=True)

@@ -241,3 +241,58 @@ def test_split_phases_rejects_bad_input():
         metrics.split_phases([1.0, 0.1], rise_above=1.0)
     with pytest.raises(ValueError, match="window"):
         metrics.split_phases([1.0, 0.1], window=0)
+
+
+# ---------------------------------------------------------------- angles and scale (chapter 4)
+def _psd(n, seed):
+    A = np.random.default_rng(seed).normal(size=(n, n + 3))
+    return A @ A.T
+
+
+def test_kernel_angle_and_angular_velocity_against_numpy():
+    from ntklab import metrics as m
+
+    Ks = [_psd(6, s) for s in range(4)]
+    H = np.eye(6) - 1 / 6
+
+    def angle(a, b, center):
+        if center:
+            a, b = H @ a @ H, H @ b @ H
+        return np.arccos(np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b))
+
+    assert m.kernel_angle(Ks[0], Ks[1], center=True) == pytest.approx(angle(Ks[0], Ks[1], True), rel=1e-12)
+    assert m.kernel_angle(Ks[0], 3 * Ks[0]) == pytest.approx(0, abs=1e-7)      # blind to scale
+    times = [0.0, 0.5, 2.0, 2.1]
+    w = m.angular_velocity(Ks, times, center=True)
+    by_hand = [angle(Ks[i], Ks[i + 1], True) / (times[i + 1] - times[i]) for i in range(3)]
+    assert np.allclose(w, by_hand, rtol=1e-12)
+    # the negative control: the angle is not KD (nor KD / dt); for small motions KD ~ theta^2 / 2
+    kd = m.kernel_velocity(Ks, times, center=True)
+    assert not np.allclose(w, kd, rtol=1e-3)
+    K1 = Ks[0] + 1e-3 * Ks[1]
+    theta = m.kernel_angle(Ks[0], K1)
+    assert m.kernel_distance(Ks[0], K1) == pytest.approx(theta ** 2 / 2, rel=1e-3)
+    # a kernel turning at a constant speed: the angle adds up over time, KD does not
+    u, v = np.eye(6)[0], np.eye(6)[1]
+    path = [np.outer(np.cos(a) * u + np.sin(a) * v, np.cos(a) * u + np.sin(a) * v) + np.eye(6) for a in
+            (0.0, 0.01, 0.03)]
+    w = m.angular_velocity(path, [0.0, 1.0, 3.0])
+    assert w[0] == pytest.approx(w[1], rel=0.02)
+    kd = m.kernel_velocity(path, [0.0, 1.0, 3.0])
+    assert kd[1] / kd[0] == pytest.approx(2.0, rel=0.05)                        # KD per unit time doubles
+    with pytest.raises(ValueError, match="times"):
+        m.angular_velocity(Ks, [0.0, 1.0, 1.0, 2.0])
+
+
+def test_kernel_norm_and_top_eigenvalue_against_numpy():
+    from ntklab import metrics as m
+
+    K = _psd(7, 5)
+    H = np.eye(7) - 1 / 7
+    assert m.kernel_norm(K) == pytest.approx(np.sqrt((K ** 2).sum()), rel=1e-12)
+    assert m.kernel_norm(K, center=True) == pytest.approx(np.linalg.norm(H @ K @ H), rel=1e-12)
+    assert m.top_eigenvalue(K) == pytest.approx(np.linalg.eigvalsh(K)[-1], rel=1e-12)
+    assert m.top_eigenvalue(K, center=True) == pytest.approx(np.linalg.eigvalsh(H @ K @ H)[-1], rel=1e-12)
+    # the negative control: centring removes a constant, which the uncentred scale sees
+    assert m.kernel_norm(K + 50, center=True) == pytest.approx(m.kernel_norm(K, center=True), rel=1e-10)
+    assert m.kernel_norm(K + 50) > 2 * m.kernel_norm(K)

@@ -95,3 +95,20 @@ def test_switch_explorer_marks_the_epoch_autoswitch_chooses():
     with pytest.raises(ValueError, match="cap"):
         widgets.switch_explorer([1.0, 0.5], cap=0)
     plt.close("all")
+
+
+def test_phase_explorer_recomputes_the_phases_when_a_threshold_moves():
+    curves = {"a": [1.0, 0.3, 0.2, 0.25, 0.6, 0.2], "b": [1.0, 0.5, 0.3, 0.3, 0.35, 0.3]}
+    box = widgets.phase_explorer(curves, [1, 2, 3, 4, 5, 6], lazy_below=0.45, rise_above=1.7, decays=[4])
+    run, low, high = box.children[0].children
+    first = box.summary.value
+    assert "kernel learning epochs 5-5" in first and "1 of 2" in first  # a's burst after the decay
+    high.value = 3.0                                                     # the burst is below 3x the lazy level
+    assert box.summary.value != first and "0 of 2" in box.summary.value
+    assert "kernel learning epochs 5-5" not in box.summary.value
+    low.value = 0.15                                                     # never lazy: one phase
+    assert "<b>a</b>: kernel learning epochs 1-6<br>" in box.summary.value
+    run.value = "b"
+    assert box.summary.value.startswith("<b>b</b>")
+    with pytest.raises(ValueError, match="one value per entry"):
+        widgets.phase_explorer(curves, [1, 2], lazy_below=0.45, rise_above=1.7)

@@ -110,7 +110,9 @@ def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool 
     :data:`ntklab.train.STRATEGIES`; schedule: ``"multistep"``, ``"cosine"`` or ``"constant"``;
     ae: also the AE-NTK (PGD-``pgd_steps`` examples of the probe against the model of that epoch);
     train_overrides: further JSON-serialisable keywords of :func:`ntklab.train.train`, e.g.
-    ``switch_epoch=5`` or ``switch_epoch="auto"`` (normal training first, chapter 5).
+    ``switch_epoch=5`` or ``switch_epoch="auto"`` (normal training first, chapter 5), or
+    ``seed=...``: another initialisation and another shuffling (chapter 4's second normal run, the
+    seed baseline), with the same probe and test subset.
     progress: ``True`` for a bar that ticks once per epoch, or a tqdm bar to tick (the experiments
     share one over all their runs), or ``False``. One tick per epoch rather than the training
     loop's bars per batch: a notebook cell that trains for minutes would otherwise send thousands
@@ -118,11 +120,15 @@ def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool 
 
     Returns a dict: ``history`` (:meth:`ntklab.train.History.to_dict`); ``kernels``: ``epochs``
     (completed epochs of the snapshots, 0 = initialisation), ``clean`` (T, n, n) and, with ``ae``,
-    ``ae`` (T, n, n) float32 trace kernels, ``probe_clean_acc``, ``probe_ae_acc``; ``probe_y`` (n,)
+    ``ae`` (T, n, n) float32 trace kernels; snapshot 0 is the kernel of the network SGD starts
+    from (BN running statistics refreshed on the training images with the training batch size,
+    :func:`ntklab.bn.refresh_bn_statistics`), ``clean_default_init`` (n, n) the same with PyTorch's
+    default buffers (the wrong K_0, for comparison); ``refreshed`` (T, n, n): at every snapshot the
+    C-NTK of a statistics-refreshed copy (same weights: the kernel's motion without learning);
+    ``probe_clean_acc``, ``probe_ae_acc``; ``probe_y`` (n,)
     labels of the probe (sorted); ``lr_time``: the mean learning rate of every epoch (the length of
     the epoch in gradient-flow time, per unit of the base rate times steps); ``bn_refresh``: the
-    trace C-NTK after one more pass over the training data in train mode with the weights frozen
-    (only the batch-norm running statistics change: the kernel's motion without learning);
+    last ``refreshed`` kernel (``None`` when the last epoch has no snapshot);
     ``clean_acc``, ``robust_acc`` in [0, 1] on the test subset; ``training_time`` (attack + update
     (+ switch measurement) wall seconds, from the history); ``cpu_training_time``: the same
     measured in process CPU seconds (``History.training_time_cpu``); ``cpu_epoch_seconds``: per
@@ -151,10 +157,11 @@ def _compute_run(cp, config, device, progress, checkpoints) -> dict:
     probe_x, probe_y = data.subset(train_set, config["probe"]["n"], seed=config["probe"]["seed"]).tensors
     order = probe_y.argsort(stable=True)
     probe_x, probe_y = probe_x[order], probe_y[order]
-    seed_everything(cp.seed)  # the same initialisation for every run
+    seed_everything(kw.get("seed", cp.seed))  # the same initialisation for every run of one seed
     model = model_from_profile(cp)
     snaps = KernelSnapshots(probe_x, probe_y, config["snapshot_epochs"], kind=config["probe"]["kind"],
-                            ae=config["ae"], eps=cp.eps, alpha=cp.pgd_alpha, steps=cp.pgd_steps)
+                            ae=config["ae"], eps=cp.eps, alpha=cp.pgd_alpha, steps=cp.pgd_steps,
+                            statistics_x=train_set.tensors[0], statistics_batch_size=kw["batch_size"], floor=True)
     with _epoch_bar(progress, kw["epochs"], f"{kw['strategy']} ({kw['lr_schedule']})") as bar:
         history = train(model, train_set, **kw, callbacks=[snaps, _Tick(bar)], device=device,
                         checkpoint_dir=checkpoints, progress=False)
@@ -162,12 +169,12 @@ def _compute_run(cp, config, device, progress, checkpoints) -> dict:
                              gamma=kw["gamma"])
     n_batches = -(-len(train_set) // kw["batch_size"])
     kernels = {"epochs": snaps.snapshot_epochs, "clean": snaps.kernels("clean"),
+               "refreshed": snaps.kernels("refreshed"), "clean_default_init": snaps.default_kernel,
                "probe_clean_acc": snaps.probe_clean_acc, "probe_ae_acc": snaps.probe_ae_acc}
     if config["ae"]:
         kernels["ae"] = snaps.kernels("ae")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    refresh = _bn_refresh_kernel(model, train_set, kw["batch_size"], probe_x, device)
-    model.load_state_dict(state)
+    refresh = kernels["refreshed"][-1] if snaps.snapshot_epochs[-1] == kw["epochs"] else None
     test = data.subset(test_set, config["eval"]["n"], seed=cp.seed)
     torch.manual_seed(cp.seed)
     clean = evaluate.clean_accuracy(model, test, device=device)
@@ -211,19 +218,3 @@ def kernel_runs(profile, specs, *, device=None, force: bool = False, progress=Tr
             bar.update((i + 1) * profile.epochs - bar.n)
     return results
 
-
-def _bn_refresh_kernel(model, train_set, batch_size, probe_x, device):
-    """The trace NTK of the probe after one pass over the training data in train mode without any
-    update: the batch-norm running statistics move, the weights do not (the motion of the eval-mode
-    kernel that is not learning). Changes ``model``'s buffers."""
-    import torch
-
-    from ntklab import ntk
-
-    x = train_set.tensors[0]
-    model.train()
-    with torch.no_grad():
-        for idx in torch.arange(len(x)).split(batch_size):
-            model(x[idx].to(device))
-    model.eval()
-    return ntk.empirical_ntk(model, probe_x.to(device), kind="trace").cpu()
