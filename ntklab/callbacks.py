@@ -30,7 +30,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ntklab import attacks
+from ntklab import attacks, bn
 from ntklab.bn import eval_mode
 from ntklab.evaluate import model_device, clean_accuracy
 
@@ -103,12 +103,31 @@ class KernelSnapshots(Callback):
                  implementation: str = "auto", chunk_size: int | None = None,
                  attack_bn_mode: str = "eval", dtype: torch.dtype = torch.float32,
                  statistics_x: torch.Tensor | None = None, statistics_batch_size: int = 128, floor: bool = False):
+        from ntklab import _checks
+        from ntklab.ntk import IMPLEMENTATIONS, KINDS
+
         if ae and probe_y is None:
             raise ValueError("KernelSnapshots with ae=True needs probe_y (the labels of the probe inputs)")
+        _checks.images("probe_x", probe_x)
+        if probe_y is not None:
+            probe_y = _checks.labels("probe_y", probe_y, probe_x.shape[0])
+        if kind not in KINDS or kind == "logit":
+            raise ValueError(f"kind must be one of 'full', 'trace', 'diagonal', got {kind!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, "
+                             f"got {implementation!r}")
+        _checks.count("chunk_size", chunk_size, allow_none=True)
+        _checks.count("steps", steps)
+        bn.check_bn_mode(attack_bn_mode, name="attack_bn_mode", allowed=("eval", "train"))
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch dtype (float16, float32, float64), got {dtype!r}")
+        if statistics_x is not None:
+            _checks.images("statistics_x", statistics_x)
+        _checks.count("statistics_batch_size", statistics_batch_size)
         if epochs is not None:
-            epochs = sorted({int(e) for e in epochs})
-            if epochs and epochs[0] < 0:
-                raise ValueError(f"snapshot epochs must be >= 0, got {epochs}")
+            if isinstance(epochs, (str, bytes)) or not hasattr(epochs, "__iter__"):
+                raise ValueError(f"epochs must be a sequence of epoch numbers or None, got {epochs!r}")
+            epochs = sorted({_checks.count("epochs", e, minimum=0) for e in epochs})
         self.probe_x, self.probe_y = probe_x, probe_y
         self.epochs = epochs
         self.kind, self.ae, self.implementation, self.chunk_size = kind, ae, implementation, chunk_size

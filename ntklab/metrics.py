@@ -31,9 +31,17 @@ __all__ = ["center_kernel", "kernel_distance", "kernel_angle", "angular_velocity
            "polar_dynamics", "alignment", "kernel_specialization", "lazy_onset", "split_phases", "PHASES"]
 
 
+#: the largest asymmetry max|M - M^T| / max|M| that the eigenvalue metrics take for rounding
+SYMMETRY_TOLERANCE = 1e-4
+
+
 def _to_numpy(K, name="K"):
     if hasattr(K, "detach"):                                     # a torch tensor
+        if K.is_complex():
+            raise ValueError(f"{name} must be real, got a complex tensor ({K.dtype})")
         K = K.detach().cpu().double().numpy()
+    if np.iscomplexobj(K):
+        raise ValueError(f"{name} must be real, got a complex array")
     K = np.asarray(K, dtype=np.float64)
     if not np.all(np.isfinite(K)):
         raise ValueError(f"{name} has non-finite entries")
@@ -117,6 +125,8 @@ def kernel_velocity(kernels: Sequence, times: Sequence[float] | None = None, *, 
     t = np.arange(len(mats), dtype=np.float64) if times is None else np.asarray(times, dtype=np.float64)
     if t.shape != (len(mats),):
         raise ValueError(f"times must have one entry per kernel ({len(mats)}), got shape {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValueError("times must be finite numbers")
     dt = np.diff(t)
     if np.any(dt <= 0):
         raise ValueError("times must be strictly increasing")
@@ -149,6 +159,8 @@ def angular_velocity(kernels: Sequence, times: Sequence[float] | None = None, *,
     t = np.arange(len(kd) + 1, dtype=np.float64) if times is None else np.asarray(times, dtype=np.float64)
     if t.shape != (len(kd) + 1,):
         raise ValueError(f"times must have one entry per kernel ({len(kd) + 1}), got shape {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValueError("times must be finite numbers")
     dt = np.diff(t)
     if np.any(dt <= 0):
         raise ValueError("times must be strictly increasing")
@@ -167,7 +179,14 @@ def top_eigenvalue(K, *, center: bool = False) -> float:
 
 
 def _eigvals(K, center):
+    """Eigenvalues of a symmetric kernel; an asymmetry beyond rounding (:data:`SYMMETRY_TOLERANCE`,
+    symmetrised away below it) means K is not a kernel Gram matrix: ``ValueError``."""
     M = _matrix(K, center)
+    scale = float(np.abs(M).max()) if M.size else 0.0
+    if scale > 0 and float(np.abs(M - M.T).max()) > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(f"K must be a symmetric kernel matrix; max|K - K^T| is "
+                         f"{float(np.abs(M - M.T).max()) / scale:.2g} of max|K| (a kernel between two different "
+                         f"input sets has no spectrum of this kind)")
     return np.linalg.eigvalsh((M + M.T) / 2)
 
 

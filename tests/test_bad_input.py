@@ -358,3 +358,49 @@ class TestTraining:
             run()
         saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
         assert saved["history"]["epoch"] == [0] and not saved["history"]["finished"]
+
+
+# ---------------------------------------------------------------- callbacks and metrics (before any work)
+class TestCallbacksAndMetrics:
+    @pytest.mark.parametrize("kw, message", [
+        (dict(kind="logits"), "kind must be one of 'full', 'trace', 'diagonal'"),
+        (dict(implementation="fast"), "implementation must be one of"),
+        (dict(epochs=(0, -1)), "epochs must be an integer >= 0"), (dict(epochs=(0, 1.5)), "epochs must be an integer"),
+        (dict(epochs=3), "epochs must be a sequence"), (dict(dtype=torch.int64), "dtype must be a floating-point"),
+        (dict(steps=0), "steps must be an integer >= 1"), (dict(chunk_size=0), "chunk_size must be an integer"),
+        (dict(attack_bn_mode="keep"), "attack_bn_mode must be 'eval' or 'train'"),
+        (dict(statistics_x=torch.rand(4, 28, 28)), "statistics_x must be a 4-D tensor"),
+    ])
+    def test_kernel_snapshots_are_checked_when_built(self, kw, message, batch):
+        x, y = batch
+        with pytest.raises(ValueError, match=message):
+            ntklab.callbacks.KernelSnapshots(x, y, **kw)
+
+    def test_kernel_snapshots_probe(self, batch):
+        x, y = batch
+        with pytest.raises(ValueError, match="probe_x must be a 4-D tensor"):
+            ntklab.callbacks.KernelSnapshots(x.flatten(1), y)
+        with pytest.raises(ValueError, match="probe_x must lie in"):
+            ntklab.callbacks.KernelSnapshots(x * 255, y)
+        with pytest.raises(ValueError, match=r"probe_y must have shape \(N,\)"):
+            ntklab.callbacks.KernelSnapshots(x, y[:3])
+        assert ntklab.callbacks.KernelSnapshots(x, y.int()).probe_y.dtype == torch.int64
+
+    def test_metrics_refuse_what_is_not_a_kernel(self):
+        from ntklab import metrics
+
+        torch.manual_seed(0)
+        A = torch.randn(5, 5, dtype=torch.float64)
+        K = A @ A.T
+        for fn in (metrics.effective_rank, metrics.top_eigenvalue, lambda M: metrics.top_concentration(M, 2)):
+            with pytest.raises(ValueError, match="K must be a symmetric kernel matrix"):
+                fn(K + torch.triu(torch.ones_like(K), 1))
+            fn(K + 1e-12 * torch.randn_like(K))                    # rounding: symmetrised
+        with pytest.raises(ValueError, match="must be real, got a complex"):
+            metrics.kernel_distance(K.to(torch.complex128), K)
+        with pytest.raises(ValueError, match="must be real, got a complex array"):
+            metrics.effective_rank(K.numpy() + 0j)
+        for bad in ([0.0, float("nan"), 2.0], [0.0, 1.0, float("inf")]):
+            for fn in (metrics.kernel_velocity, metrics.angular_velocity):
+                with pytest.raises(ValueError, match="times must be finite"):
+                    fn([K, 2 * K + torch.eye(5, dtype=K.dtype), K], bad)
