@@ -122,15 +122,21 @@ def kernel_velocity(kernels: Sequence, times: Sequence[float] | None = None, *, 
         raise ValueError(f"kernel velocity needs at least 2 kernels, got {len(mats)}")
     if any(M.shape != mats[0].shape for M in mats):
         raise ValueError("all kernels must have the same shape")
-    t = np.arange(len(mats), dtype=np.float64) if times is None else np.asarray(times, dtype=np.float64)
-    if t.shape != (len(mats),):
-        raise ValueError(f"times must have one entry per kernel ({len(mats)}), got shape {t.shape}")
+    dt = _time_steps(times, len(mats))
+    return np.array([(1.0 - _cosine(a, b)) / d for a, b, d in zip(mats[:-1], mats[1:], dt)])
+
+
+def _time_steps(times, count: int) -> np.ndarray:
+    """The ``count - 1`` steps between ``count`` snapshot times (default 0, 1, ...): finite, increasing."""
+    t = np.arange(count, dtype=np.float64) if times is None else np.asarray(times, dtype=np.float64)
+    if t.shape != (count,):
+        raise ValueError(f"times must have one entry per kernel ({count}), got shape {t.shape}")
     if not np.all(np.isfinite(t)):
         raise ValueError("times must be finite numbers")
     dt = np.diff(t)
     if np.any(dt <= 0):
         raise ValueError("times must be strictly increasing")
-    return np.array([(1.0 - _cosine(a, b)) / d for a, b, d in zip(mats[:-1], mats[1:], dt)])
+    return dt
 
 
 def kernel_angle(K1, K2, *, center: bool = False) -> float:
@@ -156,14 +162,7 @@ def angular_velocity(kernels: Sequence, times: Sequence[float] | None = None, *,
     Returns an array of T - 1 values >= 0.
     """
     kd = kernel_velocity(kernels, center=center)            # the checks, and KD per unit index
-    t = np.arange(len(kd) + 1, dtype=np.float64) if times is None else np.asarray(times, dtype=np.float64)
-    if t.shape != (len(kd) + 1,):
-        raise ValueError(f"times must have one entry per kernel ({len(kd) + 1}), got shape {t.shape}")
-    if not np.all(np.isfinite(t)):
-        raise ValueError("times must be finite numbers")
-    dt = np.diff(t)
-    if np.any(dt <= 0):
-        raise ValueError("times must be strictly increasing")
+    dt = _time_steps(times, len(kd) + 1)
     return np.arccos(np.clip(1.0 - kd, -1.0, 1.0)) / dt
 
 
