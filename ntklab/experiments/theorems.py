@@ -44,7 +44,7 @@ the batch's statistics installed (:func:`ntklab.models.bn_batch_statistics`,
 kernel does not differentiate through them).
 
 Per-profile sizes (:class:`Settings`): ``quick``: 12 probe images and a grid of 6 eps from 1e-6
-to 0.3 for Theorem 1; 16 probe images, 10 clean and 5 adversarial batches per size (8 to 512) for
+to 0.3 for Theorem 1; 10 probe images, 20 clean and 5 adversarial batches per size (8 to 512) for
 Theorem 2, adversarial batches drawn from the adversarial examples of 1,024 training images; 200
 test images for the PGD accuracy of the trained networks; ``smoke``
 smaller; ``paper`` from the profile's ``n_probe`` and ``n_train`` (so that the code-path test stays
@@ -155,7 +155,7 @@ class Settings:
             return cls(n_probe1=10, n_probe2=16, batches_per_size=3, n_adv=128, n_robust=40,
                        adv_batches_per_size=2)
         if profile.name == "quick":
-            return cls(n_probe1=12, n_probe2=16, batches_per_size=10, n_adv=1024, n_robust=200,
+            return cls(n_probe1=12, n_probe2=10, batches_per_size=20, n_adv=1024, n_robust=200,
                        adv_batches_per_size=5, relu_width=16)
         return cls(n_probe1=min(profile.n_probe, 50), n_probe2=min(profile.n_probe, 100), batches_per_size=5,
                    n_adv=1024, n_robust=min(profile.n_eval, 500),
@@ -728,9 +728,10 @@ def claims(analysis: dict, profile) -> list:
        (-0.8, -0.3)).
     5. Per trained network: median adversarial gap more than twice the clean one at every size;
        adversarial error slope within 0.2 of 0; every median adversarial error above every median
-       clean one; the variance part is most of a clean batch's gap (mean part's share below 0.4),
-       and the mean part's share is larger by more than 0.2 in adversarial batches. Observation:
-       the mean residual of adversarial batches from the clean line.
+       clean one; the variance part is most of a clean batch's gap (mean part's share below 0.4).
+       Observations: the mean part's share is larger by more than 0.2 in adversarial batches (it
+       held on seeds 0-2, with 0.22 on seed 1: too close to assert); the mean residual of
+       adversarial batches from the clean line.
     """
     P = ("quick",)
     out = []
@@ -801,9 +802,10 @@ def claims(analysis: dict, profile) -> list:
                            f"median error of clean ones", a["adv_error_margin"], ">", 1, profiles=P))
         out.append(compare(f"{k}_var_part", f"{k}: the variance part is most of a clean batch's gap (the mean part's "
                            f"median share below 0.4)", a["mean_share_clean"], "<", 0.4, profiles=P))
-        out.append(compare(f"{k}_mean_part", f"{k}: the mean part's share of the gap is larger by more than 0.2 in "
-                           f"adversarial batches than in clean ones", a["mean_share_adv"] - a["mean_share_clean"],
-                           ">", 0.2, profiles=P))
+        out.append(compare(f"{k}_mean_part", f"{k} (observation): the mean part's share of the gap is larger by more "
+                           f"than 0.2 in adversarial batches than in clean ones; not asserted: on seed 1 the smooth "
+                           f"network's difference was 0.22", a["mean_share_adv"] - a["mean_share_clean"],
+                           ">", 0.2, profiles=()))
         out.append(compare(f"{k}_adv_on_line", f"{k} (observation): adversarial batches' mean log residual from the "
                            f"clean line of log error against log gap (0: on the line; ln 2: twice the error the "
                            f"line predicts)", a["adv_residual"], "between", (-math.log(2), math.log(2)), profiles=()))
