@@ -182,7 +182,7 @@ def test_analyse_on_a_smoke_run(theorems_run):
         ratio = min(np.median(gaps["adversarial"][adv_size == b]) / np.median(gaps["clean"][size == b]) for b in sizes)
         assert a[k]["adv_gap_ratio"] == pytest.approx(ratio)
         assert a[k]["adv_median_gap"] == pytest.approx(np.median(gaps["adversarial"]))
-        assert a[k]["partial"] == pytest.approx(theorems.partial_correlation(np.log(gaps["clean"]), np.log(errors),
+        assert a[k]["partial"] == pytest.approx(theorems._partial_correlation(np.log(gaps["clean"]), np.log(errors),
                                                                              np.log(size)))
         assert a[k]["gap_slope_fit"] == pytest.approx(linregress(np.log(gaps["clean"]), np.log(errors)).slope)
         assert a[k]["partial_se"] > 0 and a[k]["n_clean"] == len(errors)
@@ -273,11 +273,11 @@ def test_partial_correlation_against_the_textbook_formula():
     y = -z + 0.5 * x + rng.normal(size=80)
     r_xy, r_xz, r_yz = (pearsonr(a, b).statistic for a, b in ((x, y), (x, z), (y, z)))
     expected = (r_xy - r_xz * r_yz) / math.sqrt((1 - r_xz ** 2) * (1 - r_yz ** 2))
-    assert theorems.partial_correlation(x, y, z) == pytest.approx(expected, rel=1e-10)
+    assert theorems._partial_correlation(x, y, z) == pytest.approx(expected, rel=1e-10)
     # x and y related only through z: no partial correlation left (a large sample)
     z = rng.normal(size=20000)
-    assert abs(theorems.partial_correlation(z + rng.normal(size=20000), z + rng.normal(size=20000), z)) < 0.03
-    assert math.isnan(theorems.partial_correlation(z, z, z))
+    assert abs(theorems._partial_correlation(z + rng.normal(size=20000), z + rng.normal(size=20000), z)) < 0.03
+    assert math.isnan(theorems._partial_correlation(z, z, z))
 
 
 def test_line_fit_and_gap_statistics_against_scipy():
@@ -293,7 +293,7 @@ def test_line_fit_and_gap_statistics_against_scipy():
     adv = {"size": [8] * 6, "gap": adv_gap.tolist(), "error": (2 * 0.5 * adv_gap ** 1.1).tolist(),
            "mean_gap": (0.7 * adv_gap).tolist()}
     fit = linregress(np.log(gap), np.log(error))
-    assert theorems.line_fit(np.log(gap), np.log(error)) == pytest.approx((fit.slope, fit.intercept))
+    assert theorems._line_fit(np.log(gap), np.log(error)) == pytest.approx((fit.slope, fit.intercept))
     g = theorems.gap_statistics(clean, adv)
     assert g["gap_slope_fit"] == pytest.approx(fit.slope) and g["gap_intercept"] == pytest.approx(fit.intercept)
     pred = fit.intercept + fit.slope * np.log(adv_gap)
@@ -303,7 +303,7 @@ def test_line_fit_and_gap_statistics_against_scipy():
     assert g["pooled_gap_slope"] == pytest.approx(pooled.slope)
     assert (g["mean_share_clean"], g["mean_share_adv"]) == (pytest.approx(0.3), pytest.approx(0.7))
     z = np.log(size)
-    assert g["partial"] == pytest.approx(theorems.partial_correlation(np.log(gap), np.log(error), z))
+    assert g["partial"] == pytest.approx(theorems._partial_correlation(np.log(gap), np.log(error), z))
     se = theorems.bootstrap_se(clean, adv, n_boot=200, seed=0)
     assert set(se) == set(g)
     # the bootstrap SE of the slope is of the order of the least-squares one

@@ -100,7 +100,7 @@ from ntklab.ntk import empirical_ntk
 
 __all__ = ["run", "make_config", "Settings", "eps_grid", "smooth_profile", "relu_profile", "theorem1_inputs",
            "sign_changes", "monte_carlo_changes", "adversarial_finetune", "tied_max_windows", "bn_by_hand",
-           "partial_correlation", "line_fit", "gap_statistics", "bootstrap_se", "analyse", "claims", "NAME",
+           "gap_statistics", "bootstrap_se", "analyse", "claims", "NAME",
            "PERTURBATIONS", "SMOOTH", "BATCH_SIZES", "TRAIN_OVERRIDES", "DECADE", "MC_EPS", "MC_M", "AT_FINETUNE"]
 
 NAME = "theorems"
@@ -539,7 +539,7 @@ def _ratio(a, b) -> float:
     return float(a / b) if b else float("nan")
 
 
-def partial_correlation(x, y, z) -> float:
+def _partial_correlation(x, y, z) -> float:
     """Pearson correlation of ``x`` and ``y`` after removing from each its least-squares line in
     ``z`` (with intercept): how much ``x`` and ``y`` go together at a fixed ``z``. NaN when undefined
     (``x`` or ``y`` a straight line in ``z``, to rounding)."""
@@ -553,7 +553,7 @@ def partial_correlation(x, y, z) -> float:
     return float(rx @ ry / (np.linalg.norm(rx) * np.linalg.norm(ry)))
 
 
-def line_fit(x, y) -> tuple[float, float]:
+def _line_fit(x, y) -> tuple[float, float]:
     """Least-squares ``(slope, intercept)`` of ``y`` against ``x``."""
     slope, intercept = np.polyfit(np.asarray(x, dtype=float), np.asarray(y, dtype=float), 1)
     return float(slope), float(intercept)
@@ -570,11 +570,11 @@ def gap_statistics(clean: dict, adversarial: dict) -> dict:
     the gap, ``mean_gap / gap``)."""
     lg, le, lb = (np.log(np.asarray(clean[k], dtype=float)) for k in ("gap", "error", "size"))
     ag, ae = (np.log(np.asarray(adversarial[k], dtype=float)) for k in ("gap", "error"))
-    slope, intercept = line_fit(lg, le)
+    slope, intercept = _line_fit(lg, le)
     return {"gap_slope_fit": slope, "gap_intercept": intercept,
-            "pooled_gap_slope": line_fit(np.r_[lg, ag], np.r_[le, ae])[0],
+            "pooled_gap_slope": _line_fit(np.r_[lg, ag], np.r_[le, ae])[0],
             "adv_residual": float(np.mean(ae - (intercept + slope * ag))),
-            "partial": partial_correlation(lg, le, lb),
+            "partial": _partial_correlation(lg, le, lb),
             "mean_share_clean": float(np.median(np.divide(clean["mean_gap"], clean["gap"]))),
             "mean_share_adv": float(np.median(np.divide(adversarial["mean_gap"], adversarial["gap"])))}
 
@@ -654,7 +654,7 @@ def analyse(result: dict) -> dict:
             entry["robust_acc"] = float(t1.get("robust_acc", {}).get(name, math.nan))
         if name in mc:
             Ms, changes = mc["M"], mc[name]
-            entry["mc_slope"] = line_fit(np.log(Ms), np.log(changes[0]))[0]
+            entry["mc_slope"] = _line_fit(np.log(Ms), np.log(changes[0]))[0]
             entry["mc_ratio_small"] = _ratio(changes[0][0], changes[0][-1])
             entry["mc_ratio_large"] = _ratio(changes[-1][0], changes[-1][-1])
         out[_key(name)] = entry
