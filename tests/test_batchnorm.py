@@ -45,7 +45,7 @@ def test_batchnorm_result(batchnorm_run):
         rows = [r for r in result["rows"] if r["model"] == name]
         with_buffer = batchnorm.MODELS[name][1] == "with buffer"
         # running: one row; batch statistics: per size, 2 (with buffer) or 3 crafting modes x 2 compositions
-        assert len(rows) == (1 + 4 * len(sizes) if with_buffer else 6 * len(sizes))
+        assert len(rows) == (1 + 4 * len(sizes) if with_buffer else 4 * len(sizes) + 2)
         for r in rows:
             assert 0 <= r["robust"] <= r["clean"] <= 1
             assert (r["clean_next_to_adv"] is None) == (r["composition"] != "half")
@@ -53,7 +53,7 @@ def test_batchnorm_result(batchnorm_run):
         assert 0 <= result["robust"][name] <= min(r["robust"] for r in rows
                                                   if r["test_bn"] == ("running" if with_buffer else "batch"))
         assert 0 <= result["autoattack"][name] <= 1 and result["robust"][name] <= result["autoattack"][name]
-        n_aa = result["config"]["settings"]["n_aa" if name.startswith("pgd") else "n_aa_normal"]
+        n_aa = result["config"]["settings"]["n_aa" if name in batchnorm.AUTOATTACK_FULL else "n_aa_normal"]
         assert len(result["autoattack_correct"][name]) == n_aa
         assert result["autoattack"][name] == pytest.approx(sum(result["autoattack_correct"][name]) / n_aa)
         if with_buffer:     # per-example models: re-classifying changes nothing
@@ -124,7 +124,7 @@ GOOD = {
     "trained": {"clean_min": 0.95, "robust_min": 0.5},
     "swap": {"clean_move_max": 0.002, "margin_min": 0.09},
     "without_buffer": {"clean_cost": 0.05, "autoattack_cost": 0.1},
-    "trap_training": {"autoattack_cost": 0.2},
+    "trap_training": {"fixed_cost": 0.2},
     "ks": {"clean": {"gap_low_min": 0.01}, "ae": {"gap_low_min": 0.02}},
 }
 
@@ -142,7 +142,7 @@ def test_claims_negative_controls():
         "swap_robust": _set("swap", "margin_min", B.SWAP_MARGIN),
         "without_buffer_autoattack": _set("without_buffer", "autoattack_cost", B.WB_AA),
         "without_buffer_clean": _set("without_buffer", "clean_cost", B.WB_CLEAN),
-        "trap_training": _set("trap_training", "autoattack_cost", B.TRAP_AA),
+        "trap_training": _set("trap_training", "fixed_cost", B.TRAP_AA),
         "ks_ae_separates": _set("ks", "ae", "gap_low_min", -0.01),
         "ks_clean_separates": _set("ks", "clean", "gap_low_min", 0.0),
     })
@@ -308,7 +308,7 @@ def test_batchnorm_figures_and_table(batchnorm_run):
 def test_settings():
     quick = batchnorm.Settings.for_profile(get_profile("quick"))
     assert quick == batchnorm.Settings(width=16, **batchnorm.QUICK_RECIPE, n_eval=500, n_aa=500, n_aa_normal=100,
-                                       n_ks=60, n_gradient=100, draws=400, test_batch_sizes=(500, 100, 20))
+                                       n_ks=50, n_gradient=100, draws=400, test_batch_sizes=(500, 100, 20))
     with pytest.raises(dataclasses.FrozenInstanceError):
         quick.n_eval = 10
     paper = batchnorm.Settings.for_profile(get_profile("paper"))
