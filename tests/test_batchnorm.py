@@ -117,13 +117,13 @@ def test_analyse_on_a_smoke_run(batchnorm_run):
 
 
 GOOD = {
-    "n_aa": 500,
+    "n_aa": 500, "sizes": [500, 100, 20],
     "gradient": {"dominated": 0.5, "sign_agree": 0.7},
     "trap": {"gap_min": 0.42, "twin_max": 0.0},
     "autoattack": {"normal_w": 0.0, "normal_wo": 0.01, "pgd_w": 0.5, "pgd_wo": 0.4, "pgd_trap": 0.2},
     "trained": {"clean_min": 0.95, "robust_min": 0.5},
     "swap": {"clean_move_max": 0.002, "margin_min": 0.09},
-    "without_buffer": {"clean_cost": 0.05, "autoattack_cost": 0.1},
+    "without_buffer": {"clean_cost": 0.0, "autoattack_cost": -0.1},
     "trap_training": {"fixed_cost": 0.2},
     "ks": {"clean": {"gap_low_min": 0.01}, "ae": {"gap_low_min": 0.02}},
 }
@@ -141,7 +141,7 @@ def test_claims_negative_controls():
         "swap_clean": _set("swap", "clean_move_max", B.SWAP_CLEAN),
         "swap_robust": _set("swap", "margin_min", B.SWAP_MARGIN),
         "without_buffer_autoattack": _set("without_buffer", "autoattack_cost", B.WB_AA),
-        "without_buffer_clean": _set("without_buffer", "clean_cost", B.WB_CLEAN),
+        "without_buffer_clean": _set("without_buffer", "clean_cost", B.WB_CLEAN + 0.001),
         "trap_training": _set("trap_training", "fixed_cost", B.TRAP_AA),
         "ks_ae_separates": _set("ks", "ae", "gap_low_min", -0.01),
         "ks_clean_separates": _set("ks", "clean", "gap_low_min", 0.0),
@@ -153,6 +153,9 @@ def test_claims_negative_controls():
         bad = copy.deepcopy(GOOD)
         spoil(bad)
         assert {c.key: c.holds for c in batchnorm.claims(bad, "quick")}[key] is False
+    bad = copy.deepcopy(GOOD)
+    _set("without_buffer", "clean_cost", -B.WB_CLEAN - 0.001)(bad)       # the other side of the interval
+    assert {c.key: c.holds for c in batchnorm.claims(bad, "quick")}["without_buffer_clean"] is False
     cl = batchnorm.claims(GOOD, "quick")
     assert [c.key for c in cl if c.profiles == ()] == OBSERVATIONS
     assert all(c.profiles in ((), ("quick",)) for c in cl)
@@ -360,4 +363,4 @@ def test_every_number_the_chapter_quotes_is_glued(batchnorm_run):
     text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
     quoted = {ref.split(":")[0] for ref in re.findall(r"\{glue:text\}`([^`]+)`", text)}
     assert quoted and quoted <= set(glue(batchnorm.analyse(batchnorm_run[0]), prefix="ch3_"))
-OBSERVATIONS = []
+OBSERVATIONS = ["swap_robust", "trap_training", "ks_ae_separates"]

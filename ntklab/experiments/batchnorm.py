@@ -422,10 +422,14 @@ def _rank_correlation(u, v) -> float:
 
 
 # the thresholds, set on seed 0 (at least 2 SE from its values) before seeds 1 and 2 were run
-CLEAN_FLOOR, ROBUST_FLOOR = 0.8, 0.3
+# (seed 0: clean 0.966, SE 0.008; twin robust 0.572, SE 0.022; swap clean move 0; swap margin -0.002,
+# SE 0.002: the paper's test-time reading fails, an observation; AutoAttack with minus without buffer
+# -0.088, paired SE 0.013; clean cost -0.002, SE 0.011; trap training -0.002, SE 0.010: an observation;
+# C-NTK KS gap lower bound 0.107, SE 0.011)
+CLEAN_FLOOR, ROBUST_FLOOR = 0.9, 0.4
 SWAP_CLEAN, SWAP_MARGIN = 0.03, 0.01
-WB_AA, WB_AA_ASSERTED = 0.0, False
-WB_CLEAN, WB_CLEAN_ASSERTED = 0.0, False
+WB_AA, WB_AA_ASSERTED = 0.0, True
+WB_CLEAN, WB_CLEAN_ASSERTED = 0.03, True
 TRAP_AA, TRAP_AA_ASSERTED = 0.0, False
 
 
@@ -469,19 +473,21 @@ def claims(analysis: dict, profile) -> list:
                 f"by less than {SWAP_CLEAN} at every test batch size (largest move)",
                 sw["clean_move_max"], "<", SWAP_CLEAN),
         compare("swap_robust",
-                "Test-time swap on identical examples (its own running-statistics PGD and FGSM examples): robust "
+                "Observed (the paper's test-time reading; it failed on seed 0): test-time swap on identical examples (its own running-statistics PGD and FGSM examples): robust "
                 f"accuracy drops by more than clean accuracy moves, by over {SWAP_MARGIN}, at every test batch "
                 "size (smallest drop minus move)",
-                sw["margin_min"], ">", SWAP_MARGIN),
+                sw["margin_min"], ">", SWAP_MARGIN, **observed),
         compare("without_buffer_autoattack",
-                f"Training without buffer (statistics-fixed training attack) costs the PGD model AutoAttack robust "
-                f"accuracy: with minus without buffer, on the same {a['n_aa']} images, above {WB_AA}",
-                wb["autoattack_cost"], ">", WB_AA, **({} if WB_AA_ASSERTED else observed)),
+                f"Training without buffer (statistics-fixed training attack) does not cost the PGD model AutoAttack "
+                f"robust accuracy, against the paper: with minus without buffer, on the same {a['n_aa']} images, "
+                f"below {WB_AA}",
+                wb["autoattack_cost"], "<", WB_AA, **({} if WB_AA_ASSERTED else observed)),
         compare("without_buffer_clean",
-                f"Training without buffer costs the PGD model clean accuracy: with minus without, above {WB_CLEAN}",
-                wb["clean_cost"], ">", WB_CLEAN, **({} if WB_CLEAN_ASSERTED else observed)),
+                "Training without buffer (statistics-fixed training attack) barely changes clean accuracy, as in the "
+                f"paper: with minus without buffer within {WB_CLEAN} of 0",
+                wb["clean_cost"], "between", (-WB_CLEAN, WB_CLEAN), **({} if WB_CLEAN_ASSERTED else observed)),
         compare("trap_training",
-                "Training through the batch statistics (the trap) gives a less robust model than training with "
+                "Observed: training through the batch statistics (the trap) gives a less robust model than training with "
                 "statistics held fixed: robust accuracy under PGD and FGSM crafted with fixed statistics (test "
                 f"batches of {a['sizes'][0]}), lower by more than {TRAP_AA} on the same images",
                 tt["fixed_cost"], ">", TRAP_AA, **({} if TRAP_AA_ASSERTED else observed)),
@@ -490,9 +496,10 @@ def claims(analysis: dict, profile) -> list:
                 "the normal one (the smallest lower end of the paired bootstrap 95% intervals of the differences)",
                 ks["ae"]["gap_low_min"], ">", 0, **observed),
         compare("ks_clean_separates",
-                "Observed: the centred KS of the C-NTK is lower for every adversarially trained network than for "
-                "the normal one (the smallest lower end of the paired bootstrap 95% intervals of the differences)",
-                ks["clean"]["gap_low_min"], ">", 0, **observed),
+                "The centred KS of the C-NTK is lower for every adversarially trained network than for the normal "
+                "one, against the paper's report (the smallest lower end of the paired bootstrap 95% intervals of "
+                "the differences)",
+                ks["clean"]["gap_low_min"], ">", 0),
     ]
 
 
