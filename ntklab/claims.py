@@ -26,7 +26,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-__all__ = ["Claim", "compare", "all_of", "check", "failing", "table", "ClaimsTable", "glue"]
+__all__ = ["Claim", "compare", "all_of", "check", "failing", "table", "ClaimsTable", "glue", "binomial_se",
+           "paired_difference", "mcnemar_exact", "bootstrap"]
 
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq,
         "!=": operator.ne}
@@ -201,3 +202,65 @@ def glue(values: dict, prefix: str = "") -> list[str]:
 
     walk(values, prefix)
     return names
+
+
+# ------------------------------------------------------------------ statistics for thresholds
+def binomial_se(p: float, n: int) -> float:
+    """The standard error ``sqrt(p (1 - p) / n)`` of an accuracy ``p`` measured on ``n`` examples
+    (what "2 SE" means for a claim about one run's accuracy). Raises ``ValueError`` for ``n < 1``
+    or ``p`` outside [0, 1]. Introduced in chapter 3."""
+    p, n = _as_float(p, "p"), int(n)
+    if n < 1 or not 0 <= p <= 1:
+        raise ValueError(f"binomial_se needs n >= 1 and p in [0, 1]; got p={p}, n={n}")
+    return math.sqrt(p * (1 - p) / n)
+
+
+def mcnemar_exact(a, b) -> float:
+    """The two-sided exact McNemar p-value for paired binary outcomes ``a`` and ``b`` (e.g. per
+    example "still correct after the attack" for two models on the same examples): a binomial test
+    of the discordant pairs (a and not b against b and not a) at 1/2; 1.0 without discordant pairs.
+    Introduced in chapter 3."""
+    from scipy.stats import binomtest
+
+    d = paired_difference(a, b)
+    n = d["only_a"] + d["only_b"]
+    return 1.0 if n == 0 else float(binomtest(d["only_a"], n, 0.5).pvalue)
+
+
+def paired_difference(a, b) -> dict:
+    """The difference of two paired accuracies: ``a``, ``b`` sequences of 0/1 (or bools) of equal
+    length n over the same examples. Returns ``diff`` = mean(a) - mean(b), ``se`` its paired
+    standard error ``sqrt((n01 + n10 - (n10 - n01)^2 / n) / n^2)`` (the standard error of the mean
+    of the per-example differences, with the 1/n variance), ``only_a`` (a right, b wrong),
+    ``only_b`` and ``n``. Introduced in chapter 3."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape or a.size == 0 or not np.isin(a, (0, 1)).all() or not np.isin(b, (0, 1)).all():
+        raise ValueError("a and b must be non-empty 0/1 sequences of equal length")
+    diff = a - b
+    return {"diff": float(diff.mean()), "se": float(diff.std() / math.sqrt(a.size)), "only_a": int((diff > 0).sum()),
+            "only_b": int((diff < 0).sum()), "n": int(a.size)}
+
+
+def bootstrap(statistic, n: int, *, draws: int = 1000, seed: int = 0, strata=None, level: float = 0.95) -> dict:
+    """A percentile bootstrap of ``statistic(index)`` (a function of an integer index array of
+    resampled examples, returning a float or a 1-d array) over ``n`` examples: ``draws``
+    resamples with replacement, within each stratum of ``strata`` (e.g. the labels, so every class
+    keeps its count) when given. Returns ``value`` (the statistic on all examples), ``se`` (the
+    bootstrap standard deviation), ``low`` and ``high`` (the percentile interval at ``level``), as
+    floats or arrays like the statistic. Introduced in chapter 3."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if strata is None else [np.flatnonzero(np.asarray(strata) == s)
+                                                    for s in np.unique(np.asarray(strata))]
+    if n < 1 or sum(len(g) for g in groups) != n:
+        raise ValueError(f"bootstrap needs n >= 1 and strata of length n; got n={n}")
+    value = np.asarray(statistic(np.arange(n)), dtype=float)
+    samples = np.stack([np.asarray(statistic(np.concatenate([rng.choice(g, size=len(g)) for g in groups])),
+                                   dtype=float) for _ in range(draws)])
+    q = (1 - level) / 2
+    out = {"value": value, "se": samples.std(axis=0, ddof=1), "low": np.quantile(samples, q, axis=0),
+           "high": np.quantile(samples, 1 - q, axis=0)}
+    return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in out.items()}

@@ -456,3 +456,28 @@ def raw_and_normalised_kernels(kernels: dict, labels=None, *, axes=None, titles:
         kernel_heatmap(normalised[name], labels, ax=axes[1, c], title=f"{name}, normalised")
         axes[1, c].images[-1].set_clim(low, 1.0)
     return axes
+
+
+# --- chapter 3 ---
+__all__ += ["centred_ks_against_robustness"]
+
+
+def centred_ks_against_robustness(analysis: dict, *, axes=None):
+    """Two panels (C-NTK, AE-NTK) of a ``batchnorm`` analysis (:func:`ntklab.experiments.batchnorm.analyse`):
+    each distinct network's centred kernel specialization, with its bootstrap 95% interval as a
+    horizontal bar, against its robust accuracy (the smallest over every evaluation as used at test
+    time). Introduced in chapter 3. Returns the two Axes."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, which, title in zip(axes, ("clean", "ae"), ("C-NTK", "AE-NTK")):
+        ks = analysis["ks"][which]
+        for key, marker in zip(ks["centred"], "os^vD"):
+            v, lo, hi = ks["centred"][key], ks["low"][key], ks["high"][key]
+            ax.errorbar([v], [analysis["robust"][key]], xerr=[[v - lo], [hi - v]], fmt=marker, ms=8, capsize=4,
+                        label=key)
+        ax.set_xlabel(f"centred KS of the {title} (bootstrap 95% interval)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("robust accuracy (worst over every evaluation)")
+    axes[1].legend(fontsize=8)
+    return axes

@@ -100,3 +100,57 @@ def test_table_calls_a_claim_of_no_profile_an_observation():
     rows = C.table([C.compare("o", "seen", 1, ">", 0, profiles=())], "quick").rows()
     assert rows[0][4] == "holds (an observation, never asserted)"
     assert C.check([C.compare("o", "seen", 0, ">", 1, profiles=())], "quick") == []
+
+
+# ---------------------------------------------------------------- statistics helpers
+def test_binomial_se():
+    assert C.binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert C.binomial_se(1.0, 10) == 0
+    with pytest.raises(ValueError):
+        C.binomial_se(0.5, 0)
+    with pytest.raises(ValueError):
+        C.binomial_se(1.5, 10)
+
+
+def test_paired_difference_and_mcnemar_against_scipy_and_numpy():
+    import numpy as np
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(0)
+    a = rng.random(500) < 0.6
+    b = a.copy()
+    flip = rng.random(500) < 0.2
+    b[flip] = rng.random(flip.sum()) < 0.4
+    d = C.paired_difference(a, b)
+    n10, n01 = int((a & ~b).sum()), int((~a & b).sum())
+    assert (d["only_a"], d["only_b"], d["n"]) == (n10, n01, 500)
+    assert d["diff"] == pytest.approx(a.mean() - b.mean())
+    assert d["se"] == pytest.approx(np.std(a.astype(float) - b.astype(float)) / np.sqrt(500))
+    assert d["se"] == pytest.approx(np.sqrt((n10 + n01 - (n10 - n01) ** 2 / 500) / 500 ** 2))
+    assert C.mcnemar_exact(a, b) == pytest.approx(binomtest(n10, n10 + n01, 0.5).pvalue)
+    # negative control: identical outcomes differ by nothing and are not significant
+    assert C.mcnemar_exact(a, a) == 1.0 and C.paired_difference(a, a)["diff"] == 0
+    # a clear difference is significant
+    assert C.mcnemar_exact(np.ones(100), np.r_[np.ones(70), np.zeros(30)]) < 1e-6
+    with pytest.raises(ValueError):
+        C.paired_difference([1, 0], [1])
+
+
+def test_bootstrap_of_a_mean_matches_the_analytic_standard_error():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=400)
+    bs = C.bootstrap(lambda i: x[i].mean(), len(x), draws=2000, seed=3)
+    assert bs["value"] == pytest.approx(x.mean())
+    assert bs["se"] == pytest.approx(x.std() / np.sqrt(len(x)), rel=0.1)
+    assert bs["low"] < x.mean() < bs["high"]
+    # stratified: every resample keeps each stratum's count; a statistic of the strata is constant
+    strata = np.r_[np.zeros(100), np.ones(300)]
+    s = C.bootstrap(lambda i: strata[i].mean(), 400, draws=50, strata=strata)
+    assert s["se"] == 0 and s["low"] == s["high"] == 0.75
+    # vector statistics
+    v = C.bootstrap(lambda i: np.array([x[i].mean(), x[i].max()]), 400, draws=100)
+    assert v["value"].shape == (2,) and (v["low"] <= v["high"]).all()
+    with pytest.raises(ValueError):
+        C.bootstrap(lambda i: 0.0, 10, strata=np.zeros(5))

@@ -65,17 +65,33 @@ from dataclasses import dataclass
 from ntklab.experiments import RunContext, data_from_profile, experiment, model_from_profile, trained_model
 
 __all__ = ["run", "make_config", "Settings", "model_profile", "train_overrides", "analyse", "claims",
-           "gradient_split", "gradient_shares", "accuracy_row", "accuracy_table", "NAME", "STRATEGIES",
-           "BUFFERS", "TEST_BATCH_SIZES", "MODEL_KEYS"]
+           "gradient_split", "gradient_shares", "accuracy_row", "accuracy_table", "adversarial_training",
+           "craft_training_examples", "eps_of_epoch", "lr_of_epoch", "alignment_matrix", "specialization",
+           "NAME", "STRATEGIES", "BUFFERS", "CRAFTS", "MODELS", "TEST_BATCH_SIZES", "MODEL_KEYS", "AT_KEYS", "KS_KEYS"]
 
 NAME = "batchnorm"
 STRATEGIES = ("normal", "pgd")
 BUFFERS = ("with buffer", "without buffer")
 TEST_BATCH_SIZES = (500, 100, 20)
 SAME_TRAINING = ("normal",)      # strategies whose training never reads the BN buffers
-# the short names :func:`analyse` gives the four models (keys of its dicts, and of the glued numbers)
+# how a training attack sees BN (:func:`craft_training_examples`)
+CRAFTS = ("running", "batch", "fixed")
+# the five models: (strategy, buffer, training attack's crafting; None for normal training)
+MODELS = {"normal, with buffer": ("normal", "with buffer", None),
+          "normal, without buffer": ("normal", "without buffer", None),
+          "pgd, with buffer": ("pgd", "with buffer", "running"),
+          "pgd, without buffer": ("pgd", "without buffer", "fixed"),
+          "pgd, without buffer, through the statistics": ("pgd", "without buffer", "batch")}
+# the short names :func:`analyse` gives the models (keys of its dicts, and of the glued numbers)
 MODEL_KEYS = {"normal, with buffer": "normal_w", "normal, without buffer": "normal_wo",
-              "pgd, with buffer": "pgd_w", "pgd, without buffer": "pgd_wo"}
+              "pgd, with buffer": "pgd_w", "pgd, without buffer": "pgd_wo",
+              "pgd, without buffer, through the statistics": "pgd_trap"}
+AT_KEYS = ("pgd_w", "pgd_wo", "pgd_trap")
+# the distinct networks of the KS comparison (normal_wo has normal_w's weights)
+KS_KEYS = ("normal_w", "pgd_trap", "pgd_wo", "pgd_w")
+AUTOATTACK_TARGETS = 2           # APGD-T's target classes (pyautoattack's standard: 9)
+# the models AutoAttack runs on n_aa images (the with- vs without-buffer contrast); the others: n_aa_normal
+AUTOATTACK_FULL = ("pgd, with buffer", "pgd, without buffer")
 
 
 @dataclass(frozen=True)
@@ -83,18 +99,28 @@ class Settings:
     """The experiment's per-profile values (see the module docstring).
 
     width: the models' width (None: the profile's); switch_epoch: normal epochs before PGD-AT starts
-    (None: PGD-AT from the start); n_eval: test images of the accuracy grid; n_aa: of AutoAttack;
-    n_ks: of the kernel-specialization probe; n_gradient: of the gradient split
-    (:func:`gradient_shares`); test_batch_sizes: the test batch sizes (those of
-    :data:`TEST_BATCH_SIZES` up to ``n_eval``, else ``n_eval`` alone).
+    (None: PGD-AT from the start); ramp_epochs: epochs over which the training radius rises to eps
+    (:func:`eps_of_epoch`); at_lr: the learning rate of the adversarial epochs (None: the
+    profile's); train_steps, train_alpha: the training PGD's steps (None: the profile's
+    ``pgd_steps``) and step size as a fraction of the epoch's radius; n_eval: test images of the accuracy grid; n_aa: of AutoAttack on the adversarially
+    trained models, n_aa_normal: on the normal ones; n_ks: of the kernel-specialization probe;
+    n_gradient: of the gradient split (:func:`gradient_shares`); draws: bootstrap resamples;
+    test_batch_sizes: the test batch sizes (those of :data:`TEST_BATCH_SIZES` up to ``n_eval``,
+    else ``n_eval`` alone).
     """
 
     width: int | None
     switch_epoch: int | None
+    ramp_epochs: int
+    at_lr: float | None
+    train_steps: int | None
+    train_alpha: float
     n_eval: int
     n_aa: int
+    n_aa_normal: int
     n_ks: int
     n_gradient: int
+    draws: int
     test_batch_sizes: tuple[int, ...]
 
     @classmethod
@@ -102,14 +128,23 @@ class Settings:
         """The values for ``profile``: fixed for ``smoke`` and ``quick``, derived from the
         profile's ``n_eval`` and ``n_probe`` for any other."""
         table = {
-            "smoke": {"width": None, "switch_epoch": 1, "n_eval": 40, "n_aa": 20, "n_ks": 20, "n_gradient": 20},
-            "quick": {"width": 16, "switch_epoch": 4, "n_eval": 500, "n_aa": 60, "n_ks": 50, "n_gradient": 100},
+            "smoke": {"width": None, "switch_epoch": 1, "ramp_epochs": 1, "at_lr": None, "train_steps": None,
+                      "train_alpha": 0.25, "n_eval": 40, "n_aa": 20,
+                      "n_aa_normal": 20, "n_ks": 20, "n_gradient": 20, "draws": 50},
+            "quick": {"width": 16, **QUICK_RECIPE, "n_eval": 500,
+                      "n_aa": 500, "n_aa_normal": 100, "n_ks": 50, "n_gradient": 100, "draws": 400},
         }
         kw = table.get(profile.name) or {
-            "width": None, "switch_epoch": None, "n_eval": profile.n_eval, "n_aa": min(profile.n_eval, 500),
-            "n_ks": min(profile.n_probe, 100), "n_gradient": min(profile.n_eval, 100)}
+            "width": None, "switch_epoch": None, "ramp_epochs": 1, "at_lr": None, "train_steps": None,
+            "train_alpha": 0.25, "n_eval": profile.n_eval,
+            "n_aa": min(profile.n_eval, 1000), "n_aa_normal": min(profile.n_eval, 500),
+            "n_ks": min(profile.n_probe, 100), "n_gradient": min(profile.n_eval, 100), "draws": 1000}
         sizes = tuple(b for b in TEST_BATCH_SIZES if b <= kw["n_eval"]) or (kw["n_eval"],)
         return cls(**kw, test_batch_sizes=sizes)
+
+
+# the quick profile's PGD-AT recipe, chosen for stability on seeds 0-4 (see the module docstring)
+QUICK_RECIPE = {"switch_epoch": 4, "ramp_epochs": 2, "at_lr": 0.02, "train_steps": 3, "train_alpha": 0.5}
 
 
 def model_profile(profile, buffer: str):
@@ -125,26 +160,28 @@ def model_profile(profile, buffer: str):
     return profile.replace(model_kwargs=kw)
 
 
-def train_overrides(profile, strategy: str) -> dict:
-    """Keywords of :func:`ntklab.experiments.trained_model` beyond the profile's defaults: no
-    evaluation during training (the experiment evaluates; the trajectory is the same either way)
-    and, for PGD-AT, the switch epoch of :class:`Settings`."""
-    out = {"eval_every": 0}
-    switch = Settings.for_profile(profile).switch_epoch
-    if strategy == "pgd" and switch is not None:
-        out["switch_epoch"] = switch
-    return out
+def train_overrides(profile, strategy: str = "normal") -> dict:
+    """Keywords of :func:`ntklab.experiments.trained_model` for the normal model beyond the
+    profile's defaults: no evaluation during training (the experiment evaluates; the trajectory is
+    the same either way). The PGD models are trained by :func:`adversarial_training`."""
+    if strategy != "normal":
+        raise ValueError(f"only the normal model is trained by trained_model, got {strategy!r}")
+    return {"eval_every": 0}
 
 
 def make_config(profile) -> dict:
     """Everything the result depends on (the cache key)."""
     s = dataclasses.asdict(Settings.for_profile(profile))
     s["test_batch_sizes"] = list(s["test_batch_sizes"])
-    return {"profile": profile.to_dict(), "settings": s,
-            "models": {f"{st}, {bf}": {"profile": model_profile(profile, bf).to_dict(),
-                                       "train": train_overrides(profile, st)}
-                       for st in STRATEGIES for bf in BUFFERS},
-            "attacks": ["fgsm", "pgd"], "autoattack": "fast", "kernel": "full"}
+    models = {}
+    for name, (strategy, buffer, craft) in MODELS.items():
+        models[name] = {"strategy": strategy, "buffer": buffer, "craft": craft,
+                        "profile": model_profile(profile, buffer).to_dict()}
+        if strategy == "normal":
+            models[name]["train"] = train_overrides(profile)
+    return {"profile": profile.to_dict(), "settings": s, "models": models, "attacks": ["fgsm", "pgd"],
+            "autoattack": {"attacks": ["apgd-ce", "apgd-t"], "targets": AUTOATTACK_TARGETS, "reclassified": True},
+            "kernel": "full"}
 
 
 @experiment(NAME, "normal and PGD training with and without BN running statistics: accuracies over test "
@@ -168,16 +205,27 @@ def accuracy_row(result: dict, model: str, test_bn: str, craft: str, composition
 
 
 def accuracy_table(result: dict) -> str:
-    """The accuracy grid as text: one line per model, BN at test time, crafting and composition;
-    robust accuracy (clean accuracy in brackets) per test batch size."""
-    sizes = result["config"]["settings"]["test_batch_sizes"]
-    lines = ["robust accuracy (clean accuracy) by test batch size",
-             f"{'model':24s} {'BN at test':10s} {'examples':8s} {'batch':12s}" + "".join(f"{b:>14d}" for b in sizes)]
-    for r0 in (r for r in result["rows"] if r["batch_size"] == sizes[0]):
-        cells = [accuracy_row(result, r0["model"], r0["test_bn"], r0["craft"], r0["composition"], b)
-                 for b in (sizes if r0["test_bn"] == "batch" else sizes[:1])]
-        lines.append(f"{r0['model']:24s} {r0['test_bn']:10s} {r0['craft']:8s} {r0['composition']:12s}"
-                     + "".join(f"{c['robust']:7.3f} ({c['clean']:.3f})" for c in cells))
+    """The tidy summary: one line per model as used at test time (running statistics with buffer,
+    batch statistics without) at the largest test batch size, all-adversarial batches: clean
+    accuracy, robust accuracy (worst of FGSM and PGD) for each crafting mode (``twin``, ``self``
+    through the batch statistics, ``fixed`` statistics; ``-`` where it does not apply), and
+    AutoAttack as pyautoattack counts it and re-classified in deployment batches."""
+    size = result["config"]["settings"]["test_batch_sizes"][0]
+    head = ["model", "clean", "twin", "self", "fixed", "AA", "AA deployed"]
+    lines = [f"{head[0]:44s}" + "".join(f"{h:>12s}" for h in head[1:])]
+    for name in result["models"]:
+        test_bn = "running" if name.split(", ")[1] == "with buffer" else "batch"
+        crafts = {}
+        for craft in ("twin", "self", "fixed"):
+            try:
+                crafts[craft] = f"{accuracy_row(result, name, test_bn, craft, 'adversarial', size)['robust']:.3f}"
+            except KeyError:
+                crafts[craft] = "-"
+        if test_bn == "running":
+            crafts["twin"], crafts["self"] = crafts["self"], "-"     # with running statistics: its own twin
+        cells = [f"{result['clean'][name]:.3f}", crafts["twin"], crafts["self"], crafts["fixed"],
+                 f"{result['autoattack_own'][name]:.3f}", f"{result['autoattack'][name]:.3f}"]
+        lines.append(f"{name:44s}" + "".join(f"{c:>12s}" for c in cells))
     return "\n".join(lines)
 
 
@@ -185,28 +233,105 @@ def _span(values) -> dict:
     return {"min": min(values), "max": max(values)}
 
 
+# ------------------------------------------------------------------------------------------ kernel specialization
+def alignment_matrix(K_diag, labels, *, centred: bool = True):
+    """S[c, c'] = A(K_c, u_{c'} u_{c'}^T) for the per-output kernels ``K_diag[:, :, c]`` (n, n, k)
+    and the class indicators u. Centred (Cortes, Mohri & Rostamizadeh, JMLR 2012): A(K, T) =
+    <HKH, HTH>_F / (|HKH|_F |HTH|_F), H = I - 11^T / n, in [-1, 1]; uncentred: the alignment of
+    :func:`ntklab.metrics.kernel_specialization` (u^T K u / (|K|_F |u|^2)). Returns a (k, k) array."""
+    import numpy as np
+
+    K = np.asarray(K_diag, dtype=np.float64)
+    y = np.asarray(labels).astype(int)
+    n, k = K.shape[0], K.shape[2]
+    U = np.eye(k)[y]
+    if not centred:
+        return np.stack([np.einsum("ic,ij,jc->c", U, K[:, :, c], U) / (np.linalg.norm(K[:, :, c]) * U.sum(0))
+                         for c in range(k)])
+    H = np.eye(n) - 1.0 / n
+    Uc = H @ U                                                     # centred indicators: HTH = Uc Uc^T
+    t_norm = (Uc ** 2).sum(0)                                      # |Uc Uc^T|_F = |Uc|^2
+    S = np.empty((k, k))
+    for c in range(k):
+        Kc = H @ K[:, :, c] @ H
+        S[c] = np.einsum("ic,ij,jc->c", Uc, Kc, Uc) / (np.linalg.norm(Kc) * t_norm)
+    return S
+
+
+def specialization(K_diag, labels, *, centred: bool = True) -> float:
+    """KS from :func:`alignment_matrix`: centred, the mean diagonal alignment minus the mean
+    off-diagonal one (a difference, since a centred alignment can be 0 or negative); uncentred,
+    their ratio (:func:`ntklab.metrics.kernel_specialization`)."""
+    import numpy as np
+
+    S = alignment_matrix(K_diag, labels, centred=centred)
+    off = ~np.eye(len(S), dtype=bool)
+    return float(np.diag(S).mean() - S[off].mean()) if centred else float(np.diag(S).mean() / S[off].mean())
+
+
+def _ks_bootstrap(result: dict, names: dict, draws: int, seed: int) -> dict:
+    """Per kernel: centred KS of each distinct network (:data:`KS_KEYS`) with its stratified
+    bootstrap over the probe images (the same resamples for every network: paired), the
+    uncentred KS, and the paired bootstrap of KS(normal) - KS(each AT model)."""
+    import numpy as np
+
+    from ntklab.claims import bootstrap
+
+    out = {}
+    labels = np.asarray(result["ks"][names["normal_w"]]["labels"])
+    for which in ("clean", "ae"):
+        kernels = {k: np.asarray(result["ks"][names[k]][which], dtype=np.float64) for k in KS_KEYS}
+
+        def stat(i):
+            ks = [specialization(kernels[k][np.ix_(i, i)], labels[i]) for k in KS_KEYS]
+            return np.array(ks + [ks[0] - v for v in ks[1:]])
+
+        bs = bootstrap(stat, len(labels), draws=draws, seed=seed, strata=labels)
+        m = len(KS_KEYS)
+        out[which] = {"centred": {k: float(bs["value"][j]) for j, k in enumerate(KS_KEYS)},
+                      "se": {k: float(bs["se"][j]) for j, k in enumerate(KS_KEYS)},
+                      "low": {k: float(bs["low"][j]) for j, k in enumerate(KS_KEYS)},
+                      "high": {k: float(bs["high"][j]) for j, k in enumerate(KS_KEYS)},
+                      "uncentred": {k: specialization(kernels[k], labels, centred=False) for k in KS_KEYS},
+                      "gap": {k: float(bs["value"][m + j - 1]) for j, k in enumerate(KS_KEYS) if j},
+                      "gap_se": {k: float(bs["se"][m + j - 1]) for j, k in enumerate(KS_KEYS) if j},
+                      "gap_low": {k: float(bs["low"][m + j - 1]) for j, k in enumerate(KS_KEYS) if j},
+                      "gap_high": {k: float(bs["high"][m + j - 1]) for j, k in enumerate(KS_KEYS) if j}}
+        out[which]["gap_low_min"] = min(out[which]["gap_low"].values())
+        out[which]["gap_high_max"] = max(out[which]["gap_high"].values())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ analysis and claims
 def analyse(result: dict) -> dict:
     """The numbers chapter 3 discusses, from a result of :func:`run` (models by :data:`MODEL_KEYS`):
 
     ``gradient``: :func:`gradient_shares` of the normal model. ``trap``: the normal model without
     buffer, all-adversarial batches with batch statistics, per test batch size (lists ``self``,
-    ``twin``, ``gap`` = self - twin) and their extremes (``self_min``, ``self_max``, ``twin_max``,
-    ``gap_min``). ``autoattack``, ``clean``, ``robust``: per model. ``swap``: the PGD model with
-    buffer, running statistics (``running_clean``, ``running_robust``) against batch statistics
-    per size (``batch_clean``, ``batch_robust``: the worse crafting mode), ``robust_drop`` and
-    ``clean_move`` (absolute) per size, ``margin`` = drop - clean move per size and their extremes.
-    ``without_buffer``: PGD with minus without buffer (``clean_cost``, ``autoattack_cost``), the
-    final training loss of PGD without buffer against a uniform guess (``final_loss``,
-    ``uniform_loss`` = ln(classes), ``loss_ratio``). ``next_to_adv``: the PGD model with buffer,
-    batch statistics, twin examples: change of clean accuracy of the clean half of half-adversarial
-    batches per size (``change``, ``change_min``, ``change_max``). ``ks``: per kernel (``clean``,
-    ``ae``) per model; ``ks_margin``: per kernel, the lower KS of the normal models minus the higher
-    of the PGD models; ``ks_rho``: per kernel, Spearman's rank correlation of KS with robust accuracy
-    over the four models; ``more_robust_pgd``: the PGD model with the higher robust accuracy;
-    ``ks_pgd_order``: per kernel, its KS minus the other PGD model's. ``sizes``, ``n_aa``, ``n_ks``,
+    ``twin``, ``gap`` = self - twin) and their extremes. ``autoattack`` (re-classified in
+    deployment batches), ``autoattack_own`` (pyautoattack's count), ``clean``, ``robust``: per
+    model. ``trained``: per AT model its clean accuracy and its ``robust`` accuracy under the
+    twin's examples at the largest batch size (running statistics with buffer), with their minima
+    over the AT models (``clean_min``, ``robust_min``) and the binomial SEs there. ``swap``: the
+    PGD model with buffer, running statistics against batch statistics on identical examples (the
+    twin's, i.e. its own running-statistics examples): ``robust_drop``, ``clean_move``
+    (absolute), ``margin`` = drop - move per size, their extremes and ``margin_se`` (paired SE of
+    the drop at the smallest margin). ``without_buffer``: PGD with buffer minus PGD without
+    (statistics-fixed training attack): ``clean_cost`` (with ``clean_se``), ``autoattack_cost`` (the
+    paired difference on the same images, ``autoattack_se``, ``autoattack_p``: exact McNemar).
+    ``trap_training``: the model trained through the batch statistics against the one trained with
+    fixed statistics: ``clean_cost``, ``autoattack_cost`` (paired, with SE and McNemar p), ``fixed``
+    (robust accuracy under the statistics-fixed attack at the largest size, of both), ``final_loss``,
+    ``loss_ratio`` (its final training loss over ln(classes)). ``next_to_adv``: change of clean
+    accuracy of the clean half of half-adversarial batches (PGD with buffer, twin examples).
+    ``ks``: per kernel (``clean``, ``ae``) the centred KS with bootstrap SE and interval of the
+    distinct networks :data:`KS_KEYS`, the uncentred KS, and the paired bootstrap of KS(normal) -
+    KS(AT model) (``gap``, ``gap_low``, ...); ``ks_rho``: per kernel, Spearman's rank correlation
+    of centred KS with robust accuracy over those networks. ``sizes``, ``n_aa``, ``n_ks``,
     ``n_gradient``: the settings used.
     """
     from ntklab import data
+    from ntklab.claims import binomial_se, mcnemar_exact, paired_difference
 
     s, names = result["config"]["settings"], {v: k for k, v in MODEL_KEYS.items()}
     sizes = list(s["test_batch_sizes"])
@@ -214,9 +339,10 @@ def analyse(result: dict) -> dict:
     def rows(key, test_bn, craft, composition, field):
         return [accuracy_row(result, names[key], test_bn, craft, composition, b)[field] for b in sizes]
 
-    per_model = {f: {k: float(result[f][n]) for k, n in names.items()} for f in ("autoattack", "clean", "robust")}
-    a = {"sizes": sizes, "n_aa": s["n_aa"], "n_ks": s["n_ks"], "n_gradient": s["n_gradient"],
-         "gradient": dict(result["gradient"]), **per_model}
+    per_model = {f: {k: float(result[f][n]) for k, n in names.items()}
+                 for f in ("autoattack", "autoattack_own", "clean", "robust")}
+    a = {"sizes": sizes, "n_aa": s["n_aa"], "n_aa_normal": s["n_aa_normal"], "n_ks": s["n_ks"],
+         "n_gradient": s["n_gradient"], "gradient": dict(result["gradient"]), **per_model}
 
     self_, twin = rows("normal_wo", "batch", "self", "adversarial", "robust"), rows("normal_wo", "batch", "twin",
                                                                                     "adversarial", "robust")
@@ -224,39 +350,65 @@ def analyse(result: dict) -> dict:
     a["trap"] = {"self": self_, "twin": twin, "gap": gap, "self_min": min(self_), "self_max": max(self_),
                  "twin_max": max(twin), "gap_min": min(gap)}
 
+    trained = {}
+    for k in AT_KEYS:
+        test_bn, craft = ("running", "self") if k == "pgd_w" else ("batch", "twin")
+        r = accuracy_row(result, names[k], test_bn, craft, "adversarial", sizes[0])
+        trained[k] = {"clean": a["clean"][k], "robust": r["robust"]}
+    cmin = min(trained, key=lambda k: trained[k]["clean"])
+    rmin = min(trained, key=lambda k: trained[k]["robust"])
+    a["trained"] = {**trained, "clean_min": trained[cmin]["clean"], "robust_min": trained[rmin]["robust"],
+                    "clean_se": binomial_se(trained[cmin]["clean"], s["n_eval"]),
+                    "robust_se": binomial_se(trained[rmin]["robust"], s["n_eval"])}
+
     running = accuracy_row(result, names["pgd_w"], "running", "self", "adversarial", sizes[0])
-    batch_clean = rows("pgd_w", "batch", "self", "adversarial", "clean")
-    batch_robust = [min(p, q) for p, q in zip(rows("pgd_w", "batch", "self", "adversarial", "robust"),
-                                              rows("pgd_w", "batch", "twin", "adversarial", "robust"))]
-    drop = [running["robust"] - r for r in batch_robust]
+    batch_clean = rows("pgd_w", "batch", "twin", "adversarial", "clean")
+    batch_rows = [accuracy_row(result, names["pgd_w"], "batch", "twin", "adversarial", b) for b in sizes]
+    drop = [running["robust"] - r["robust"] for r in batch_rows]
+    drop_se = [paired_difference(running["correct"], r["correct"])["se"] for r in batch_rows]
     move = [abs(c - running["clean"]) for c in batch_clean]
     margin = [d - m for d, m in zip(drop, move)]
+    worst = min(range(len(sizes)), key=lambda i: margin[i])
     a["swap"] = {"running_clean": running["clean"], "running_robust": running["robust"],
-                 "batch_clean": batch_clean, "batch_robust": batch_robust, "robust_drop": drop, "clean_move": move,
-                 "margin": margin, **{f"batch_clean_{k}": v for k, v in _span(batch_clean).items()},
-                 **{f"batch_robust_{k}": v for k, v in _span(batch_robust).items()},
+                 "batch_clean": batch_clean, "batch_robust": [r["robust"] for r in batch_rows], "robust_drop": drop,
+                 "drop_se": drop_se, "clean_move": move, "margin": margin,
+                 **{f"batch_clean_{k}": v for k, v in _span(batch_clean).items()},
+                 **{f"batch_robust_{k}": v for k, v in _span([r["robust"] for r in batch_rows]).items()},
                  **{f"robust_drop_{k}": v for k, v in _span(drop).items()},
-                 "clean_move_max": max(move), "margin_min": min(margin)}
+                 "clean_move_max": max(move), "margin_min": margin[worst], "margin_se": drop_se[worst],
+                 "clean_se": binomial_se(running["clean"], s["n_eval"])}
+
+    def contrast(k1, k2):
+        # AutoAttack on the images both were attacked on (the first n of the bench)
+        c1, c2 = result["autoattack_correct"][names[k1]], result["autoattack_correct"][names[k2]]
+        n = min(len(c1), len(c2))
+        d = paired_difference(c1[:n], c2[:n])
+        return {"clean_cost": a["clean"][k1] - a["clean"][k2],
+                "clean_se": math.hypot(binomial_se(a["clean"][k1], s["n_eval"]), binomial_se(a["clean"][k2], s["n_eval"])),
+                "autoattack_cost": d["diff"], "autoattack_se": d["se"], "autoattack_p": mcnemar_exact(c1[:n], c2[:n]),
+                "autoattack_n": n}
 
     classes = data.info(result["config"]["profile"]["dataset"])["num_classes"]
-    final_loss = float(result["histories"][names["pgd_wo"]]["loss"][-1])
-    a["without_buffer"] = {"clean_cost": a["clean"]["pgd_w"] - a["clean"]["pgd_wo"],
-                           "autoattack_cost": a["autoattack"]["pgd_w"] - a["autoattack"]["pgd_wo"],
-                           "final_loss": final_loss, "uniform_loss": math.log(classes),
-                           "loss_ratio": final_loss / math.log(classes)}
+    a["without_buffer"] = contrast("pgd_w", "pgd_wo")
+    final_loss = float(result["histories"][names["pgd_trap"]]["loss"][-1])
+    fixed = {k: accuracy_row(result, names[k], "batch", "fixed", "adversarial", sizes[0])["robust"]
+             for k in ("pgd_wo", "pgd_trap")}
+    fixed_rows = [accuracy_row(result, names[k], "batch", "fixed", "adversarial", sizes[0])["correct"]
+                  for k in ("pgd_wo", "pgd_trap")]
+    d = paired_difference(*fixed_rows)
+    a["trap_training"] = {**contrast("pgd_wo", "pgd_trap"), "fixed": fixed, "fixed_se": d["se"],
+                          "fixed_p": mcnemar_exact(*fixed_rows),
+                          "fixed_cost": fixed["pgd_wo"] - fixed["pgd_trap"],
+                          "final_loss": final_loss, "uniform_loss": math.log(classes),
+                          "loss_ratio": final_loss / math.log(classes)}
 
     change = [n - c for n, c in zip(rows("pgd_w", "batch", "twin", "half", "clean_next_to_adv"),
                                     rows("pgd_w", "batch", "twin", "half", "clean"))]
     a["next_to_adv"] = {"change": change, "change_min": min(change), "change_max": max(change)}
 
-    a["ks"] = {w: {k: float(result["ks"][n][w]) for k, n in names.items()} for w in ("clean", "ae")}
-    more, less = sorted(("pgd_w", "pgd_wo"), key=lambda k: -a["robust"][k])    # ties: with buffer first
-    a["more_robust_pgd"] = names[more]
-    a["ks_margin"] = {w: min(ks["normal_w"], ks["normal_wo"]) - max(ks["pgd_w"], ks["pgd_wo"])
-                      for w, ks in a["ks"].items()}
-    a["ks_pgd_order"] = {w: ks[more] - ks[less] for w, ks in a["ks"].items()}
-    a["ks_rho"] = {w: _rank_correlation([ks[k] for k in names], [a["robust"][k] for k in names])
-                   for w, ks in a["ks"].items()}
+    a["ks"] = _ks_bootstrap(result, names, s["draws"], result["config"]["profile"]["seed"])
+    a["ks_rho"] = {w: _rank_correlation([a["ks"][w]["centred"][k] for k in KS_KEYS],
+                                        [a["robust"][k] for k in KS_KEYS]) for w in ("clean", "ae")}
     return a
 
 
@@ -269,14 +421,27 @@ def _rank_correlation(u, v) -> float:
     return float(spearmanr(u, v).statistic)
 
 
+# the thresholds, set on seed 0 (at least 2 SE from its values) before seeds 1 and 2 were run
+# (seed 0: clean 0.966, SE 0.008; twin robust 0.572, SE 0.022; swap clean move 0; swap margin -0.002,
+# SE 0.002: the paper's test-time reading fails, an observation; AutoAttack with minus without buffer
+# -0.088, paired SE 0.013; clean cost -0.002, SE 0.011; trap training -0.002, SE 0.010: an observation;
+# C-NTK KS gap lower bound 0.107, SE 0.011)
+CLEAN_FLOOR, ROBUST_FLOOR = 0.9, 0.4
+SWAP_CLEAN, SWAP_MARGIN = 0.03, 0.01
+WB_AA, WB_AA_ASSERTED = 0.0, True
+WB_CLEAN, WB_CLEAN_ASSERTED = 0.03, True
+TRAP_AA, TRAP_AA_ASSERTED = 0.0, False
+
+
 def claims(analysis: dict, profile) -> list:
-    """The chapter's claims on an :func:`analyse` dict: the first ten asserted under ``quick``
-    (the thresholds the chapter has always asserted), the last four observations of the run that
-    no profile asserts (the table says whether they hold on the run)."""
+    """The chapter's claims on an :func:`analyse` dict, asserted under ``quick``; observations of
+    the run (no profile) where the effect goes either way at this scale. Thresholds were set on
+    seed 0 at least 2 standard errors from its values, before seeds 1 and 2 were run."""
     from ntklab.claims import all_of, compare
 
-    a, sw, wb = analysis, analysis["swap"], analysis["without_buffer"]
-    aa, observed = analysis["autoattack"], {"profiles": ()}
+    a, sw, wb, tt, tr = (analysis, analysis["swap"], analysis["without_buffer"], analysis["trap_training"],
+                         analysis["trained"])
+    aa, observed, ks = analysis["autoattack"], {"profiles": ()}, analysis["ks"]
     return [
         all_of("gradient_split",
                "Through the batch statistics: for a normally trained network, the part of the input gradient "
@@ -293,46 +458,48 @@ def claims(analysis: dict, profile) -> list:
                 "accuracy at most 0.05 at every test batch size (largest)",
                 a["trap"]["twin_max"], "<=", 0.05),
         all_of("trap_autoattack",
-               "AutoAttack finds (almost) every example of both normal models as used at test time: robust "
-               "accuracy at most 0.05",
+               "AutoAttack, its examples classified in deployment batches, finds (almost) every example of both "
+               "normal models: robust accuracy at most 0.05",
                [compare("normal_wo", "", aa["normal_wo"], "<=", 0.05),
                 compare("normal_w", "", aa["normal_w"], "<=", 0.05)]),
+        all_of("at_trained",
+               "Every adversarially trained model trained (the PGD models are schedule models: normal epochs "
+               f"first, then a ramp of the radius): clean accuracy above {CLEAN_FLOOR} and robust accuracy under "
+               f"the twin's PGD and FGSM examples above {ROBUST_FLOOR}, for all three (the lowest of each)",
+               [compare("clean_min", "", tr["clean_min"], ">", CLEAN_FLOOR),
+                compare("robust_min", "", tr["robust_min"], ">", ROBUST_FLOOR)]),
         compare("swap_clean",
                 "Test-time swap, PGD model with buffer: batch instead of running statistics moves clean accuracy "
-                "by less than 0.03 at every test batch size (largest move)",
-                sw["clean_move_max"], "<", 0.03),
+                f"by less than {SWAP_CLEAN} at every test batch size (largest move)",
+                sw["clean_move_max"], "<", SWAP_CLEAN),
         compare("swap_robust",
-                "Test-time swap: with the same attacks, robust accuracy drops by more than clean accuracy moves "
-                "(by over 0.01) at every test batch size (smallest drop minus move)",
-                sw["margin_min"], ">", 0.01),
-        compare("without_buffer_clean",
-                "Training without buffer costs the PGD model at least 0.05 of clean accuracy. Reported, not "
-                "asserted: it did not hold on every seed.", wb["clean_cost"], ">=", 0.05, profiles=()),
+                "Observed (the paper's test-time reading; it failed on seed 0): test-time swap on identical examples (its own running-statistics PGD and FGSM examples): robust "
+                f"accuracy drops by more than clean accuracy moves, by over {SWAP_MARGIN}, at every test batch "
+                "size (smallest drop minus move)",
+                sw["margin_min"], ">", SWAP_MARGIN, **observed),
         compare("without_buffer_autoattack",
-                "Training without buffer costs the PGD model at least 0.05 of AutoAttack robust accuracy",
-                wb["autoattack_cost"], ">=", 0.05 - 1e-9),
-        compare("ks_clean",
-                "The KS of the C-NTK is lower for both PGD models than for both normal ones, by more than 0.3 "
-                "(margin)",
-                a["ks_margin"]["clean"], ">", 0.3),
-        compare("pgd_robust",
-                "The PGD model with buffer is robust at all: AutoAttack accuracy above 0.2",
-                aa["pgd_w"], ">", 0.2),
-        compare("pgd_without_buffer_collapsed",
-                "Observed: PGD-AT without buffer collapsed in training (final loss above 0.95 of a uniform "
-                "guess's; measured: the ratio)",
-                wb["loss_ratio"], ">", 0.95, **observed),
-        compare("ks_ae_lower",
-                "Observed: the KS of the AE-NTK is lower for both PGD models than for both normal ones (margin)",
-                a["ks_margin"]["ae"], ">", 0, **observed),
-        compare("ks_clean_orders_pgd",
-                "Observed: of the two PGD models, the more robust one has the lower C-NTK KS (its KS minus the "
-                "other's)",
-                a["ks_pgd_order"]["clean"], "<", 0, **observed),
-        compare("ks_ae_orders_pgd",
-                "Observed: of the two PGD models, the more robust one has the lower AE-NTK KS (its KS minus the "
-                "other's)",
-                a["ks_pgd_order"]["ae"], "<", 0, **observed),
+                f"Training without buffer (statistics-fixed training attack) does not cost the PGD model AutoAttack "
+                f"robust accuracy, against the paper: with minus without buffer, on the same {a['n_aa']} images, "
+                f"below {WB_AA}",
+                wb["autoattack_cost"], "<", WB_AA, **({} if WB_AA_ASSERTED else observed)),
+        compare("without_buffer_clean",
+                "Training without buffer (statistics-fixed training attack) barely changes clean accuracy, as in the "
+                f"paper: with minus without buffer within {WB_CLEAN} of 0",
+                wb["clean_cost"], "between", (-WB_CLEAN, WB_CLEAN), **({} if WB_CLEAN_ASSERTED else observed)),
+        compare("trap_training",
+                "Observed: training through the batch statistics (the trap) gives a less robust model than training with "
+                "statistics held fixed: robust accuracy under PGD and FGSM crafted with fixed statistics (test "
+                f"batches of {a['sizes'][0]}), lower by more than {TRAP_AA} on the same images",
+                tt["fixed_cost"], ">", TRAP_AA, **({} if TRAP_AA_ASSERTED else observed)),
+        compare("ks_ae_separates",
+                "Observed: the centred KS of the AE-NTK is lower for every adversarially trained network than for "
+                "the normal one (the smallest lower end of the paired bootstrap 95% intervals of the differences)",
+                ks["ae"]["gap_low_min"], ">", 0, **observed),
+        compare("ks_clean_separates",
+                "The centred KS of the C-NTK is lower for every adversarially trained network than for the normal "
+                "one, against the paper's report (the smallest lower end of the paired bootstrap 95% intervals of "
+                "the differences)",
+                ks["clean"]["gap_low_min"], ">", 0),
     ]
 
 
@@ -369,12 +536,101 @@ def gradient_shares(net, X, y) -> dict:
     return {"dominated": float(dominated), "sign_agree": float((full.sign() == own.sign()).double().mean())}
 
 
+# ------------------------------------------------------------------------------------------ training
+def eps_of_epoch(settings: "Settings", eps: float, epoch: int) -> float:
+    """The training attack's radius in ``epoch`` (0-based): 0 before ``switch_epoch`` (normal
+    training), then rising linearly over ``ramp_epochs`` epochs to ``eps`` (``eps / ramp_epochs``
+    in the first adversarial epoch), ``eps`` after."""
+    switch = settings.switch_epoch or 0
+    if epoch < switch:
+        return 0.0
+    return eps * min(1.0, (epoch - switch + 1) / max(1, settings.ramp_epochs))
+
+
+def lr_of_epoch(settings: "Settings", profile, epoch: int) -> float:
+    """The learning rate of ``epoch``: the profile's in normal epochs, ``at_lr`` (None: the
+    profile's) in adversarial ones, times ``lr_gamma`` for every milestone passed."""
+    switch = settings.switch_epoch or 0
+    base = profile.lr if epoch < switch or settings.at_lr is None else settings.at_lr
+    return base * profile.lr_gamma ** sum(epoch >= m for m in profile.lr_milestones)
+
+
+def craft_training_examples(net, x, y, *, craft: str, eps: float, steps: int, alpha: float, generator=None):
+    """PGD examples of the batch ``(x, y)`` as a training step crafts them, BN seeing them as
+    ``craft`` says: ``"running"`` the running estimates (eval mode); ``"batch"`` the statistics of
+    the attacked batch itself, recomputed at every step (the gradient flows through them: the trap
+    of this chapter); ``"fixed"`` the statistics of the clean batch, computed once and held fixed
+    during the attack (each image's own gradient, ``g_own``). The model's buffers and modes are
+    left as they were."""
+    from ntklab import attacks
+    from ntklab.bn import bn_batch_statistics, using_bn_statistics
+
+    if craft not in CRAFTS:
+        raise ValueError(f"craft must be one of {', '.join(map(repr, CRAFTS))}, got {craft!r}")
+    kw = dict(eps=eps, steps=steps, alpha=alpha, generator=generator)
+    if craft == "fixed":
+        with using_bn_statistics(net, bn_batch_statistics(net, x)):
+            return attacks.pgd(net, x, y, bn_mode="eval", **kw)
+    return attacks.pgd(net, x, y, bn_mode="eval" if craft == "running" else "train", **kw)
+
+
+def adversarial_training(profile, buffer: str, craft: str, *, device=None, progress: bool = False):
+    """Train a model of :func:`model_profile` (``buffer``) with the chapter's PGD-AT recipe
+    (:class:`Settings`: ``switch_epoch`` normal epochs, then PGD with ``train_steps`` steps of
+    ``train_alpha`` times the radius, which ramps up over ``ramp_epochs`` (:func:`eps_of_epoch`), learning rate
+    :func:`lr_of_epoch`), the training attack crafted as ``craft`` says
+    (:func:`craft_training_examples`). The same initialisation (seeded with ``profile.seed``) and
+    data order (a generator seeded with it, one permutation per epoch, as in
+    :func:`ntklab.train.train`) for every ``buffer`` and ``craft``. Returns ``(model, history)``:
+    the model in eval mode and a dict of per-epoch lists (``epoch``, ``strategy``, ``eps``, ``lr``,
+    ``loss``, ``train_acc``) with ``training_time`` (seconds)."""
+    import torch
+
+    from ntklab.config import get_device, seed_everything
+    from ntklab.train import sgd_step, stream_seed
+
+    s = Settings.for_profile(profile)
+    device = get_device(device)
+    mp = model_profile(profile, buffer)
+    x, y = data_from_profile(mp)[0].tensors
+    seed_everything(profile.seed)
+    net = model_from_profile(mp).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=profile.lr, momentum=profile.momentum,
+                          weight_decay=profile.weight_decay)
+    order = torch.Generator().manual_seed(profile.seed)
+    history = {k: [] for k in ("epoch", "strategy", "eps", "lr", "loss", "train_acc")}
+    start = time.perf_counter()
+    for epoch in range(profile.epochs):
+        eps, lr = eps_of_epoch(s, profile.eps, epoch), lr_of_epoch(s, profile, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum, correct = 0.0, 0
+        for b, idx in enumerate(torch.randperm(len(y), generator=order).split(profile.batch_size)):
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            if eps > 0:
+                gen = torch.Generator(device=device).manual_seed(stream_seed(profile.seed, "attack", epoch=epoch,
+                                                                             batch=b))
+                xb = craft_training_examples(net, xb, yb, craft=craft, eps=eps, alpha=eps * s.train_alpha,
+                                             steps=s.train_steps or profile.pgd_steps, generator=gen)
+            net.train()
+            loss, logits = sgd_step(net, opt, xb, yb)
+            loss_sum += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"adversarial training ({buffer}, {craft}) diverged in epoch {epoch}")
+        for k, v in zip(history, (epoch, "normal" if eps == 0 else "pgd", eps, lr, loss_sum / len(y),
+                                  correct / len(y))):
+            history[k].append(v)
+    history["training_time"] = time.perf_counter() - start
+    return net.eval(), history
+
+
 # ------------------------------------------------------------------------------------------ compute
 @dataclass
 class _Bench:
     """What every model is evaluated on: the test images, the profile, the config, the device,
     and the examples crafted through the batch statistics, shared by models with the same weights
-    (key: (model whose weights, batch size))."""
+    (key: (model whose weights, crafting, batch size))."""
 
     x: object
     y: object
@@ -396,8 +652,9 @@ def _compute(profile, config, device, progress) -> dict:
     _, test_set = data_from_profile(profile)
     x, y = data.subset(test_set, s["n_eval"], seed=profile.seed).tensors
     bench = _Bench(x, y, profile, config, device, progress)
-    out = {"config": config, "models": list(config["models"]), "rows": [], "autoattack": {}, "autoattack_flags": {},
-           "robust": {}, "clean": {}, "ks": {}, "histories": {}, "training_time": {}, "shared_weights": {}}
+    out = {"config": config, "models": list(config["models"]), "rows": [], "autoattack": {}, "autoattack_own": {},
+           "autoattack_flags": {}, "autoattack_correct": {}, "robust": {}, "clean": {}, "ks": {}, "histories": {},
+           "training_time": {}, "shared_weights": {}}
     inits = []
     for buffer in BUFFERS:
         seed_everything(profile.seed)
@@ -405,31 +662,30 @@ def _compute(profile, config, device, progress) -> dict:
                       if "running" not in k and "num_batches" not in k})
     out["same_init"] = inits[0].keys() == inits[1].keys() and all(torch.equal(inits[0][k], inits[1][k])
                                                                   for k in inits[0])
-    for strategy in STRATEGIES:
-        trained = {}
-        for buffer in BUFFERS:
-            name = f"{strategy}, {buffer}"
-            if buffer == BUFFERS[1] and strategy in SAME_TRAINING:
-                # Normal training never reads the running buffers (train-mode BN normalises with the
-                # batch), so the model without buffer has the same weights: copied, not retrained.
-                net = model_from_profile(model_profile(profile, buffer)).to(device)
-                net.load_state_dict({k: v for k, v in trained[BUFFERS[0]].state_dict().items()
-                                     if k in net.state_dict()})
-                net.eval()
-                out["shared_weights"][name] = f"{strategy}, {BUFFERS[0]}"
-                history = out["histories"][f"{strategy}, {BUFFERS[0]}"]
-                out["histories"][name] = history
-                out["training_time"][name] = out["training_time"][f"{strategy}, {BUFFERS[0]}"]
-            else:
-                net, history = trained_model(model_profile(profile, buffer), strategy, device=device,
-                                             progress=progress, **train_overrides(profile, strategy))
-                out["histories"][name] = history.to_dict()
-                out["training_time"][name] = history.training_time
-            trained[buffer] = net
-            if name == "normal, with buffer":
-                gx, gy = data.subset(test_set, s["n_gradient"], seed=profile.seed).tensors
-                out["gradient"] = gradient_shares(net, gx.to(device), gy.to(device))
-            _evaluate(out, bench, name=name, strategy=strategy, buffer=buffer, net=net)
+    normal = None
+    for name, m in config["models"].items():
+        strategy, buffer, craft = m["strategy"], m["buffer"], m["craft"]
+        if strategy == "normal" and normal is None:
+            net, history = trained_model(model_profile(profile, buffer), "normal", device=device,
+                                         progress=progress, **train_overrides(profile, "normal"))
+            out["histories"][name], out["training_time"][name] = history.to_dict(), history.training_time
+            normal = name
+            gx, gy = data.subset(test_set, s["n_gradient"], seed=profile.seed).tensors
+            out["gradient"] = gradient_shares(net, gx.to(device), gy.to(device))
+        elif strategy == "normal":
+            # Normal training never reads the running buffers (train-mode BN normalises with the
+            # batch), so the model without buffer has the same weights: copied, not retrained.
+            weights = net.state_dict()
+            net = model_from_profile(model_profile(profile, buffer)).to(device)
+            net.load_state_dict({k: v for k, v in weights.items() if k in net.state_dict()})
+            net.eval()
+            out["shared_weights"][name] = normal
+            out["histories"][name], out["training_time"][name] = out["histories"][normal], out["training_time"][normal]
+        else:
+            net, history = adversarial_training(profile, buffer, craft, device=device, progress=progress)
+            out["training_time"][name] = history.pop("training_time")
+            out["histories"][name] = history
+        _evaluate(out, bench, name=name, buffer=buffer, net=net)
     out["compute_seconds"] = time.perf_counter() - start
     return out
 
@@ -439,48 +695,69 @@ def _twin(net, stats):
     or with the given fixed statistics (the exact data-set statistics, for a model without buffer)."""
     import contextlib
 
-    from ntklab.models import using_bn_statistics
+    from ntklab.bn import using_bn_statistics
 
     return contextlib.nullcontext(net) if stats is None else using_bn_statistics(net, stats)
 
 
 def _craft(net, bench: _Bench, *, bn_mode: str, batch_size: int, inputs=None, attacks=None) -> dict:
     """Adversarial examples of ``inputs`` (default: the bench's test images) against ``net``, for
-    each attack of ``attacks`` (default: the config's), crafted with BN in ``bn_mode``."""
+    each attack of ``attacks`` (default: the config's), crafted in batches of ``batch_size`` with
+    BN in ``bn_mode`` (``"eval"``, ``"train"``) or ``"fixed"``: each batch normalised by its own
+    clean statistics, held fixed during the attack."""
     import torch
 
+    from ntklab import attacks as _attacks
     from ntklab import evaluate
+    from ntklab.bn import bn_batch_statistics, using_bn_statistics
 
     profile = bench.profile
     kw = {"pgd": {"alpha": profile.pgd_alpha, "steps": profile.eval_pgd_steps}, "fgsm": {}}
-    torch.manual_seed(profile.seed)
-    return {a: evaluate.craft(net, inputs or (bench.x, bench.y), attack=a, eps=profile.eps, batch_size=batch_size,
-                              bn_mode=bn_mode, device=bench.device, progress=bench.progress, **kw[a])
-            for a in attacks or bench.config["attacks"]}
+    x, y = inputs or (bench.x, bench.y)
+    out = {}
+    for a in attacks or bench.config["attacks"]:
+        torch.manual_seed(profile.seed)
+        if bn_mode != "fixed":
+            out[a] = evaluate.craft(net, (x, y), attack=a, eps=profile.eps, batch_size=batch_size, bn_mode=bn_mode,
+                                    device=bench.device, progress=bench.progress, **kw[a])
+            continue
+        parts = []
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size].to(bench.device), y[i:i + batch_size].to(bench.device)
+            with using_bn_statistics(net, bn_batch_statistics(net, xb)):
+                parts.append(_attacks.adversarial_examples(a, net, xb, yb, eps=profile.eps, bn_mode="eval",
+                                                           **kw[a]).cpu())
+        out[a] = torch.cat(parts)
+    return out
 
 
-def _evaluate(out: dict, bench: _Bench, *, name: str, strategy: str, buffer: str, net) -> None:
-    """Evaluate the model ``name`` (trained with ``strategy``, with or without ``buffer``) on the
-    bench: its rows of the accuracy grid, AutoAttack, its robust and clean accuracy as used at test
-    time, and the KS of its kernels, all written into ``out``."""
-    from ntklab.models import bn_dataset_statistics
+def _evaluate(out: dict, bench: _Bench, *, name: str, buffer: str, net) -> None:
+    """Evaluate the model ``name`` (with or without ``buffer``) on the bench: its rows of the
+    accuracy grid, AutoAttack (re-classified as deployed), its robust and clean accuracy as used at
+    test time, and the KS of its kernels, all written into ``out``."""
+    from ntklab.bn import bn_dataset_statistics
 
     with_buffer = buffer == BUFFERS[0]
     twin_stats = None if with_buffer else bn_dataset_statistics(net, data_from_profile(bench.profile)[0].tensors[0])
     with _twin(net, twin_stats):
         twin_adv = _craft(net, bench, bn_mode="eval", batch_size=bench.config["settings"]["test_batch_sizes"][0])
     rows = _accuracy_rows(out, bench, name=name, net=net, with_buffer=with_buffer, twin_adv=twin_adv)
-    out["rows"] += [{"model": name, "strategy": strategy, "buffer": buffer, **r} for r in rows]
-    out["autoattack"][name], out["autoattack_flags"][name] = _autoattack(net, bench)
+    out["rows"] += [{"model": name, "buffer": buffer, **r} for r in rows]
+    aa = _autoattack(net, bench, with_buffer=with_buffer, full=name in AUTOATTACK_FULL)
+    out["autoattack"][name], out["autoattack_own"][name] = aa["deployed"], aa["own"]
+    out["autoattack_flags"][name], out["autoattack_correct"][name] = aa["flags"], aa["correct"]
     deployed = [r for r in rows if r["test_bn"] == ("running" if with_buffer else "batch")]
-    out["robust"][name] = min([r["robust"] for r in deployed] + [out["autoattack"][name]])
+    out["robust"][name] = min([r["robust"] for r in deployed] + [aa["deployed"]])
     largest = bench.config["settings"]["test_batch_sizes"][0]
     out["clean"][name] = next(r["clean"] for r in deployed if r["batch_size"] == largest)
     out["ks"][name] = _kernel_specialization(net, bench, with_buffer=with_buffer, twin_stats=twin_stats)
 
 
 def _accuracy_rows(out: dict, bench: _Bench, *, name: str, net, with_buffer: bool, twin_adv: dict) -> list[dict]:
-    """The model's rows of the grid (BN at test time x batch size x crafting x composition)."""
+    """The model's rows of the grid (BN at test time x batch size x crafting x composition).
+    Crafting with batch statistics at test time: ``self`` through them, ``twin`` transferred from
+    the running-statistics twin, and (models without buffer, largest batch size) ``fixed``, the
+    statistics of the attacked clean batch held fixed."""
     from ntklab import evaluate
 
     x, y, sizes, rows = bench.x, bench.y, bench.config["settings"]["test_batch_sizes"], []
@@ -492,10 +769,15 @@ def _accuracy_rows(out: dict, bench: _Bench, *, name: str, net, with_buffer: boo
             # statistics, a model with the same weights computes the same function: craft once.
             crafted = {"self": twin_adv}
             if mode == "batch":
-                key = (out["shared_weights"].get(name, name), b)
-                if key not in bench.memo:
-                    bench.memo[key] = _craft(net, bench, bn_mode="train", batch_size=b)
-                crafted = {"self": bench.memo[key], "twin": twin_adv}
+                crafted = {}
+                for craft, how in (("self", "train"), ("fixed", "fixed")):
+                    if craft == "fixed" and (with_buffer or b != sizes[0]):     # fixed: the largest size only
+                        continue
+                    key = (out["shared_weights"].get(name, name), craft, b)
+                    if key not in bench.memo:
+                        bench.memo[key] = _craft(net, bench, bn_mode=how, batch_size=b)
+                    crafted[craft] = bench.memo[key]
+                crafted["twin"] = twin_adv
             for craft, advs in crafted.items():
                 for composition in ["adversarial", "half"] if mode == "batch" else ["adversarial"]:
                     mix = x if composition == "half" else None
@@ -508,48 +790,73 @@ def _accuracy_rows(out: dict, bench: _Bench, *, name: str, net, with_buffer: boo
                         next_to_adv = _mean(evaluate.predict(net, x, batch_size=b, bn_mode=bn_mode,
                                                              mix=advs["pgd"], device=bench.device) == y)
                     rows.append({"test_bn": mode, "batch_size": b, "craft": craft, "composition": composition,
-                                 "clean": _mean(clean_ok), "robust": _mean(ok), "clean_next_to_adv": next_to_adv})
+                                 "clean": _mean(clean_ok), "robust": _mean(ok), "clean_next_to_adv": next_to_adv,
+                                 "correct": ok.tolist() if composition == "adversarial" else None})
     return rows
 
 
-def _autoattack(net, bench: _Bench) -> tuple[float, list[str]]:
-    """AutoAttack's accuracy on a class-balanced subset, the model as it is used at test time (the
-    subset is one batch), and the warnings of AutoAttack's own checks."""
-    from torch.utils.data import TensorDataset
+def _autoattack(net, bench: _Bench, *, with_buffer: bool, full: bool) -> dict:
+    """AutoAttack (APGD-CE and APGD-T, :data:`AUTOATTACK_TARGETS` target classes, one restart, 100
+    iterations: the cheaper standard subset) on the first ``n_aa`` (the models of
+    :data:`AUTOATTACK_FULL`) or ``n_aa_normal`` test images of the bench (class-balanced), the model as used at test time.
+    pyautoattack attacks sub-batches of the points still classified correctly, so for a model
+    without buffer its verdict is not the model as deployed: the assembled examples are classified
+    again in deployment batches (the largest test batch size). Returns ``own`` (pyautoattack's
+    accuracy), ``deployed`` (the accuracy of the re-classification; with buffer the two agree),
+    ``correct`` (per image, as deployed) and ``flags`` (the warnings of AutoAttack's checks)."""
+    import torch
+    from pyautoattack import AutoAttack
 
-    from ntklab import data, evaluate
+    from ntklab import evaluate
+    from ntklab.bn import eval_mode
 
-    profile, config = bench.profile, bench.config
-    aa_x, aa_y = data.subset(TensorDataset(bench.x, bench.y), config["settings"]["n_aa"], seed=profile.seed).tensors
-    with _autoattack_flags() as flags:
-        aa = evaluate.autoattack_accuracy(net, (aa_x, aa_y), eps=profile.eps, version=config["autoattack"],
-                                          seed=profile.seed, batch_size=len(aa_y), device=bench.device)
-    return aa, sorted(set(flags))
+    s, profile = bench.config["settings"], bench.profile
+    n = s["n_aa"] if full else s["n_aa_normal"]
+    x, y = bench.x[:n], bench.y[:n]
+    params = [(p, p.requires_grad) for p in net.parameters()]
+    with _autoattack_flags() as flags, eval_mode(net), torch.random.fork_rng():
+        try:
+            for p, _ in params:
+                p.requires_grad_(False)
+            aa = AutoAttack(net, norm="Linf", eps=profile.eps, seed=profile.seed, device=bench.device,
+                            version="custom", attacks=["apgd-ce", "apgd-t"])
+            aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = 1
+            aa.apgd_targeted.n_target_classes = min(AUTOATTACK_TARGETS, int(y.max()))
+            x_adv, y_adv = aa.run_standard_evaluation(x.to(bench.device), y.to(bench.device), batch_size=n)
+        finally:
+            for p, flag in params:
+                p.requires_grad_(flag)
+    own = y_adv.cpu() == y
+    deploy = s["test_batch_sizes"][0]
+    correct = evaluate.predict(net, x_adv.cpu(), batch_size=deploy, bn_mode="eval" if with_buffer else "train",
+                               device=bench.device) == y
+    return {"own": _mean(own), "deployed": _mean(correct), "correct": correct.tolist(), "flags": sorted(set(flags))}
 
 
 def _kernel_specialization(net, bench: _Bench, *, with_buffer: bool, twin_stats) -> dict:
-    """KS of the full C-NTK and AE-NTK (PGD from the twin) on a class-balanced probe; without
-    buffer BN normalises the probe batch with its own statistics (held fixed)."""
+    """The S matrices (centred and uncentred, :func:`alignment_matrices`) of the full C-NTK and
+    AE-NTK (PGD from the twin) on a class-balanced probe, with its labels; without buffer BN
+    normalises the probe batch with its own statistics (held fixed)."""
     import contextlib
 
     from torch.utils.data import TensorDataset
 
     from ntklab import data
-    from ntklab.metrics import kernel_specialization
-    from ntklab.models import bn_batch_statistics, using_bn_statistics
+    from ntklab.bn import bn_batch_statistics, using_bn_statistics
     from ntklab.ntk import empirical_ntk
 
     probe = data.subset(TensorDataset(bench.x, bench.y), bench.config["settings"]["n_ks"], seed=bench.profile.seed + 1)
     px, py = probe.tensors
     with _twin(net, twin_stats):
         px_adv = _craft(net, bench, bn_mode="eval", batch_size=len(py), inputs=(px, py), attacks=["pgd"])["pgd"]
-    ks = {}
+    ks = {"labels": py.tolist()}
     for which, inputs in (("clean", px), ("ae", px_adv)):
         inputs = inputs.to(bench.device)
         fixed = contextlib.nullcontext() if with_buffer else using_bn_statistics(net, bn_batch_statistics(net, inputs))
         with fixed:
             K = empirical_ntk(net, inputs, kind=bench.config["kernel"])
-        ks[which] = kernel_specialization(K, py)[0]
+        # the diagonal blocks K[:, :, c, c] are all KS needs: kept (n, n, k) in float32
+        ks[which] = K.diagonal(dim1=2, dim2=3).detach().cpu().float().clone()
     return ks
 
 
