@@ -194,17 +194,13 @@ def test_bootstrap_se_is_of_the_size_of_the_spread_over_independent_probes():
     assert 0.5 * spread < se < 2 * spread
 
 
-def test_perturbation_fractions_and_paired_se():
+def test_perturbation_fractions():
     eps = 0.1
     delta = torch.tensor([0.1, 0.1, 0.0, -0.1, 0.05, 0.0, 0.1, 0.0])
     assert primer.perturbation_fractions(delta, eps) == pytest.approx(
         {"plus": 3 / 8, "zero": 3 / 8, "minus": 1 / 8, "other": 1 / 8})
     with pytest.raises(ValueError, match="eps positive"):
         primer.perturbation_fractions(delta, 0.0)
-    a = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0, 1])
-    b = torch.tensor([1, 0, 0, 1, 0, 0, 1, 1, 1, 0])
-    d = (a - b).numpy().astype(float)
-    assert primer._paired_se(a, b) == pytest.approx(d.std() / math.sqrt(len(d)))
 
 
 # ------------------------------------------------------------------ analyse

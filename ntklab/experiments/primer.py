@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ntklab.claims import compare
+from ntklab.claims import binomial_se, compare, paired_difference
 from ntklab.config import PROFILES
 from ntklab.metrics import kernel_distance
 
@@ -131,17 +131,6 @@ def perturbation_fractions(delta, eps: float, *, atol: float = 1e-6) -> dict:
             "minus": float(minus.double().mean()), "other": float((~(plus | zero | minus)).double().mean())}
 
 
-def _binomial_se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n)
-
-
-def _paired_se(a, b) -> float:
-    """Standard error of mean(a) - mean(b) for 0/1 outcomes a, b on the same n images: the
-    standard deviation of the per-image differences over sqrt(n) (the SE behind McNemar's test)."""
-    d = torch.as_tensor(a).double() - torch.as_tensor(b).double()
-    return float(d.std(correction=0) / math.sqrt(d.numel()))
-
-
 def analyse(values: dict, *, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     """The numbers the Primer discusses, from what its notebook computed.
 
@@ -178,7 +167,7 @@ def analyse(values: dict, *, n_boot: int = N_BOOT, seed: int = 0) -> dict:
       amount, over eps > 0, by which PGD's accuracy exceeds FGSM's; negative when PGD is stronger at
       every eps > 0) and ``pgd_excess_se`` at that eps, ``fgsm_at_max_eps``, ``pgd_at_max_eps``,
       ``max_eps``, ``n_test``. The SE of a difference of two accuracies on the same images is
-      paired (:func:`_paired_se`); ``fgsm_cost_se`` pairs FGSM with the eps = 0 row when the sweep
+      paired (:func:`ntklab.claims.paired_difference`); ``fgsm_cost_se`` pairs FGSM with the eps = 0 row when the sweep
       has one, else treats the two accuracies as independent binomials.
 
     Raises ``ValueError`` for lists of different lengths, an ``eps`` without :data:`ATTACK_EPS` or
@@ -217,8 +206,8 @@ def analyse(values: dict, *, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     i, top = at[0], max(range(len(eps)), key=eps.__getitem__)
     excess_at = max(positive, key=lambda k: acc_pgd[k] - acc_fgsm[k]) if positive else i
     zero = [k for k, e in enumerate(eps) if e == 0]
-    cost_se = (_paired_se(hit_fgsm[zero[0]], hit_fgsm[i]) if zero else
-               math.sqrt(_binomial_se(clean_acc, n_test) ** 2 + _binomial_se(acc_fgsm[i], n_test) ** 2))
+    cost_se = (paired_difference(hit_fgsm[zero[0]], hit_fgsm[i])["se"] if zero else
+               math.sqrt(binomial_se(clean_acc, n_test) ** 2 + binomial_se(acc_fgsm[i], n_test) ** 2))
     return {"ratio_init": within_over_between(K_init, labels), "ratio_trained": within_over_between(K_trained, labels),
             "scale_growth": float(K_trained.diag().mean() / K_init.diag().mean()),
             "kd_default": kernel_distance(K_default.cpu(), K_init.cpu()),
@@ -236,11 +225,11 @@ def analyse(values: dict, *, n_boot: int = N_BOOT, seed: int = 0) -> dict:
             "pixel_corr_change_se": float((boot[:, 3] - boot[:, 2]).std()),
             "pixel_corr_change_high": pixel_trained - pixel_init + 2 * float((boot[:, 3] - boot[:, 2]).std()),
             **{f"fgsm_{k}": v for k, v in fractions.items()},
-            "clean_acc": clean_acc, "clean_acc_se": _binomial_se(clean_acc, n_test), "n_test": float(n_test),
+            "clean_acc": clean_acc, "clean_acc_se": binomial_se(clean_acc, n_test), "n_test": float(n_test),
             "attack_eps": ATTACK_EPS, "fgsm_at_attack_eps": acc_fgsm[i], "pgd_at_attack_eps": acc_pgd[i],
             "fgsm_cost": clean_acc - acc_fgsm[i], "fgsm_cost_se": cost_se,
             "pgd_excess": (acc_pgd[excess_at] - acc_fgsm[excess_at]) if positive else 0.0,
-            "pgd_excess_se": _paired_se(hit_pgd[excess_at], hit_fgsm[excess_at]),
+            "pgd_excess_se": paired_difference(hit_pgd[excess_at], hit_fgsm[excess_at])["se"],
             "max_eps": eps[top], "fgsm_at_max_eps": acc_fgsm[top], "pgd_at_max_eps": acc_pgd[top]}
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ntklab import metrics
-from ntklab.claims import Claim, all_of, compare
+from ntklab.claims import Claim, all_of, binomial_se, compare
 from ntklab.config import Profile
 from ntklab.experiments import RunContext, experiment
 from ntklab.experiments.runs import chapter_profile, kernel_runs, run_config
@@ -187,10 +187,6 @@ def _run_curves(run, ticks, lr0) -> dict:
     return out
 
 
-def _binomial_se(p, n) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else math.nan
-
-
 def analyse(result: dict) -> dict:
     """The numbers chapter 4 discusses, from a result of :func:`run`.
 
@@ -267,7 +263,7 @@ def analyse(result: dict) -> dict:
         if normal is not None:
             p, q = c["robust_acc"], normal["robust_acc"]
             a["robust_gap"][s] = p - q
-            a["robust_gap_se"][s] = math.sqrt(_binomial_se(p, n_eval) ** 2 + _binomial_se(q, n_eval) ** 2)
+            a["robust_gap_se"][s] = math.sqrt(binomial_se(p, n_eval) ** 2 + binomial_se(q, n_eval) ** 2)
     seed_angle = None
     if base is not None:
         seed_angle = [metrics.kernel_angle(x, y, center=True)
