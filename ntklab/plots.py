@@ -229,7 +229,7 @@ def distance_matrix(D, ticks=None, *, ax=None, title: str | None = None, label: 
 
 
 # --- chapter 3 ---
-__all__ += ["batch_size_robustness", "ks_against_robustness"]
+__all__ += ["batch_size_robustness"]
 
 _CRAFT_STYLE = {("self", "adversarial"): ("o", "-"), ("self", "half"): ("o", ":"),
                 ("twin", "adversarial"): ("s", "-"), ("twin", "half"): ("s", ":")}
@@ -266,23 +266,6 @@ def batch_size_robustness(ax, result: dict, model: str, show: str = "all"):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return ax
-
-
-def ks_against_robustness(result: dict, *, axes=None):
-    """Two panels (C-NTK, AE-NTK) of a ``batchnorm`` result: each model's kernel specialization
-    against its robust accuracy (the smallest over every evaluation as used at test time).
-    Introduced in chapter 3. Returns the two Axes."""
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, which, title in zip(axes, ("clean", "ae"), ("C-NTK", "AE-NTK")):
-        for model, marker in zip(result["models"], "os^v"):
-            ax.scatter(result["ks"][model][which], result["robust"][model], marker=marker, s=70, label=model)
-        ax.set_xlabel(f"KS of the {title}")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("robust accuracy (worst over every evaluation)")
-    axes[1].legend(fontsize=8)
-    return axes
 
 
 # --- chapter 7 ---
