@@ -680,8 +680,10 @@ def _check_attack_kwargs(config: "TrainConfig", model: nn.Module, x, y, attack_k
     if not config.attack_kwargs:
         return
     fn = getattr(attacks, config.strategy)
-    known = [p for p in inspect.signature(fn).parameters if p not in ("model", "x", "y")]
-    unknown = sorted(set(config.attack_kwargs) - set(known))
+    parameters = inspect.signature(fn).parameters
+    known = [p for p in parameters if p not in ("model", "x", "y")]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())  # a wrapper
+    unknown = [] if takes_any else sorted(set(config.attack_kwargs) - set(known))
     if unknown:
         raise ValueError(f"attack_kwargs has arguments {unknown} that {config.strategy!r} does not take; it takes: "
                          f"{', '.join(k for k in known if k not in ('eps', 'alpha', 'steps', 'bn_mode'))}")

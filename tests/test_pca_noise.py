@@ -194,7 +194,8 @@ def test_attack_kwargs_reach_the_attack(small_train, monkeypatch):
 
     monkeypatch.setattr(attacks, "fgsm_aniso", spy)
     fit(small_train, strategy="fgsm_aniso", attack_kwargs={"low": 0.5, "high": 0.9})
-    assert seen == [{"low": 0.5, "high": 0.9}] * 2       # 128 images, batches of 64
+    # the check of attack_kwargs before the first epoch (one attack on two images), then 128 images in batches of 64
+    assert seen == [{"low": 0.5, "high": 0.9}] * 3
 
 
 def test_attack_kwargs_checks(small_train, tmp_path):

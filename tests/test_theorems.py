@@ -331,7 +331,8 @@ def test_monte_carlo_changes_on_a_linear_model():
 def test_claims_are_asserted_under_quick_only():
     claims = theorems.claims(_good_analysis(), "quick")
     observations = {c.key for c in claims if c.profiles == ()}
-    assert observations == {f"{k}_{c}" for k in ("smooth_trained", "relu_trained") for c in ("adv_on_line", "mean_part")}
+    assert observations == ({f"{k}_{c}" for k in ("smooth_trained", "relu_trained") for c in ("adv_on_line", "mean_part")}
+                            | {f"relu_trained_{c}" for c in ("gap_fit", "partial", "size_slope")})
     assert all(c.profiles == ("quick",) for c in claims if c.key not in observations)
     assert not [c for c in theorems.claims(_good_analysis(), "paper") if c.asserted_under("paper")]
 

@@ -781,15 +781,19 @@ def claims(analysis: dict, profile) -> list:
                        "5 points on both architectures", analysis["at_robust_gain"], ">", 0.05, profiles=P))
     for k in trained:
         a = analysis[k]
-        out.append(_strictly_between(f"{k}_gap_fit", f"{k}: over clean batches the kernel error grows about in "
+        # The ReLU network's error fits are observations: on a run whose only change was the number of CPU
+        # threads (so float sums, and so the trained network) its size slope was -0.27 against -0.44 to -0.50
+        # on seeds 0-2, and its gap fit and partial correlation fell within 2 SE of their bars.
+        fits, note = (P, "") if k.startswith("smooth") else ((), " (observation: varied between runs)")
+        out.append(_strictly_between(f"{k}_gap_fit", f"{k}{note}: over clean batches the kernel error grows about in "
                                      f"proportion to the statistics gap (log-log slope in (0.7, 1.3))",
-                                     a["gap_slope_fit"], 0.7, 1.3, P))
-        out.append(compare(f"{k}_partial", f"{k}: at a fixed batch size a larger gap still means a larger error "
+                                     a["gap_slope_fit"], 0.7, 1.3, fits))
+        out.append(compare(f"{k}_partial", f"{k}{note}: at a fixed batch size a larger gap still means a larger error "
                            f"(partial correlation of log error and log gap given log batch size above "
-                           f"{PARTIAL_MIN:g})", a["partial"], ">", PARTIAL_MIN, profiles=P))
-        out.append(_strictly_between(f"{k}_size_slope", f"{k}: the median clean kernel error falls about like "
+                           f"{PARTIAL_MIN:g})", a["partial"], ">", PARTIAL_MIN, profiles=fits))
+        out.append(_strictly_between(f"{k}_size_slope", f"{k}{note}: the median clean kernel error falls about like "
                                      f"1/sqrt(batch size) (log-log slope in (-0.8, -0.3))", a["size_slope"],
-                                     -0.8, -0.3, P))
+                                     -0.8, -0.3, fits))
         out.append(_strictly_between(f"{k}_gap_slope", f"{k}: the median clean statistics gap falls about like "
                                      f"1/sqrt(batch size) (log-log slope in (-0.8, -0.3))", a["gap_slope"],
                                      -0.8, -0.3, P))
