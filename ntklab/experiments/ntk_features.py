@@ -224,7 +224,8 @@ def analyse(result: dict) -> dict:
     and the final ``own_pgd``, ``kernel_pgd``, ``surrogate_fgsm``, ``surrogate_pgd``,
     ``random_sign``; ``widest`` lists per seed the widest nets' final numbers and ``transfer`` the
     paired differences (``diff``, ``se``) of the kernel's FGSM accuracy with the surrogate net's
-    FGSM, the net's own PGD and the random-sign step; ``kernel_error_slope``: the log-log slope of
+    FGSM and PGD, the net's own FGSM and PGD and the random-sign step (``transfer_range``: their
+    smallest and largest difference and largest SE over seeds); ``kernel_error_slope``: the log-log slope of
     the empirical NTK's distance to the closed form against the width; ``full_alignment_gap``: the
     narrowest seeds' worst full-gradient alignment minus the widest seeds' best (positive: the
     widest align worse at every seed); ``kernel_machine``: the peak of the kernel predictor's FGSM
@@ -288,6 +289,9 @@ def analyse(result: dict) -> dict:
         "widest": {k: [float(v) for v in last(widths[-1], k)] for k in keys},
         "narrowest": {k: [float(v) for v in last(widths[0], k)] for k in ("cos", "cos_lin", "cos_frozen")},
         "transfer": transfer,
+        "transfer_range": {other: {"diff_min": min(t[other]["diff"] for t in transfer),
+                                   "diff_max": max(t[other]["diff"] for t in transfer),
+                                   "se_max": max(t[other]["se"] for t in transfer)} for other in transfer[0]},
         "full_alignment": full, "full_alignment_gap": float(min(cos_n) - max(cos_w)),
         "frozen_gate_ceiling": float(kt["cos_frozen"][-1]),
         "switching_law_factor": (widths[-1] / widths[-2]) ** 0.25 if len(widths) > 1 else 1.0,
