@@ -127,7 +127,7 @@ def _check_analysis(res, a):
     idx = np.arange(len(use))
     rho_u = np.corrcoef(rankdata(idx), rankdata(use))[0, 1] if use.std() > 0 else 0.0
     assert math.isclose(a["features"]["usefulness_spearman"], rho_u, abs_tol=1e-9)
-    n_val = len(res["features"]["robust_first"]["val_clean"]) and res["n_val"]
+    n_val = res["n_val"]
     assert a["features"]["n_above_chance"] == int((rob - 0.5 > 2 * np.sqrt(rob * (1 - rob) / n_val)).sum())
     assert math.isclose(a["features"]["robustness_top10"], np.mean(fe["robustness"][:10]))
     rf = fe["robust_first"]
