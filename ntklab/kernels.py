@@ -52,7 +52,7 @@ def _flat_normalised(x: torch.Tensor, mean, std, name: str) -> torch.Tensor:
 
 def two_layer_ntk(x1: torch.Tensor, x2: torch.Tensor | None = None, *, net: nn.Module | None = None,
                   mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
-                  freeze_second: bool = True) -> torch.Tensor:
+                  freeze_second: bool = True, frozen_gates: bool = False) -> torch.Tensor:
     r"""The infinite-width NTK of the two-layer ReLU net :class:`ntklab.models.TwoLayerNet`.
 
     That net is ``f(x) = a relu(W h) / sqrt(m)`` with ``h`` the normalised, flattened input,
@@ -74,6 +74,11 @@ def two_layer_ntk(x1: torch.Tensor, x2: torch.Tensor | None = None, *, net: nn.M
         net: a :class:`~ntklab.models.TwoLayerNet` whose normalisation and ``freeze_second`` to
             use (then ``mean``, ``std`` and ``freeze_second`` are ignored).
         mean, std: per-channel statistics (``ntklab.data.stats(name)``).
+        frozen_gates: the same values, but the gradient treats the angle ``theta`` as a constant:
+            in ``x1`` it is then ``(pi - theta) h' / (2 pi)`` (W trained), the infinite-width input
+            gradient of a net's linearisation around its initialisation, whose gates
+            ``1[w_j . h > 0]`` do not move with the input. The full gradient adds the derivative of
+            the arc-cosine factor, ``(h . h') / (2 pi) (-d theta / d h)``. Chapter 7.
 
     Returns (n1, n2) in x1's dtype, differentiable in x1 and x2. The derivative of the angle is
     singular at x = x' (and at antipodal inputs): the gradient flows through the angle only where
@@ -97,6 +102,8 @@ def two_layer_ntk(x1: torch.Tensor, x2: torch.Tensor | None = None, *, net: nn.M
     # the exact angle forward; backward through a clamped cosine, so the gradient at x = x' is finite
     safe = cos.clamp(-_COS_CLAMP, _COS_CLAMP)
     theta = torch.arccos(safe) + (torch.arccos(cos) - torch.arccos(safe)).detach()
+    if frozen_gates:
+        theta = theta.detach()
     K = dot * (math.pi - theta) / (2 * math.pi)
     if not freeze_second:
         K = K + norms * (torch.sqrt(1 - cos ** 2) + (math.pi - theta) * cos) / (2 * math.pi)

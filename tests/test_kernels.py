@@ -218,3 +218,29 @@ def test_two_layer_ntk_refuses_inputs_of_two_layouts():
     images = torch.rand(3, 1, 2, 2)
     with pytest.raises(ValueError, match="x1 and x2 must have the same layout"):
         kernels.two_layer_ntk(images, images.flatten(1), mean=(0.5,), std=(0.25,))
+
+
+def test_frozen_gates_keep_the_values_and_drop_the_angle_derivative():
+    """With frozen gates the input gradient of sum_i c_i Theta(x, x_i) is sum_i c_i (pi - theta_i) h_i / (2 pi);
+    the full gradient adds sum_i c_i (h . h_i) / (2 pi) (-d theta_i / d h), computed here by hand in numpy."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    h = torch.randn(1, 7, dtype=torch.float64)
+    H = torch.randn(5, 7, dtype=torch.float64)
+    c = torch.randn(5, dtype=torch.float64)
+    assert torch.equal(two_layer_ntk(h, H), two_layer_ntk(h, H, frozen_gates=True))
+    grads = {}
+    for frozen in (False, True):
+        x = h.clone().requires_grad_(True)
+        (grads[frozen],) = torch.autograd.grad((two_layer_ntk(x, H, frozen_gates=frozen)[0] * c).sum(), x)
+    hn, Hn, cn = h.numpy()[0], H.numpy(), c.numpy()
+    cos = Hn @ hn / (np.linalg.norm(Hn, axis=1) * np.linalg.norm(hn))
+    theta = np.arccos(cos)
+    frozen = ((cn * (np.pi - theta))[:, None] * Hn).sum(0) / (2 * np.pi)
+    # d cos / d h = h_i / (|h| |h_i|) - cos h / |h|^2, and d theta = -d cos / sin theta
+    dcos = Hn / (np.linalg.norm(Hn, axis=1)[:, None] * np.linalg.norm(hn)) - cos[:, None] * hn / (hn @ hn)
+    minus_dtheta = dcos / np.sin(theta)[:, None]
+    extra = ((cn * (Hn @ hn))[:, None] * minus_dtheta).sum(0) / (2 * np.pi)
+    np.testing.assert_allclose(grads[True].numpy()[0], frozen, rtol=1e-10)
+    np.testing.assert_allclose(grads[False].numpy()[0], frozen + extra, rtol=1e-10)

@@ -22,13 +22,26 @@ def _check_result(res, config):
         recs = res["nets"][str(w)]
         assert len(recs) == config["net_seeds"]
         for rec in recs:
-            for key in ("cos", "cos_lin", "flip_ratio", "clean", "own_fgsm", "kernel_fgsm"):
+            for key in ("cos", "cos_lin", "cos_frozen", "flip_ratio", "clean", "own_fgsm", "kernel_fgsm"):
                 assert len(rec[key]) == len(times), key
-            assert all(-1 <= c <= 1 for c in rec["cos"] + rec["cos_lin"])
+            assert all(-1 <= c <= 1 for c in rec["cos"] + rec["cos_lin"] + rec["cos_frozen"])
+            h = rec["hits"]
+            assert set(h) == {"clean", "own_fgsm", "own_pgd", "kernel_fgsm", "kernel_pgd", "random_sign",
+                              "surrogate_fgsm", "surrogate_pgd"}
+            assert abs(sum(h["clean"]) / len(h["clean"]) - rec["clean"][-1]) < 1e-12
+            assert abs(sum(h["kernel_fgsm"]) / len(h["clean"]) - rec["kernel_fgsm"][-1]) < 1e-12
+            for key, hk in h.items():          # robust hits are clean hits too
+                assert len(hk) == len(h["clean"]) and all(a <= c for a, c in zip(hk, h["clean"])), key
+                if not isinstance(rec.get(key), list) and key != "clean":   # the final-only attacks
+                    assert abs(rec[key] - sum(hk) / len(hk)) < 1e-12, key
             assert all(r <= c + 1e-12 for r, c in zip(rec["own_fgsm"], rec["clean"]))
             assert all(r <= c + 1e-12 for r, c in zip(rec["kernel_fgsm"], rec["clean"]))
+    kt = res["kernel_times"]
+    assert [sum(h) / len(h) for h in kt["fgsm_hits"]] == kt["fgsm"] and len(kt["cos_frozen"]) == len(times)
     fe = res["features"]
     q = len(fe["robustness"])
+    assert len(fe["random_k"]["robust"]) == len(fe["ks"]) and 0.5 <= fe["best_constant"] <= 1
+    assert abs(sum(fe["full"]["robust_hits"]) / len(fe["full"]["robust_hits"]) - fe["full"]["robust"]) < 1e-12
     assert len(fe["usefulness"]) == q == len(fe["eigenvalues"]) and q <= config["n_features"]
     assert (fe["eigenvalues"][:-1] >= fe["eigenvalues"][1:]).all()
     assert all(0 <= r <= u + 1e-12 for r, u in zip(fe["robustness"], fe["usefulness"]))
@@ -75,26 +88,57 @@ def test_smoke_run_and_cache(tmp_path):
 
 
 def _check_analysis(res, a):
-    """analyse against numpy on the result itself."""
+    """analyse against numpy/scipy on the result itself."""
+    from scipy.stats import rankdata
+
     widths, kt, fe = res["config"]["widths"], res["kernel_times"], res["features"]
     assert ntk_features.claims(a, "smoke") and set(a["nets_end"]) == {str(w) for w in widths}
 
     def at_end(key, w):
-        return np.array([rec[key][-1] for rec in res["nets"][str(w)]])
+        return np.array([rec[key][-1] if isinstance(rec[key], list) else rec[key] for rec in res["nets"][str(w)]])
 
     for w in widths:
         assert math.isclose(a["nets_end"][str(w)]["cos"]["mean"], at_end("cos", w).mean(), rel_tol=1e-9)
         assert a["nets_end"][str(w)]["own_pgd"]["min"] == min(rec["own_pgd"] for rec in res["nets"][str(w)])
+        assert a["nets_end"][str(w)]["surrogate_fgsm"]["max"] == at_end("surrogate_fgsm", w).max()
     cos_w, cos_n = at_end("cos", widths[-1]), at_end("cos", widths[0])
     expect = "better" if cos_w.min() > cos_n.max() else "worse" if cos_w.max() < cos_n.min() else "overlapping"
-    assert a["full_alignment"] == expect
-    best = int(np.argmax(kt["fgsm"]))
-    assert a["kernel_machine"] == {"peak_fgsm": kt["fgsm"][best], "peak_step": res["times"][best],
-                                   "clean_at_peak": kt["clean"][best], "end_fgsm": kt["fgsm"][-1],
-                                   "end_clean": kt["clean"][-1]}
+    assert a["full_alignment"] == expect and math.isclose(a["full_alignment_gap"], cos_n.min() - cos_w.max())
+    # the kernel machine's peak among the accurate steps, and the paired drop to the end
+    clean, fgsm = np.array(kt["clean"]), np.array(kt["fgsm"])
+    masked = np.where(clean >= ntk_features.CLEAN_MIN, fgsm, -np.inf)
+    best = int(np.argmax(masked)) if np.isfinite(masked).any() else len(fgsm) - 1
+    d = np.array(kt["fgsm_hits"][best], float) - np.array(kt["fgsm_hits"][-1], float)
+    km = a["kernel_machine"]
+    assert km["peak_step"] == res["times"][best] and km["peak_fgsm"] == kt["fgsm"][best]
+    assert math.isclose(km["drop"], d.mean(), abs_tol=1e-12)
+    assert math.isclose(km["drop_se"], d.std() / math.sqrt(len(d)), abs_tol=1e-12)
+    # transfer: kernel FGSM hits minus the other attack's, per widest seed
+    for t, rec in zip(a["transfer"], res["nets"][str(widths[-1])]):
+        for other in ("surrogate_fgsm", "own_pgd", "random_sign"):
+            diff = np.array(rec["hits"]["kernel_fgsm"], float) - np.array(rec["hits"][other], float)
+            assert math.isclose(t[other]["diff"], diff.mean(), abs_tol=1e-12)
+            assert math.isclose(t[other]["se"], diff.std() / math.sqrt(len(diff)), abs_tol=1e-12)
+    # the m^(-1/2) slope
+    slope = np.polyfit(np.log(res["kernel_widths"]), np.log(res["kernel_rel_error"]), 1)[0]
+    assert math.isclose(a["kernel_error_slope"], slope, rel_tol=1e-9)
+    # features: Spearman as the correlation of ranks, the count above chance, the sweet spot chosen on validation
+    use, rob = np.array(fe["usefulness"]), np.array(fe["robustness"])
+    idx = np.arange(len(use))
+    rho_u = np.corrcoef(rankdata(idx), rankdata(use))[0, 1] if use.std() > 0 else 0.0
+    assert math.isclose(a["features"]["usefulness_spearman"], rho_u, abs_tol=1e-9)
+    n_val = res["n_val"]
+    assert a["features"]["n_above_chance"] == int((rob - 0.5 > 2 * np.sqrt(rob * (1 - rob) / n_val)).sum())
     assert math.isclose(a["features"]["robustness_top10"], np.mean(fe["robustness"][:10]))
-    k_best = int(np.argmax(fe["robust_first"]["robust"]))
-    assert a["sweet_spot"]["k"] == fe["ks"][k_best] and a["sweet_spot"]["clean"] == fe["robust_first"]["clean"][k_best]
+    rf = fe["robust_first"]
+    vc, vr = np.array(rf["val_clean"]), np.array(rf["val_robust"])
+    vr_ok = np.where(vc >= ntk_features.CLEAN_MIN, vr, -np.inf)
+    k_best = int(np.argmax(vr_ok)) if np.isfinite(vr_ok).any() else int(np.argmax(vr))
+    ss = a["sweet_spot"]
+    assert ss["k"] == fe["ks"][k_best] and ss["clean"] == rf["clean"][k_best] and ss["robust"] == rf["robust"][k_best]
+    gain = np.array(rf["robust_hits"][k_best], float) - np.array(fe["full"]["robust_hits"], float)
+    assert math.isclose(ss["gain_over_full"], gain.mean(), abs_tol=1e-12)
+    assert ss["random_robust"] == fe["random_k"]["robust"][k_best]
     assert math.isclose(a["kernel_error_largest_step"], np.diff(res["kernel_rel_error"]).max())
     assert a["predictor"]["agreement"] == res["predictor"]["agreement"]
 
@@ -116,38 +160,87 @@ def _check_predictor_rebuilt(profile, res):
     assert abs(float(ntklab.evaluate.clean_accuracy(P, (Xt, yt))) - res["predictor"]["clean_inf"]) < 1e-6
 
 
+def _transfer(kernel_minus):
+    return {other: {"diff": kernel_minus[other], "se": 0.025} for other in kernel_minus}
+
+
 def _good_analysis():
     """A synthetic analysis on which every claim of chapter 7 holds (with margin)."""
-    return {"kernel_error_largest_step": -0.05, "kernel_rel_error_widest": 0.02, "predictor": {"agreement": 0.98},
-            "widest": {"own_fgsm": [0.40, 0.45, 0.42], "kernel_fgsm": [0.30, 0.46, 0.40],
-                       "cos": [0.20, 0.22, 0.25], "cos_lin": [0.80, 0.82, 0.85]},
-            "narrowest": {"cos": [0.40, 0.45, 0.50], "cos_lin": [0.50, 0.55, 0.60]},
-            "kernel_machine": {"peak_fgsm": 0.60, "end_fgsm": 0.40, "clean_at_peak": 0.90, "end_clean": 0.97},
-            "features": {"spearman": -0.8, "full_robust": 0.30, "full_clean": 0.97},
-            "sweet_spot": {"robust": 0.55, "clean": 0.85, "last_robust": 0.35}}
+    t = {"own_fgsm": -0.18, "own_pgd": -0.12, "surrogate_fgsm": -0.16, "surrogate_pgd": -0.14, "random_sign": -0.35}
+    return {"kernel_error_largest_step": -0.05, "kernel_error_slope": -0.52, "kernel_rel_error_widest": 0.02,
+            "predictor": {"agreement": 0.98}, "clean_min": 0.8,
+            "widest": {"clean": [0.99, 0.99, 0.98], "cos": [0.45, 0.50, 0.48], "cos_lin": [0.980, 0.985, 0.983],
+                       "cos_frozen": [0.997, 0.998, 0.996]},
+            "narrowest": {"cos": [0.88, 0.90, 0.91], "cos_lin": [0.92, 0.94, 0.95]},
+            "transfer": [_transfer(t), _transfer(t), _transfer(t)],
+            "full_alignment_gap": 0.38,
+            "kernel_machine": {"drop_z": 3.0, "clean_at_peak": 0.92, "end_clean": 0.99},
+            "features": {"spearman": -0.8, "usefulness_spearman": -0.2, "n_above_chance": 0, "full_robust": 0.40,
+                         "full_clean": 0.985, "best_constant": 0.5},
+            "sweet_spot": {"robust": 0.65, "clean": 0.93, "random_robust": 0.15, "gain_over_full": 0.25,
+                           "last_robust": 0.45}}
+
+
+def _every_predictor_constant(a):
+    """The negative control of the whole chapter: every predictor and feature a constant (clean and
+    "robust" accuracy 0.5 on the balanced pair, no attack changes it, no ranking)."""
+    a["widest"]["clean"] = [0.5, 0.5, 0.5]
+    a["transfer"] = [_transfer(dict.fromkeys(a["transfer"][0], 0.0)) for _ in range(3)]
+    a["features"].update(spearman=0.0, usefulness_spearman=0.0)
+    a["sweet_spot"].update(robust=0.5, clean=0.5, random_robust=0.5, gain_over_full=0.0, last_robust=0.5)
+
+
+ROBUSTNESS_CLAIMS = ("kernel_attack_transfers", "kernel_attack_beats_noise", "robustness_at_the_top",
+                     "sweet_spot_robust", "vulnerability_returns")
+
+
+def _claims_but_strong_alignment(a, profile):
+    """Every claim but the observation of strong full-gradient alignment at the widest width, which
+    cannot hold together with ``full_alignment_falls`` (cosines are at most 1): it has its own test."""
+    return [c for c in ntk_features.claims(a, profile) if c.key != "strong_alignment_widest"]
 
 
 def test_claims_have_negative_controls():
-    assert_negative_controls(ntk_features.claims, _good_analysis(), {
+    assert_negative_controls(_claims_but_strong_alignment, _good_analysis(), {
         "kernel_error_falls": _set(["kernel_error_largest_step"], 0.001),
+        "kernel_error_slope": _set(["kernel_error_slope"], -0.66),
         "kernel_error_widest": _set(["kernel_rel_error_widest"], 0.05),
         "predictor_agreement": _set(["predictor", "agreement"], 0.94),
-        "kernel_fgsm_transfers": _set(["widest", "kernel_fgsm"], [0.30, 0.51, 0.40]),   # one seed 0.06 above its own
-        "lazy_alignment_grows": _set(["narrowest", "cos_lin"], [0.50, 0.55, 0.81]),
-        "full_alignment_ordered": _set(["narrowest", "cos"], [0.10, 0.21, 0.30]),        # the seeds overlap
-        "robustness_peaks_early": _set(["kernel_machine", "end_fgsm"], 0.58),
-        "clean_keeps_rising": _set(["kernel_machine", "end_clean"], 0.90),
-        "robustness_at_the_top": _set(["features", "spearman"], -0.5),
-        "sweet_spot_robust": _set(["sweet_spot", "robust"], 0.35),
-        "sweet_spot_costs_accuracy": _set(["sweet_spot", "clean"], 0.95),
-        "vulnerability_returns": _set(["sweet_spot", "last_robust"], 0.51),
+        "kernel_attack_transfers": lambda a: a["transfer"][1]["surrogate_fgsm"].update(diff=-0.03),
+        "kernel_attack_beats_noise": lambda a: a["transfer"][2]["random_sign"].update(diff=-0.15),
+        "lazy_alignment_grows": _set(["narrowest", "cos_lin"], [0.92, 0.94, 0.981]),
+        "lazy_is_frozen_gate": _set(["widest", "cos_frozen"], [0.997, 0.984, 0.996]),
+        "full_alignment_falls": _set(["full_alignment_gap"], 0.05),
+        "robustness_peaks_early": _set(["kernel_machine", "drop_z"], 1.5),
+        "clean_keeps_rising": _set(["kernel_machine", "end_clean"], 0.92),
+        "robustness_at_the_top": _set(["features", "usefulness_spearman"], -0.6),        # only as fast as usefulness
+        "no_feature_robust_alone": _set(["features", "n_above_chance"], 1),
+        "sweet_spot_robust": _set(["sweet_spot", "clean"], 0.79),
+        "sweet_spot_costs_accuracy": _set(["sweet_spot", "clean"], 0.985),
+        "vulnerability_returns": _set(["sweet_spot", "last_robust"], 0.61),
     })
 
 
-def test_full_alignment_claim_holds_either_way():
-    a = _good_analysis()                     # the good analysis has the widest below; now above: "better"
-    a["widest"]["cos"], a["narrowest"]["cos"] = [0.6, 0.7, 0.8], [0.1, 0.2, 0.3]
-    assert {c.key: c.holds for c in ntk_features.claims(a, "quick")}["full_alignment_ordered"]
+def test_the_strong_alignment_observation_holds_only_when_strong():
+    a = _good_analysis()
+    verdict = {c.key: c for c in ntk_features.claims(a, "quick")}
+    assert not verdict["strong_alignment_widest"].holds and verdict["strong_alignment_widest"].profiles == ()
+    a["widest"]["cos"] = [0.95, 0.92, 0.93]
+    assert {c.key: c.holds for c in ntk_features.claims(a, "quick")}["strong_alignment_widest"]
+
+
+def test_no_robustness_claim_holds_for_constant_predictors():
+    a = _good_analysis()
+    _every_predictor_constant(a)
+    verdict = {c.key: c.holds for c in ntk_features.claims(a, "quick")}
+    assert not any(verdict[k] for k in ROBUSTNESS_CLAIMS), verdict
+
+
+def test_sweet_spot_parts_each_fail_alone():
+    for key, value in (("robust", 0.5), ("random_robust", 0.56), ("gain_over_full", 0.09)):
+        a = _good_analysis()
+        a["sweet_spot"][key] = value
+        assert not {c.key: c.holds for c in ntk_features.claims(a, "quick")}["sweet_spot_robust"], key
 
 
 def test_claims_keep_the_chapters_thresholds_at_the_boundary():
@@ -155,7 +248,15 @@ def test_claims_keep_the_chapters_thresholds_at_the_boundary():
     a["kernel_rel_error_widest"], a["predictor"]["agreement"], a["features"]["spearman"] = 0.049, 0.95, -0.51
     verdict = {c.key: c.holds for c in ntk_features.claims(a, "quick")}
     assert verdict["kernel_error_widest"] and verdict["predictor_agreement"] and verdict["robustness_at_the_top"]
-    assert all(c.profiles == ("quick",) for c in ntk_features.claims(a, "quick"))
+    observations = {"strong_alignment_widest", "robustness_peaks_early", "clean_keeps_rising",
+                    "no_feature_robust_alone", "sweet_spot_costs_accuracy"}
+    for c in ntk_features.claims(a, "quick"):
+        assert c.profiles == (() if c.key in observations else ("quick",)), c.key
+
+
+def test_above_chance():
+    assert ntk_features.above_chance(0.5) == 0 and ntk_features.above_chance(1.0) == 1
+    assert ntk_features.above_chance(0.25) == -0.5
 
 
 def test_settings_follow_the_profiles(paper_profile):
