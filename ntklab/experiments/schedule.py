@@ -56,8 +56,7 @@ import math
 import numpy as np
 
 from ntklab.claims import Claim, all_of, binomial_se, compare, paired_difference
-from ntklab.experiments._schedule_runs import (NAME, Settings, _CopyCheckpoints, chapter_profile,  # noqa: F401
-                                               continue_with_switch, make_config, run)
+from ntklab.experiments._schedule_runs import NAME, Settings, chapter_profile, continue_with_switch, make_config, run
 
 __all__ = ["run", "make_config", "analyse", "claims", "Settings", "continue_with_switch", "chapter_profile",
            "paired_over_seeds", "step_ratio_se", "margins", "THRESHOLDS", "NAME"]
@@ -258,6 +257,7 @@ def _quote(a: dict) -> dict:
         tag = "cap" if s == cap else "half"
         q[f"gain_{tag}"], q[f"gain_{tag}_se"] = a["prefix_gain"][s]["mean"], a["prefix_gain"][s]["se"]
     q["fgsm_minus_cap"], q["fgsm_minus_cap_se"] = a["fgsm_vs_last"]["mean"], a["fgsm_vs_last"]["se"]
+    q["later_cost"], q["later_cost_se"] = a["later_cost"]["mean"], a["later_cost"]["se"]
     q["cap_predicted_saving"] = a["predicted_saving"][cap]
     return {k: v for k, v in q.items() if v is not None}
 
@@ -329,7 +329,6 @@ def margins(analysis: dict) -> dict:
     a, T = analysis, THRESHOLDS
     at30 = f"s={a['pass30']}" if f"s={a['pass30']}" in a["loss"] else f"s={a['cap']}"
     low = a["grid_min_robust"]
-    cap = f"s={a['cap']}"
     return {"switches_train": (low - T["robust"]) / binomial_se(low, a["n_eval"]),
             "p30_keeps": _margin(a["loss"][at30], T["p30_loss"]),
             "later_costs": _margin(a["later_cost"], T["later_cost"]),
