@@ -254,3 +254,27 @@ def test_claims_are_asserted_under_quick_only():
     with pytest.raises(AssertionError, match="switches_train"):
         ntklab.claims.check(ch5.claims(spoiled, "quick"), "quick")
     assert ntklab.claims.check(ch5.claims(spoiled, "paper"), "paper") == []
+
+
+def test_figures_of_the_chapter(schedule_run):
+    """plots.switch_grid and plots.auto_switch_curves draw from an analysis; plots.cost_robustness,
+    the chapter's earlier figure, keeps working for callers of its own."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = ch5.analyse(schedule_run)
+    fig, axes = plt.subplots(1, 2)
+    ntklab.plots.switch_grid(a, axes=axes)
+    assert len(axes[0].get_lines()) >= a["n_seeds"] and list(axes[1].get_xticks()) == [0] + a["grid"]
+    fig, ax = plt.subplots()
+    ntklab.plots.auto_switch_curves(a, ax=ax)
+    assert len(ax.get_legend().get_texts()) == a["n_seeds"] + 2
+    cost, robust = {"full": 50.0, "switch": 40.0, "normal": 15.0}, {"full": 0.8, "switch": 0.78, "normal": 0.0}
+    fig, ax = plt.subplots()
+    ntklab.plots.cost_robustness(cost, robust, {l: v - 0.02 for l, v in robust.items()}, band=(0.77, 0.80),
+                                 names={"normal": "normal (no AT)"}, at_edge=["normal"], ax=ax)
+    low, high = ax.get_ylim()
+    assert low == pytest.approx(0.76 - 0.05) and high == pytest.approx(0.85)
+    plt.close("all")
