@@ -25,6 +25,7 @@ chapter 6 (the check); :class:`AutoSwitch` (chapter 5) is the measurement behind
 from __future__ import annotations
 
 import logging
+import time
 from typing import Iterable
 
 import torch
@@ -327,19 +328,29 @@ class AutoSwitch(Callback):
         as it is (for models without BN the two agree). :func:`ntklab.train.train` passes the
         training inputs.
 
-    Each measured epoch logs ``switch_velocity`` into the history; after the decision
-    ``switch_epoch`` (and ``history.switch_epoch``, from which the loop picks each epoch's strategy)
-    is the chosen 0-based epoch (``None`` before). :func:`ntklab.train.train` puts one first among
-    the callbacks for ``switch_epoch="auto"``; its time is training time (``part_of_training``) and
-    its state survives checkpoints like any callback's.
-    """
+    steer: ``True`` (the default) lets the decision steer the run: each measured epoch logs
+        ``switch_velocity`` into the history and the decision sets ``history.switch_epoch``, from
+        which the loop picks each epoch's strategy; its time is training time
+        (``part_of_training``). ``False`` only watches: the same measurements and decision, kept
+        on the callback, the history and the run untouched, its time counted as measurement
+        (chapter 5 watches a normal run this way and continues PGD-AT from the chosen epoch's
+        checkpoint, which gives the very run ``switch_epoch="auto"`` would).
 
-    part_of_training = True
+    After the decision ``switch_epoch`` is the number of normal epochs, i.e. the chosen 0-based
+    first adversarial epoch (``None`` before); ``velocities`` holds the measured values and
+    ``cpu_seconds`` the process-CPU seconds of the measurements (the kernel at initialisation
+    included). :func:`ntklab.train.train` puts one first among the callbacks for
+    ``switch_epoch="auto"``; its state survives checkpoints like any callback's.
+    """
 
     def __init__(self, probe_x: torch.Tensor, cap: int, *, threshold: float = 0.2,
                  lr_of_epoch=None, implementation: str = "auto", bn_x: torch.Tensor | None = None,
-                 bn_batch_size: int = 128):
+                 bn_batch_size: int = 128, steer: bool = True):
         _check_switch(cap, threshold)
+        if steer not in (True, False):
+            raise ValueError(f"steer must be True or False, got {steer!r}")
+        self.steer = self.part_of_training = bool(steer)
+        self.cpu_seconds = 0.0
         self.probe_x, self.cap, self.threshold = probe_x, cap, float(threshold)
         self.bn_x, self.bn_batch_size = bn_x, bn_batch_size
         self.lr_of_epoch, self.implementation = lr_of_epoch, implementation
@@ -368,17 +379,20 @@ class AutoSwitch(Callback):
 
     def on_train_begin(self, model, history):
         if self._kernel is None and len(history) == 0 and self.switch_epoch is None:
+            start = time.process_time()
             if self.bn_x is not None:
                 from ntklab.bn import refresh_bn_statistics
 
                 model = refresh_bn_statistics(model, self.bn_x, batch_size=self.bn_batch_size)
             self._kernel = self._measure(model)
+            self.cpu_seconds += time.process_time() - start
 
     def on_epoch_end(self, epoch, model, history):
         from ntklab.metrics import kernel_distance
 
         if self.switch_epoch is not None:
             return
+        start = time.process_time()
         kernel = self._measure(model)
         lr = self.lr_of_epoch(epoch) if self.lr_of_epoch is not None else history.lr[-1]
         if not lr > 0:
@@ -386,19 +400,23 @@ class AutoSwitch(Callback):
         velocity = kernel_distance(self._kernel, kernel, center=True) / lr
         self._kernel = kernel
         self.velocities.append(velocity)
-        history.log("switch_velocity", velocity)
         self.switch_epoch = self.decide(self.velocities, self.threshold, self.cap)
-        history.switch_epoch = self.switch_epoch
+        if self.steer:
+            history.log("switch_velocity", velocity)
+            history.switch_epoch = self.switch_epoch
+        self.cpu_seconds += time.process_time() - start
         if self.switch_epoch is not None:
             self._kernel = None  # no more measurements, nothing more to keep
 
     def state_dict(self):
-        return {"kernel": self._kernel, "velocities": list(self.velocities), "switch_epoch": self.switch_epoch}
+        return {"kernel": self._kernel, "velocities": list(self.velocities), "switch_epoch": self.switch_epoch,
+                "cpu_seconds": self.cpu_seconds}
 
     def load_state_dict(self, state) -> None:
         self._kernel = state["kernel"]
         self.velocities = [float(v) for v in state["velocities"]]
         self.switch_epoch = state["switch_epoch"]
+        self.cpu_seconds = float(state.get("cpu_seconds", 0.0))
 
 
 class ParameterSnapshots(Callback):

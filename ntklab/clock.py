@@ -22,7 +22,7 @@ import torch
 
 from ntklab import _checks
 
-__all__ = ["Clock", "step_cost"]
+__all__ = ["Clock", "step_cost", "training_step_costs"]
 
 
 class Clock:
@@ -95,7 +95,7 @@ def _seconds(device: torch.device) -> float:
 
 
 def step_cost(steps: Mapping[str, Callable[[], object]], *, rounds: int = 3, batches: int = 1,
-              device=None) -> dict[str, float]:
+              device=None, per_round: bool = False) -> dict:
     """Seconds per call of every function in ``steps``, measured interleaved.
 
     steps: ``{name: step}``, each ``step()`` one training step (attack plus update) of a method on
@@ -106,7 +106,8 @@ def step_cost(steps: Mapping[str, Callable[[], object]], *, rounds: int = 3, bat
     device: the clock is the process's CPU time on the CPU (another process sharing the cores
         changes it far less than the wall clock), the wall clock after synchronising on a GPU.
 
-    Returns ``{name: seconds per step}``. Introduced in chapter 6, used again in chapter 5.
+    Returns ``{name: seconds per step}``; with ``per_round``, ``{name: [seconds per step in each
+    round]}`` (for a standard error over rounds). Introduced in chapter 6, used again in chapter 5.
     """
     rounds, batches = _checks.count("rounds", rounds), _checks.count("batches", batches)
     device = torch.device(device if device is not None else "cpu")
@@ -117,4 +118,51 @@ def step_cost(steps: Mapping[str, Callable[[], object]], *, rounds: int = 3, bat
             for _ in range(batches):
                 step()
             times[name].append((_seconds(device) - start) / batches)
+    if per_round:
+        return times
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def training_step_costs(model: torch.nn.Module, batches, configs: Mapping[str, object], *, rounds: int = 3,
+                        device=None, per_round: bool = False) -> dict:
+    """Seconds per batch of one training step of each config, as :func:`ntklab.train.train` takes
+    it (train mode; the strategy's attack, then the SGD update), measured interleaved by
+    :func:`step_cost`.
+
+    model: the initial network (each config trains its own copy of it, with its own SGD optimiser).
+    batches: a list of ``(x, y)`` training batches; every round gives each config all of them once.
+    configs: ``{name: TrainConfig}`` (e.g. ``TrainConfig.from_profile(profile, "pgd")``): the
+        strategy, its attack (eps, alpha, steps, BN mode) and the optimiser's settings are used.
+    rounds, device, per_round: as in :func:`step_cost`.
+
+    Returns ``{name: seconds per batch}`` (or per round, with ``per_round``). Chapter 5 (normal
+    against PGD-k) and chapter 6 can share it.
+    """
+    import copy
+    import itertools
+
+    from ntklab import attacks
+    from ntklab.train import attack_arguments, sgd_step
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches must hold at least one (x, y) batch")
+    device = torch.device(device if device is not None else "cpu")
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+
+    def step(tc):
+        net = copy.deepcopy(model).to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        kw = attack_arguments(tc.strategy, tc.eps, tc.alpha, tc.steps, tc.attack_bn_mode)
+        cycle = itertools.cycle(batches)
+
+        def one():
+            xb, yb = next(cycle)
+            net.train()
+            if tc.strategy != "normal":
+                xb = attacks.adversarial_examples(tc.strategy, net, xb, yb, **kw)
+            sgd_step(net, opt, xb, yb)
+        return one
+
+    return step_cost({name: step(tc) for name, tc in configs.items()}, rounds=rounds, batches=len(batches),
+                     device=device, per_round=per_round)

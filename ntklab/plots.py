@@ -464,3 +464,80 @@ def centred_ks_against_robustness(analysis: dict, *, axes=None):
     axes[0].set_ylabel("robust accuracy (worst over every evaluation)")
     axes[1].legend(fontsize=8)
     return axes
+
+
+# --- chapter 5 ---
+__all__ += ["switch_grid", "auto_switch_curves"]
+
+
+def switch_grid(analysis: dict, *, axes=None):
+    """Two panels of a ``schedule`` analysis (:func:`ntklab.experiments.schedule.analyse`). Left:
+    the robust accuracy each switch s of the grid loses against full PGD-AT (mean over seeds, 95%
+    interval of the paired difference, one thin line per seed), the late-PGD-AT-only controls at
+    their s (crosses) and FGSM-RS (a dashed level). Right: each switch's saving counted in passes,
+    predicted from the measured per-batch step costs, and measured in the runs' CPU seconds (mean and
+    standard error over seeds), with 30% marked. Introduced in chapter 5. Returns the two Axes."""
+    import numpy as np
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(13, 4.3))
+    grid = [0] + list(analysis["grid"])
+    labels = [f"s={s}" for s in grid]
+    loss = [analysis["loss"][l] for l in labels]
+    ax = axes[0]
+    per_seed = np.array([l["diffs"] for l in loss])
+    for i in range(per_seed.shape[1]):
+        ax.plot(grid, per_seed[:, i], color="tab:blue", lw=0.8, alpha=0.35)
+    means = np.array([l["mean"] for l in loss])
+    ax.errorbar(grid, means, yerr=[means - [l["low"] for l in loss], [l["high"] for l in loss] - means], fmt="o",
+                color="tab:blue", capsize=3, label="switch after s epochs (mean, 95% CI)")
+    for s in analysis["controls"]:
+        late = analysis["loss"][f"late s={s}"]
+        ax.errorbar([s], [late["mean"]], yerr=[[late["mean"] - late["low"]], [late["high"] - late["mean"]]], fmt="x",
+                    color="tab:red", ms=9, capsize=3, label="PGD-AT for the last E - s epochs only" if s == analysis["controls"][0]
+                    else None)
+    ax.axhline(analysis["loss"]["fgsm_rs"]["mean"], color="tab:green", ls="--", lw=1, label="FGSM-RS, all epochs")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xticks(grid)
+    ax.set_xlabel("s (normal epochs before PGD-AT)")
+    ax.set_ylabel("robust accuracy lost vs full PGD-AT")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    E, k = analysis["epochs"], analysis["pgd_steps"]
+    xs = np.linspace(0, max(grid), 50)
+    ax.plot(xs, xs / E * k / (k + 1), color="gray", label=f"counted in passes (PGD-{k} = {k + 1} passes)")
+    ax.plot(grid, [analysis["predicted_saving"][s] for s in grid], "--", color="tab:purple",
+            label=f"predicted from the measured step costs (ratio {analysis['step_ratio']:.2f})")
+    cpu = [analysis["cpu_saving"][l] for l in labels]
+    ax.errorbar(grid, [c["mean"] for c in cpu], yerr=[c["se"] if np.isfinite(c["se"]) else 0 for c in cpu], fmt="o",
+                color="tab:orange", capsize=3, label="measured in the runs' CPU seconds (mean ± SE)")
+    ax.axhline(0.3, color="tab:red", ls=":", lw=1, label="30%")
+    ax.set_xticks(grid)
+    ax.set_xlabel("s (normal epochs before PGD-AT)")
+    ax.set_ylabel("saving vs full PGD-AT")
+    ax.legend(fontsize=8)
+    return axes
+
+
+def auto_switch_curves(analysis: dict, *, ax=None):
+    """The automatic switch of a ``schedule`` analysis: per seed, the velocity per unit of learning
+    rate it measured on its own probe (divided by the first epoch's; dots at the 1-based epoch,
+    the chosen switch circled), with the threshold, and chapter 4's angular velocity of the same
+    normal trajectory on chapter 4's probe, squared and divided by the first epoch's (so that the
+    same threshold applies; faint lines). Introduced in chapter 5. Returns the Axes."""
+    import numpy as np
+
+    ax = ax or plt.gca()
+    for i, (v, w, s) in enumerate(zip(analysis["auto_velocity"], analysis["normal_velocity"], analysis["auto_switch"])):
+        color = f"C{i}"
+        v, w = np.asarray(v), np.asarray(w)
+        ax.semilogy(np.arange(1, len(w) + 1), (w / w[0]) ** 2, color=color, lw=1, alpha=0.4)
+        ax.semilogy(np.arange(1, len(v) + 1), v / v[0], "o-", color=color, label=f"seed {analysis['seeds'][i]}")
+        ax.scatter([s], [v[s - 1] / v[0]], s=150, facecolors="none", edgecolors=color, lw=2)
+    ax.axhline(analysis["threshold"], color="tab:red", ls="--", lw=1, label=f"threshold {analysis['threshold']:g}")
+    ax.axvline(analysis["cap"] + 0.5, color="gray", ls=":", lw=1, label="first decay (the cap)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("velocity / first epoch's")
+    ax.set_title("automatic switch (dots, chosen epoch circled); chapter 4's curve (faint)")
+    ax.legend(fontsize=8)
+    return ax

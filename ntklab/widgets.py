@@ -175,12 +175,16 @@ def kernel_explorer(kernels: dict, epochs, labels=None, *, center: bool = True):
     return widgets.VBox([widgets.HBox([run, index, centred]), out])
 
 
-def switch_explorer(velocity, *, cap: int, threshold: float = 0.2):
+def switch_explorer(velocity, *, cap: int, threshold: float = 0.2, outcomes: dict | None = None):
     """A threshold slider over a kernel-velocity curve: where the automatic switch of chapter 5
-    (:class:`ntklab.callbacks.AutoSwitch`) would move from normal training to adversarial training.
+    (:class:`ntklab.callbacks.AutoSwitch`) would move from normal training to adversarial training,
+    and what that switch cost in the measured runs.
 
-    velocity: one value per epoch (> 0 at epoch 0), per unit of learning rate as the switch measures
-    it; cap: the latest switch epoch. Returns the ipywidgets container.
+    velocity: one value per epoch (> 0 for the first), per unit of learning rate as the switch
+    measures it; entry t is epoch t + 1 (epochs are numbered from 1: a switch s trains epochs 1..s
+    normally). cap: the latest switch. outcomes: ``{s: text}``, what the runs that switched after s
+    epochs showed (e.g. their robust accuracy lost and time saved), printed below the plot for the
+    chosen s. Returns the ipywidgets container; its ``summary`` (an ``HTML`` widget) holds the text.
     """
     import ipywidgets as widgets
     import numpy as np
@@ -189,7 +193,8 @@ def switch_explorer(velocity, *, cap: int, threshold: float = 0.2):
 
     v = np.asarray(velocity, dtype=float)
     AutoSwitch.decide(list(v), threshold, cap)  # checks the curve and the arguments
-    out = widgets.Output()
+    outcomes = {int(k): str(t) for k, t in (outcomes or {}).items()}
+    out, summary = widgets.Output(), widgets.HTML()
     slider = widgets.FloatLogSlider(value=threshold, base=10, min=-2, max=-0.05, step=0.05,
                                     description="threshold", readout_format=".3f", continuous_update=False)
 
@@ -198,18 +203,24 @@ def switch_explorer(velocity, *, cap: int, threshold: float = 0.2):
         out.clear_output(wait=True)
         with out:
             fig, ax = plt.subplots(figsize=(6, 3.2))
-            ax.semilogy(np.arange(len(v)), v / v[0], marker=".", label="velocity / first epoch's")
+            ax.semilogy(np.arange(1, len(v) + 1), v / v[0], marker=".", label="velocity / first epoch's")
             ax.axhline(slider.value, color="tab:red", ls="--", label=f"threshold {slider.value:.3f}")
-            ax.axvline(cap - 0.5, color="gray", ls=":", label=f"cap: AT from epoch {cap} at the latest")
+            ax.axvline(cap + 0.5, color="gray", ls=":", label=f"cap: AT from epoch {cap + 1} at the latest")
             if s is not None:  # None: the curve ends before the cap and never gets lazy
-                ax.axvspan(s - 0.5, len(v) - 0.5, color="tab:orange", alpha=0.15, label=f"AT from epoch {s}")
+                ax.axvspan(s + 0.5, len(v) + 0.5, color="tab:orange", alpha=0.15, label=f"AT from epoch {s + 1}")
             ax.set_xlabel("epoch")
             ax.legend(fontsize=8)
             plt.show()
+        if s is None:
+            summary.value = "no switch within the curve"
+        else:
+            summary.value = f"switch after epoch {s}: " + outcomes.get(s, "no run switched there")
 
     slider.observe(draw, names="value")
     draw()
-    return widgets.VBox([slider, out])
+    box = widgets.VBox([slider, out, summary])
+    box.summary = summary
+    return box
 
 
 def phase_explorer(curves: dict, epochs, *, lazy_below: float, rise_above: float, decays=(),

@@ -106,6 +106,32 @@ def test_auto_switch_trains_like_the_fixed_switch_it_chose(tiny):
         assert torch.equal(a, b), name
 
 
+def test_watching_auto_switch_decides_the_same_and_leaves_the_run_alone(tiny):
+    """``steer=False`` (chapter 5 watches a normal run): the same velocities and decision as the
+    steering switch of ``train(switch_epoch="auto")``, with the run untouched (its strategy, its
+    history, its training time) and the measurement's CPU seconds on the callback."""
+    from ntklab.train import MultiStepLR
+
+    auto = train(cnn(), tiny, epochs=5, milestones=(4,), switch_epoch="auto", switch_probe=16, **AUTO_KW)
+    probe = ntklab.data.subset(tiny, 16, seed=0).tensors[0]  # as train draws it (seed 0)
+    lr = MultiStepLR(0.05, (4,))
+    watcher = AutoSwitch(probe, 4, lr_of_epoch=lambda e: lr.epoch_mean(e, 3), bn_x=tiny.tensors[0],
+                         bn_batch_size=64, steer=False)
+    assert watcher.part_of_training is False and auto.switch_epoch is not None
+    watched_model, plain_model = cnn(), cnn()
+    watched = train(watched_model, tiny, epochs=5, milestones=(4,), switch_epoch=4, callbacks=[watcher], **AUTO_KW)
+    plain = train(plain_model, tiny, epochs=5, milestones=(4,), switch_epoch=4, **AUTO_KW)
+    assert watcher.switch_epoch == auto.switch_epoch and watcher.cpu_seconds > 0
+    assert watcher.velocities == pytest.approx([v for v in auto.extra["switch_velocity"] if v is not None], rel=1e-6)
+    assert watched.switch_epoch == 4 and watched.strategy == plain.strategy and "switch_velocity" not in watched.extra
+    assert set(watched.time_switch) == {0.0} and sum(watched.time_callbacks) > 0
+    for (name, a), b in zip(watched_model.state_dict().items(), plain_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert watcher.state_dict()["cpu_seconds"] == watcher.cpu_seconds
+    with pytest.raises(ValueError, match="steer"):
+        AutoSwitch(probe, 4, steer="no")
+
+
 def test_auto_switch_reference_is_the_kernel_sgd_starts_from(tiny):
     """With bn_x, the reference kernel is taken with the statistics of a statistics-only pass (the
     network SGD starts from), not with PyTorch's default buffers; the model is left untouched."""

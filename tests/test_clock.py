@@ -57,6 +57,33 @@ def test_step_cost_is_per_call_and_interleaved():
         step_cost({"a": lambda: None}, rounds=0)
 
 
+def test_step_cost_per_round():
+    rounds = step_cost({"a": lambda: busy(0.01), "b": lambda: busy(0.02)}, rounds=4, per_round=True)
+    assert sorted(rounds) == ["a", "b"] and all(len(v) == 4 for v in rounds.values())
+    assert min(rounds["b"]) >= 0.02 and min(rounds["a"]) >= 0.01
+
+
+def test_training_step_costs_time_the_steps_of_train():
+    """One step of each config on its own copy of the model: PGD-3 (three attack passes and the
+    update) costs more than a normal step; the model itself is not trained."""
+    from ntklab.clock import training_step_costs
+    from ntklab.train import TrainConfig
+
+    torch.manual_seed(0)
+    model = SmallCNN(width=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    configs = {"normal": TrainConfig(strategy="normal", epochs=1),
+               "pgd": TrainConfig(strategy="pgd", epochs=1, eps=0.1, steps=3)}
+    costs = training_step_costs(model, [(x[:32], y[:32]), (x[32:], y[32:])], configs, rounds=3)
+    assert sorted(costs) == ["normal", "pgd"] and 0 < costs["normal"] < costs["pgd"]
+    per_round = training_step_costs(model, [(x, y)], configs, rounds=2, per_round=True)
+    assert all(len(v) == 2 for v in per_round.values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="at least one"):
+        training_step_costs(model, [], configs)
+
+
 def test_training_cpu_time_excludes_measurement_and_survives_a_checkpoint(tmp_path):
     """What the chapters' runs once measured with a clock of their own: CPU seconds of every epoch's training, without the
     measurements, kept across an interruption."""

@@ -81,17 +81,22 @@ def test_kernel_explorer_shows_the_chosen_snapshot(monkeypatch):
 def test_switch_explorer_marks_the_epoch_autoswitch_chooses():
     import matplotlib.pyplot as plt
 
-    box = widgets.switch_explorer([1.0, 0.5, 0.3, 0.15, 0.1, 0.1], cap=4, threshold=0.2)
+    box = widgets.switch_explorer([1.0, 0.5, 0.3, 0.15, 0.1, 0.1], cap=4, threshold=0.2,
+                                  outcomes={3: "loses 0.01", 4: "loses 0.05"})
     slider = box.children[0]
+    assert box.summary.value == "switch after epoch 4: loses 0.05"   # 0.15 <= 0.2 in epoch 4
     spans = []
     real = plt.Axes.axvspan
-    plt.Axes.axvspan = lambda self, a, b, **kw: spans.append(a + 0.5) or real(self, a, b, **kw)
+    plt.Axes.axvspan = lambda self, a, b, **kw: spans.append(a - 0.5) or real(self, a, b, **kw)
     try:
-        slider.value = 0.4   # 0.3 <= 0.4: lazy after epoch 2, AT from 3
+        slider.value = 0.4   # 0.3 <= 0.4 in epoch 3 (1-based): 3 normal epochs, AT from epoch 4
+        assert box.summary.value == "switch after epoch 3: loses 0.01"
         slider.value = 0.05  # never lazy: the cap
     finally:
         plt.Axes.axvspan = real
     assert spans == [3, 4]
+    box = widgets.switch_explorer([1.0, 0.5, 0.1], cap=2, threshold=0.2)
+    assert box.summary.value == "switch after epoch 2: no run switched there"
     with pytest.raises(ValueError, match="cap"):
         widgets.switch_explorer([1.0, 0.5], cap=0)
     plt.close("all")

@@ -1,41 +1,49 @@
 """Experiment ``schedule``: normal training first, PGD-AT from a switch epoch on (chapter 5).
 
 Li et al. (arXiv 2312.02236) argue from the lazy phase of the NTK (chapter 4) that a model can be
-trained normally first and adversarially later for much less time at equal robustness ("up to
-50%"), with the switch epoch picked by hand. This experiment trains, under chapter 4's profile
-(:func:`ntklab.experiments.runs.chapter_profile`: same model, eps, PGD and multistep schedule),
-PGD-AT models that switch from normal training at several fixed epochs s (fractions
-``Settings.switch_fractions`` of the first learning-rate decay: 0 is full PGD-AT, the last switches
-at the decay), one whose switch is chosen during the run by ``switch_epoch="auto"``
-(:class:`ntklab.callbacks.AutoSwitch`: the centred trace NTK of ``Settings.auto_probe`` training
-images at initialisation, with the BN statistics of a statistics-only pass, and after every epoch; switch once the kernel velocity is at most ``Settings.auto_threshold`` of
-the first epoch's, at the latest at the first decay), and the normally trained model for reference
-(no AT).
+trained normally first and adversarially later, picking the switch epoch by hand; summaries of the
+paper quote a saving of "up to 50%" of the training time (a number the book has not verified in
+the paper). This experiment measures the trade-off on a small scale, for ``Settings.n_seeds``
+training seeds (the profile's seed and the next ones: each seed changes the initialisation, the
+batch order and the attacks' random starts; the data subsets are the profile's), and per seed:
 
-Every run is a :func:`ntklab.experiments.runs.kernel_run` (a trace C-NTK of the chapter-4 probe
-after every epoch), so full PGD-AT and normal training are the very runs of chapter 4, shared
-through the cache. Each model gets, besides the run's clean and worst-case (FGSM and PGD) accuracy
-on the test subset, the accuracy under AutoAttack's two untargeted attacks, APGD-CE and APGD-DLR
-(``autoattack_accuracy(version="custom")``, 100 iterations each), on a class-balanced subset of
-``Settings.autoattack_n`` test images (smoke 32, quick 200, paper ``n_eval``). On the quick full
-PGD-AT model they gave the same accuracy on 200 images as the ``"fast"`` version (which adds the
-targeted APGD-T) at a fifth of its cost.
+* **the switch grid**: normal training for the first s epochs, then PGD-AT to the end, for every s
+  in ``Settings.switch_grid`` (every epoch up to the first learning-rate decay under ``quick``),
+  and full PGD-AT (s = 0). All switches of one seed share the normal prefix: the run that switches
+  at the last s of the grid is trained once, its checkpoint (weights, SGD momentum, history) is
+  copied after every epoch, and each other switch resumes from the copy after its s epochs with
+  PGD-AT (:func:`continue_with_switch`). The optimiser state carries over and the learning rate is
+  the schedule's of each epoch, so a continued run is the run ``train(..., switch_epoch=s)`` would
+  make, bit for bit on the CPU (a unit test checks it);
+* **controls**: PGD-AT from scratch for only the last E - s epochs (same initialisation, the same
+  learning rate in every epoch as the switched run's adversarial epochs) for each s of
+  ``Settings.control_switches``: does the normal prefix help at all? And single-step AT (FGSM-RS,
+  Wong et al. 2020) for all E epochs, at a lower cost than any switch of the grid;
+* **the automatic switch** (:class:`ntklab.callbacks.AutoSwitch`, watching the shared normal
+  prefix with ``steer=False``): the epoch it picks from the centred trace NTK of
+  ``Settings.auto_probe`` training images (its reference kernel at initialisation with
+  BN statistics refreshed on the training images); the run it gives is the grid's run at that s;
+* **kernels**: the trace C-NTK of chapter 4's probe (``n_probe`` images, reference with refreshed
+  BN statistics) after every epoch up to the first decay of the normal prefix and of full PGD-AT
+  (chapter 4's lazy onset on the same trajectory; the normal-vs-PGD kernel distance at the switch),
+  and at the end of every run.
 
-The result (a dict, cached by config and package version):
+Every model gets its clean accuracy and, per test image, whether it survives both FGSM and PGD
+(``eval_pgd_steps`` steps) on ``n_eval`` test images; the models in ``Settings.apgd_labels`` also
+APGD-CE (AutoAttack's first attack, ``autoattack_accuracy(version="custom")``) on
+``Settings.autoattack_n`` images. The cost of every run is measured in process-CPU seconds of its
+training steps, per epoch (:class:`ntklab.clock.Clock`; the chapter runs with one thread); after the
+runs, :func:`ntklab.clock.training_step_costs` measures one training step of each method on the
+same batches, interleaved over ``Settings.cost_rounds`` rounds.
 
-* ``labels``: the runs in order (``"s=0"``, ..., ``"auto"``, ``"normal"``); ``switch_epochs``:
-  the epoch each one switched at (``"auto"``: the chosen one; ``"normal"``: ``epochs``, never);
-* ``runs[label]``: the run's result without the weights (see ``kernel_run``) plus
-  ``autoattack_acc``; ``config``; ``compute_seconds`` (runs, AutoAttack and the step costs, wall
-  seconds, also when the runs came from the cache);
-* ``step_seconds``: ``{"normal": s, "pgd": s}``, the seconds per batch of a normal training step
-  and of a PGD-k one (attack + update) on the chapter's model, measured after the runs by
-  :func:`ntklab.clock.step_cost` (``Settings.cost_rounds`` interleaved rounds over
-  ``Settings.cost_batches`` batches; process-CPU seconds on the CPU, which other work on a shared
-  machine disturbs far less than the whole runs' seconds).
-
-:func:`analyse` turns a result into the numbers chapter 5 discusses, :func:`claims` into its claims
-(:mod:`ntklab.claims`), which the chapter shows as a table and asserts under ``quick``.
+The result (a dict, cached by config and package version): ``config``, ``seeds``, ``grid``,
+``controls``; ``runs[seed][label]`` (labels ``"s=<s>"``, ``"late s=<s>"``, ``"fgsm_rs"``):
+``history`` (:meth:`ntklab.train.History.to_dict`), ``clean_acc``, ``robust_flags`` (0/1 per test
+image), ``robust_acc``, ``apgd_acc`` (or ``None``), ``cpu_epoch_seconds``, ``final_kernel``;
+``kernels[seed]``: ``{"epochs", "normal", "pgd"}`` (snapshots 0..first decay); ``auto[seed]``:
+``{"switch_epoch", "velocities", "cpu_seconds"}``; ``lr_time`` (mean lr per epoch);
+``step_seconds`` (``{method: [seconds per batch in each round]}``); ``compute_seconds`` (wall) and
+``cpu_seconds`` (process CPU) of the whole computation.
 
     >>> result = ntklab.experiments.run(NAME, "quick")
     >>> analysis = analyse(result)
@@ -44,299 +52,299 @@ The result (a dict, cached by config and package version):
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ntklab import metrics
-from ntklab.claims import Claim, all_of, compare
-from ntklab.config import Profile
-from ntklab.experiments import RunContext, experiment
-from ntklab.experiments.runs import chapter_profile, kernel_runs, run_config
+from ntklab.claims import Claim, all_of, binomial_se, compare, paired_difference
+from ntklab.experiments._schedule_runs import NAME, Settings, chapter_profile, continue_with_switch, make_config, run
 
-__all__ = ["run", "make_config", "analyse", "claims", "Settings", "TOLERANCE", "NAME"]
-
-NAME = "schedule"
-TOLERANCE = 0.03  # "as robust as full PGD-AT": at most 3 points of worst-case robust accuracy lost (fixed before the run)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Chapter 5 under one profile.
-
-    profile: chapter 4's profile (:func:`ntklab.experiments.runs.chapter_profile`);
-    autoattack_n: test images for APGD-CE and APGD-DLR (smoke 32, quick 200, otherwise ``n_eval``);
-    switch_fractions: the fixed switch epochs as fractions of the first decay (0: full PGD-AT);
-    auto_threshold, auto_probe: the automatic switch's rule (velocity at most this fraction of the
-    first epoch's, on a probe of this many training images; the cap is the first decay);
-    autoattack_attacks: AutoAttack's attacks run on every model;
-    cost_rounds, cost_batches: the per-batch step costs (:func:`ntklab.clock.step_cost`), this many
-    interleaved rounds over this many training batches (smoke 3 and 2).
-    """
-
-    profile: Profile
-    autoattack_n: int
-    switch_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)
-    auto_threshold: float = 0.2
-    auto_probe: int = 32
-    autoattack_attacks: tuple[str, ...] = ("apgd-ce", "apgd-dlr")
-    cost_rounds: int = 7
-    cost_batches: int = 4
-
-    @classmethod
-    def for_profile(cls, profile: Profile) -> "Settings":
-        cp = chapter_profile(profile)
-        cost = {"cost_rounds": 3, "cost_batches": 2} if profile.name == "smoke" else {}
-        return cls(cp, autoattack_n={"smoke": 32, "quick": 200}.get(profile.name, cp.n_eval), **cost)
-
-    @property
-    def switch_epochs(self) -> list[int]:
-        """The fixed switch epochs: ``switch_fractions`` of the first decay (of half the epochs
-        without decays), rounded, without repeats."""
-        cp = self.profile
-        first = min(cp.lr_milestones) if cp.lr_milestones else cp.epochs // 2
-        return sorted({round(f * first) for f in self.switch_fractions})
-
-    def run_specs(self) -> list[tuple[str, str, dict, bool]]:
-        """(label, strategy, train overrides, AE-NTK) of every run; full PGD-AT and normal training
-        are configured exactly as in chapter 4 (AE-NTK for PGD, none for normal) to share its runs."""
-        runs = [(f"s={s}", "pgd", {} if s == 0 else {"switch_epoch": s}, s == 0) for s in self.switch_epochs]
-        auto = {"switch_epoch": "auto", "switch_threshold": self.auto_threshold, "switch_probe": self.auto_probe}
-        return runs + [("auto", "pgd", auto, False), ("normal", "normal", {}, False)]
-
-
-def make_config(profile) -> dict:
-    """Everything the result depends on (the cache key)."""
-    st = Settings.for_profile(profile)
-    specs = st.run_specs()
-    return {"profile": st.profile.to_dict(), "labels": [r[0] for r in specs],
-            "runs": [run_config(st.profile, strategy, "multistep", ae, kw) for _, strategy, kw, ae in specs],
-            "autoattack": {"attacks": list(st.autoattack_attacks), "n": st.autoattack_n, "seed": st.profile.seed},
-            "cost": {"rounds": st.cost_rounds, "batches": st.cost_batches, "seed": st.profile.seed}}
-
-
-@experiment(NAME, "normal training first, PGD-AT after a fixed or automatic switch epoch: time, clean, "
-                  "worst-case and AutoAttack accuracy, final kernels (chapter 5)",
-            make_config)
-def run(ctx: RunContext) -> dict:
-    """Train the runs of chapter 5 under ``profile`` (see the module docstring for the result)."""
-    return _compute(Settings.for_profile(ctx.profile), ctx.config, ctx.device, ctx.force, ctx.progress)
-
-
-def _compute(st: Settings, config, device, force, progress) -> dict:
-    from ntklab import evaluate
-    from ntklab.config import get_device
-    from ntklab.experiments import data_from_profile, model_from_profile
-
-    cp = st.profile
-    device = get_device(device)
-    train_set, test_set = data_from_profile(cp)
-    aa = config["autoattack"]
-    out = {"labels": list(config["labels"]), "switch_epochs": {}, "runs": {}, "config": config,
-           "compute_seconds": 0.0}
-    todo = st.run_specs()
-    results = kernel_runs(cp, [{"strategy": strategy, "ae": ae, **kw} for _, strategy, kw, ae in todo],
-                          device=device, force=force, progress=progress, desc=f"{NAME}: epochs of {len(todo)} runs")
-    for (label, strategy, kw, ae), res in zip(todo, results):
-        start = time.perf_counter()
-        model = model_from_profile(cp)
-        model.load_state_dict(res["state_dict"])
-        model.eval()
-        res = {k: v for k, v in res.items() if k != "state_dict"}
-        res["autoattack_acc"] = evaluate.autoattack_accuracy(model.to(device), test_set, eps=cp.eps, version="custom",
-                                                             attacks=aa["attacks"], n=aa["n"], seed=aa["seed"])
-        switched = res["history"]["switch_epoch"]
-        out["switch_epochs"][label] = (cp.epochs if strategy == "normal" else 0 if switched is None
-                                       else int(switched))
-        out["runs"][label] = res
-        out["compute_seconds"] += res["compute_seconds"] + time.perf_counter() - start
-    start = time.perf_counter()
-    out["step_seconds"] = _step_costs(cp, config["cost"], train_set, device)
-    out["compute_seconds"] += time.perf_counter() - start
-    return out
-
-
-def _step_costs(cp, cost, train_set, device) -> dict:
-    """Seconds per batch of a normal and of a PGD-k training step (attack + update, as in
-    :func:`ntklab.train.train` under the chapter profile ``cp``), by :func:`ntklab.clock.step_cost`:
-    ``cost["rounds"]`` rounds, each giving both steps in turn the same ``cost["batches"]`` training
-    batches, each on its own copy of one initialisation. Returns ``{"normal": s, "pgd": s}``."""
-    import copy
-    import itertools
-
-    import torch
-
-    from ntklab import attacks
-    from ntklab.clock import step_cost
-    from ntklab.config import seed_everything
-    from ntklab.experiments import model_from_profile
-    from ntklab.train import TrainConfig, attack_arguments, sgd_step
-
-    x, y = train_set.tensors
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cost["seed"]))
-    batches = [(x[i].to(device), y[i].to(device)) for i in perm[: cost["batches"] * cp.batch_size].split(cp.batch_size)]
-    seed_everything(cp.seed)
-    net0 = model_from_profile(cp).to(device)
-
-    def step(strategy):
-        tc = TrainConfig.from_profile(cp, strategy)
-        net = copy.deepcopy(net0)
-        opt = torch.optim.SGD(net.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-        kw = attack_arguments(strategy, tc.eps, tc.alpha, tc.steps, tc.attack_bn_mode)
-        cycle = itertools.cycle(batches)  # every round: each batch once
-
-        def one():
-            xb, yb = next(cycle)
-            net.train()
-            if strategy != "normal":
-                xb = attacks.adversarial_examples(strategy, net, xb, yb, **kw)
-            sgd_step(net, opt, xb, yb)
-        return one
-
-    return step_cost({s: step(s) for s in ("normal", "pgd")}, rounds=cost["rounds"], batches=len(batches),
-                     device=device)
+__all__ = ["run", "make_config", "analyse", "claims", "Settings", "continue_with_switch", "chapter_profile",
+           "paired_over_seeds", "step_ratio_se", "margins", "THRESHOLDS", "NAME"]
 
 
 # ------------------------------------------------------------------ analysis
+#: Student's t quantiles (two-sided 95%) for the confidence intervals over seeds, by degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_over_seeds(a, b, flags_a=None, flags_b=None) -> dict:
+    """The paired difference ``a - b`` of one statistic measured per seed (same seed, initialisation
+    and data order in a pair): ``diffs`` (per seed), ``mean``, ``seed_se`` (the standard deviation
+    of the differences, ddof 1, over sqrt(number of seeds); nan for one seed), ``low``/``high`` (the
+    95% t interval), and with per-example 0/1 outcomes ``flags_a``/``flags_b`` (lists per seed, on
+    the same test images within a seed) also ``example_se`` (:func:`ntklab.claims.paired_difference`
+    on all seeds' pairs pooled); ``se`` is the larger of the two (the one the claims' margins use)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = d.size
+    seed_se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    t = _T95.get(n - 1, 1.96)
+    out = {"diffs": d.tolist(), "mean": float(d.mean()), "seed_se": seed_se,
+           "low": float(d.mean() - t * seed_se), "high": float(d.mean() + t * seed_se)}
+    if flags_a is not None:
+        pooled = paired_difference(np.concatenate([np.asarray(f) for f in flags_a]),
+                                   np.concatenate([np.asarray(f) for f in flags_b]))
+        out["example_se"] = pooled["se"]
+    out["se"] = float(np.nanmax([seed_se, out.get("example_se", math.nan)]))
+    return out
+
+
 def _passes(history, k: int) -> int:
-    """Forward-backward passes per training image: 1 for a normal epoch, k + 1 for a PGD-k one."""
-    return sum(1 if s == "normal" else k + 1 for s in history["strategy"])
+    """Forward-backward passes per training image: 1 for a normal epoch, k + 1 for a PGD-k one, 2 for
+    an FGSM-RS one (the attack's pass and the update's)."""
+    per = {"normal": 1, "pgd": k + 1, "fgsm_rs": 2}
+    return sum(per[s] for s in history["strategy"])
 
 
-def analyse(result: dict, tolerance: float = TOLERANCE) -> dict:
-    """The numbers chapter 5 discusses, from a result of :func:`run`.
+def step_ratio_se(step_seconds: dict, a: str = "pgd", b: str = "normal", *, draws: int = 1000) -> dict:
+    """The ratio of the median seconds per batch of methods ``a`` and ``b`` over interleaved rounds,
+    with a bootstrap over the rounds (:func:`ntklab.claims.bootstrap`): ``value``, ``se``, ``low``,
+    ``high``."""
+    from ntklab.claims import bootstrap
 
-    Returns a dict: ``labels``, ``fixed`` (the fixed switches, full PGD-AT first), ``epochs``,
-    ``decays``, ``cap`` (the first decay), ``pgd_steps``, ``tolerance``; per label (dicts keyed by
-    label): ``switch_epoch``, ``clean_acc``, ``robust_acc`` (worst case of FGSM and PGD),
-    ``autoattack_acc``, ``cpu_training_time``, ``training_time`` (wall), ``passes`` (forward-backward
-    passes per image), ``saving`` (1 - passes / full PGD-AT's), ``cpu_saving`` (the same in CPU
-    seconds), ``loss`` (full PGD-AT's robust accuracy minus the schedule's), ``velocity`` (centred
-    C-NTK velocity per epoch), ``to_full`` (centred KD of the final kernel to full PGD-AT's), ``jump``
-    (velocity in the first adversarial epoch / in the last normal one, for switches inside the run),
-    ``predicted_saving`` (the fixed switches' saving by the formula of the chapter);
-    ``step_seconds`` and ``step_ms`` (``{"normal", "pgd"}``: the measured seconds and milliseconds
-    per batch of a normal and of a PGD-k training step), ``step_ratio`` (PGD-k's / normal's),
-    ``step_cost`` (per label: the schedule's cost relative to full PGD-AT's predicted from the
-    per-batch costs, ``(s c_normal + (E - s) c_pgd) / (E c_pgd)``, without the automatic switch's
-    kernels) and ``step_saving`` (1 - ``step_cost``); the choices:
-    ``recommended`` (the latest fixed switch within the tolerance), ``best`` (the fixed switch with
-    the highest robust accuracy), ``half`` (the middle fixed switch), ``last`` (the switch at the
-    first decay), each with ``<choice>_saving``, ``_cpu_saving``, ``_step_saving``, ``_loss`` and
-    ``_switch``; the automatic switch (also ``auto_saving``, ``auto_cpu_saving``, ``auto_step_saving``): ``auto_velocity`` (the velocities per unit of lr it measured),
-    ``measure_share`` (its kernel measurements' share of its training time, both wall seconds),
-    ``auto_minus_best`` (its robust accuracy minus the best fixed choice's); and
-    ``normal_velocity_per_lr`` (normal training's centred C-NTK velocity per unit of lr on chapter 4's
-    probe), ``normal_lazy_onset`` and ``lazy_rule_switch`` (the switch chapter 4's rule gives on it).
+    ta, tb = np.asarray(step_seconds[a], dtype=float), np.asarray(step_seconds[b], dtype=float)
+    return bootstrap(lambda i: np.median(ta[i]) / np.median(tb[i]), len(ta), draws=draws, seed=0)
+
+
+def analyse(result: dict) -> dict:
+    """The numbers chapter 5 discusses, from a result of :func:`run` (all epochs 1-based: switch s
+    means epochs 1..s normal, s+1..E adversarial).
+
+    Per label (dicts keyed by label; ``"auto"`` is the grid's run at each seed's automatic switch):
+    ``robust`` / ``clean`` / ``cost`` (per seed: worst-case robust accuracy, clean accuracy,
+    training CPU seconds), their means ``robust_mean``, ``clean_mean``, ``cost_mean``, ``apgd_mean``
+    (``None`` where not run), ``passes`` and ``pass_saving`` (1 - passes / full PGD-AT's),
+    ``cpu_saving`` (per-seed paired saving in measured CPU seconds, :func:`paired_over_seeds`
+    against 0), ``loss`` (full PGD-AT's robust accuracy minus the schedule's, paired over seeds);
+    ``prefix_gain`` (per control s: the switch run's robust accuracy minus the late-PGD-AT-only
+    run's); ``fgsm_vs_last`` (FGSM-RS's robust accuracy minus the switch at the first decay's);
+    the per-batch costs ``step_ms``, ``step_ratio`` (PGD / normal with bootstrap ``se``),
+    ``fgsm_ratio``; ``predicted_saving`` (per s of the grid, from the measured per-batch costs),
+    ``pass30`` (the first s that saves 30% of the passes), ``measured30`` (the first s of the grid
+    whose mean measured saving is 30%, -1 if none), ``saving_ratio`` (the measured saving at the
+    first decay / the pass count's); the automatic switch per seed: ``auto_switch``,
+    ``lazy_switch`` (chapter 4's lazy onset, :func:`ntklab.metrics.lazy_onset` of the angular
+    velocity per epoch of the normal prefix's C-NTK on chapter 4's probe below
+    ``strategies.LAZY_BELOW``, as a switch: the number of the first lazy epoch, at most the first
+    decay), ``auto_gap`` (automatic minus that), ``auto_velocity``,
+    ``normal_velocity``, ``measure_share``; ``switch_distance`` (per seed: centred KD between the
+    normal prefix's and full PGD-AT's kernels at the automatic switch), ``seed_distance`` (the mean
+    KD between two seeds' normal kernels at that epoch), ``pgd_normal_kd`` (mean over seeds, per epoch
+    0..cap); ``to_full`` (mean centred KD of each run's final kernel to full PGD-AT's).
     """
-    profile = result["config"]["profile"]
-    epochs, decays, k = int(profile["epochs"]), [int(m) for m in profile["lr_milestones"]], int(profile["pgd_steps"])
-    labels, runs, switch = list(result["labels"]), result["runs"], {l: int(e) for l, e in result["switch_epochs"].items()}
-    fixed = [l for l in labels if l.startswith("s=")]
-    full = runs[fixed[0]]
-    cap = decays[0] if decays else epochs // 2
-    a = {"labels": labels, "fixed": fixed, "epochs": epochs, "decays": decays, "cap": cap, "pgd_steps": k,
-         "tolerance": tolerance, "switch_epoch": switch, "n_autoattack": int(result["config"]["autoattack"]["n"])}
-    for key in ("clean_acc", "robust_acc", "autoattack_acc", "cpu_training_time", "training_time"):
-        a[key] = {l: float(runs[l][key]) for l in labels}
-    a["passes"] = {l: _passes(runs[l]["history"], k) for l in labels}
-    a["saving"] = {l: 1 - a["passes"][l] / a["passes"][fixed[0]] for l in labels}
-    a["cpu_saving"] = {l: 1 - runs[l]["cpu_training_time"] / full["cpu_training_time"] for l in labels}
-    a["loss"] = {l: full["robust_acc"] - runs[l]["robust_acc"] for l in labels}
-    a["predicted_saving"] = {l: 1 - (switch[l] + (epochs - switch[l]) * (k + 1)) / (epochs * (k + 1)) for l in fixed}
-    a.update(_step_analysis(result["step_seconds"], switch, epochs))
-    good = [l for l in fixed if a["loss"][l] <= tolerance]
-    a["recommended"] = max(good, key=lambda l: switch[l]) if good else None
-    a["best"] = max(fixed, key=lambda l: runs[l]["robust_acc"])
-    a["half"], a["last"] = fixed[len(fixed) // 2], fixed[-1]
-    for name in ("recommended", "half", "last", "best"):  # the numbers the chapter quotes for each choice
-        l = a[name]
-        a[f"{name}_saving"] = a["saving"][l] if l else math.nan
-        a[f"{name}_cpu_saving"] = a["cpu_saving"][l] if l else math.nan
-        a[f"{name}_step_saving"] = a["step_saving"][l] if l else math.nan
-        a[f"{name}_loss"] = a["loss"][l] if l else math.nan
-        a[f"{name}_switch"] = switch[l] if l else -1
-    a.update(_auto(result, a, cap))
-    a["velocity"] = {l: metrics.kernel_velocity(runs[l]["kernels"]["clean"], center=True).tolist() for l in labels}
-    a["to_full"] = {l: metrics.kernel_distance(runs[l]["kernels"]["clean"][-1], full["kernels"]["clean"][-1], center=True)
+    from ntklab.experiments.strategies import LAZY_BELOW
+    from ntklab.metrics import angular_velocity, kernel_distance, lazy_onset
+
+    cfg = result["config"]
+    prof = cfg["profile"]
+    E, k, cap = int(prof["epochs"]), int(prof["pgd_steps"]), int(cfg["auto"]["cap"])
+    seeds = [str(s) for s in result["seeds"]]
+    grid, controls, labels = [int(s) for s in result["grid"]], [int(s) for s in result["controls"]], list(cfg["labels"])
+    R = result["runs"]
+    a = {"seeds": [int(s) for s in seeds], "labels": labels, "grid": grid, "controls": controls, "epochs": E, "cap": cap,
+         "pgd_steps": k, "decays": [int(m) for m in prof["lr_milestones"]], "n_eval": int(cfg["eval"]["n"]),
+         "n_apgd": int(cfg["eval"]["apgd"]["n"]), "n_seeds": len(seeds), "threshold": float(cfg["auto"]["threshold"])}
+    a["robust"] = {l: [R[s][l]["robust_acc"] for s in seeds] for l in labels}
+    a["clean"] = {l: [R[s][l]["clean_acc"] for s in seeds] for l in labels}
+    a["cost"] = {l: [float(sum(R[s][l]["cpu_epoch_seconds"])) for s in seeds] for l in labels}
+    flags = {l: [R[s][l]["robust_flags"] for s in seeds] for l in labels}
+    auto = [int(result["auto"][s]["switch_epoch"]) for s in seeds]
+    a["auto_switch"] = auto
+    # the automatic schedule: the grid's run at its switch, plus the cost of its measurements
+    a["robust"]["auto"] = [a["robust"][f"s={e}"][i] for i, e in enumerate(auto)]
+    a["clean"]["auto"] = [a["clean"][f"s={e}"][i] for i, e in enumerate(auto)]
+    a["cost"]["auto"] = [a["cost"][f"s={e}"][i] + float(result["auto"][s]["cpu_seconds"]) for i, (e, s) in
+                         enumerate(zip(auto, seeds))]
+    flags["auto"] = [flags[f"s={e}"][i] for i, e in enumerate(auto)]
+    every = labels + ["auto"]
+    a["robust_mean"] = {l: float(np.mean(a["robust"][l])) for l in every}
+    a["clean_mean"] = {l: float(np.mean(a["clean"][l])) for l in every}
+    a["cost_mean"] = {l: float(np.mean(a["cost"][l])) for l in every}
+    a["apgd_mean"] = {l: (float(np.mean([R[s][l]["apgd_acc"] for s in seeds])) if R[seeds[0]][l]["apgd_acc"] is not None
+                          else None) for l in labels}
+    a["passes"] = {l: _passes(R[seeds[0]][l]["history"], k) for l in labels}
+    a["passes"]["auto"] = [_passes(R[s][f"s={e}"]["history"], k) for s, e in zip(seeds, auto)]
+    full_passes = a["passes"]["s=0"]
+    a["pass_saving"] = {l: 1 - a["passes"][l] / full_passes for l in labels}
+    a["pass_saving"]["auto"] = float(np.mean([1 - p / full_passes for p in a["passes"]["auto"]]))
+    a["cpu_saving"] = {l: paired_over_seeds([1 - c / f for c, f in zip(a["cost"][l], a["cost"]["s=0"])],
+                                            np.zeros(len(seeds))) for l in every}
+    a["loss"] = {l: paired_over_seeds(a["robust"]["s=0"], a["robust"][l], flags["s=0"], flags[l]) for l in every}
+    a["prefix_gain"] = {s: paired_over_seeds(a["robust"][f"s={s}"], a["robust"][f"late s={s}"], flags[f"s={s}"],
+                                             flags[f"late s={s}"]) for s in controls}
+    a["later_cost"] = paired_over_seeds(a["robust"][f"s={grid[0]}"], a["robust"][f"s={cap}"], flags[f"s={grid[0]}"],
+                                        flags[f"s={cap}"])
+    a["grid_min_robust"] = float(min(min(a["robust"][f"s={s}"]) for s in grid))
+    a["fgsm_vs_last"] = paired_over_seeds(a["robust"]["fgsm_rs"], a["robust"][f"s={cap}"], flags["fgsm_rs"],
+                                          flags[f"s={cap}"])
+    # measured costs per batch and the savings they predict
+    steps = result["step_seconds"]
+    med = {m: float(np.median(v)) for m, v in steps.items()}
+    a["step_ms"] = {m: 1000 * v for m, v in med.items()}
+    ratio = step_ratio_se(steps)
+    a["step_ratio"], a["step_ratio_se"] = float(ratio["value"]), float(ratio["se"])
+    a["fgsm_ratio"] = med["fgsm_rs"] / med["normal"]
+    a["predicted_saving"] = {s: s / E * (1 - med["normal"] / med["pgd"]) for s in [0] + grid}
+    a["pass30"] = next(s for s in range(E + 1) if s / E * k / (k + 1) >= 0.3 - 1e-12) if k / (k + 1) >= 0.3 else -1
+    a["measured30"] = next((s for s in grid if a["cpu_saving"][f"s={s}"]["mean"] >= 0.3), -1)
+    a["predicted30"] = next((s for s in range(E + 1) if a["predicted_saving"].get(s, s / E * (1 - med["normal"] / med["pgd"]))
+                             >= 0.3), -1)
+    last = f"s={cap}"
+    a["saving_ratio"] = paired_over_seeds([c / a["pass_saving"][last] for c in a["cpu_saving"][last]["diffs"]],
+                                          np.zeros(len(seeds)))
+    # the automatic switch and chapter 4's lazy onset on the same (normal) trajectory: the angular velocity
+    # per epoch of the normal prefix's C-NTK on chapter 4's probe, lazy below 1/sqrt(5) of the first epoch's
+    a["normal_velocity"], a["lazy_switch"], a["auto_velocity"] = [], [], []
+    for s in seeds:
+        kern = result["kernels"][s]
+        w = angular_velocity(kern["normal"], [int(e) for e in kern["epochs"]], center=True)
+        onset = lazy_onset(w, lazy_below=LAZY_BELOW)
+        a["normal_velocity"].append(w.tolist())
+        a["lazy_switch"].append(min(onset + 1, cap) if onset is not None else cap)
+        a["auto_velocity"].append([float(x) for x in result["auto"][s]["velocities"]])
+    a["auto_gap"] = [int(x - y) for x, y in zip(auto, a["lazy_switch"])]
+    a["measure_share"] = [float(result["auto"][s]["cpu_seconds"]) / c for s, c in zip(seeds, a["cost"]["auto"])]
+    epochs = list(result["kernels"][seeds[0]]["epochs"])
+    K = {s: result["kernels"][s] for s in seeds}
+    a["switch_distance"] = [kernel_distance(K[s]["normal"][epochs.index(e)], K[s]["pgd"][epochs.index(e)], center=True)
+                            for s, e in zip(seeds, auto)]
+    a["seed_distance"] = [float(np.mean([kernel_distance(K[s]["normal"][epochs.index(e)], K[o]["normal"][epochs.index(e)],
+                                                         center=True) for o in seeds if o != s])) if len(seeds) > 1
+                          else math.nan for s, e in zip(seeds, auto)]
+    a["kernel_epochs"] = epochs
+    a["pgd_normal_kd"] = [float(np.mean([kernel_distance(K[s]["normal"][t], K[s]["pgd"][t], center=True) for s in seeds]))
+                          for t in range(len(epochs))]
+    a["to_full"] = {l: float(np.mean([_distance(R[s][l]["final_kernel"], R[s]["s=0"]["final_kernel"]) for s in seeds]))
                     for l in labels}
-    a["jump"] = {l: a["velocity"][l][switch[l]] / a["velocity"][l][switch[l] - 1]
-                 for l in labels if 0 < switch[l] < epochs}
-    a["compute_seconds"] = float(result["compute_seconds"])
+    a["compute_seconds"], a["cpu_seconds"] = float(result["compute_seconds"]), float(result["cpu_seconds"])
+    a["quote"] = _quote(a)
     return a
 
 
-def _step_analysis(step_seconds, switch, epochs) -> dict:
-    """The measured per-batch costs and each schedule's cost and saving predicted from them."""
-    c = {m: float(step_seconds[m]) for m in ("normal", "pgd")}
-    cost = {l: (s * c["normal"] + (epochs - s) * c["pgd"]) / (epochs * c["pgd"]) for l, s in switch.items()}
-    return {"step_seconds": c, "step_ms": {m: 1000 * v for m, v in c.items()}, "step_ratio": c["pgd"] / c["normal"],
-            "step_cost": cost, "step_saving": {l: 1 - v for l, v in cost.items()}}
+def _distance(K1, K2) -> float:
+    """Centred KD, NaN when a kernel is constant (a network whose output no longer depends on its
+    input: its centred kernel is zero)."""
+    from ntklab.metrics import kernel_distance
+
+    try:
+        return kernel_distance(K1, K2, center=True)
+    except ValueError:
+        return math.nan
 
 
-def _auto(result, a, cap) -> dict:
-    """The automatic switch: what it measured, what it cost, and where chapter 4's rule puts the
-    switch on normal training's curve."""
-    runs = result["runs"]
-    if "auto" not in runs:
-        return {}
-    auto, normal = runs["auto"], runs["normal"]
-    lr_clock = np.concatenate([[0.0], np.cumsum(normal["lr_time"])])[normal["kernels"]["epochs"]]
-    normal_v = metrics.kernel_velocity(normal["kernels"]["clean"], times=lr_clock, center=True)
-    onset = metrics.lazy_onset(normal_v)
-    return {"auto_velocity": [float(v) for v in auto["history"]["extra"].get("switch_velocity", []) if v is not None],
-            "auto_saving": a["saving"]["auto"], "auto_cpu_saving": a["cpu_saving"]["auto"],
-            "auto_step_saving": a["step_saving"]["auto"],
-            "auto_switch": a["switch_epoch"]["auto"],
-            "auto_minus_best": auto["robust_acc"] - runs[a["best"]]["robust_acc"],
-            "measure_seconds": float(sum(auto["history"]["time_switch"])),
-            "measure_share": sum(auto["history"]["time_switch"]) / auto["training_time"],
-            "normal_velocity_per_lr": normal_v.tolist(), "normal_lazy_onset": onset,
-            "lazy_rule_switch": min(onset + 1, cap) if onset is not None else -1,
-            "n_probe": int(normal["kernels"]["clean"].shape[-1])}
+def _quote(a: dict) -> dict:
+    """The numbers the chapter's text quotes, flat (for :func:`ntklab.claims.glue`)."""
+    cap, p30, half = a["cap"], a["pass30"], a["controls"][0]
+    at30 = f"s={p30}" if f"s={p30}" in a["loss"] else f"s={cap}"
+    q = {"seeds": ", ".join(map(str, a["seeds"])), "n_seeds": a["n_seeds"], "cap": cap, "pass30": p30,
+         "measured30": a["measured30"], "predicted30": a["predicted30"], "half": half,
+         "full_robust": a["robust_mean"]["s=0"], "full_robust_min": min(a["robust"]["s=0"]),
+         "full_clean": a["clean_mean"]["s=0"], "full_apgd": a["apgd_mean"]["s=0"],
+         "cap_apgd": a["apgd_mean"][f"s={cap}"], "fgsm_apgd": a["apgd_mean"]["fgsm_rs"],
+         "step_ratio": a["step_ratio"], "step_ratio_se": a["step_ratio_se"], "fgsm_ratio": a["fgsm_ratio"],
+         "saving_ratio": a["saving_ratio"]["mean"], "saving_ratio_se": a["saving_ratio"]["se"],
+         "auto_switches": ", ".join(map(str, a["auto_switch"])), "lazy_switches": ", ".join(map(str, a["lazy_switch"])),
+         "max_auto_gap": max(abs(g) for g in a["auto_gap"]), "max_measure_share": max(a["measure_share"]),
+         "switch_distance": float(np.mean(a["switch_distance"])), "seed_distance": float(np.nanmean(a["seed_distance"])),
+         "kernel_ratio": float(np.mean(a["switch_distance"]) / np.nanmean(a["seed_distance"])),
+         "cpu_seconds": a["cpu_seconds"]}
+    for name, label in (("p30", at30), ("cap", f"s={cap}"), ("one", "s=1"), ("fgsm", "fgsm_rs"), ("auto", "auto"),
+                        ("late_cap", f"late s={cap}"), ("late_half", f"late s={half}")):
+        q[f"{name}_loss"], q[f"{name}_loss_se"] = a["loss"][label]["mean"], a["loss"][label]["se"]
+        q[f"{name}_loss_low"], q[f"{name}_loss_high"] = a["loss"][label]["low"], a["loss"][label]["high"]
+        q[f"{name}_cpu_saving"], q[f"{name}_cpu_saving_se"] = a["cpu_saving"][label]["mean"], a["cpu_saving"][label]["se"]
+        q[f"{name}_pass_saving"] = a["pass_saving"][label]
+        q[f"{name}_robust"] = a["robust_mean"][label]
+    for s in a["controls"]:
+        tag = "cap" if s == cap else "half"
+        q[f"gain_{tag}"], q[f"gain_{tag}_se"] = a["prefix_gain"][s]["mean"], a["prefix_gain"][s]["se"]
+    q["fgsm_minus_cap"], q["fgsm_minus_cap_se"] = a["fgsm_vs_last"]["mean"], a["fgsm_vs_last"]["se"]
+    q["later_cost"], q["later_cost_se"] = a["later_cost"]["mean"], a["later_cost"]["se"]
+    q["cap_predicted_saving"] = a["predicted_saving"][cap]
+    return {k: v for k, v in q.items() if v is not None}
 
 
-# ------------------------------------------------------------------ claims
+#: the thresholds of the claims, fixed on the quick run of NTKLAB_SEED=0 (training seeds 0, 1, 2) and
+#: the physics before the results of NTKLAB_SEED=1 and 2 were read; each at least 2 standard errors from its value
+#: on that run (see :func:`margins`)
+THRESHOLDS = {"robust": 0.5, "p30_loss": 0.1, "later_cost": 0.08, "prefix_gain": 0.2, "step_ratio": (3.0, 5.5),
+              "saving_ratio": (0.75, 1.25), "thirty_gap": 1, "auto_gap": 1, "measure_share": 0.1}
+
+
+def _margin(paired: dict, threshold: float) -> float:
+    """How many standard errors a paired mean lies from a threshold."""
+    return abs(paired["mean"] - threshold) / paired["se"] if paired["se"] > 0 else math.inf
+
+
 def claims(analysis: dict, profile) -> list[Claim]:
     """The claims of chapter 5 on the output of :func:`analyse`, numbered as in the chapter; asserted
-    under ``quick`` (the thresholds were written for its numbers), shown under every profile; the
-    last, on the measured per-batch costs, is an observation that nothing asserts."""
-    a, tol = analysis, analysis["tolerance"]
-    fixed, robust, full, normal = a["fixed"], a["robust_acc"], a["fixed"][0], "normal"
-    switched = [l for l in a["labels"] if l not in (full, normal)]
-    auto = a["switch_epoch"].get("auto", math.nan)
+    under ``quick`` (the thresholds, :data:`THRESHOLDS`, were written for its numbers), shown under
+    every profile; observations (``profiles=()``) are shown and never asserted."""
+    a, T = analysis, THRESHOLDS
+    cap, p30, first = a["cap"], a["pass30"], a["grid"][0]
+    at30 = f"s={p30}" if f"s={p30}" in a["loss"] else f"s={cap}"
     return [
-        compare("pgd_trains", "Full PGD-AT trains at this radius: its worst-case robust accuracy is at least 0.75.",
-                robust[full], ">=", 0.75),
-        all_of("half_keeps_robustness", "Switching half-way to the first decay keeps the robustness: it loses at most "
-               "the tolerance (loss: full PGD-AT's robust accuracy minus its own) and saves at least 10% of the "
-               "passes.", [compare("loss", "", a["half_loss"], "<=", tol),
-                           compare("saving", "", a["half_saving"], ">=", 0.10)]),
-        all_of("decay_costs_robustness", "Switching at the first decay costs robustness: it saves the most passes of "
-               "the fixed switches, at least 25%, but loses more than the tolerance.",
-               [compare("saving", "", a["last_saving"], ">=", 0.25),
-                compare("largest saving", "", a["last_saving"], "==", max(a["saving"][l] for l in fixed)),
-                compare("loss", "", a["last_loss"], ">", tol)]),
-        compare("saving_below_30", "The 30% saving does not show at this scale: the recommended schedule (the latest "
-                "fixed switch within the tolerance) saves less than 30% of the passes.",
-                a["recommended_saving"], "<", 0.30),
-        all_of("auto_switch", "The automatic switch lands in the lazy phase and among the good choices: it switches "
-               "between epoch 2 and the first decay, its worst-case robust accuracy is at least the best fixed "
-               "choice's minus the tolerance, and its kernel measurements cost less than 2% of its training time.",
-               [compare("epoch", "", auto, ">=", 2), compare("epoch", "", auto, "<=", a["cap"]),
-                compare("robust", "", robust.get("auto", math.nan), ">=", robust[a["best"]] - tol),
-                compare("measurement share", "", a.get("measure_share", math.nan), ">", 0),
-                compare("measurement share", "", a.get("measure_share", math.nan), "<", 0.02)]),
-        all_of("kernel_trace", "Normal epochs first leave a trace in the kernel: every switched schedule ends with a "
-               "C-NTK closer to full PGD-AT's than normal training's is, but not equal to it (centred KD to full "
-               "PGD-AT's final kernel).",
-               [p for l in switched for p in (compare(l, "", a["to_full"][l], ">", 0),
-                                              compare(l, "", a["to_full"][l], "<", a["to_full"][normal]))]),
-        compare("cpu_normal_cheaper", "Of the CPU seconds, only the several-fold gap: normal training takes fewer CPU "
-                "seconds than full PGD-AT (threshold: full PGD-AT's).",
-                a["cpu_training_time"][normal], "<", a["cpu_training_time"][full]),
-        compare("pgd_step_cost", f"A PGD-{a['pgd_steps']} training step costs more than twice a normal one: the "
-                "per-batch cost ratio PGD / normal, measured interleaved (ntklab.clock.step_cost), is above 2 "
-                "(an observation: a shared CPU can move it).", a["step_ratio"], ">", 2, profiles=()),
+        compare("full_pgd_trains", f"Full PGD-AT from scratch trains on every seed: worst-case robust accuracy at least "
+                f"{T['robust']:g} (an observation: on one seed in three it did not take off).",
+                min(a["robust"]["s=0"]), ">=", T["robust"], profiles=()),
+        compare("switches_train", f"Every switch of the grid trains on every seed: worst-case robust accuracy at least "
+                f"{T['robust']:g}.", a["grid_min_robust"], ">=", T["robust"]),
+        compare("p30_keeps", f"The switch that saves 30% of the passes (after {p30} epochs) loses less than "
+                f"{T['p30_loss']:g} of worst-case robust accuracy against full PGD-AT (mean paired difference over "
+                "seeds).", a["loss"][at30]["mean"], "<", T["p30_loss"]),
+        compare("later_costs", f"Later switches cost robustness: switching at the first decay (after {cap} epochs) "
+                f"is less robust than switching after {first}, by more than {T['later_cost']:g} (mean paired "
+                "difference).", a["later_cost"]["mean"], ">", T["later_cost"]),
+        compare("prefix_helps", f"The normal epochs help: the switch at the first decay is more robust than PGD-AT for "
+                f"only its last {a['epochs'] - cap} epochs from scratch, by more than {T['prefix_gain']:g} (mean "
+                "paired difference).", a["prefix_gain"][cap]["mean"], ">", T["prefix_gain"]),
+        compare("step_cost", f"A PGD-{a['pgd_steps']} training step costs about its {a['pgd_steps'] + 1} passes: the "
+                f"measured per-batch cost ratio PGD / normal (interleaved) is between {T['step_ratio'][0]:g} and "
+                f"{T['step_ratio'][1]:g}.", a["step_ratio"], "between", T["step_ratio"]),
+        compare("saving_measured", "The measured saving is the counted one: at the first decay the switch saves, in "
+                f"the runs' CPU seconds, between {T['saving_ratio'][0]:.0%} and {T['saving_ratio'][1]:.0%} of the "
+                "saving counted in passes (mean over seeds of the paired ratio).", a["saving_ratio"]["mean"],
+                "between", T["saving_ratio"]),
+        compare("thirty_where_counted", "In measured CPU seconds the 30% saving comes where the passes put it: the "
+                "first switch whose mean measured saving is 30% is within one epoch of the first that saves 30% of "
+                "the passes (-1: none of the grid does).",
+                abs(a["measured30"] - p30) if a["measured30"] >= 0 else math.inf, "<=", T["thirty_gap"]),
+        all_of("auto_lazy", "The automatic switch lands at chapter 4's lazy onset and costs little: on every seed it "
+               "switches within one epoch of the lazy onset that chapter 4's rule finds on the same normal "
+               f"trajectory, and its kernel measurements cost less than {T['measure_share']:.0%} of its training "
+               "CPU seconds.", [compare("max |auto - lazy onset|", "", max(abs(g) for g in a["auto_gap"]), "<=",
+                                        T["auto_gap"]),
+                                compare("max measurement share", "", max(a["measure_share"]), "<", T["measure_share"])]),
+        compare("fgsm_rs_reliable", "FGSM-RS, at a larger saving, is as robust as the switch at the first decay on "
+                "every seed (an observation: the smallest paired difference FGSM-RS minus the switch, against "
+                "-0.05).", min(a["fgsm_vs_last"]["diffs"]), ">=", -0.05, profiles=()),
+        compare("kernels_at_switch", "At the automatic switch the normal and the PGD-AT kernels of one seed are as "
+                "close as the normal kernels of two seeds (an observation: what Li et al.'s argument needs, "
+                "reported with its scale; ratio of the mean distances).",
+                float(np.mean(a["switch_distance"]) / np.nanmean(a["seed_distance"])), "<=", 1.0, profiles=()),
     ]
+
+
+def margins(analysis: dict) -> dict:
+    """Each asserted claim's distance from its threshold in standard errors (binomial for an
+    accuracy, over seeds for a paired mean, bootstrap over rounds for the step-cost ratio)."""
+    a, T = analysis, THRESHOLDS
+    at30 = f"s={a['pass30']}" if f"s={a['pass30']}" in a["loss"] else f"s={a['cap']}"
+    low = a["grid_min_robust"]
+    return {"switches_train": (low - T["robust"]) / binomial_se(low, a["n_eval"]),
+            "p30_keeps": _margin(a["loss"][at30], T["p30_loss"]),
+            "later_costs": _margin(a["later_cost"], T["later_cost"]),
+            "prefix_helps": _margin(a["prefix_gain"][a["cap"]], T["prefix_gain"]),
+            "step_cost": min(abs(a["step_ratio"] - t) / a["step_ratio_se"] for t in T["step_ratio"]),
+            "saving_measured": min(_margin(a["saving_ratio"], t) for t in T["saving_ratio"]),
+            "thirty_where_counted": _thirty_margin(a)}
+
+
+def _thirty_margin(a: dict) -> float:
+    """The claim on the 30% point fails only if the measured saving one epoch after the pass count's
+    30% switch is below 30%, or two epochs before it above: the smaller distance, in SE."""
+    p30, out = a["pass30"], []
+    if f"s={p30 + 1}" in a["cpu_saving"]:
+        out.append(_margin(a["cpu_saving"][f"s={p30 + 1}"], 0.3))
+    if f"s={p30 - 2}" in a["cpu_saving"]:
+        out.append(_margin(a["cpu_saving"][f"s={p30 - 2}"], 0.3))
+    return min(out) if out else math.inf
