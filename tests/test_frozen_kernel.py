@@ -340,5 +340,7 @@ def test_paper_code_path(paper_profile, tmp_path):
     config = frozen_kernel.make_config(paper_profile)
     _check_result(res, config)
     assert res["config"]["train_attack"] == "pgd" and res["config"]["eps"] == 4 / 255
-    a = frozen_kernel.analyse(res)
+    a = frozen_kernel.analyse(res)                    # one phase-2 epoch: no tail share
+    assert a["epochs2"] == 1 and a["tail_share_max"] != a["tail_share_max"]
     assert not any(c.asserted_under(paper_profile) for c in frozen_kernel.claims(a, paper_profile))
+    assert {c.key: c.holds for c in frozen_kernel.claims(a, paper_profile)}["phase2_converged"] is False

@@ -192,8 +192,8 @@ def analyse(result: dict) -> dict:
 
     Per freeze time (lists over ``times``): ``robust[m]``, ``clean[m]`` and ``robust_se[m]``
     (binomial) for each cell m and ``"reference"``; ``base_robust[p1]``/``base_clean[p1]`` of the
-    phase-1 networks; ``final_loss[m]`` and ``tail_share[m]`` (:func:`tail_share`) of phase 2, and
-    ``tail_share_max``, the largest over cells and times. Paired differences on the same test images
+    phase-1 networks; ``final_loss[m]`` and ``tail_share[m]`` (:func:`tail_share`; NaN for a phase 2 of one
+    epoch) of phase 2, and ``tail_share_max``, the largest over cells and times (NaN if any is). Paired differences on the same test images
     (``{"diff", "se"}``, :func:`ntklab.claims.paired_difference`) at the last time ``last``:
     ``ac_minus_cc``, ``aa_minus_ca``, ``ac_minus_base_a`` (AC against the network its kernel was
     frozen from), ``aa_minus_reference``; ``aa_gain`` (AA at the last time minus the first);
@@ -219,7 +219,8 @@ def analyse(result: dict) -> dict:
     flags = {m: cells[m]["robust_flags"] for m in models}
     n = len(flags["AA"][0])
     base_flags = result["base"]["A"]["robust_flags"]
-    shares = {m: [tail_share(loss) for loss in cells[m]["loss"]] for m in models}
+    shares = {m: [tail_share(loss) if len(loss) >= 2 else math.nan for loss in cells[m]["loss"]] for m in models}
+    all_shares = [v for m in models for v in shares[m]]
     aa = robust["AA"]
 
     def pair(a, b):
@@ -273,7 +274,8 @@ def analyse(result: dict) -> dict:
                  "base_A_robust": float(result["base"]["A"]["robust"][-1]),
                  "base_C_robust": float(result["base"]["C"]["robust"][-1])},
         "final_loss": {m: [float(loss[-1]) for loss in cells[m]["loss"]] for m in models},
-        "tail_share": shares, "tail_share_max": max(v for m in models for v in shares[m]),
+        "tail_share": shares,
+        "tail_share_max": math.nan if any(math.isnan(v) for v in all_shares) else max(all_shares),
         "epochs2": len(cells["AA"]["loss"][0]),
         "ac_minus_cc": pair(flags["AC"][-1], flags["CC"][-1]),
         "aa_minus_ca": pair(flags["AA"][-1], flags["CA"][-1]),
