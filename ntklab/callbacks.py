@@ -429,16 +429,25 @@ class ParameterSnapshots(Callback):
         > 0 is taken after the first batch at which ``epoch + (batch + 1) / num_batches >= t``, so
         a fractional t is rounded up to a batch boundary (its actual time is recorded).
 
+    bn_data: inputs (N, C, H, W) or ``None``. Given, the snapshot at time 0 holds BN running
+        statistics of the data (:func:`ntklab.bn.refresh_bn_statistics` over ``bn_data`` in
+        batches of ``bn_batch_size``) instead of PyTorch's default buffers (mean 0, variance 1),
+        which no trained network normalises with: the book's network "at initialisation". The
+        model being trained is not touched. Later snapshots keep the running statistics training
+        gave them.
+
     After training: ``times`` (the requested times, sorted), ``actual_times`` and ``state(t)``, a
     state dict on the CPU; ``state_dict()`` holds them all, so a resumed run keeps them. Snapshots
     at times beyond the last epoch are never taken. Introduced in chapter 8.
     """
 
-    def __init__(self, times):
+    def __init__(self, times, *, bn_data=None, bn_batch_size: int = 128):
         times = sorted({float(t) for t in times})
         if not times or times[0] < 0:
             raise ValueError(f"times must be a non-empty list of epochs >= 0, got {times}")
         self.times = times
+        self.bn_data = bn_data
+        self.bn_batch_size = bn_batch_size
         self._state = {"time": [], "actual": [], "weights": []}
 
     @property
@@ -458,6 +467,10 @@ class ParameterSnapshots(Callback):
 
     def on_train_begin(self, model, history):
         if self.times[0] == 0 and 0.0 not in self._state["time"] and len(history) == 0:
+            if self.bn_data is not None:
+                from ntklab.bn import refresh_bn_statistics
+
+                model = refresh_bn_statistics(model, self.bn_data, batch_size=self.bn_batch_size)
             self._take(model, 0.0, 0.0)
 
     def on_batch_end(self, epoch, batch, num_batches, model, history):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ntklab.bn import eval_mode
+from ntklab.bn import bn_layers, eval_mode
 
 __all__ = ["Linearized", "Centered"]
 
@@ -106,20 +106,35 @@ class Centered(nn.Module):
     the output is exactly 0. NTK theory predicts this difference, not ``f`` itself, by kernel
     regression (Tsilivis & Kempe 2022, appendix C: "we subtract the initial prediction"). Input
     (N, ...) as ``model`` takes it; output (N, k). Chapter 7.
+
+    ``frozen_bn=True`` keeps the batch-norm layers of ``net`` in eval mode whatever the wrapper's
+    mode (running statistics of the start, never updated), as Loo et al.'s phase 2 does for its
+    nonlinear centred control (``--do_standard_second --centering``, frozen BN by default): the
+    network then differs from :class:`Linearized` around the same start only by its nonlinearity
+    in the parameters. Chapter 8.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, frozen_bn: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if frozen_bn not in (True, False):
+            raise ValueError(f"frozen_bn must be True or False, got {frozen_bn!r}")
         self.net = model
+        self.frozen_bn = frozen_bn
         self.reference = copy.deepcopy(model).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
+        if frozen_bn:
+            for m in bn_layers(self.net):
+                m.eval()
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.reference.eval()
+        if self.frozen_bn:
+            for m in bn_layers(self.net):
+                m.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -166,3 +166,89 @@ def test_rejects_bad_models():
         Linearized(frozen)
     with pytest.raises(ValueError, match="nn.Module"):
         Centered("net")
+
+
+def test_centered_with_frozen_batch_norm():
+    torch.manual_seed(0)
+    mean, std = ntklab.data.stats("mnist5k")
+    net = SmallCNN(width=4, mean=mean, std=std)
+    x = ntklab.data.load("mnist5k", "train").tensors[0][:32]
+    with torch.no_grad():
+        net.train()(x)
+    net.eval()
+    model = Centered(net, frozen_bn=True)
+    buffers = [b.clone() for b in model.net.buffers()]
+    model.train()
+    assert all(not m.training for m in ntklab.bn.bn_layers(model.net)) and model.net.training
+    assert float(model(x).detach().abs().max()) == 0.0              # running statistics, not the batch's
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    F.cross_entropy(model(x), torch.arange(32) % 10).backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.net.buffers()))
+    assert float(model(x).detach().abs().max()) > 0
+    free = Centered(copy.deepcopy(net).eval())                   # default: as before, the net's own modes
+    assert not free.net.training
+    free.train()
+    assert all(m.training for m in ntklab.bn.bn_layers(free.net))
+    with pytest.raises(ValueError, match="frozen_bn"):
+        Centered(net, frozen_bn="yes")
+
+
+def _decisions(net, x):
+    """The piecewise choices of a ReLU/max-pool network on x: every ReLU's sign and, in every
+    max-pool window whose maximum is positive (windows of ReLU zeros are ties, harmless), where
+    the maximum is."""
+    out = []
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.MaxPool2d):
+            values, where = F.max_pool2d(args[0], module.kernel_size, module.stride, return_indices=True)
+            out.append(torch.where(values > 0, where, -1))
+        else:
+            out.append(output > 0)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.MaxPool2d))]
+    with torch.no_grad():
+        net(x)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_finite_differences_of_a_relu_network_agree_unless_a_kink_is_crossed():
+    """Float64, SmallCNN (ReLU and max-pooling): the linearised model's slope J_t v against the
+    central difference (f(theta + h v) - f(theta - h v)) / 2h. A ReLU network is smooth in theta
+    between kinks, so the two agree to rounding exactly when no ReLU changes sign and no max-pool
+    window changes its maximum between theta - h v and theta + h v; a crossed kink (as on seed 4
+    with h = 1e-6: two entries of one pooling window closer than the step) makes the difference a
+    mixture of two slopes, with a relative error of order 1e-3."""
+    x32 = ntklab.data.load("mnist5k", "train").tensors[0][:256]
+    x = x32[:8].double()
+    mean, std = ntklab.data.stats("mnist5k")
+    crossed = []
+    for seed in range(6):                       # built as the chapter's first cells build theirs
+        torch.manual_seed(seed)
+        net = SmallCNN(width=4, mean=mean, std=std)
+        with torch.no_grad():
+            net.train()(x32)
+        net.eval()
+        v = [(0.01 * torch.randn_like(p)).double() / 0.01 for p in net.parameters()]
+        net = net.double()
+        h = 1e-6
+        plus, minus = copy.deepcopy(net), copy.deepcopy(net)
+        with torch.no_grad():
+            for p_plus, p_minus, d in zip(plus.parameters(), minus.parameters(), v):
+                p_plus.add_(h * d)
+                p_minus.sub_(h * d)
+            fd = (plus(x) - minus(x)) / (2 * h)
+        lin = Linearized(net)
+        _shift(lin, v, h)
+        with torch.no_grad():
+            slope = (lin(x) - net(x)) / h
+        error = float((fd - slope).abs().max() / slope.abs().max())
+        kink = any(not torch.equal(a, b) for a, b in zip(_decisions(plus, x), _decisions(minus, x)))
+        assert kink or error < 1e-8, (seed, error)
+        crossed.append((seed, kink, error))
+    assert any(not kink for _, kink, _ in crossed)
+    seed4 = crossed[4]
+    assert seed4[1] and seed4[2] > 1e-5, seed4             # the failure a reader saw: a max-pool kink
