@@ -50,11 +50,9 @@ def test_equals_the_model_at_theta_t(cnn64):
     assert float(centred(x).detach().abs().max()) == 0.0
 
 
-def test_matches_finite_differences_of_the_model(smooth64):
-    net, x = smooth64
-    torch.manual_seed(1)
-    direction = [torch.randn_like(p) for p in net.parameters()]
-    h = 1e-5
+def _difference_and_slope(net, x, direction, h):
+    """The central difference of the network along ``direction`` (step ``h``), the slope of its
+    linearisation along it, and the two shifted networks."""
     plus, minus = copy.deepcopy(net), copy.deepcopy(net)
     with torch.no_grad():
         for p_plus, p_minus, v in zip(plus.parameters(), minus.parameters(), direction):
@@ -65,6 +63,14 @@ def test_matches_finite_differences_of_the_model(smooth64):
     _shift(lin, direction, h)
     with torch.no_grad():
         slope = (lin(x) - net(x)) / h
+    return fd, slope, plus, minus
+
+
+def test_matches_finite_differences_of_the_model(smooth64):
+    net, x = smooth64
+    torch.manual_seed(1)
+    direction = [torch.randn_like(p) for p in net.parameters()]
+    fd, slope, _, _ = _difference_and_slope(net, x, direction, 1e-5)
     assert torch.allclose(slope, fd, rtol=1e-5, atol=1e-7 * float(fd.abs().max()))
     # and it is linear: the centred output scales exactly with the step
     centred = Linearized(net, centered=True)
@@ -234,17 +240,7 @@ def test_finite_differences_of_a_relu_network_agree_unless_a_kink_is_crossed():
         net.eval()
         v = [(0.01 * torch.randn_like(p)).double() / 0.01 for p in net.parameters()]
         net = net.double()
-        h = 1e-6
-        plus, minus = copy.deepcopy(net), copy.deepcopy(net)
-        with torch.no_grad():
-            for p_plus, p_minus, d in zip(plus.parameters(), minus.parameters(), v):
-                p_plus.add_(h * d)
-                p_minus.sub_(h * d)
-            fd = (plus(x) - minus(x)) / (2 * h)
-        lin = Linearized(net)
-        _shift(lin, v, h)
-        with torch.no_grad():
-            slope = (lin(x) - net(x)) / h
+        fd, slope, plus, minus = _difference_and_slope(net, x, v, 1e-6)
         error = float((fd - slope).abs().max() / slope.abs().max())
         kink = any(not torch.equal(a, b) for a, b in zip(_decisions(plus, x), _decisions(minus, x)))
         assert kink or error < 1e-8, (seed, error)
