@@ -70,7 +70,8 @@ def test_matches_finite_differences_of_the_model(smooth64):
     net, x = smooth64
     torch.manual_seed(1)
     direction = [torch.randn_like(p) for p in net.parameters()]
-    fd, slope, _, _ = _difference_and_slope(net, x, direction, 1e-5)
+    h = 1e-5
+    fd, slope, _, _ = _difference_and_slope(net, x, direction, h)
     assert torch.allclose(slope, fd, rtol=1e-5, atol=1e-7 * float(fd.abs().max()))
     # and it is linear: the centred output scales exactly with the step
     centred = Linearized(net, centered=True)
@@ -79,6 +80,8 @@ def test_matches_finite_differences_of_the_model(smooth64):
     _shift(centred, direction, 2.0)
     assert torch.allclose(centred(x), 3 * out1, rtol=1e-10, atol=1e-12)
     # the uncentred model is the centred one plus f(x; theta_t)
+    lin = Linearized(net)
+    _shift(lin, direction, h)
     assert torch.allclose(lin(x), net(x) + h * out1, rtol=1e-10, atol=1e-12)
 
 
