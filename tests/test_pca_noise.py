@@ -186,16 +186,25 @@ def test_training_with_fgsm_pca_uses_the_training_images_basis(small_train):
 
 def test_attack_kwargs_reach_the_attack(small_train, monkeypatch):
     seen = []
-    real = attacks.fgsm_aniso
+    real = attacks.fgsm_logscale
 
     def spy(*args, **kw):
         seen.append({k: kw[k] for k in ("low", "high")})
         return real(*args, **kw)
 
-    monkeypatch.setattr(attacks, "fgsm_aniso", spy)
-    fit(small_train, strategy="fgsm_aniso", attack_kwargs={"low": 0.5, "high": 0.9})
+    monkeypatch.setattr(attacks, "fgsm_logscale", spy)
+    fit(small_train, strategy="fgsm_logscale", attack_kwargs={"low": 0.5, "high": 0.9})
     # the check of attack_kwargs before the first epoch (one attack on two images), then 128 images in batches of 64
     assert seen == [{"low": 0.5, "high": 0.9}] * 3
+
+
+def test_deprecated_strategy_fgsm_aniso_trains_as_fgsm_logscale(small_train):
+    """The old strategy name is accepted, warns, and trains exactly the fgsm_logscale run."""
+    new, _ = fit(small_train, strategy="fgsm_logscale")
+    with pytest.warns(DeprecationWarning, match="'fgsm_aniso' is deprecated"):
+        old, _ = fit(small_train, strategy="fgsm_aniso")
+    for (k, a), b in zip(new.state_dict().items(), old.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_attack_kwargs_checks(small_train, tmp_path):
