@@ -219,7 +219,7 @@ def test_overfitting_paper_code_path(paper_profile, monkeypatch):
 # ------------------------------------------------------------------ settings, analysis, claims
 def test_settings_are_frozen_and_follow_the_profiles(paper_profile):
     quick = co.Settings.for_profile(get_profile("quick"))
-    assert (quick.n_seeds, quick.co_robust, quick.co_floor) == (3, 0.3, 0.1)
+    assert (quick.n_seeds, quick.co_robust, quick.co_floor) == (3, 0.25, 0.1)
     assert quick.final_steps == get_profile("quick").eval_pgd_steps
     with pytest.raises(dataclasses.FrozenInstanceError):
         quick.epochs = 7
