@@ -244,24 +244,26 @@ def test_basis_by_hand_on_the_whole_training_set():
 
 
 def test_uniform_and_log_uniform_noise_are_isotropic_in_covariance(trained_cnn, images):
-    """The noises of FGSM-RS and fgsm_aniso, drawn through the attacks as chapter 6 draws them (3000
-    draws at eps 0.3): the effective rank of their covariance is above 0.8 d (isotropic noise gives
-    a little less than d from finitely many draws, Marchenko-Pastur), that of fgsm_pca's far below;
-    FGSM-RS's root mean square is eps / sqrt(3) (uniform on [-eps, eps]), fgsm_aniso's that of
-    s z projected to [-1, 1] (by Monte Carlo)."""
+    """The noises of chapter 6, drawn through the attacks as the chapter draws them (3000 draws at
+    eps 0.3): the effective rank of the covariance of the uniform, log-uniform-scale and Gaussian
+    noises is above 0.8 d (isotropic noise gives a little less than d from finitely many draws,
+    Marchenko-Pastur), that of fgsm_pca's far below and that of fgsm_pca with its floor in between;
+    FGSM-RS's root mean square is eps / sqrt(3) (uniform on [-eps, eps]), fgsm_logscale's that of
+    s z projected to [-1, 1] (by Monte Carlo), and the Gaussian control's the same."""
     from ntklab.experiments import overfitting as co
 
     starts = co.noise_starts(trained_cnn, images, 0.3, 3000, seed=0)
     assert set(starts) == set(co.NOISES) and starts["fgsm_pca"].shape == (3000, 1, 28, 28)
     stats = co.noise_statistics(starts, 0.3)
     d = 784
-    for m in ("fgsm_rs", "n_fgsm", "fgsm_aniso"):
+    for m in ("fgsm_rs", "n_fgsm", "fgsm_logscale", "gauss"):
         assert stats[m]["erank"] > co.ISOTROPIC_ABOVE * d, (m, stats[m])
-    assert stats["fgsm_pca"]["erank"] < 0.2 * d
+    assert stats["fgsm_pca"]["erank"] < 0.2 * d < stats["pca_floor"]["erank"] < co.ISOTROPIC_ABOVE * d
     assert stats["fgsm_rs"]["rms"] == pytest.approx(3 ** -0.5, rel=0.01)
     rng = np.random.default_rng(0)     # sqrt E[clip(s z, -1, 1)^2], log s uniform on [-3, 0], z ~ N(0, 1)
     clipped = np.clip(np.exp(rng.uniform(-3, 0, 10**6)) * rng.standard_normal(10**6), -1, 1)
-    assert stats["fgsm_aniso"]["rms"] == pytest.approx(np.sqrt(np.mean(clipped ** 2)), rel=0.01)
+    assert stats["fgsm_logscale"]["rms"] == pytest.approx(np.sqrt(np.mean(clipped ** 2)), rel=0.01)
+    assert stats["gauss"]["rms"] == pytest.approx(stats["fgsm_logscale"]["rms"], rel=0.02)
     # reproducible by seed, and the seed matters
     again = co.noise_starts(trained_cnn, images, 0.3, 10, seed=0)
     assert torch.equal(again["fgsm_rs"], starts["fgsm_rs"][:10])
