@@ -3,11 +3,11 @@
 * :func:`fgsm` — Goodfellow et al. 2015, one signed step of ``eps`` from ``x``;
 * :func:`fgsm_rs` — Wong et al. 2020 ("Fast is better than free"): uniform start, step ``1.25 eps``;
 * :func:`n_fgsm` — de Jorge et al. 2022 (N-FGSM): larger uniform noise, no projection;
-* :func:`fgsm_aniso` — FGSM after anisotropic Gaussian noise, our construction of the fix of
-  Li et al., arXiv 2312.02236 (catastrophic overfitting);
-* :func:`fgsm_pca` — FGSM after Gaussian noise whose covariance is the training images' own
-  (:func:`ntklab.noise.pca_noise_basis`, :func:`ntklab.noise.pca_noise`, importable from here too):
-  the book's data-derived anisotropic noise;
+* :func:`fgsm_logscale` — FGSM after Gaussian noise with a log-uniform random scale per pixel (the
+  book's construction, chapter 6; isotropic in covariance); :func:`fgsm_aniso` is its deprecated name;
+* :func:`fgsm_pca` — FGSM after Gaussian noise whose covariance is the training images' own, plus an
+  optional isotropic floor (:func:`ntklab.noise.pca_noise_basis`, :func:`ntklab.noise.pca_noise`,
+  importable from here too): the book's data-derived anisotropic noise;
 * :func:`pgd` — Madry et al. 2018, PGD-k with random start and restarts;
 * :func:`trades_loss` — Zhang et al. 2019, the TRADES training loss and its adversarial examples;
 * :func:`adversarial_examples` — any of :data:`ATTACKS` by name (the training loop uses it).
@@ -35,6 +35,7 @@ chapter 4 uses :func:`trades_loss`; chapter 6 compares the single-step variants.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -48,10 +49,13 @@ from ntklab.noise import check_basis, pca_noise, pca_noise_basis
 
 _number, _count = _checks.number, _checks.count
 
-__all__ = ["fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pca_noise_basis", "pca_noise", "pgd",
-           "pgd_alpha", "trades_loss", "adversarial_examples", "attack_mode", "ATTACKS", "BN_MODES"]
+__all__ = ["fgsm", "fgsm_rs", "n_fgsm", "fgsm_logscale", "fgsm_aniso", "fgsm_pca", "pca_noise_basis", "pca_noise", "pgd",
+           "pgd_alpha", "trades_loss", "adversarial_examples", "attack_mode", "ATTACKS", "DEPRECATED", "BN_MODES"]
 
-ATTACKS = ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd")
+ATTACKS = ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_logscale", "fgsm_pca", "pgd")
+#: Old attack names that :func:`adversarial_examples` still accepts, with a ``DeprecationWarning``,
+#: and the attack each now means.
+DEPRECATED = {"fgsm_aniso": "fgsm_logscale"}
 
 
 # ------------------------------------------------------------------ shared machinery
@@ -223,39 +227,41 @@ def n_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                         in_ball=False)
 
 
-def fgsm_aniso(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-               alpha: float | None = None, low: float = math.exp(-3), high: float = 1.0,
-               bn_mode: str = "eval", generator=None) -> torch.Tensor:
-    r"""FGSM after anisotropic Gaussian noise: our construction of the fix for catastrophic
-    overfitting proposed by Li et al., arXiv 2312.02236 ("Rethinking adversarial training with
-    neural tangent kernel", section on catastrophic overfitting).
+def fgsm_logscale(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                  alpha: float | None = None, low: float = math.exp(-3), high: float = 1.0,
+                  bn_mode: str = "eval", generator=None) -> torch.Tensor:
+    r"""FGSM after Gaussian noise with a log-uniform random scale per pixel: the book's own
+    construction (chapter 6), formerly called ``fgsm_aniso``.
 
-    Distance: L-inf. The paper's exact construction is not available to us; this one is our
-    documented choice (the one measured in the pilot runs). For every example and every pixel
-    independently, and afresh at every call (every mini-batch), draw a standard deviation
-    ``sigma = s * eps`` with ``log s`` uniform in ``[log low, log high]``; start at
-    ``x + sigma * z``, ``z ~ N(0, 1)``, clipped to the eps-ball and to [0, 1]; take one signed
-    step of ``alpha``; project back to the eps-ball and to [0, 1].
+    Distance: L-inf. For every example and every pixel independently, and afresh at every call
+    (every mini-batch), draw a standard deviation ``sigma = s * eps`` with ``log s`` uniform in
+    ``[log low, log high]``; start at ``x + sigma * z``, ``z ~ N(0, 1)``, clipped to the eps-ball and
+    to [0, 1]; take one signed step of ``alpha``; project back to the eps-ball and to [0, 1].
 
-    Why anisotropic: the noise has a different scale along every pixel direction (with the
-    defaults the per-pixel scales span a factor e^3, about 20), so its covariance
-    ``diag(sigma^2)`` is far from a multiple of the identity. FGSM-RS (:func:`fgsm_rs`) draws the
-    same uniform law along every direction (isotropic). The log-uniform scale law, the Gaussian,
-    the per-pixel-per-example draw and the clipping are our choices, not the paper's.
+    What it is not: anisotropic. Each draw has very unequal per-pixel magnitudes (with the defaults
+    the scales span a factor e^3, about 20), but the scales are independent of the pixel and drawn
+    afresh, so the noise's covariance is ``eps^2 E[s^2] I`` before clipping (chapter 6, exercise 1):
+    a multiple of the identity, like FGSM-RS's uniform noise (:func:`fgsm_rs`). What differs from
+    FGSM-RS is the law of each coordinate (heavy-tailed, mostly small) and the step (``eps``, not
+    ``1.25 eps``). Li et al. (arXiv 2312.02236) propose "anisotropic noise" against catastrophic
+    overfitting, but their construction could not be recovered: this one is not theirs. The
+    log-uniform scale law, the Gaussian, the per-pixel-per-example draw and the clipping are the
+    book's choices (the one measured in the pilot runs).
 
     Arguments:
         model, x, y, bn_mode: as in :func:`fgsm`.
         eps (float): L-inf radius, >= 0.
         alpha (float): step size, > 0 (default ``eps``).
         low, high (float): range of the per-pixel scale ``s``, ``0 < low <= high``
-            (default ``e^-3`` and 1).
+            (default ``e^-3`` and 1; ``low == high == s`` gives isotropic Gaussian noise of standard
+            deviation ``s * eps``, clipped).
         generator (torch.Generator, optional): for the noise (on x's device).
 
     Returns (N, C, H, W) in [0, 1], ``||x' - x||_inf <= eps``. Chapter 6.
 
     Example::
 
-        >>> x_adv = ntklab.attacks.fgsm_aniso(model, x, y, eps=0.3)
+        >>> x_adv = ntklab.attacks.fgsm_logscale(model, x, y, eps=0.3)
     """
     def setup(x):
         lo, hi = _number("low", low, positive=True), _number("high", high, positive=True)
@@ -272,12 +278,24 @@ def fgsm_aniso(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     return _single_step(model, x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, setup=setup)
 
 
+def _deprecated(old: str) -> None:
+    warnings.warn(f"the attack {old!r} is deprecated: it is {DEPRECATED[old]!r} (log-uniform per-pixel "
+                  "scales, isotropic in covariance); use that name", DeprecationWarning, stacklevel=3)
+
+
+def fgsm_aniso(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> torch.Tensor:
+    """Deprecated name of :func:`fgsm_logscale` (the same attack, same arguments): emits a
+    ``DeprecationWarning``. The old name promised anisotropic noise, which this is not."""
+    _deprecated("fgsm_aniso")
+    return fgsm_logscale(model, x, y, **kw)
+
+
 def fgsm_pca(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
              basis: torch.Tensor | None = None, alpha: float | None = None, scale: float = 1.0,
-             bn_mode: str = "eval", generator=None) -> torch.Tensor:
+             floor: float = 0.0, bn_mode: str = "eval", generator=None) -> torch.Tensor:
     r"""FGSM after Gaussian noise with the data's covariance: the book's data-derived anisotropic
-    noise against catastrophic overfitting (chapter 6), a second construction of the fix that Li et
-    al. (arXiv 2312.02236) propose, next to :func:`fgsm_aniso`.
+    noise against catastrophic overfitting (chapter 6); Li et al. (arXiv 2312.02236) propose
+    "anisotropic noise" without a construction that could be recovered, so this one is the book's.
 
     Distance: L-inf. Draw, afresh at every call (every mini-batch), ``delta = scale * eps * z @ B``
     with ``B = basis`` from :func:`pca_noise_basis` (:func:`pca_noise`): a Gaussian whose
@@ -288,7 +306,11 @@ def fgsm_pca(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     Why anisotropic, and why from the data: the noise concentrates on the few directions along which
     the images vary (on MNIST the top 10 principal directions hold about half the pixel variance) and
     vanishes on the pixels that are constant across the data, whereas FGSM-RS (:func:`fgsm_rs`) draws
-    the same law along every direction and :func:`fgsm_aniso` draws per-pixel scales at random. The
+    the same law along every direction and :func:`fgsm_logscale` draws per-pixel scales at random
+    (both isotropic in covariance). ``floor > 0`` adds independent isotropic Gaussian noise of
+    standard deviation ``floor * eps`` per pixel (covariance ``Sigma + tau I`` up to the common factor,
+    ``tau = floor^2``): noise on every pixel, still anisotropic, the control that separates the
+    noise's shape from its support. The
     Gaussian, the scaling by the largest per-pixel deviation and the clipping are our choices.
 
     Arguments:
@@ -298,7 +320,9 @@ def fgsm_pca(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
             ``pca_noise_basis(train_x)`` (moved to x's device and dtype).
         alpha (float): step size, > 0 (default ``eps``).
         scale (float): the noise's largest per-pixel standard deviation in units of eps, >= 0
-            (default 1; 0 gives FGSM with step ``alpha``).
+            (default 1; 0 with ``floor=0`` gives FGSM with step ``alpha``).
+        floor (float): standard deviation of the added isotropic Gaussian noise in units of eps, >= 0
+            (default 0: none, and no random number is drawn for it).
         generator (torch.Generator, optional): for the noise (on x's device).
 
     Returns (N, C, H, W) in [0, 1], ``||x' - x||_inf <= eps``. Chapter 6.
@@ -309,8 +333,15 @@ def fgsm_pca(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         >>> x_adv = ntklab.attacks.fgsm_pca(model, x, y, eps=0.3, basis=basis)
     """
     def setup(x):
-        s, b = _number("scale", scale), check_basis(basis, x)
-        return lambda x: _project(x, x + s * eps * pca_noise(b, len(x), generator=generator), eps)
+        s, f, b = _number("scale", scale), _number("floor", floor), check_basis(basis, x)
+
+        def start(x):
+            delta = s * eps * pca_noise(b, len(x), generator=generator)
+            if f > 0:
+                delta = delta + f * eps * torch.randn(x.shape, generator=generator, device=x.device,
+                                                      dtype=x.dtype)
+            return _project(x, x + delta, eps)
+        return start
 
     return _single_step(model, x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, setup=setup)
 
@@ -440,12 +471,13 @@ def adversarial_examples(strategy: str, model: nn.Module, x: torch.Tensor, y: to
                          eps: float, alpha: float | None = None, steps: int | None = None,
                          bn_mode: str = "eval", **kw) -> torch.Tensor:
     """Adversarial examples by the attack's name, one of :data:`ATTACKS`:
-    ``"fgsm"``, ``"fgsm_rs"``, ``"n_fgsm"``, ``"fgsm_aniso"``, ``"fgsm_pca"``, ``"pgd"``.
+    ``"fgsm"``, ``"fgsm_rs"``, ``"n_fgsm"``, ``"fgsm_logscale"``, ``"fgsm_pca"``, ``"pgd"``; a name of
+    :data:`DEPRECATED` (``"fgsm_aniso"``) means its new attack and emits a ``DeprecationWarning``.
 
     eps, alpha, bn_mode: passed on (``alpha=None``: the attack's default; ``eps / 4`` for PGD,
     :func:`pgd_alpha`).
     steps: required for ``"pgd"``; the single-step attacks accept only ``None`` or 1.
-    kw: further keyword arguments of the attack (``noise``, ``low``, ``high``, ``basis`` and
+    kw: further keyword arguments of the attack (``noise``, ``low``, ``high``, ``basis``, ``floor`` and
     ``scale`` (``"fgsm_pca"`` needs ``basis``), ``random_start``, ``restarts``, ``generator``). ``"fgsm"`` takes no ``alpha`` (its step is ``eps``): giving one
     raises ``ValueError`` rather than being silently ignored.
 
@@ -453,6 +485,9 @@ def adversarial_examples(strategy: str, model: nn.Module, x: torch.Tensor, y: to
 
         >>> x_adv = ntklab.attacks.adversarial_examples("pgd", model, x, y, eps=0.3, steps=10)
     """
+    if strategy in DEPRECATED:
+        _deprecated(strategy)
+        strategy = DEPRECATED[strategy]
     if strategy not in ATTACKS:
         raise ValueError(f"unknown attack {strategy!r}; valid attacks are: {', '.join(ATTACKS)}")
     if strategy == "pgd":
@@ -466,5 +501,5 @@ def adversarial_examples(strategy: str, model: nn.Module, x: torch.Tensor, y: to
             raise ValueError("'fgsm' takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' "
                              "for another step size")
         return fgsm(model, x, y, eps=eps, bn_mode=bn_mode, **kw)
-    fn = {"fgsm_rs": fgsm_rs, "n_fgsm": n_fgsm, "fgsm_aniso": fgsm_aniso, "fgsm_pca": fgsm_pca}[strategy]
+    fn = {"fgsm_rs": fgsm_rs, "n_fgsm": n_fgsm, "fgsm_logscale": fgsm_logscale, "fgsm_pca": fgsm_pca}[strategy]
     return fn(model, x, y, eps=eps, alpha=alpha, bn_mode=bn_mode, **kw)

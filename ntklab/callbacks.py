@@ -243,6 +243,10 @@ class CatastrophicOverfittingDetector(Callback):
     eps, alpha, steps, restarts, bn_mode: the L-inf PGD (alpha defaults to eps / 4); the model is
         in eval mode for the check.
     drop: the fall in robust accuracy (in [0, 1]) that counts as CO.
+    min_best: a fall counts only once the best robust accuracy so far is at least ``min_best``
+        (default 0: any best). Catastrophic overfitting in the sense of Wong et al. is the loss of a
+        robustness the run had; ``min_best`` above the accuracy of a model that never was robust
+        keeps a run that never got off the ground from being flagged (chapter 6).
     stop: end training after the epoch at which CO is found (Wong et al. then keep the weights of
         the epoch before; here the history and checkpoints make that choice the caller's).
 
@@ -253,9 +257,12 @@ class CatastrophicOverfittingDetector(Callback):
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
                  steps: int = 10, drop: float = 0.2, *, stop: bool = False, restarts: int = 1,
-                 bn_mode: str = "eval"):
+                 bn_mode: str = "eval", min_best: float = 0.0):
         if not 0 < drop <= 1:
             raise ValueError(f"drop must be in (0, 1], got {drop}")
+        if not 0 <= min_best <= 1:
+            raise ValueError(f"min_best must be in [0, 1], got {min_best}")
+        self.min_best = float(min_best)
         self.x, self.y, self.eps, self.steps, self.restarts = x, y, eps, steps, restarts
         self.alpha = attacks.pgd_alpha(eps, alpha)
         self.drop, self.stop, self.bn_mode = drop, stop, bn_mode
@@ -273,7 +280,7 @@ class CatastrophicOverfittingDetector(Callback):
 
     def on_epoch_end(self, epoch, model, history):
         acc = self.robust_accuracy(model)
-        flagged = self.best is not None and acc < self.best - self.drop
+        flagged = self.best is not None and self.best >= self.min_best and acc < self.best - self.drop
         history.log("co_robust_acc", acc)
         history.log("co_flag", flagged)
         if flagged:

@@ -24,6 +24,11 @@ Introduced in chapter 1 (Primer); chapter 3 uses ``bn_mode``, chapter 6 ``worst_
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import re
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -36,7 +41,8 @@ from ntklab import bn as _bn
 from ntklab.config import get_device
 from ntklab.data import as_tensors
 
-__all__ = ["clean_accuracy", "pgd_accuracy", "worst_case_accuracy", "autoattack_accuracy", "robust_flags",
+__all__ = ["clean_accuracy", "pgd_accuracy", "worst_case_accuracy", "autoattack_accuracy", "autoattack_flag",
+           "robust_flags",
            "predict", "craft", "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "fast", "custom")
@@ -239,7 +245,7 @@ def _check_autoattack_classes(version: str, attacks, k: int) -> None:
 
 def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "standard",
                         attacks: Sequence[str] | None = None, n: int | None = None, seed: int = 0,
-                        batch_size: int = 250, device=None) -> float:
+                        batch_size: int = 250, device=None, return_flags: bool = False):
     """Robust accuracy under L-inf AutoAttack (Croce & Hein, ICML 2020), through ``pyautoattack``.
 
     data: TensorDataset or (x, y); x (N, C, H, W) in [0, 1], y (N,) integers.
@@ -261,7 +267,12 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
     0.2.0 a reloaded state does not match its own attack list and returns no labels.
 
     The parameters' ``requires_grad`` flags are switched off during the run (so no parameter
-    gradient is computed or accumulated) and restored after. Returns a float in [0, 1].
+    gradient is computed or accumulated) and restored after. pyautoattack's own checks ("there are
+    N points with zero gradient! ... See flags_doc.md", "it seems to be a randomized defense", ...),
+    which it logs to the ``auto-attack`` logger or raises as warnings, and its printed progress are
+    captured rather than printed: with ``return_flags`` they are returned (:func:`autoattack_flag`
+    reads one), else dropped. Returns a float in [0, 1], or with ``return_flags`` the pair
+    ``(accuracy, flags)``, flags a list of message strings in the order raised.
     Chapter 1 (Primer) introduces it; the headline numbers of chapters 3-6 use it.
     """
     from pyautoattack import AutoAttack
@@ -308,11 +319,54 @@ def autoattack_accuracy(model: nn.Module, data, *, eps: float, version: str = "s
                 aa = AutoAttack(model, norm="Linf", eps=eps, seed=seed, device=device, version=version)
             for attack in (aa.apgd_targeted, aa.fab):  # at most k - 1 target classes, in every version
                 attack.n_target_classes = min(attack.n_target_classes, k - 1)
-            _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+            with _captured_autoattack_flags() as flags:
+                _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
         finally:
             for p, flag in params:
                 p.requires_grad_(flag)
-    return _fraction(y_adv.cpu() == y.cpu())
+    acc = _fraction(y_adv.cpu() == y.cpu())
+    return (acc, list(flags)) if return_flags else acc
+
+
+AUTOATTACK_LOGGER = "auto-attack"
+
+
+@contextlib.contextmanager
+def _captured_autoattack_flags():
+    """Collect pyautoattack's flags (warnings to its logger, ``warnings.warn`` calls) in a list, and
+    swallow its prints, for the duration of the block; the logger's state is restored after."""
+    flags: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                flags.append(record.getMessage())
+
+    logger = logging.getLogger(AUTOATTACK_LOGGER)
+    handler, propagate = _Collect(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("always")
+            yield flags
+        flags.extend(str(w.message) for w in caught)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def autoattack_flag(flags: Sequence[str]) -> dict:
+    """What pyautoattack's flags (from ``autoattack_accuracy(..., return_flags=True)``) say, in the
+    book's words: ``{"zero_gradient_points": the largest N of its "there are N points with zero
+    gradient" checks (0 if none), "other": [every other message]}``. A point with zero input
+    gradient gives the gradient attacks nothing to follow, so their accuracy there is an upper bound
+    only (gradient masking, or a saturated softmax)."""
+    counts, other = [], []
+    for msg in flags:
+        m = re.search(r"there are (\d+) points with zero gradient", msg)
+        (counts.append(int(m.group(1))) if m else other.append(msg))
+    return {"zero_gradient_points": max(counts, default=0), "other": other}
 
 
 # ------------------------------------------------------------------ batch-dependent models (chapter 3)

@@ -29,7 +29,8 @@ def pca_noise_basis(X: torch.Tensor, *, rank: int | None = None) -> torch.Tensor
     ``Sigma_r`` is ``Sigma`` restricted to its top ``r`` eigenvectors (``Sigma`` itself with
     ``rank=None``): it is large where the images vary most and zero along directions in which every
     image is the same (the black border of MNIST digits) -- anisotropic, and shaped by the data rather
-    than by chance as in :func:`ntklab.attacks.fgsm_aniso`. This construction is the book's choice; Li et al.
+    than by chance as in :func:`ntklab.attacks.fgsm_logscale` (whose covariance is a multiple of the
+    identity). This construction is the book's choice; Li et al.
     (arXiv 2312.02236) propose "anisotropic noise" against catastrophic overfitting without a
     construction we could recover.
 

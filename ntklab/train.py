@@ -6,9 +6,11 @@ Strategies (``TrainConfig.strategy``), each a minimisation of the cross-entropy 
 * ``"fgsm"``: FGSM examples from the clean point, step eps (Goodfellow et al. 2015);
 * ``"fgsm_rs"``: FGSM after a uniform random start (Wong et al. 2020, "Fast is better than free");
 * ``"n_fgsm"``: noise plus FGSM without projection (de Jorge et al. 2022);
-* ``"fgsm_aniso"``: FGSM after anisotropic noise (Li et al., arXiv 2312.02236, section 5);
-* ``"fgsm_pca"``: FGSM after Gaussian noise with the training images' covariance (the book's
-  data-derived anisotropic noise, :func:`ntklab.attacks.fgsm_pca`; chapter 6);
+* ``"fgsm_logscale"``: FGSM after Gaussian noise with log-uniform per-pixel scales (the book's
+  construction, isotropic in covariance, :func:`ntklab.attacks.fgsm_logscale`; chapter 6);
+  ``"fgsm_aniso"`` is its deprecated name (accepted, with a ``DeprecationWarning``);
+* ``"fgsm_pca"``: FGSM after Gaussian noise with the training images' covariance, optionally plus an
+  isotropic floor (the book's data-derived anisotropic noise, :func:`ntklab.attacks.fgsm_pca`; chapter 6);
 * ``"pgd"``: PGD-k examples (Madry et al. 2018);
 * ``"trades"``: the TRADES loss, clean cross-entropy plus beta times the KL term (Zhang et al. 2019).
 
@@ -57,7 +59,8 @@ __all__ = ["train", "TrainConfig", "History", "STRATEGIES", "SCHEDULES", "STREAM
            "sgd_step", "Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "CHECKPOINT_NAME",
            "CHECKPOINT_FORMAT"]
 
-STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd", "trades")
+STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_logscale", "fgsm_pca", "pgd", "trades",
+              "fgsm_aniso")   # the last: the deprecated name of "fgsm_logscale"
 SCHEDULES = ("multistep", "cosine", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
 #: The layout of ``checkpoint.pt``. A checkpoint of another format is refused (``ValueError`` saying
@@ -167,8 +170,8 @@ class TrainConfig:
         and TRADES), the TRADES weight, and the BN mode during the attack ("eval" or "train").
     attack_kwargs: further keyword arguments of the attack, passed at every batch to
         :func:`ntklab.attacks.adversarial_examples` (not for ``"normal"`` and ``"trades"``), e.g.
-        ``{"low": 0.1}`` for ``"fgsm_aniso"``, ``{"noise": 0.3}`` for ``"n_fgsm"``, ``{"basis": B,
-        "scale": 0.5}`` for ``"fgsm_pca"``; tensors are moved to the device. ``"fgsm_pca"`` without
+        ``{"low": 0.1}`` for ``"fgsm_logscale"``, ``{"noise": 0.3}`` for ``"n_fgsm"``, ``{"basis": B,
+        "scale": 0.5, "floor": 0.3}`` for ``"fgsm_pca"``; tensors are moved to the device. ``"fgsm_pca"`` without
         a ``"basis"`` uses :func:`ntklab.attacks.pca_noise_basis` of the training images, computed
         once before the first epoch (chapter 6).
     clean_update: in adversarial epochs, give every batch two updates: first on its clean inputs,

@@ -169,7 +169,7 @@ def test_other_dtype(trained_cnn, batch):
 
 def test_generator_makes_random_attacks_reproducible(trained_cnn, batch):
     x, y = batch[0][:16], batch[1][:16]
-    for name in ("fgsm_rs", "n_fgsm", "fgsm_aniso", "fgsm_pca", "pgd"):
+    for name in ("fgsm_rs", "n_fgsm", "fgsm_logscale", "fgsm_pca", "pgd"):
         kw = dict(steps=1, restarts=1) if name == "pgd" else {}
         a = run(name, trained_cnn, x, y, generator=torch.Generator().manual_seed(1), **kw)
         b = run(name, trained_cnn, x, y, generator=torch.Generator().manual_seed(1), **kw)
@@ -177,18 +177,53 @@ def test_generator_makes_random_attacks_reproducible(trained_cnn, batch):
         assert torch.equal(a, b) and not torch.equal(a, c), name
 
 
-def test_fgsm_aniso_noise_is_anisotropic(trained_cnn):
+def test_fgsm_logscale_noise_is_heavy_tailed(trained_cnn):
     """With a negligible step the output is the noisy start: per-pixel scales spread over
-    [e^-3, 1] eps give far more tiny perturbations than one common scale eps does."""
+    [e^-3, 1] eps give far more tiny perturbations than one common scale eps does (the law of
+    each coordinate differs; the covariance is isotropic in both cases, see test_pca_noise.py)."""
     x = torch.full((8, 1, 28, 28), 0.5)
     y = torch.zeros(8, dtype=torch.long)
     g = torch.Generator().manual_seed(0)
-    aniso = attacks.fgsm_aniso(trained_cnn, x, y, eps=EPS, alpha=1e-7, generator=g) - x
-    iso = attacks.fgsm_aniso(trained_cnn, x, y, eps=EPS, alpha=1e-7, low=1.0, high=1.0, generator=g) - x
+    logscale = attacks.fgsm_logscale(trained_cnn, x, y, eps=EPS, alpha=1e-7, generator=g) - x
+    iso = attacks.fgsm_logscale(trained_cnn, x, y, eps=EPS, alpha=1e-7, low=1.0, high=1.0, generator=g) - x
     small = lambda d: (d.abs() < 0.05 * EPS).float().mean().item()
     assert small(iso) < 0.06  # N(0, eps^2): P(|z| < 0.05) = 0.04
-    assert small(aniso) > 2 * small(iso)
-    assert aniso.abs().max() <= EPS + 1e-6
+    assert small(logscale) > 2 * small(iso)
+    assert logscale.abs().max() <= EPS + 1e-6
+
+
+def test_fgsm_aniso_is_a_deprecated_alias_of_fgsm_logscale(trained_cnn, batch):
+    """The old name, as a function and as a name for adversarial_examples, warns and gives exactly
+    fgsm_logscale's examples."""
+    x, y = batch[0][:8], batch[1][:8]
+    want = attacks.fgsm_logscale(trained_cnn, x, y, eps=EPS, low=0.2, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(DeprecationWarning, match="'fgsm_aniso' is deprecated.*'fgsm_logscale'"):
+        old = attacks.fgsm_aniso(trained_cnn, x, y, eps=EPS, low=0.2, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(DeprecationWarning, match="'fgsm_aniso' is deprecated"):
+        named = attacks.adversarial_examples("fgsm_aniso", trained_cnn, x, y, eps=EPS, low=0.2,
+                                             generator=torch.Generator().manual_seed(3))
+    assert torch.equal(old, want) and torch.equal(named, want)
+    assert "fgsm_aniso" not in attacks.ATTACKS and attacks.DEPRECATED == {"fgsm_aniso": "fgsm_logscale"}
+
+
+def test_fgsm_pca_floor_adds_isotropic_noise(trained_cnn):
+    """floor > 0: the start is the basis noise plus floor * eps * N(0, I), drawn in that order from the
+    generator, then clipped; it reaches the pixels the basis leaves at zero. floor = 0 draws nothing more."""
+    x = torch.full((16, 1, 28, 28), 0.5)
+    y = torch.zeros(16, dtype=torch.long)
+    basis = torch.zeros(2, 1, 28, 28)
+    basis[0, 0, 10:18, 10:18], basis[1, 0, 12:16, 12:16] = 1.0, 0.5       # zero outside the centre
+    out = attacks.fgsm_pca(trained_cnn, x, y, eps=EPS, basis=basis, alpha=1e-7, floor=0.3,
+                           generator=torch.Generator().manual_seed(7)) - x
+    g = torch.Generator().manual_seed(7)
+    noise = (torch.randn(16, 2, generator=g) @ basis.flatten(1)).reshape(x.shape)
+    want = torch.clamp(EPS * noise + 0.3 * EPS * torch.randn(x.shape, generator=g), -EPS, EPS)
+    assert torch.allclose(out, want, atol=1e-6)
+    assert out[:, :, :5].abs().min() > 0 and out[:, :, :5].std() == pytest.approx(0.3 * EPS, rel=0.1)
+    none = attacks.fgsm_pca(trained_cnn, x, y, eps=EPS, basis=basis, alpha=1e-7, generator=torch.Generator().manual_seed(7)) - x
+    assert none[:, :, :5].abs().max() < 1e-6
+    with pytest.raises(ValueError, match="floor must be >= 0"):
+        attacks.fgsm_pca(trained_cnn, x, y, eps=EPS, basis=basis, floor=-0.1)
 
 
 # ------------------------------------------------------------------ BN modes
@@ -311,9 +346,9 @@ def test_single_step_specific_checks(trained_cnn, batch):
     with pytest.raises(ValueError, match="noise must be >= 0"):
         attacks.n_fgsm(trained_cnn, *batch, eps=EPS, noise=-0.1)
     with pytest.raises(ValueError, match="low <= high"):
-        attacks.fgsm_aniso(trained_cnn, *batch, eps=EPS, low=0.5, high=0.1)
+        attacks.fgsm_logscale(trained_cnn, *batch, eps=EPS, low=0.5, high=0.1)
     with pytest.raises(ValueError, match="low must be > 0"):
-        attacks.fgsm_aniso(trained_cnn, *batch, eps=EPS, low=0.0)
+        attacks.fgsm_logscale(trained_cnn, *batch, eps=EPS, low=0.0)
     with pytest.raises(ValueError, match="alpha must be > 0"):
         attacks.fgsm_rs(trained_cnn, *batch, eps=EPS, alpha=0)
     with pytest.raises(ValueError, match="beta must be >= 0"):
@@ -326,7 +361,7 @@ def test_every_attack_function_is_listed_in_attacks():
     found = {name for name in attacks.__all__
              if inspect.isfunction(getattr(attacks, name))
              and list(inspect.signature(getattr(attacks, name)).parameters)[:4] == ["model", "x", "y", "eps"]}
-    assert found - {"trades_loss"} == set(attacks.ATTACKS)
+    assert found - {"trades_loss"} - set(attacks.DEPRECATED) == set(attacks.ATTACKS)
     assert all(callable(getattr(attacks, name)) for name in attacks.ATTACKS)
 
 

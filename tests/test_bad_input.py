@@ -269,7 +269,7 @@ class TestTraining:
         (dict(strategy="fgsm", alpha=0.1, steps=None), "'fgsm' takes no alpha"),
         (dict(strategy="fgsm_rs", alpha=None, steps=None, attack_kwargs={"nosie": 0.1}),
          r"attack_kwargs has arguments \['nosie'\] that 'fgsm_rs' does not take; it takes: generator"),
-        (dict(strategy="fgsm_aniso", alpha=None, steps=None, attack_kwargs={"low": -1.0}), "low must be > 0"),
+        (dict(strategy="fgsm_logscale", alpha=None, steps=None, attack_kwargs={"low": -1.0}), "low must be > 0"),
         (dict(strategy="n_fgsm", alpha=None, steps=None, attack_kwargs={"noise": 8}), r"noise must be in \[0, 1\]"),
         (dict(strategy="pgd", attack_kwargs={"restarts": 0}), "restarts must be an integer >= 1"),
     ])

@@ -325,3 +325,49 @@ def test_autoattack_with_fewer_than_ten_classes(k, monkeypatch):
         assert evaluate.autoattack_accuracy(model, (x, y), eps=0.1, version="custom",
                                             attacks=["apgd-ce", "fab-t", "square"]) <= 1
         assert max(targets[-1]) == 1
+
+
+class _FlatForDarkImages(torch.nn.Module):
+    """Logits that do not depend on images of mean brightness below 0.5: zero input gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1, 1, 10))
+        self.b = torch.nn.Parameter(-torch.arange(10.0))          # class 0 wins
+
+    def forward(self, x):
+        return torch.relu(x.flatten(1).mean(1, keepdim=True) - 0.5) * self.w + self.b
+
+
+def test_autoattack_flags_are_captured_not_printed(capsys):
+    """pyautoattack's own check ("there are N points with zero gradient! ... See flags_doc.md")
+    neither prints nor reaches the log handlers; return_flags returns it, autoattack_flag reads it."""
+    pytest.importorskip("pyautoattack")
+    import logging
+
+    x, y = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 0.2, torch.zeros(6, dtype=torch.long)
+    model = _FlatForDarkImages().eval()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            acc, flags = evaluate.autoattack_accuracy(model, (x, y), eps=0.1, version="custom",
+                                                      attacks=["apgd-dlr"], return_flags=True)
+            plain = evaluate.autoattack_accuracy(model, (x, y), eps=0.1, version="custom", attacks=["apgd-dlr"])
+    finally:
+        logging.getLogger().removeHandler(handler)
+    out = capsys.readouterr()
+    assert acc == plain == 1.0                      # nothing to follow: every point stays correct
+    assert any("there are 6 points with zero gradient" in f and "flags_doc.md" in f for f in flags), flags
+    assert "zero gradient" not in out.out + out.err and not seen
+    assert not [w for w in record if "zero gradient" in str(w.message)]
+    assert logging.getLogger(evaluate.AUTOATTACK_LOGGER).propagate
+    assert evaluate.autoattack_flag(flags) == {"zero_gradient_points": 6, "other": [
+        f for f in flags if "zero gradient" not in f]}
+    assert evaluate.autoattack_flag([]) == {"zero_gradient_points": 0, "other": []}
+    assert evaluate.autoattack_flag(["there are 2 points with zero gradient! x", "there are 5 points with "
+                                     "zero gradient! y", "it seems to be a randomized defense!"]) == {
+        "zero_gradient_points": 5, "other": ["it seems to be a randomized defense!"]}

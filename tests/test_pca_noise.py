@@ -186,16 +186,25 @@ def test_training_with_fgsm_pca_uses_the_training_images_basis(small_train):
 
 def test_attack_kwargs_reach_the_attack(small_train, monkeypatch):
     seen = []
-    real = attacks.fgsm_aniso
+    real = attacks.fgsm_logscale
 
     def spy(*args, **kw):
         seen.append({k: kw[k] for k in ("low", "high")})
         return real(*args, **kw)
 
-    monkeypatch.setattr(attacks, "fgsm_aniso", spy)
-    fit(small_train, strategy="fgsm_aniso", attack_kwargs={"low": 0.5, "high": 0.9})
+    monkeypatch.setattr(attacks, "fgsm_logscale", spy)
+    fit(small_train, strategy="fgsm_logscale", attack_kwargs={"low": 0.5, "high": 0.9})
     # the check of attack_kwargs before the first epoch (one attack on two images), then 128 images in batches of 64
     assert seen == [{"low": 0.5, "high": 0.9}] * 3
+
+
+def test_deprecated_strategy_fgsm_aniso_trains_as_fgsm_logscale(small_train):
+    """The old strategy name is accepted, warns, and trains exactly the fgsm_logscale run."""
+    new, _ = fit(small_train, strategy="fgsm_logscale")
+    with pytest.warns(DeprecationWarning, match="'fgsm_aniso' is deprecated"):
+        old, _ = fit(small_train, strategy="fgsm_aniso")
+    for (k, a), b in zip(new.state_dict().items(), old.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_attack_kwargs_checks(small_train, tmp_path):
@@ -235,24 +244,26 @@ def test_basis_by_hand_on_the_whole_training_set():
 
 
 def test_uniform_and_log_uniform_noise_are_isotropic_in_covariance(trained_cnn, images):
-    """The noises of FGSM-RS and fgsm_aniso, drawn through the attacks as chapter 6 draws them (3000
-    draws at eps 0.3): the effective rank of their covariance is above 0.8 d (isotropic noise gives
-    a little less than d from finitely many draws, Marchenko-Pastur), that of fgsm_pca's far below;
-    FGSM-RS's root mean square is eps / sqrt(3) (uniform on [-eps, eps]), fgsm_aniso's that of
-    s z projected to [-1, 1] (by Monte Carlo)."""
+    """The noises of chapter 6, drawn through the attacks as the chapter draws them (3000 draws at
+    eps 0.3): the effective rank of the covariance of the uniform, log-uniform-scale and Gaussian
+    noises is above 0.8 d (isotropic noise gives a little less than d from finitely many draws,
+    Marchenko-Pastur), that of fgsm_pca's far below and that of fgsm_pca with its floor in between;
+    FGSM-RS's root mean square is eps / sqrt(3) (uniform on [-eps, eps]), fgsm_logscale's that of
+    s z projected to [-1, 1] (by Monte Carlo), and the Gaussian control's the same."""
     from ntklab.experiments import overfitting as co
 
     starts = co.noise_starts(trained_cnn, images, 0.3, 3000, seed=0)
     assert set(starts) == set(co.NOISES) and starts["fgsm_pca"].shape == (3000, 1, 28, 28)
     stats = co.noise_statistics(starts, 0.3)
     d = 784
-    for m in ("fgsm_rs", "n_fgsm", "fgsm_aniso"):
+    for m in ("fgsm_rs", "n_fgsm", "fgsm_logscale", "gauss"):
         assert stats[m]["erank"] > co.ISOTROPIC_ABOVE * d, (m, stats[m])
-    assert stats["fgsm_pca"]["erank"] < 0.2 * d
+    assert stats["fgsm_pca"]["erank"] < 0.2 * d < stats["pca_floor"]["erank"] < co.ISOTROPIC_ABOVE * d
     assert stats["fgsm_rs"]["rms"] == pytest.approx(3 ** -0.5, rel=0.01)
     rng = np.random.default_rng(0)     # sqrt E[clip(s z, -1, 1)^2], log s uniform on [-3, 0], z ~ N(0, 1)
     clipped = np.clip(np.exp(rng.uniform(-3, 0, 10**6)) * rng.standard_normal(10**6), -1, 1)
-    assert stats["fgsm_aniso"]["rms"] == pytest.approx(np.sqrt(np.mean(clipped ** 2)), rel=0.01)
+    assert stats["fgsm_logscale"]["rms"] == pytest.approx(np.sqrt(np.mean(clipped ** 2)), rel=0.01)
+    assert stats["gauss"]["rms"] == pytest.approx(stats["fgsm_logscale"]["rms"], rel=0.02)
     # reproducible by seed, and the seed matters
     again = co.noise_starts(trained_cnn, images, 0.3, 10, seed=0)
     assert torch.equal(again["fgsm_rs"], starts["fgsm_rs"][:10])
