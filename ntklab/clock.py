@@ -9,8 +9,9 @@ records both for every interval of :func:`ntklab.train.train` (``History.time_*`
 ``History.time_*_cpu``). On a GPU the wall time of an interval comes from CUDA events read once per
 :meth:`Clock.collect`, so timing costs no host synchronisation per batch; its CPU time is the host's.
 
-:func:`step_cost` measures what one training step of several methods costs, interleaved so that
-other work on the machine disturbs every method alike (chapters 5 and 6).
+:func:`step_cost` measures what one step of several methods costs, interleaved so that
+other work on the machine disturbs every method alike (chapters 5 and 6); :func:`ntklab.train.training_step_costs`
+uses it for the training steps of :func:`ntklab.train.train`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 from ntklab import _checks
 
-__all__ = ["Clock", "step_cost", "training_step_costs"]
+__all__ = ["Clock", "step_cost"]
 
 
 class Clock:
@@ -121,48 +122,3 @@ def step_cost(steps: Mapping[str, Callable[[], object]], *, rounds: int = 3, bat
     if per_round:
         return times
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def training_step_costs(model: torch.nn.Module, batches, configs: Mapping[str, object], *, rounds: int = 3,
-                        device=None, per_round: bool = False) -> dict:
-    """Seconds per batch of one training step of each config, as :func:`ntklab.train.train` takes
-    it (train mode; the strategy's attack, then the SGD update), measured interleaved by
-    :func:`step_cost`.
-
-    model: the initial network (each config trains its own copy of it, with its own SGD optimiser).
-    batches: a list of ``(x, y)`` training batches; every round gives each config all of them once.
-    configs: ``{name: TrainConfig}`` (e.g. ``TrainConfig.from_profile(profile, "pgd")``): the
-        strategy, its attack (eps, alpha, steps, BN mode) and the optimiser's settings are used.
-    rounds, device, per_round: as in :func:`step_cost`.
-
-    Returns ``{name: seconds per batch}`` (or per round, with ``per_round``). Chapter 5 (normal
-    against PGD-k) and chapter 6 can share it.
-    """
-    import copy
-    import itertools
-
-    from ntklab import attacks
-    from ntklab.train import attack_arguments, sgd_step
-
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches must hold at least one (x, y) batch")
-    device = torch.device(device if device is not None else "cpu")
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
-
-    def step(tc):
-        net = copy.deepcopy(model).to(device)
-        opt = torch.optim.SGD(net.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-        kw = attack_arguments(tc.strategy, tc.eps, tc.alpha, tc.steps, tc.attack_bn_mode)
-        cycle = itertools.cycle(batches)
-
-        def one():
-            xb, yb = next(cycle)
-            net.train()
-            if tc.strategy != "normal":
-                xb = attacks.adversarial_examples(tc.strategy, net, xb, yb, **kw)
-            sgd_step(net, opt, xb, yb)
-        return one
-
-    return step_cost({name: step(tc) for name, tc in configs.items()}, rounds=rounds, batches=len(batches),
-                     device=device, per_round=per_round)

@@ -40,7 +40,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +50,11 @@ from torch.utils.data import TensorDataset
 from ntklab import _checks, _progress, attacks, bn, evaluate
 from ntklab.bn import eval_mode
 from ntklab.callbacks import AutoSwitch, CatastrophicOverfittingDetector, Callback, KernelSnapshots
-from ntklab.clock import Clock
+from ntklab.clock import Clock, step_cost
 from ntklab.config import get_device
 from ntklab.data import as_tensors, atomic_save, describe_load_error, subset
 
-__all__ = ["train", "TrainConfig", "History", "STRATEGIES", "SCHEDULES", "STREAMS", "LRSchedule", "MultiStepLR",
+__all__ = ["train", "training_step_costs", "TrainConfig", "History", "STRATEGIES", "SCHEDULES", "STREAMS", "LRSchedule", "MultiStepLR",
            "CosineLR", "ConstantLR", "make_schedule", "stream_seed", "attack_arguments", "extra_attack_arguments",
            "sgd_step", "Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "CHECKPOINT_NAME",
            "CHECKPOINT_FORMAT"]
@@ -945,3 +945,45 @@ def _resume(path: Path, run: _Run) -> History:
     for _ in range(len(history)):  # the shuffle stream, past the epochs done
         torch.randperm(len(run.y), generator=run.shuffle)
     return history
+
+
+def training_step_costs(model: torch.nn.Module, batches, configs: Mapping[str, object], *, rounds: int = 3,
+                        device=None, per_round: bool = False) -> dict:
+    """Seconds per batch of one training step of each config, as :func:`ntklab.train.train` takes
+    it (train mode; the strategy's attack, then the SGD update), measured interleaved by
+    :func:`ntklab.clock.step_cost`.
+
+    model: the initial network (each config trains its own copy of it, with its own SGD optimiser).
+    batches: a list of ``(x, y)`` training batches; every round gives each config all of them once.
+    configs: ``{name: TrainConfig}`` (e.g. ``TrainConfig.from_profile(profile, "pgd")``): the
+        strategy, its attack (eps, alpha, steps, BN mode) and the optimiser's settings are used.
+    rounds, device, per_round: as in :func:`ntklab.clock.step_cost`.
+
+    Returns ``{name: seconds per batch}`` (or per round, with ``per_round``). Chapter 5 (normal
+    against PGD-k) and chapter 6 can share it.
+    """
+    import copy
+    import itertools
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches must hold at least one (x, y) batch")
+    device = torch.device(device if device is not None else "cpu")
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+
+    def step(tc):
+        net = copy.deepcopy(model).to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        kw = attack_arguments(tc.strategy, tc.eps, tc.alpha, tc.steps, tc.attack_bn_mode)
+        cycle = itertools.cycle(batches)
+
+        def one():
+            xb, yb = next(cycle)
+            net.train()
+            if tc.strategy != "normal":
+                xb = attacks.adversarial_examples(tc.strategy, net, xb, yb, **kw)
+            sgd_step(net, opt, xb, yb)
+        return one
+
+    return step_cost({name: step(tc) for name, tc in configs.items()}, rounds=rounds, batches=len(batches),
+                     device=device, per_round=per_round)

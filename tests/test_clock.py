@@ -66,8 +66,7 @@ def test_step_cost_per_round():
 def test_training_step_costs_time_the_steps_of_train():
     """One step of each config on its own copy of the model: PGD-3 (three attack passes and the
     update) costs more than a normal step; the model itself is not trained."""
-    from ntklab.clock import training_step_costs
-    from ntklab.train import TrainConfig
+    from ntklab.train import TrainConfig, training_step_costs
 
     torch.manual_seed(0)
     model = SmallCNN(width=4)

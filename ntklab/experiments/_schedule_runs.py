@@ -310,10 +310,10 @@ def _evaluate(st, config, label, model, history, test, probe_x, device) -> dict:
 
 def _step_costs(st, train_set, device) -> dict:
     """Seconds per batch of a normal, a PGD-k and an FGSM-RS training step in every round
-    (:func:`ntklab.clock.training_step_costs`, on copies of one initialisation)."""
+    (:func:`ntklab.train.training_step_costs`, on copies of one initialisation)."""
     import torch
 
-    from ntklab.clock import training_step_costs
+    from ntklab.train import training_step_costs
 
     cp = st.profile
     x, y = train_set.tensors

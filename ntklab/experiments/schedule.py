@@ -33,7 +33,7 @@ Every model gets its clean accuracy and, per test image, whether it survives bot
 APGD-CE (AutoAttack's first attack, ``autoattack_accuracy(version="custom")``) on
 ``Settings.autoattack_n`` images. The cost of every run is measured in process-CPU seconds of its
 training steps, per epoch (:class:`ntklab.clock.Clock`; the chapter runs with one thread); after the
-runs, :func:`ntklab.clock.training_step_costs` measures one training step of each method on the
+runs, :func:`ntklab.train.training_step_costs` measures one training step of each method on the
 same batches, interleaved over ``Settings.cost_rounds`` rounds.
 
 The result (a dict, cached by config and package version): ``config``, ``seeds``, ``grid``,
