@@ -49,3 +49,82 @@ def setup(app):
     app.add_config_value(SETTING, "", "html")
     app.connect("config-inited", _apply)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+# --- the chapters' prerequisites (the intro's dependency graph) ---
+#: The title of the admonition that opens every chapter: what it teaches and what it assumes.
+OBJECTIVES_TITLE = "Objectives and prerequisites"
+_BEFORE = "**Chapters before this one:**"
+
+
+def chapters(root) -> list[str]:
+    """The chapter notebooks of the book at ``root``, in ``_toc.yml`` order: paths relative to
+    ``root`` without suffix (``"book/primer"``), for every toc entry that is an ``.ipynb``."""
+    import pathlib
+
+    import yaml
+
+    root = pathlib.Path(root)
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    files = [ch["file"] for part in toc.get("parts", []) for ch in part.get("chapters", [])]
+    return [f for f in files if (root / f"{f}.ipynb").is_file()]
+
+
+def objectives(source: str, *, name: str = "chapter") -> dict:
+    """The objectives admonition of a chapter's first markdown cell ``source``: ``{"learn": [...],
+    "before": [chapter names from its {doc} references], "maths": str}``. Raises ``ValueError``
+    naming ``name`` when the admonition or one of its three parts is missing."""
+    import re
+
+    match = re.search(r"```\{admonition\} " + re.escape(OBJECTIVES_TITLE) + r"\n(.*?)\n```", source, flags=re.S)
+    if not match:
+        raise ValueError(f"{name} does not open with the '{OBJECTIVES_TITLE}' admonition")
+    body = match.group(1)
+    learn = [line[2:].strip() for line in body.splitlines() if line.startswith("- ")]
+    before = [line for line in body.splitlines() if line.startswith(_BEFORE)]
+    maths = [line for line in body.splitlines() if line.startswith("**Mathematics:**")]
+    if "**After this chapter you can**" not in body or not learn:
+        raise ValueError(f"{name}: the admonition lists no objectives ('**After this chapter you can**' and items)")
+    if len(before) != 1 or len(maths) != 1:
+        raise ValueError(f"{name}: the admonition needs one '{_BEFORE}' line and one '**Mathematics:**' line")
+    return {"learn": learn, "before": re.findall(r"\{doc\}`([^`]+)`", before[0]),
+            "maths": maths[0].split(":**", 1)[1].strip()}
+
+
+def book_root(start=None):
+    """The folder holding ``_toc.yml``: ``start`` (default: the current folder) or the nearest of its
+    parents that has one (a chapter executes in ``book/``). ``ValueError`` if there is none."""
+    import pathlib
+
+    start = pathlib.Path(start or pathlib.Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "_toc.yml").is_file():
+            return folder
+    raise ValueError(f"no _toc.yml in {start} or any folder above it: not inside the book")
+
+
+def chapter_prerequisites(root=None) -> dict[str, dict]:
+    """``{chapter: {"title", "number", "before"}}`` for every chapter notebook of the book at ``root``
+    (default: :func:`book_root`; :func:`chapters`), from its objectives admonition (:func:`objectives`); ``before`` holds the
+    chapters it names as prerequisites, as names like ``"primer"``. Raises ``ValueError`` for a
+    chapter without the admonition, a prerequisite that is not a chapter, or one that comes later
+    in the table of contents (the graph must read front to back). Drawn by
+    :func:`ntklab.plots.chapter_graph` in the book's introduction."""
+    import json
+    import pathlib
+
+    root = book_root(root)
+    order = [pathlib.PurePosixPath(f).name for f in chapters(root)]
+    out = {}
+    for number, (name, path) in enumerate(zip(order, chapters(root)), start=1):
+        cells = json.loads((root / f"{path}.ipynb").read_text())["cells"]
+        first = "".join(cells[0]["source"]) if cells and cells[0]["cell_type"] == "markdown" else ""
+        parts = objectives(first, name=f"{name}.ipynb")
+        for p in parts["before"]:
+            if p not in order:
+                raise ValueError(f"{name}.ipynb names {p!r} as a prerequisite, which is not a chapter")
+            if order.index(p) >= order.index(name):
+                raise ValueError(f"{name}.ipynb names {p!r} as a prerequisite, which comes later in the book")
+        title = first.splitlines()[0].lstrip("# ").strip()
+        out[name] = {"title": title, "number": number, "before": parts["before"]}
+    return out

@@ -541,3 +541,59 @@ def auto_switch_curves(analysis: dict, *, ax=None):
     ax.set_title("automatic switch (dots, chosen epoch circled); chapter 4's curve (faint)")
     ax.legend(fontsize=8)
     return ax
+
+
+# --- the introduction: the chapters' dependency graph ---
+__all__ += ["chapter_graph"]
+
+
+def chapter_graph(prerequisites: dict, *, ax=None, width: int = 22):
+    """The chapters as boxes and their prerequisites as arrows, from
+    :func:`ntklab._book.chapter_prerequisites` (``{name: {"title", "number", "before"}}``). A
+    chapter sits one row below its deepest prerequisite, so the graph reads top to bottom; an arrow
+    is drawn only for a prerequisite not already implied through another one (the transitive
+    reduction). Titles are the part before a colon, wrapped at ``width`` characters. Raises
+    ``ValueError`` for a prerequisite that is not in ``prerequisites``, or a cycle. Shown in the
+    book's introduction. Returns the Axes."""
+    import textwrap
+
+    for name, info in prerequisites.items():
+        missing = [p for p in info["before"] if p not in prerequisites]
+        if missing:
+            raise ValueError(f"prerequisites: {name!r} needs {missing[0]!r}, which is not among the chapters")
+    depth: dict[str, int] = {}
+    ancestors: dict[str, set] = {}
+
+    def visit(name, seen=()):
+        if name in seen:
+            raise ValueError(f"prerequisites: {name!r} is its own prerequisite (a cycle)")
+        if name not in depth:
+            before = prerequisites[name]["before"]
+            depth[name] = 1 + max((visit(p, seen + (name,)) for p in before), default=-1)
+            ancestors[name] = set(before).union(*(ancestors[p] for p in before))
+        return depth[name]
+
+    for name in prerequisites:
+        visit(name)
+    rows: dict[int, list[str]] = {}
+    for name in sorted(prerequisites, key=lambda n: prerequisites[n]["number"]):
+        rows.setdefault(depth[name], []).append(name)
+    pos = {n: (i - (len(names) - 1) / 2, -d) for d, names in rows.items() for i, n in enumerate(names)}
+    ax = ax or plt.gca()
+    boxes = {}
+    for name, (x, y) in pos.items():
+        title = prerequisites[name]["title"].split(":")[0]
+        label = textwrap.fill(f"{prerequisites[name]['number']}. {title}", width)
+        boxes[name] = ax.text(x, y, label, ha="center", va="center", fontsize=9,
+                              bbox=dict(boxstyle="round,pad=0.4", fc="#eef3fb", ec="#4a6fa5"))
+    for name, info in prerequisites.items():
+        for p in info["before"]:
+            if any(p in ancestors[q] for q in info["before"] if q != p):
+                continue                                    # implied through another prerequisite
+            ax.annotate("", xy=(0.5, 1), xycoords=boxes[name], xytext=(0.5, 0), textcoords=boxes[p],
+                        arrowprops=dict(arrowstyle="-|>", color="0.35", lw=1.2, shrinkA=4, shrinkB=4))
+    half = max(len(v) for v in rows.values()) / 2
+    ax.set_xlim(-half - 0.1, half + 0.1)
+    ax.set_ylim(-max(rows) - 0.5, 0.5)
+    ax.axis("off")
+    return ax
