@@ -15,7 +15,6 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GUIDE = "book/instructors"
 SECTION = "guide-{}"                        # the MyST target of a chapter's section: (guide-ntk-features)=
-NOT_CHAPTERS = {"book/bibliography", GUIDE}  # back matter without exercises or experiments
 
 DIRECTIVE = re.compile(r"^[ \t]*(`{3,}|:{3,})\{([\w:-]+)\}[^\n]*\n((?:[ \t]*:[\w-]+:[^\n]*\n)*)", re.M)
 TARGET = re.compile(r"^\(([^()\s]+)\)=[ \t]*$", re.M)
@@ -41,8 +40,9 @@ def toc_pages(toc_dict: dict) -> list[str]:
 
 
 def chapters(toc_dict: dict) -> list[str]:
-    """The chapters of the table of contents: every page but the root, the back matter and the guide."""
-    return [f for f in toc_pages(toc_dict)[1:] if f not in NOT_CHAPTERS]
+    """The chapters of the table of contents: its notebooks (the intro, the bibliography and this
+    guide are markdown pages)."""
+    return [f for f in toc_pages(toc_dict) if (ROOT / f"{f}.ipynb").exists()]
 
 
 def exercise_labels(markdown: str) -> list:
