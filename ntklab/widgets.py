@@ -518,7 +518,7 @@ def batch_statistics_explorer(net: torch.nn.Module, X: torch.Tensor, probe: torc
             ax.scatter(r["gap"], r["error"], s=90, facecolors="none", edgecolors="black", label="just drawn")
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel("statistics gap to the data set")
+            ax.set_xlabel("BN statistics gap to the whole pool's")
             ax.set_ylabel("relative trace-NTK error")
             ax.legend(fontsize=7)
             plt.show()
