@@ -117,3 +117,150 @@ def test_phase_explorer_recomputes_the_phases_when_a_threshold_moves():
     assert box.summary.value.startswith("<b>b</b>")
     with pytest.raises(ValueError, match="one value per entry"):
         widgets.phase_explorer(curves, [1, 2], lazy_below=0.45, rise_above=1.7)
+
+
+# --- recomputing widgets (issue 21) ---
+def _full_ntk_by_hand(net, x1, x2):
+    """Theta[i, j, a, b] = <d f_a(x1_i)/d theta, d f_b(x2_j)/d theta>, from per-example Jacobians."""
+    from torch.func import functional_call, jacrev
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    buffers = dict(net.named_buffers())
+
+    def jac(x):
+        J = jacrev(lambda p: functional_call(net, (p, buffers), (x,)))(params)
+        return torch.cat([v.flatten(2) for v in J.values()], dim=2)   # (n, k, P)
+
+    J1, J2 = jac(x1), jac(x2)
+    return torch.einsum("iap,jbp->ijab", J1, J2)
+
+
+def test_kernel_change_explorer_recomputes_the_kernel_for_the_chosen_eps(mnist_small):
+    import copy
+
+    from ntklab.models import SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN(width=4, activation="gelu", pool="avg").eval()      # smooth: Theorem 1's setting
+    X = mnist_small[1].tensors[0][:3]
+    box = widgets.kernel_change_explorer({"smooth": net}, X, eps=1e-2)
+    network, eps_slider, draw_slider = box.children[0].children
+    first = box.summary.value
+    assert [p[:2] for p in box.points["smooth"]] == [(pytest.approx(1e-2), 0)]
+    eps_slider.value = 1e-3
+    assert box.summary.value != first and "eps 1.0e-03, draw 0" in box.summary.value
+    (e1, _, r1, a1), (e2, _, r2, a2) = box.points["smooth"]
+    # independent: the kernel change from per-example Jacobians, same signs
+    net64, X64 = copy.deepcopy(net).double().eval(), X.double()
+    signs = torch.randint(0, 2, X64.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    K0 = _full_ntk_by_hand(net64, X64, X64)
+    Kp = _full_ntk_by_hand(net64, X64 + 1e-3 * signs, X64)
+    Km = _full_ntk_by_hand(net64, X64 - 1e-3 * signs, X64)
+    assert r2 == pytest.approx(float((Kp - K0).norm() / K0.norm()), rel=1e-6)
+    assert a2 == pytest.approx(float(((Kp + Km) / 2 - K0).norm() / K0.norm()), rel=1e-5)
+    # Theorem 1's orders: a tenth of the eps, a tenth of one draw's change, a hundredth of the antithetic's
+    assert 0.05 < r2 / r1 < 0.2 and a2 / a1 < 0.03
+    draw_slider.value = 3                                               # new signs, same eps
+    assert box.points["smooth"][-1][1] == 3 and box.points["smooth"][-1][2] != pytest.approx(r2, rel=1e-3)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        widgets.sign_kernel_change(net, X, 0.0)
+    with pytest.raises(ValueError, match="nets must name at least one network"):
+        widgets.kernel_change_explorer({}, X)
+
+
+def _first_layer_gap_by_hand(net, batch, X):
+    """Theorem 2's statistics gap of the first BN layer (RMS over channels of the standardised mean
+    gap plus that of the variance gap), from the layer's inputs read with a hook: its input does
+    not depend on any BN layer, so mode and statistics do not matter."""
+    from ntklab.bn import bn_layers
+
+    first = bn_layers(net)[0]
+    seen = []
+    hook = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].double()))
+    try:
+        with torch.no_grad():
+            net.eval()
+            net(batch)
+            net(X)
+    finally:
+        hook.remove()
+    h_b, h_all = seen
+    mu_b, var_b = h_b.mean((0, 2, 3)), h_b.var((0, 2, 3), unbiased=False)
+    mu, var = h_all.mean((0, 2, 3)), h_all.var((0, 2, 3), unbiased=False)
+    return float(((mu_b - mu) / var.sqrt()).pow(2).mean().sqrt() + ((var_b - var) / (2 * var)).pow(2).mean().sqrt())
+
+
+def test_batch_statistics_explorer_recomputes_gap_and_kernel_error_for_the_chosen_size(trained_cnn, mnist_small):
+    import copy
+
+    net = copy.deepcopy(trained_cnn)
+    X, y = mnist_small[0].tensors
+    probe = mnist_small[1].tensors[0][:4]
+
+    def shift(model, xb, yb):                                  # a stand-in attack: a bias no batch size removes
+        return (xb + 0.3).clamp(0, 1)
+
+    box = widgets.batch_statistics_explorer(net, X, probe, sizes=(8, 64, 256), n_batches=2, y=y, attack=shift)
+    size, draw_slider, adversarial = box.children[0].children
+    assert size.value == 64 and [b["size"] for b in box.batches] == [64, 64]
+    first = box.summary.value
+    size.value = 8
+    assert box.summary.value != first and "clean batches of 8" in box.summary.value
+    small = [b["gap"] for b in box.batches if b["size"] == 8]
+    size.value = 256
+    large = [b["gap"] for b in box.batches if b["size"] == 256]
+    assert max(large) < min(small)                             # the gap shrinks as the batch grows
+    adversarial.value = True
+    shifted = [b for b in box.batches if b["source"] == "adversarial"]
+    assert [b["size"] for b in shifted] == [256, 256] and min(b["gap"] for b in shifted) > 3 * max(large)
+    # independent: the first layer's gap by hand for the batch the widget drew (seed 1000 b + draw)
+    r = widgets.batch_statistics_errors(net, X, probe, 8, n_batches=1, seed=1000 * 8)
+    idx = torch.randperm(len(X), generator=torch.Generator().manual_seed(1000 * 8))[:8]
+    assert r["gap"][0] == pytest.approx(small[0])
+    assert r["layers"][0][0] == pytest.approx(_first_layer_gap_by_hand(net, X[idx], X), rel=1e-6)
+    assert r["gap"][0] == pytest.approx(sum(r["layers"][0]))
+    # the whole pool as one batch has the data set's statistics: no gap, the same kernel
+    whole = widgets.batch_statistics_errors(net, X, probe, len(X), n_batches=1)
+    assert whole["gap"][0] < 1e-6 and whole["error"][0] < 1e-4
+    with pytest.raises(ValueError, match="batch_size must be at most len"):
+        widgets.batch_statistics_errors(net, X, probe, len(X) + 1)
+    with pytest.raises(ValueError, match="sizes must be batch sizes"):
+        widgets.batch_statistics_explorer(net, X, probe, sizes=(1,))
+
+
+def test_noise_explorer_recomputes_the_noise_spectrum_for_the_chosen_floor(trained_cnn, mnist_small):
+    import math
+
+    import numpy as np
+
+    from ntklab import attacks
+
+    X = mnist_small[0].tensors[0]
+    basis = attacks.pca_noise_basis(X)
+    box = widgets.noise_explorer(trained_cnn, X, 0.3, basis=basis, n=300,
+                                 marks={"pca_floor": (1.0, 0.5, "trained: collapsed in 0 of 1")})
+    scale, floor = box.children[0].children
+    first = box.summary.value
+    assert first.startswith("scale 1.00, floor 0.00") and "trained" not in first
+    floor.value = 0.5
+    assert box.summary.value != first and "trained: collapsed in 0 of 1" in box.summary.value
+    erank = lambda text: float(text.split("effective rank ")[1].split(" ")[0])
+    assert erank(box.summary.value) > erank(first)             # the isotropic floor spreads the spectrum
+    # independent: the statistics from the drawn starts by hand
+    for f in (0.0, 0.5):
+        r = widgets.noise_start_statistics(trained_cnn, X, 0.3, basis=basis, floor=f, n=300)
+        flat = r["delta"].flatten(1).double().numpy()
+        lam = np.clip(np.linalg.eigvalsh(flat.T @ flat / 300), 0, None)
+        p = lam[lam > 0] / lam.sum()
+        assert r["erank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+        assert r["rms"] == pytest.approx(float(np.sqrt((flat ** 2).mean())) / 0.3, rel=1e-6)
+        assert np.abs(flat).max() <= 0.3 + 1e-6                # the start stays in the eps-ball
+        constant = (X.flatten(1).std(0) == 0).numpy()          # pixels the data never change
+        assert constant.any()
+        on_constant = np.abs(flat[:, constant]).max()
+        assert on_constant < 1e-5 if f == 0 else on_constant > 0.01   # data-shaped noise leaves them alone
+    scale.value = 3.0                                          # large scale: the eps-ball clips more pixels
+    clipped = lambda text: float(text.split("eps, ")[1].split("%")[0])
+    assert clipped(box.summary.value) > 0
+    with pytest.raises(ValueError, match="eps must be at most 0.5"):
+        widgets.noise_start_statistics(trained_cnn, X, 0.6, basis=basis)
