@@ -210,7 +210,8 @@ class TrainConfig:
         ``"trades"``, whose loss runs its attack inside.
     channels_last: the model and the training batches in ``torch.channels_last`` memory format
         (faster convolutions on GPUs with tensor cores; the same numbers up to float rounding).
-        4-D inputs (N, C, H, W) only; the model stays channels_last after training.
+        The inputs of :func:`train` are always 4-D (N, C, H, W); the model stays channels_last
+        after training (its 4-D weights: convolutions).
     keep_best: track the epoch with the best held-out PGD accuracy (early stopping on robust
         accuracy, Rice et al. 2020, "Overfitting in adversarially robust deep learning"): needs an
         ``eval_set`` and ``eval_every=1`` (a ``ValueError`` otherwise, rather than a silent change of
@@ -288,7 +289,7 @@ class TrainConfig:
         if self.amp is not None and self.strategy == "trades":
             raise ValueError("amp does not apply to 'trades' (its loss runs the attack inside; attacks stay float32)")
         for name in ("channels_last", "keep_best"):
-            if getattr(self, name) not in (True, False):
+            if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.keep_best and self.eval_every != 1:
             raise ValueError(f"keep_best needs the held-out evaluation after every epoch (eval_every=1), got "
@@ -774,10 +775,7 @@ def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, dev
     """The data (checked, on ``device`` when small), the evaluation subset, the optimiser, the
     attack's arguments and the callbacks, with an :class:`AutoSwitch` first under ``"auto"``."""
     x, y = as_tensors(train_set, model=model)          # images in [0, 1] of the model's dtype: once, not per batch
-    if config.channels_last:
-        if x.dim() != 4:
-            raise ValueError(f"channels_last needs 4-D inputs (N, C, H, W), got train_set images of shape "
-                             f"{tuple(x.shape)}")
+    if config.channels_last:                           # x is 4-D (N, C, H, W): as_tensors checked it
         model.to(memory_format=torch.channels_last)
     if config.keep_best and eval_set is None:
         raise ValueError("keep_best needs an eval_set: the best epoch is the one of the best held-out PGD accuracy")
