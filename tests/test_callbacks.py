@@ -343,24 +343,72 @@ def test_keep_best_needs_an_eval_set_and_evaluation_every_epoch(split):
         TrainConfig(strategy="pgd", epochs=2, keep_best=True, eval_every=2)
 
 
-def test_from_profile_maps_augment_and_select_best():
+def _selecting(profile, augment="crop_flip"):
+    """``profile`` with ``select_best=True`` and ``augment``: the Profile fields of issue 20, which
+    ntklab.config may not have yet (then a subclass adds them)."""
     import dataclasses
 
-    from ntklab.config import Profile, get_profile
+    from ntklab.config import Profile
+
+    @dataclasses.dataclass(frozen=True)
+    class Selecting(Profile):
+        augment: str | None = None
+        select_best: bool = False
+
+    return Selecting(**{**dataclasses.asdict(profile), "augment": augment, "select_best": True})
+
+
+def test_from_profile_maps_augment_and_select_best():
+    from ntklab.config import get_profile
     from ntklab.train import TrainConfig
 
     plain = TrainConfig.from_profile(get_profile("smoke"), "pgd")
     assert plain.augment is None and plain.keep_best is False and plain.amp is None and not plain.channels_last
 
-    @dataclasses.dataclass(frozen=True)
-    class Selecting(Profile):                  # the Profile fields that issue 20 adds (ntklab.config)
-        augment: str | None = "crop_flip"
-        select_best: bool = True
-
-    prof = Selecting(**dataclasses.asdict(get_profile("smoke")))
+    prof = _selecting(get_profile("smoke"))
     config = TrainConfig.from_profile(prof, "pgd")
     assert config.augment == "crop_flip" and config.keep_best is True and config.eval_every == 1
     off = TrainConfig.from_profile(prof, "pgd", eval_every=0)        # not evaluated every epoch: no selection
     assert off.keep_best is False and off.augment == "crop_flip"
     with pytest.raises(ValueError, match="keep_best needs"):
         TrainConfig.from_profile(prof, "pgd", eval_every=0, keep_best=True)
+
+
+def test_kernel_run_and_trained_model_report_the_best_and_the_last_checkpoint(tmp_path, monkeypatch):
+    """Under a profile that selects the best checkpoint, the runs of chapters 4-5 and the models of
+    trained_model gain the best epoch and its accuracies, evaluated as the last (an independent
+    evaluation of the stored weights here); without it nothing is added and nothing is evaluated."""
+    from ntklab import data, evaluate
+    from ntklab.config import get_profile
+    from ntklab.experiments import data_from_profile, model_from_profile, runs, trained_model
+
+    monkeypatch.setenv("NTKLAB_RESULTS", str(tmp_path))
+    cp = runs.chapter_profile(_selecting(get_profile("smoke"), augment=None)).replace(
+        epochs=3, n_train=128, n_eval=32, n_probe=8, lr_milestones=(2,))
+    res = runs.kernel_run(cp, "fgsm_rs", device="cpu", progress=False)
+    h = res["history"]
+    assert None not in h["pgd_acc"] and res["best_epoch"] == h["pgd_acc"].index(max(h["pgd_acc"])) == h["best_epoch"]
+    test = data.subset(data_from_profile(cp)[1], cp.n_eval, seed=cp.seed)
+    for prefix, key in (("best_", "best_state_dict"), ("", "state_dict")):
+        net = model_from_profile(cp)
+        net.load_state_dict(res[key])
+        net.eval()
+        torch.manual_seed(cp.seed)
+        assert res[prefix + "clean_acc"] == evaluate.clean_accuracy(net, test)
+        assert res[prefix + "robust_acc"] == evaluate.worst_case_accuracy(net, test, eps=cp.eps, attacks=["fgsm", "pgd"],
+                                                                          alpha=cp.pgd_alpha, steps=cp.eval_pgd_steps)
+    plain = runs.kernel_run(runs.chapter_profile(get_profile("smoke")).replace(epochs=1, n_probe=8), "normal",
+                            device="cpu", progress=False)
+    assert "best_epoch" not in plain and plain["history"]["pgd_acc"] == [None] and plain["history"]["best_epoch"] is None
+
+    prof = _selecting(get_profile("smoke")).replace(epochs=3, n_train=128, n_eval=32)
+    last, hist = trained_model(prof, "fgsm_rs", device="cpu", progress=False)
+    best, again = trained_model(prof, "fgsm_rs", device="cpu", progress=False, which="best")   # from the cache
+    assert hist == again and hist.best_epoch == hist.pgd_acc.index(max(hist.pgd_acc))
+    assert hist.best_clean_acc == hist.clean_acc[hist.best_epoch]
+    differ = any(not torch.equal(p, q) for p, q in zip(last.state_dict().values(), best.state_dict().values()))
+    assert differ == (hist.best_epoch != len(hist) - 1)
+    with pytest.raises(ValueError, match="which='best' needs a run that keeps its best checkpoint"):
+        trained_model(get_profile("smoke"), "normal", device="cpu", which="best")
+    with pytest.raises(ValueError, match="which must be 'last' or 'best'"):
+        trained_model(prof, "normal", device="cpu", which="first")
