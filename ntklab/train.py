@@ -31,6 +31,12 @@ evaluation of each epoch and each callback draw from their own seeds, so no cons
 another's numbers and measuring never changes the trajectory. With ``checkpoint_dir`` a run survives
 interruption and resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`; time is kept by
 :class:`ntklab.clock.Clock`. Introduced in chapter 1; the strategies are compared in chapter 4.
+
+For runs at paper scale (chapter 9), all off by default: ``augment="crop_flip"`` (random crop and
+flip of every clean batch before the attack, :mod:`ntklab.augment`), ``keep_best`` (the weights of
+the epoch with the best held-out PGD accuracy, :class:`ntklab.callbacks.BestCheckpoint`, Rice et al.
+2020), and two speed options for GPUs, ``amp="bf16"`` (bfloat16 autocast of the update only) and
+``channels_last``.
 """
 from __future__ import annotations
 
@@ -57,8 +63,8 @@ from ntklab.data import as_tensors, atomic_save, describe_load_error, subset
 
 __all__ = ["train", "training_step_costs", "TrainConfig", "History", "STRATEGIES", "SCHEDULES", "STREAMS", "LRSchedule", "MultiStepLR",
            "CosineLR", "ConstantLR", "make_schedule", "stream_seed", "attack_arguments", "extra_attack_arguments",
-           "sgd_step", "Callback", "KernelSnapshots", "BestCheckpoint", "AMP_MODES", "CatastrophicOverfittingDetector", "CHECKPOINT_NAME",
-           "CHECKPOINT_FORMAT"]
+           "sgd_step", "Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "CHECKPOINT_NAME",
+           "CHECKPOINT_FORMAT", "BestCheckpoint", "AMP_MODES"]
 
 STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_logscale", "fgsm_pca", "pgd", "trades",
               "fgsm_aniso")   # the last: the deprecated name of "fgsm_logscale"
@@ -395,8 +401,8 @@ def stream_seed(seed: int, stream: str, *, index: int = 0, epoch: int = 0, batch
     ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index`` in the
     list the loop runs; its ``on_batch_end`` after batch b uses ``batch=b + 1``, its other hooks
     ``batch=0``), ``"augment"`` (the random crops and flips of a batch, ``TrainConfig.augment``;
-    appended last, so that the other streams kept their seeds). epoch: 0-based; -1 before the first epoch (``on_train_begin``) and ``epochs``
-    after the last (``on_train_end``). batch: >= 0.
+    appended last, so that the other streams kept their seeds). epoch: 0-based; -1 before the first
+    epoch (``on_train_begin``) and ``epochs`` after the last (``on_train_end``). batch: >= 0.
 
     The order of the batches has a stream of its own: a ``torch.Generator`` seeded with ``seed``
     itself (not a hash, which no other stream's seed equals but with chance 2**-64), one permutation
