@@ -9,6 +9,14 @@ measured side by side in one run (strategies interleaved, median of ``--repeats`
 * FGSM-AT epoch / (2 x normal epoch)      target <= 1.0
 * ntklab.train's normal epoch / a bare hand-written loop (the loop's own overhead)
 
+Then the speed options of ``TrainConfig`` (issue 20), side by side with float32 on the same model,
+data and device, for a normal and a PGD-10-AT epoch (interleaved, median and minimum of the
+repeats): ``amp="bf16"`` (bfloat16 autocast of the update's forward and loss; the attack stays
+float32, so a PGD epoch can gain at most on 1 pass in 11), ``channels_last=True``, and both. They
+are meant for a GPU (``--device cuda``); on a CPU, whether bfloat16 and channels_last help depends on
+the CPU's kernels, and on a shared machine the ratios are noisy (compare the median with the
+minimum). Printed as ratios option / float32; no target.
+
 Epoch time is the loop's training time (attack + update; no evaluation or callbacks). Ratios are
 printed for the median and for the minimum over repeats (the minimum is the least disturbed by other
 load on a shared machine). Not a test: nothing is asserted. ``--quick`` runs a smaller variant (1,000 images, width 16).
@@ -83,6 +91,31 @@ def main() -> None:
         print(f"  PGD-10-AT / (11 x normal): {t['pgd'] / (11 * t['normal']):.3f}   (target <= 1.15)")
         print(f"  FGSM-AT   / (2 x normal):  {t['fgsm'] / (2 * t['normal']):.3f}   (target <= 1.0)")
         print(f"  train() normal / bare loop: {t['normal'] / t['bare']:.3f}   (the loop's own overhead)")
+    print("speed options (TrainConfig.amp, channels_last) against float32:")
+    option_rows(data, width, mean, std, device, args.repeats)
+
+OPTIONS = {"float32": {}, "bf16": {"amp": "bf16"}, "channels_last": {"channels_last": True},
+           "bf16+channels_last": {"amp": "bf16", "channels_last": True}}
+
+
+def option_rows(data, width: int, mean, std, device, repeats: int) -> None:
+    """Epoch times of every entry of :data:`OPTIONS` for a normal and a PGD-10-AT epoch, printed with
+    their ratios to float32 (median and minimum over ``repeats``, options interleaved)."""
+    for strategy in ("normal", "pgd"):
+        times = {name: [] for name in OPTIONS}
+        for rep in range(repeats):
+            for name, options in OPTIONS.items():
+                torch.manual_seed(rep)
+                model = SmallCNN(width=width, mean=mean, std=std).to(device)
+                config = TrainConfig(strategy=strategy, epochs=1, batch_size=128, eps=EPS, seed=rep, **options,
+                                     **({"alpha": ALPHA, "steps": 10} if strategy == "pgd" else {}))
+                times[name].append(train(model, data, config, device=device, progress=False).training_time)
+        label = "PGD-10-AT" if strategy == "pgd" else "normal"
+        for pick_name, pick in (("median", statistics.median), ("min", min)):
+            t = {k: pick(v) for k, v in times.items()}
+            print(f"{label} epoch, {pick_name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()))
+            print("  / float32: " + ", ".join(f"{k} {t[k] / t['float32']:.3f}" for k in OPTIONS if k != "float32"))
+
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Callbacks of the training loop: kernel snapshots and the catastrophic-overfitting check.
+"""Callbacks of the training loop: kernel snapshots, the catastrophic-overfitting check, the best checkpoint.
 
 A callback is any object with some of the methods of :class:`Callback` (all optional):
 
@@ -36,7 +36,7 @@ from ntklab.bn import eval_mode
 from ntklab.evaluate import model_device, clean_accuracy
 
 __all__ = ["Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "ParameterSnapshots", "AutoSwitch",
-           "evaluating"]
+           "BestCheckpoint", "evaluating"]
 
 log = logging.getLogger("ntklab.train")
 
@@ -492,3 +492,69 @@ class ParameterSnapshots(Callback):
 
     def load_state_dict(self, state) -> None:
         self._state = {k: list(state.get(k, [])) for k in ("time", "actual", "weights")}
+
+
+class BestCheckpoint(Callback):
+    """The weights of the epoch with the best held-out PGD accuracy: early stopping on robust
+    accuracy (Rice, Wong & Kolter 2020, "Overfitting in adversarially robust deep learning": after
+    the first learning-rate decay, the robust test accuracy of PGD-AT falls while its training
+    accuracy rises, so the best checkpoint beats the last).
+
+    It reads the evaluation the loop already made (``history.pgd_acc`` and ``history.clean_acc`` of
+    the epoch, on the fixed subset of ``eval_set``) and draws no random numbers; epochs without an
+    evaluation are skipped. An epoch replaces the best only when its PGD accuracy is strictly higher
+    (ties keep the earlier epoch, as Rice et al.'s code does). :func:`ntklab.train.train` with
+    ``keep_best=True`` (which evaluates after every epoch) adds one after the other callbacks unless
+    one is passed; pass your own to keep the best weights at hand.
+
+    After each evaluated epoch it sets ``history.best_epoch`` (0-based), ``history.best_pgd_acc``
+    and ``history.best_clean_acc``. Attributes: ``best_epoch``, ``best_pgd_acc``,
+    ``best_clean_acc`` (``None`` before the first evaluation) and ``best_state``, a state dict of
+    CPU tensors (parameters and BN buffers, copied when the epoch won); :meth:`load_into` puts it
+    into a model. ``state_dict()`` holds all of it, so the checkpoint of a run keeps the best
+    weights and a resumed run goes on comparing with them. Used by the ``paper`` profiles (chapter 9).
+    """
+
+    def __init__(self):
+        self._state = {"epoch": None, "pgd_acc": None, "clean_acc": None, "weights": None}
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self._state["epoch"]
+
+    @property
+    def best_pgd_acc(self) -> float | None:
+        return self._state["pgd_acc"]
+
+    @property
+    def best_clean_acc(self) -> float | None:
+        return self._state["clean_acc"]
+
+    @property
+    def best_state(self) -> dict | None:
+        """The best epoch's ``state_dict`` (CPU tensors), or ``None`` before the first evaluation."""
+        return self._state["weights"]
+
+    def load_into(self, model: nn.Module) -> nn.Module:
+        """Load the best weights into ``model`` (of the trained architecture); returns it."""
+        if self.best_state is None:
+            raise ValueError("BestCheckpoint has no weights yet: no epoch was evaluated (keep_best needs an "
+                             "eval_set and eval_every=1)")
+        model.load_state_dict(self.best_state)
+        return model
+
+    def on_epoch_end(self, epoch, model, history):
+        acc = history.pgd_acc[-1]
+        if acc is None:
+            return
+        if self.best_pgd_acc is None or acc > self.best_pgd_acc:
+            self._state = {"epoch": int(epoch), "pgd_acc": float(acc), "clean_acc": history.clean_acc[-1],
+                           "weights": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+        history.best_epoch, history.best_pgd_acc = self.best_epoch, self.best_pgd_acc
+        history.best_clean_acc = self.best_clean_acc
+
+    def state_dict(self):
+        return dict(self._state)
+
+    def load_state_dict(self, state) -> None:
+        self._state = {k: state.get(k) for k in ("epoch", "pgd_acc", "clean_acc", "weights")}

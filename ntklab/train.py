@@ -31,6 +31,12 @@ evaluation of each epoch and each callback draw from their own seeds, so no cons
 another's numbers and measuring never changes the trajectory. With ``checkpoint_dir`` a run survives
 interruption and resumes bit for bit (on the CPU). Callbacks live in :mod:`ntklab.callbacks`; time is kept by
 :class:`ntklab.clock.Clock`. Introduced in chapter 1; the strategies are compared in chapter 4.
+
+For runs at paper scale (chapter 9), all off by default: ``augment="crop_flip"`` (random crop and
+flip of every clean batch before the attack, :mod:`ntklab.augment`), ``keep_best`` (the weights of
+the epoch with the best held-out PGD accuracy, :class:`ntklab.callbacks.BestCheckpoint`, Rice et al.
+2020), and two speed options for GPUs, ``amp="bf16"`` (bfloat16 autocast of the update only) and
+``channels_last``.
 """
 from __future__ import annotations
 
@@ -48,8 +54,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ntklab import _checks, _progress, attacks, bn, evaluate
+from ntklab.augment import AUGMENTATIONS, augment as apply_augment
 from ntklab.bn import eval_mode
-from ntklab.callbacks import AutoSwitch, CatastrophicOverfittingDetector, Callback, KernelSnapshots
+from ntklab.callbacks import AutoSwitch, BestCheckpoint, CatastrophicOverfittingDetector, Callback, KernelSnapshots
 from ntklab.clock import Clock, step_cost
 from ntklab.config import get_device
 from ntklab.data import as_tensors, atomic_save, describe_load_error, subset
@@ -57,7 +64,7 @@ from ntklab.data import as_tensors, atomic_save, describe_load_error, subset
 __all__ = ["train", "training_step_costs", "TrainConfig", "History", "STRATEGIES", "SCHEDULES", "STREAMS", "LRSchedule", "MultiStepLR",
            "CosineLR", "ConstantLR", "make_schedule", "stream_seed", "attack_arguments", "extra_attack_arguments",
            "sgd_step", "Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "CHECKPOINT_NAME",
-           "CHECKPOINT_FORMAT"]
+           "CHECKPOINT_FORMAT", "BestCheckpoint", "AMP_MODES"]
 
 STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_logscale", "fgsm_pca", "pgd", "trades",
               "fgsm_aniso")   # the last: the deprecated name of "fgsm_logscale"
@@ -68,7 +75,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 #: keyed by the code that wrote them, so one of another format is a leftover, never a run to resume.
 CHECKPOINT_FORMAT = 2
 #: The named random streams (see :func:`stream_seed`).
-STREAMS = ("attack", "eval", "callback")
+STREAMS = ("attack", "eval", "callback", "augment")  # append only: a stream's seed depends on its place
+#: The values of ``TrainConfig.amp``.
+AMP_MODES = (None, "bf16")
 _CLOCKS = ("attack", "update", "eval", "callbacks", "switch")
 _TIME_KEYS = tuple(f"time_{name}" for name in _CLOCKS) + tuple(f"time_{name}_cpu" for name in _CLOCKS)
 
@@ -193,7 +202,30 @@ class TrainConfig:
         ``eval_every`` epochs (and after the last) clean and PGD-``eval_steps`` accuracy (radius
         ``eval_eps``, default ``eps``) on a fixed class-balanced subset of ``eval_size`` examples.
     seed: of every random stream of the run (the shuffles, the attacks' random starts, the
-        evaluation, the callbacks) and of the probe and evaluation subsets; in [0, 2**63).
+        evaluation, the callbacks, the augmentation) and of the probe and evaluation subsets; in [0, 2**63).
+    augment: ``None`` or ``"crop_flip"``: every clean training batch, before the attack, gets a
+        random crop with zero padding 4 and a random horizontal flip per image
+        (:func:`ntklab.augment.augment_crop_flip`; torchvision's ``RandomCrop(32, padding=4)`` and
+        ``RandomHorizontalFlip()`` in the code of Rice et al. 2020 and Wong et al. 2020 on CIFAR-10;
+        the padding stays 4 for other image sizes, the book's choice), drawn from the batch's own
+        ``"augment"`` stream (:func:`stream_seed`), so resuming stays exact and a run without it is
+        unchanged.
+    amp: ``None`` (float32 throughout) or ``"bf16"``: the forward pass and loss of every update run
+        under ``torch.autocast`` with bfloat16 (mixed precision; the backward pass and the weights
+        stay float32). Attacks, evaluation, callbacks and kernels stay float32. Not with
+        ``"trades"``, whose loss runs its attack inside.
+    channels_last: the model and the training batches in ``torch.channels_last`` memory format
+        (faster convolutions on GPUs with tensor cores; the same numbers up to float rounding).
+        The inputs of :func:`train` are always 4-D (N, C, H, W); the model stays channels_last
+        after training (its 4-D weights: convolutions).
+    keep_best: track the epoch with the best held-out PGD accuracy (early stopping on robust
+        accuracy, Rice et al. 2020, "Overfitting in adversarially robust deep learning"): needs an
+        ``eval_set`` and ``eval_every=1`` (a ``ValueError`` otherwise, rather than a silent change of
+        the evaluation's cost). The loop adds a :class:`ntklab.callbacks.BestCheckpoint` after the
+        other callbacks unless one is passed (pass your own to keep the best weights at hand: its
+        ``best_state``); its state (the best weights) is in the checkpoint, so a resumed run keeps
+        it; ``History.best_epoch``, ``best_pgd_acc`` and ``best_clean_acc`` say which epoch won.
+        The model is left with the LAST epoch's weights.
     """
 
     strategy: str
@@ -222,6 +254,10 @@ class TrainConfig:
     eval_alpha: float | None = None
     eval_steps: int = 10
     seed: int = 0
+    augment: str | None = None
+    amp: str | None = None
+    channels_last: bool = False
+    keep_best: bool = False
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -248,6 +284,22 @@ class TrainConfig:
         self._check_switch(schedule)
         attack_arguments(self.strategy, self.eps, self.alpha, self.steps, self.attack_bn_mode)
         _check_extra(self.strategy, self.attack_kwargs)
+        self._check_speed_and_selection()
+
+    def _check_speed_and_selection(self) -> None:
+        """augment, amp, channels_last, keep_best."""
+        if self.augment is not None and self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be None or one of {', '.join(map(repr, AUGMENTATIONS))}, got {self.augment!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
+        if self.amp is not None and self.strategy == "trades":
+            raise ValueError("amp does not apply to 'trades' (its loss runs the attack inside; attacks stay float32)")
+        for name in ("channels_last", "keep_best"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.keep_best and self.eval_every != 1:
+            raise ValueError(f"keep_best needs the held-out evaluation after every epoch (eval_every=1), got "
+                             f"eval_every={self.eval_every}")
 
     def _check_switch(self, schedule) -> None:
         if self.auto_switch:
@@ -266,13 +318,17 @@ class TrainConfig:
     def from_profile(cls, profile, strategy: str, **overrides) -> "TrainConfig":
         """The config of ``strategy`` under a :class:`ntklab.config.Profile`: optimisation, schedule
         (multistep at ``lr_milestones``), eps, the evaluation PGD and, for PGD and TRADES, the
-        profile's step size and steps (FGSM variants keep their own default step); then
-        ``overrides`` (fields of this class)."""
+        profile's step size and steps (FGSM variants keep their own default step); the profile's
+        ``augment`` and ``select_best`` (as ``keep_best``, unless ``overrides`` turn the per-epoch
+        evaluation off with an ``eval_every`` other than 1: a run not evaluated every epoch cannot
+        pick its best one); then ``overrides`` (fields of this class)."""
+        select = bool(getattr(profile, "select_best", False)) and overrides.get("eval_every", 1) == 1
         config = cls(strategy=strategy, epochs=profile.epochs, lr_schedule="multistep", lr=profile.lr,
                      momentum=profile.momentum, weight_decay=profile.weight_decay,
                      milestones=tuple(profile.lr_milestones), gamma=profile.lr_gamma,
                      batch_size=profile.batch_size, eps=profile.eps, eval_size=profile.n_eval,
                      eval_steps=profile.eval_pgd_steps, eval_alpha=profile.pgd_alpha, seed=profile.seed,
+                     augment=getattr(profile, "augment", None), keep_best=select,
                      **({"alpha": profile.pgd_alpha, "steps": profile.pgd_steps}
                         if strategy in ("pgd", "trades") else {}))
         return config.replace(**overrides)
@@ -344,8 +400,9 @@ def stream_seed(seed: int, stream: str, *, index: int = 0, epoch: int = 0, batch
     the attacks' random starts, dropout),
     ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index`` in the
     list the loop runs; its ``on_batch_end`` after batch b uses ``batch=b + 1``, its other hooks
-    ``batch=0``). epoch: 0-based; -1 before the first epoch (``on_train_begin``) and ``epochs``
-    after the last (``on_train_end``). batch: >= 0.
+    ``batch=0``), ``"augment"`` (the random crops and flips of a batch, ``TrainConfig.augment``;
+    appended last, so that the other streams kept their seeds). epoch: 0-based; -1 before the first
+    epoch (``on_train_begin``) and ``epochs`` after the last (``on_train_end``). batch: >= 0.
 
     The order of the batches has a stream of its own: a ``torch.Generator`` seeded with ``seed``
     itself (not a hash, which no other stream's seed equals but with chance 2**-64), one permutation
@@ -410,14 +467,29 @@ def extra_attack_arguments(strategy: str, attack_kwargs, x: torch.Tensor, device
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
 
 
-def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor):
-    """One update on the cross-entropy of ``model`` on (xb, yb); returns (loss, logits), detached."""
-    logits = model(xb)
-    loss = F.cross_entropy(logits, yb)
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor, *,
+             amp: str | None = None):
+    """One update on the cross-entropy of ``model`` on (xb, yb); returns (loss, logits), detached.
+    amp: ``"bf16"`` runs the forward pass and the loss under ``torch.autocast`` (bfloat16, on
+    ``xb``'s device type; the backward pass and the step outside it), ``None`` in float32."""
+    with _autocast(amp, xb.device):
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return loss.detach(), logits.detach()
+
+
+def _autocast(amp: str | None, device: torch.device):
+    """The context of :attr:`TrainConfig.amp`: ``torch.autocast`` with bfloat16, or nothing."""
+    import contextlib
+
+    if amp is None:
+        return contextlib.nullcontext()
+    if amp != "bf16":
+        raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------ history
@@ -438,6 +510,10 @@ class History:
     extra: per-epoch values logged by callbacks (``log``), padded with ``None``.
     switch_epoch: the 0-based epoch from which ``strategy`` was used when a switch was asked for
     (the one chosen, under ``"auto"``; ``None`` while undecided or without a switch).
+    best_epoch, best_pgd_acc, best_clean_acc: with ``keep_best`` (or a
+    :class:`ntklab.callbacks.BestCheckpoint`), the 0-based epoch of the best held-out PGD accuracy
+    so far (the earliest of ties), that accuracy and the clean accuracy of the same epoch (Rice et
+    al. 2020); ``None`` otherwise.
     ``training_time`` = attack + update (+ switch) time, excluding measurement (``training_time_cpu``
     in CPU seconds). JSON-ready via ``to_dict``.
     """
@@ -465,6 +541,9 @@ class History:
     stop_reason: str | None = None
     finished: bool = False
     switch_epoch: int | None = None
+    best_epoch: int | None = None
+    best_pgd_acc: float | None = None
+    best_clean_acc: float | None = None
 
     _ROW = ("epoch", "strategy", "lr", "loss", "train_acc", "clean_acc", "pgd_acc") + _TIME_KEYS
 
@@ -546,7 +625,8 @@ def train(model: nn.Module, train_set, config: TrainConfig | None = None, *, eva
         values (``train(model, data, strategy="pgd", epochs=3)`` needs no config at all). An
         unknown keyword raises ``ValueError`` naming it; every option is checked before any work.
     train_set, eval_set: ``TensorDataset`` or ``(x, y)``; x (N, C, H, W) in [0, 1], y (N,) int64.
-        The evaluation (``eval_every``, ``eval_size``, ...) needs an ``eval_set``.
+        The evaluation (``eval_every``, ``eval_size``, ...) needs an ``eval_set``, and so does
+        ``keep_best`` (``ValueError`` without one).
     callbacks: objects with the hooks of :class:`ntklab.callbacks.Callback` (``on_train_begin``,
         ``on_epoch_end``, ``on_batch_end``, ``on_train_end``, ``state_dict``); under
         ``switch_epoch="auto"`` the loop puts an :class:`ntklab.callbacks.AutoSwitch` first. Each
@@ -622,6 +702,7 @@ class _Run:
     device: torch.device
     shuffle: torch.Generator  # the order of the batches: one permutation per epoch
     record: dict  # what a checkpoint must match: the config and the data's fingerprint
+    augment_generator: torch.Generator | None = None  # on the device, reseeded per batch ("augment" stream)
 
     @property
     def n_batches(self) -> int:
@@ -700,6 +781,10 @@ def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, dev
     """The data (checked, on ``device`` when small), the evaluation subset, the optimiser, the
     attack's arguments and the callbacks, with an :class:`AutoSwitch` first under ``"auto"``."""
     x, y = as_tensors(train_set, model=model)          # images in [0, 1] of the model's dtype: once, not per batch
+    if config.channels_last:                           # x is 4-D (N, C, H, W): as_tensors checked it
+        model.to(memory_format=torch.channels_last)
+    if config.keep_best and eval_set is None:
+        raise ValueError("keep_best needs an eval_set: the best epoch is the one of the best held-out PGD accuracy")
     k = _num_outputs(model, x[:2].to(device))
     y = _checks.labels("the labels of train_set", y, len(y), num_classes=k)
     record = {**config.to_dict(), "n_train": len(y), "data_sum": float(x.sum(dtype=torch.float64)),
@@ -727,8 +812,11 @@ def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, dev
         callbacks = [AutoSwitch(probe, cap, threshold=config.switch_threshold,
                                 lr_of_epoch=lambda e: schedule.epoch_mean(e, n_batches),
                                 bn_x=x, bn_batch_size=config.batch_size), *callbacks]
+    if config.keep_best and not any(isinstance(cb, BestCheckpoint) for cb in callbacks):
+        callbacks = [*callbacks, BestCheckpoint()]    # last: the other callbacks keep their streams
     return _Run(config, model, opt, schedule, x, y, eval_xy, attack_kw, callbacks, Clock(device), device,
-                torch.Generator().manual_seed(config.seed), record)
+                torch.Generator().manual_seed(config.seed), record,
+                torch.Generator(device=device) if config.augment is not None else None)
 
 
 def _train_epoch(run: _Run, strategy: str, epoch: int, history: History, bar):
@@ -745,7 +833,7 @@ def _train_epoch(run: _Run, strategy: str, epoch: int, history: History, bar):
         if run.schedule.per_batch:
             for group in opt.param_groups:
                 group["lr"] = run.schedule(epoch, b, len(batches))
-        xb = run.x[idx].to(run.device, non_blocking=True)
+        xb = _batch(run, run.x[idx].to(run.device, non_blocking=True), epoch, b)
         yb = run.y[idx].to(run.device, non_blocking=True)
         _seed(run, "attack", epoch=epoch, batch=b)
         loss, logits = _train_step(run, strategy, xb, yb)
@@ -758,13 +846,25 @@ def _train_epoch(run: _Run, strategy: str, epoch: int, history: History, bar):
     return (loss_sum / n).item(), (None if strategy == "trades" else correct.item() / n)
 
 
+def _batch(run: _Run, xb: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+    """The clean training batch as the step sees it: augmented (``TrainConfig.augment``, from the
+    batch's own ``"augment"`` stream) and in channels_last format when asked."""
+    cfg = run.config
+    if cfg.augment is not None:
+        run.augment_generator.manual_seed(stream_seed(cfg.seed, "augment", epoch=epoch, batch=batch))
+        xb = apply_augment(cfg.augment, xb, generator=run.augment_generator)
+    if cfg.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb
+
+
 def _train_step(run: _Run, strategy: str, xb, yb):
     """The update(s) of one batch, timed as attack and update; returns (loss, logits or None), detached.
     With ``clean_update`` an adversarial batch first gets an update on its clean inputs."""
     clock, model, opt = run.clock, run.model, run.opt
     if run.config.clean_update and strategy not in ("normal", "trades"):
         start = clock.now()
-        sgd_step(model, opt, xb, yb)
+        sgd_step(model, opt, xb, yb, amp=run.config.amp)
         clock.add("update", start)
     start = clock.now()
     if strategy == "trades":  # the inner maximisation lives inside the loss: timed as attack
@@ -781,7 +881,7 @@ def _train_step(run: _Run, strategy: str, xb, yb):
         crafted = clock.now()
         clock.add("attack", start, crafted)
         start = crafted
-    loss, logits = sgd_step(model, opt, xb, yb)
+    loss, logits = sgd_step(model, opt, xb, yb, amp=run.config.amp)
     clock.add("update", start)
     return loss, logits
 

@@ -3,6 +3,8 @@ AutoSwitch, chapters 4 and 5). KernelSnapshots, the evaluation callbacks and the
 overfitting detector are exercised through train() in test_train.py; the phase splitter it uses is
 tested in test_metrics.py."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +244,171 @@ def test_kernel_snapshots_take_k0_on_refreshed_statistics_and_leave_training_alo
         plain.kernels("refreshed")
     with pytest.raises(ValueError, match="statistics_x"):
         KernelSnapshots(px, py, floor=True)
+
+
+# ---------------------------------------------------------------- best checkpoint (issue 20)
+def test_best_checkpoint_keeps_the_earliest_best_epoch_and_its_weights():
+    """On a made-up history: PGD accuracies 0.2, 0.5, None (not evaluated), 0.5 (a tie), 0.3."""
+    from ntklab.callbacks import BestCheckpoint
+    from ntklab.train import History
+
+    cb, h, net = BestCheckpoint(), History(), torch.nn.Linear(2, 2)
+    states = []
+    for epoch, (pgd, clean) in enumerate([(0.2, 0.6), (0.5, 0.7), (None, None), (0.5, 0.9), (0.3, 0.95)]):
+        with torch.no_grad():
+            net.weight.fill_(float(epoch))
+        states.append(copy.deepcopy(net.state_dict()))
+        h.append(epoch=epoch, pgd_acc=pgd, clean_acc=clean)
+        cb.on_epoch_end(epoch, net, h)
+    assert (cb.best_epoch, cb.best_pgd_acc, cb.best_clean_acc) == (1, 0.5, 0.7)
+    assert (h.best_epoch, h.best_pgd_acc, h.best_clean_acc) == (1, 0.5, 0.7)
+    assert all(torch.equal(cb.best_state[k], states[1][k]) for k in states[1])
+    assert not torch.equal(net.weight, states[1]["weight"])          # a copy: training went on
+    fresh = torch.nn.Linear(2, 2)
+    assert torch.equal(cb.load_into(fresh).weight, states[1]["weight"])
+    again = BestCheckpoint()
+    again.load_state_dict(cb.state_dict())
+    assert again.best_epoch == 1 and torch.equal(again.best_state["weight"], states[1]["weight"])
+    with pytest.raises(ValueError, match="no weights yet"):
+        BestCheckpoint().load_into(fresh)
+
+
+@pytest.fixture(scope="module")
+def split():
+    """(train, held out): 192 training and 48 test images of mnist5k, class-balanced."""
+    return (ntklab.data.subset(ntklab.data.load("mnist5k", "train"), 192, seed=0),
+            ntklab.data.subset(ntklab.data.load("mnist5k", "test"), 48, seed=0))
+
+
+class _EpochStates:
+    def __init__(self):
+        self.states = []
+
+    def on_epoch_end(self, epoch, model, history):
+        self.states.append(copy.deepcopy(model.state_dict()))
+
+
+def _best_run(data, tmp_path=None, callbacks=(), **kw):
+    kw = {"strategy": "fgsm_rs", "eps": 0.1, "epochs": 4, "batch_size": 64, "lr": 0.05, "keep_best": True,
+          "eval_set": data[1], "eval_size": 32, "eval_steps": 3, **kw}
+    torch.manual_seed(0)
+    model = SmallCNN(width=4, mean=MEAN, std=STD)
+    history = train(model, data[0], callbacks=list(callbacks), device="cpu", progress=False,
+                    checkpoint_dir=tmp_path, **kw)
+    return model, history
+
+
+def test_keep_best_selects_the_best_evaluated_epoch(split):
+    from ntklab.callbacks import BestCheckpoint
+
+    cb, states = BestCheckpoint(), _EpochStates()
+    model, h = _best_run(split, callbacks=[states, cb])
+    assert h.pgd_acc == [a for a in h.pgd_acc if a is not None] and len(h.pgd_acc) == 4   # evaluated every epoch
+    best = h.pgd_acc.index(max(h.pgd_acc))
+    assert best < 3 and h.pgd_acc[best + 1] == h.pgd_acc[best]      # this run: a tie after the best (kept: the earlier)
+    assert (h.best_epoch, h.best_pgd_acc, h.best_clean_acc) == (best, max(h.pgd_acc), h.clean_acc[best])
+    assert cb.best_epoch == best and all(torch.equal(cb.best_state[k], v) for k, v in states.states[best].items())
+    assert all(torch.equal(v, states.states[-1][k]) for k, v in model.state_dict().items())   # the model: the last
+    # without a callback of its own the loop adds one: the same selection
+    _, alone = _best_run(split)
+    assert (alone.best_epoch, alone.best_pgd_acc) == (h.best_epoch, h.best_pgd_acc)
+
+
+def test_keep_best_survives_resume(split, tmp_path):
+    from ntklab.callbacks import BestCheckpoint
+
+    ref_cb = BestCheckpoint()
+    _, ref = _best_run(split, callbacks=[ref_cb], augment="crop_flip")
+    with pytest.raises(KeyboardInterrupt):
+        _best_run(split, tmp_path, callbacks=[BestCheckpoint(), Interrupt(2)], augment="crop_flip")
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert [s["name"] for s in state["callbacks"]] == ["BestCheckpoint"]    # the one passed; none added
+    cb = BestCheckpoint()
+    _, resumed = _best_run(split, tmp_path, callbacks=[cb, Interrupt(99)], augment="crop_flip")
+    assert strip_times(resumed.to_dict()) == strip_times(ref.to_dict())
+    assert cb.best_epoch == ref_cb.best_epoch and all(torch.equal(cb.best_state[k], v)
+                                                      for k, v in ref_cb.best_state.items())
+    # the loop's own BestCheckpoint is saved too
+    _best_run(split, tmp_path / "own", epochs=1)
+    assert [s["name"] for s in torch.load(tmp_path / "own" / CHECKPOINT_NAME, weights_only=True)["callbacks"]] \
+        == ["BestCheckpoint"]
+
+
+def test_keep_best_needs_an_eval_set_and_evaluation_every_epoch(split):
+    from ntklab.train import TrainConfig
+
+    with pytest.raises(ValueError, match="keep_best needs an eval_set"):
+        _best_run(split, eval_set=None)
+    with pytest.raises(ValueError, match="keep_best needs the held-out evaluation after every epoch.*eval_every=2"):
+        TrainConfig(strategy="pgd", epochs=2, keep_best=True, eval_every=2)
+
+
+def _selecting(profile, augment="crop_flip"):
+    """``profile`` with ``select_best=True`` and ``augment``: the Profile fields of issue 20, which
+    ntklab.config may not have yet (then a subclass adds them)."""
+    import dataclasses
+
+    from ntklab.config import Profile
+
+    @dataclasses.dataclass(frozen=True)
+    class Selecting(Profile):
+        augment: str | None = None
+        select_best: bool = False
+
+    return Selecting(**{**dataclasses.asdict(profile), "augment": augment, "select_best": True})
+
+
+def test_from_profile_maps_augment_and_select_best():
+    from ntklab.config import get_profile
+    from ntklab.train import TrainConfig
+
+    plain = TrainConfig.from_profile(get_profile("smoke"), "pgd")
+    assert plain.augment is None and plain.keep_best is False and plain.amp is None and not plain.channels_last
+
+    prof = _selecting(get_profile("smoke"))
+    config = TrainConfig.from_profile(prof, "pgd")
+    assert config.augment == "crop_flip" and config.keep_best is True and config.eval_every == 1
+    off = TrainConfig.from_profile(prof, "pgd", eval_every=0)        # not evaluated every epoch: no selection
+    assert off.keep_best is False and off.augment == "crop_flip"
+    with pytest.raises(ValueError, match="keep_best needs"):
+        TrainConfig.from_profile(prof, "pgd", eval_every=0, keep_best=True)
+
+
+def test_kernel_run_and_trained_model_report_the_best_and_the_last_checkpoint(tmp_path, monkeypatch):
+    """Under a profile that selects the best checkpoint, the runs of chapters 4-5 and the models of
+    trained_model gain the best epoch and its accuracies, evaluated as the last (an independent
+    evaluation of the stored weights here); without it nothing is added and nothing is evaluated."""
+    from ntklab import data, evaluate
+    from ntklab.config import get_profile
+    from ntklab.experiments import data_from_profile, model_from_profile, runs, trained_model
+
+    monkeypatch.setenv("NTKLAB_RESULTS", str(tmp_path))
+    cp = runs.chapter_profile(_selecting(get_profile("smoke"), augment=None)).replace(
+        epochs=3, n_train=128, n_eval=32, n_probe=8, lr_milestones=(2,))
+    res = runs.kernel_run(cp, "fgsm_rs", device="cpu", progress=False)
+    h = res["history"]
+    assert None not in h["pgd_acc"] and res["best_epoch"] == h["pgd_acc"].index(max(h["pgd_acc"])) == h["best_epoch"]
+    test = data.subset(data_from_profile(cp)[1], cp.n_eval, seed=cp.seed)
+    for prefix, key in (("best_", "best_state_dict"), ("", "state_dict")):
+        net = model_from_profile(cp)
+        net.load_state_dict(res[key])
+        net.eval()
+        torch.manual_seed(cp.seed)
+        assert res[prefix + "clean_acc"] == evaluate.clean_accuracy(net, test)
+        assert res[prefix + "robust_acc"] == evaluate.worst_case_accuracy(net, test, eps=cp.eps, attacks=["fgsm", "pgd"],
+                                                                          alpha=cp.pgd_alpha, steps=cp.eval_pgd_steps)
+    plain = runs.kernel_run(runs.chapter_profile(get_profile("smoke")).replace(epochs=1, n_probe=8), "normal",
+                            device="cpu", progress=False)
+    assert "best_epoch" not in plain and plain["history"]["pgd_acc"] == [None] and plain["history"]["best_epoch"] is None
+
+    prof = _selecting(get_profile("smoke")).replace(epochs=3, n_train=128, n_eval=32)
+    last, hist = trained_model(prof, "fgsm_rs", device="cpu", progress=False)
+    best, again = trained_model(prof, "fgsm_rs", device="cpu", progress=False, which="best")   # from the cache
+    assert hist == again and hist.best_epoch == hist.pgd_acc.index(max(hist.pgd_acc))
+    assert hist.best_clean_acc == hist.clean_acc[hist.best_epoch]
+    differ = any(not torch.equal(p, q) for p, q in zip(last.state_dict().values(), best.state_dict().values()))
+    assert differ == (hist.best_epoch != len(hist) - 1)
+    with pytest.raises(ValueError, match="which='best' needs a run that keeps its best checkpoint"):
+        trained_model(get_profile("smoke"), "normal", device="cpu", which="best")
+    with pytest.raises(ValueError, match="which must be 'last' or 'best'"):
+        trained_model(prof, "normal", device="cpu", which="first")

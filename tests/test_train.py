@@ -386,13 +386,14 @@ def test_random_streams_cannot_collide_over_cifar_sized_epochs():
     epochs, batches, callbacks = range(-1, 4), range(392), range(4)
     keys = [("eval", 0, e, 0) for e in epochs] + [("attack", 0, e, b) for e in epochs for b in batches]
     keys += [("callback", i, e, b) for i in callbacks for e in epochs for b in batches]
+    keys += [("augment", 0, e, b) for e in epochs for b in batches]
     for seed in (0, 1):
         seeds = [stream_seed(seed, s, index=i, epoch=e, batch=b) for s, i, e, b in keys] + [seed]
         assert len(set(seeds)) == len(keys) + 1 and all(0 <= x < 2**64 for x in seeds)
     assert stream_seed(0, "attack", epoch=1) != stream_seed(1, "attack", epoch=1)
     old = [0 * 1_000_003 + e * 101 + salt for e in epochs for salt in [1, 2, 3] + [3 + b for b in batches]]
     assert len(set(old)) < len(old)
-    assert set(STREAMS) == {"attack", "eval", "callback"}
+    assert set(STREAMS) == {"attack", "eval", "callback", "augment"}
     with pytest.raises(ValueError, match="unknown random stream"):
         stream_seed(0, "dropout")
 
@@ -467,3 +468,156 @@ def test_history_from_dict_refuses_another_layout():
     assert History.from_dict(h.to_dict()) == h and h.training_time_cpu == 2.0
     with pytest.raises(ValueError, match="unknown keys \\['time_old'\\]"):
         History.from_dict({**h.to_dict(), "time_old": [0.0]})
+
+
+# ---------------------------------------------------------------- augmentation (issue 20)
+def _torchvision_crop_flip(x, top, left, flip, padding):
+    """The reference: torchvision.transforms.v2.functional on one image at a time."""
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = x.shape[-2:]
+    out = []
+    for img, t, l, f in zip(x, top.tolist(), left.tolist(), flip.tolist()):
+        img = TF.crop(TF.pad(img, [padding], fill=0), t, l, h, w)
+        out.append(TF.horizontal_flip(img) if f else img)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("padding, shape", [(4, (16, 3, 32, 32)), (4, (9, 1, 10, 12)), (2, (6, 2, 7, 5)), (0, (8, 3, 6, 6))])
+def test_augment_crop_flip_matches_torchvision_image_by_image(padding, shape):
+    from ntklab.augment import augment_crop_flip, crop_flip_parameters
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(3))
+    before = x.clone()
+    out = augment_crop_flip(x, padding=padding, generator=torch.Generator().manual_seed(11))
+    top, left, flip = crop_flip_parameters(shape[0], padding, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(out, _torchvision_crop_flip(x, top, left, flip, padding))
+    assert torch.equal(x, before) and out.shape == x.shape and out.dtype == x.dtype
+
+
+def test_augment_crop_flip_draws_every_offset_and_flips_half():
+    from ntklab.augment import augment_crop_flip, crop_flip_parameters
+
+    top, left, flip = crop_flip_parameters(4000, 4, generator=torch.Generator().manual_seed(0))
+    assert set(top.tolist()) == set(range(9)) == set(left.tolist())    # torchvision's {0, ..., 2 * padding}
+    assert abs(flip.float().mean().item() - 0.5) < 0.03
+    x = torch.rand(64, 3, 8, 8)
+    a = augment_crop_flip(x, generator=torch.Generator().manual_seed(1))
+    b = augment_crop_flip(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, augment_crop_flip(x, generator=torch.Generator().manual_seed(2)))
+    cl = augment_crop_flip(x.contiguous(memory_format=torch.channels_last), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cl, a) and cl.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="padding"):
+        augment_crop_flip(x, padding=-1)
+    with pytest.raises(ValueError, match="4-D"):
+        augment_crop_flip(x[0])
+
+
+def test_existing_random_streams_keep_their_seeds():
+    """"augment" is appended: the seeds of the streams that were there before are the hash of the
+    same key as before (their place in the old tuple), so a run without augment is unchanged."""
+    import hashlib
+    import struct
+
+    assert STREAMS[:3] == ("attack", "eval", "callback") and STREAMS[3] == "augment"
+    for place, stream in enumerate(("attack", "eval", "callback")):
+        for seed, index, epoch, batch in ((0, 0, 0, 0), (7, 2, -1, 5), (2**40, 1, 3, 390)):
+            key = struct.pack("<Q4q", seed, place, index, epoch + 1, batch)
+            old = int.from_bytes(hashlib.blake2b(key, digest_size=8, person=b"ntklab.stream").digest(), "little")
+            assert stream_seed(seed, stream, index=index, epoch=epoch, batch=batch) == old
+
+
+def test_augment_feeds_the_attack_augmented_batches_from_their_own_stream(tiny, monkeypatch):
+    """The attack sees the clean batch of the epoch's permutation, cropped and flipped with the
+    batch's "augment" stream (an independent replay of both), before it crafts anything."""
+    from ntklab import attacks
+    from ntklab.augment import augment_crop_flip
+
+    seen = []
+    real = attacks.adversarial_examples
+    monkeypatch.setattr(attacks, "adversarial_examples", lambda s, m, x, y, **kw: (seen.append(x.clone()),
+                                                                                  real(s, m, x, y, **kw))[1])
+    x, y = tiny[0].tensors
+    fit(tiny[0], strategy="fgsm_rs", eps=0.1, epochs=2, batch_size=100, augment="crop_flip", seed=5)
+    shuffle = torch.Generator().manual_seed(5)
+    expected = []
+    for epoch in range(2):
+        for b, idx in enumerate(torch.randperm(len(y), generator=shuffle).split(100)):
+            g = torch.Generator().manual_seed(stream_seed(5, "augment", epoch=epoch, batch=b))
+            expected.append(augment_crop_flip(x[idx], generator=g))
+    assert len(seen) == len(expected) == 6 and all(torch.equal(a, e) for a, e in zip(seen, expected))
+
+
+def test_resume_with_augment_is_exact(tiny, tmp_path):
+    kw = dict(strategy="pgd", eps=0.1, steps=2, epochs=3, augment="crop_flip", eval_set=tiny[1], eval_size=16,
+              eval_steps=2)
+    ref_model, ref = fit(tiny[0], **kw)
+    _, plain = fit(tiny[0], **{**kw, "augment": None})
+    assert strip_times(plain.to_dict()) != strip_times(ref.to_dict())      # the augmentation changed the run
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny[0], **kw, checkpoint_dir=tmp_path, callbacks=[Interrupt(1)])
+    model, resumed = fit(tiny[0], **kw, checkpoint_dir=tmp_path)
+    assert strip_times(resumed.to_dict()) == strip_times(ref.to_dict())
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()))
+
+
+# ---------------------------------------------------------------- mixed precision, channels_last (issue 20)
+def test_bf16_autocasts_the_update_only_and_keeps_float32_weights(tiny):
+    x, y = tiny[0].tensors
+    one = TrainConfig(strategy="pgd", epochs=1, batch_size=len(y), eps=0.1, steps=2)   # one batch: the first step's loss
+    model = cnn()
+    dtypes = []
+    model.register_forward_hook(lambda m, i, out: dtypes.append((torch.is_grad_enabled(), m.training, out.dtype)))
+    h16 = train(model, tiny[0], one, amp="bf16", eval_set=tiny[1], eval_size=16, eval_steps=2, device="cpu", progress=False)
+    _, h32 = fit(tiny[0], **{k: getattr(one, k) for k in ("strategy", "epochs", "batch_size", "eps", "steps")})
+    bf16 = torch.finfo(torch.bfloat16).eps
+    assert abs(h16.loss[0] - h32.loss[0]) <= 4 * bf16 * abs(h32.loss[0]) and h16.loss[0] != h32.loss[0]
+    assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
+    # the update's forward (train mode, the one step) in bfloat16; the PGD steps and the evaluation in float32
+    assert sum(d == torch.bfloat16 for *_, d in dtypes) == 1
+    assert sum(d == torch.float32 for *_, d in dtypes) >= 2 + 2
+    _, long = fit(tiny[0], strategy="fgsm_rs", eps=0.1, epochs=2, amp="bf16", clean_update=True)
+    assert all(math.isfinite(v) for v in long.loss) and long.loss[1] < long.loss[0]
+
+
+def test_channels_last_gives_the_same_weights(tiny):
+    from tolerances import n_params, rel_err, sum_rtol
+
+    kw = dict(strategy="pgd", eps=0.1, steps=2, epochs=2, batch_size=64, augment="crop_flip")
+    ref_model, ref = fit(tiny[0], **kw)
+    seen = []
+    model = cnn()
+    second = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1]     # 4 input channels, not 1
+    second.register_forward_pre_hook(lambda m, i: seen.append(i[0].is_contiguous(memory_format=torch.channels_last)
+                                                              and not i[0].is_contiguous()))
+    _, h = fit(tiny[0], **kw, channels_last=True, model=model)
+    assert all(seen) and len(seen) > 0
+    assert second.weight.is_contiguous(memory_format=torch.channels_last) and not second.weight.is_contiguous()
+    tol = sum_rtol(torch.float32, n_params(model))
+    for name, p in model.state_dict().items():
+        if p.is_floating_point():
+            assert rel_err(p, ref_model.state_dict()[name]) <= tol, name
+    assert h.train_acc == ref.train_acc
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("augment", "cutout", "augment must be None or one of 'crop_flip'"),
+    ("amp", "fp16", "amp must be None or 'bf16'"),
+    ("amp", True, "amp must be None or 'bf16'"),
+    ("channels_last", 1, "channels_last must be True or False"),
+    ("keep_best", "yes", "keep_best must be True or False"),
+])
+def test_bad_speed_and_selection_options_are_refused(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(strategy="pgd", epochs=1, **{field: value})
+
+
+def test_amp_is_refused_for_trades():
+    with pytest.raises(ValueError, match="amp does not apply to 'trades'"):
+        TrainConfig(strategy="trades", epochs=1, amp="bf16")
+
+
+def test_new_fields_come_last_in_order():
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert names.index("seed") < names.index("augment") < names.index("amp") < names.index("channels_last") \
+        < names.index("keep_best")

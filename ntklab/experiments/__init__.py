@@ -174,7 +174,7 @@ MODELS_ENTRY = "models"
 
 
 def trained_model(profile: Profile, strategy: str = "normal", *, device=None, force: bool = False,
-                  progress: bool = True, **overrides):
+                  progress: bool = True, which: str = "last", **overrides):
     """A model of ``profile``'s architecture trained with ``strategy``, through the result cache.
 
     The model is built with :func:`model_from_profile` after seeding with ``profile.seed`` and
@@ -187,14 +187,30 @@ def trained_model(profile: Profile, strategy: str = "normal", *, device=None, fo
     chapters that ask for the same model share one run (and one checkpoint folder, so an
     interrupted run resumes).
 
+    When the training config keeps the best checkpoint (``keep_best``: the profile's
+    ``select_best``, Rice et al. 2020, unless ``overrides`` turn the per-epoch evaluation off), the
+    run is evaluated after every epoch on the test subset of ``n_eval`` images, the entry also holds
+    the best epoch's weights, and the history says which epoch won: ``history.best_epoch`` (0-based),
+    ``history.best_pgd_acc`` (the best robust accuracy, the same PGD and subset as the last epoch's
+    ``history.pgd_acc[-1]``) and ``history.best_clean_acc``. The entry's dict gains ``best_epoch``,
+    ``best_robust_acc``, ``best_clean_acc`` and ``best_state_dict``.
+    which: ``"last"`` (the default: the weights of the last epoch) or ``"best"`` (the best epoch's;
+    ``ValueError`` when the run does not keep it).
+
     Returns ``(model, history)``: the model on ``device`` in eval mode, and its
     :class:`ntklab.train.History`. Raises ``ValueError`` for an unknown strategy or a keyword that
     is not a field of :class:`ntklab.train.TrainConfig`. Introduced in chapter 2.
     """
+    from ntklab.callbacks import BestCheckpoint
     from ntklab.config import seed_everything
     from ntklab.train import History, TrainConfig, train
 
-    train_config = TrainConfig.from_profile(profile, strategy).replace(**overrides)
+    train_config = TrainConfig.from_profile(profile, strategy, **overrides)
+    if which not in ("last", "best"):
+        raise ValueError(f"which must be 'last' or 'best', got {which!r}")
+    if which == "best" and not train_config.keep_best:
+        raise ValueError("which='best' needs a run that keeps its best checkpoint (keep_best: the profile's "
+                         "select_best, with an evaluation after every epoch)")
     config = {"profile": profile.to_dict(), "train": train_config.to_dict()}
     device = get_device(device)
 
@@ -202,13 +218,18 @@ def trained_model(profile: Profile, strategy: str = "normal", *, device=None, fo
         train_set, test_set = data_from_profile(profile)
         seed_everything(profile.seed)
         model = model_from_profile(profile)
-        history = train(model, train_set, train_config, eval_set=test_set, device=device,
+        best = [BestCheckpoint()] if train_config.keep_best else []
+        history = train(model, train_set, train_config, eval_set=test_set, device=device, callbacks=best,
                         checkpoint_dir=checkpoint_dir(MODELS_ENTRY, config), progress=progress)
-        return {"state_dict": model.state_dict(), "history": history.to_dict()}
+        out = {"state_dict": model.state_dict(), "history": history.to_dict()}
+        if best:
+            out.update(best_epoch=history.best_epoch, best_robust_acc=history.best_pgd_acc,
+                       best_clean_acc=history.best_clean_acc, best_state_dict=best[0].best_state)
+        return out
 
     result = cached(MODELS_ENTRY, config, compute, force=force)
     model = model_from_profile(profile)
-    model.load_state_dict(result["state_dict"])
+    model.load_state_dict(result["best_state_dict" if which == "best" else "state_dict"])
     return model.to(device).eval(), History.from_dict(result["history"])
 
 

@@ -95,7 +95,8 @@ def chapter_profile(profile):
 def run_config(cp, strategy, schedule, ae, overrides=None) -> dict:
     """The config (cache key) of :func:`kernel_run` under the chapter profile ``cp`` for ``strategy``
     under ``schedule``, with the AE-NTK when ``ae``, and further ``train`` keywords ``overrides``."""
-    kw = {**train_kwargs(cp, strategy), "lr_schedule": schedule, "eval_every": 0, **(overrides or {})}
+    base = train_kwargs(cp, strategy)      # keep_best: the profile's select_best; it needs an evaluation every epoch
+    kw = {**base, "lr_schedule": schedule, "eval_every": 1 if base.get("keep_best") else 0, **(overrides or {})}
     snapshots = RunSettings.for_profile(cp).snapshot_epochs(cp)
     return {"profile": cp.to_dict(), "train": kw, "snapshot_epochs": snapshots, "ae": bool(ae),
             "timing": "wall and process CPU", "probe": {"n": cp.n_probe, "seed": cp.seed + 1, "kind": "trace"},
@@ -133,6 +134,14 @@ def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool 
     (+ switch measurement) wall seconds, from the history); ``cpu_training_time``: the same
     measured in process CPU seconds (``History.training_time_cpu``); ``cpu_epoch_seconds``: per
     epoch; ``state_dict``; ``compute_seconds``.
+    When the profile selects the best checkpoint (its ``select_best``, Rice et al. 2020: the training
+    config's ``keep_best``), the run is evaluated after every epoch (clean and PGD accuracy on the
+    test subset, in ``history``) and the result gains ``best_epoch`` (0-based), ``best_clean_acc``
+    and ``best_robust_acc`` (the weights of that epoch evaluated exactly as the last: the same test
+    subset, attacks and seed) and ``best_state_dict``; ``clean_acc``, ``robust_acc`` and
+    ``state_dict`` stay the last epoch's. The epoch is chosen on the same test subset, as the
+    "best checkpoint" figures of Rice et al. are (their held-out validation set picks nearly the
+    same epoch), so the best figures are optimistic by construction and the last ones are not.
     Same config, same entry: a chapter asking for a run another chapter made loads it.
     """
     from ntklab.config import get_device
@@ -144,10 +153,8 @@ def kernel_run(profile, strategy: str, *, schedule: str = "multistep", ae: bool 
 
 
 def _compute_run(cp, config, device, progress, checkpoints) -> dict:
-    import torch
-
-    from ntklab import data, evaluate
-    from ntklab.callbacks import KernelSnapshots
+    from ntklab import data
+    from ntklab.callbacks import BestCheckpoint, KernelSnapshots
     from ntklab.config import seed_everything
     from ntklab.train import make_schedule, train
 
@@ -162,9 +169,11 @@ def _compute_run(cp, config, device, progress, checkpoints) -> dict:
     snaps = KernelSnapshots(probe_x, probe_y, config["snapshot_epochs"], kind=config["probe"]["kind"],
                             ae=config["ae"], eps=cp.eps, alpha=cp.pgd_alpha, steps=cp.pgd_steps,
                             statistics_x=train_set.tensors[0], statistics_batch_size=kw["batch_size"], floor=True)
+    best = BestCheckpoint() if kw.get("keep_best") else None
     with _epoch_bar(progress, kw["epochs"], f"{kw['strategy']} ({kw['lr_schedule']})") as bar:
-        history = train(model, train_set, **kw, callbacks=[snaps, _Tick(bar)], device=device,
-                        checkpoint_dir=checkpoints, progress=False)
+        history = train(model, train_set, **kw, callbacks=[snaps, _Tick(bar), *([best] if best else [])],
+                        eval_set=test_set if best else None, device=device, checkpoint_dir=checkpoints,
+                        progress=False)
     schedule = make_schedule(kw["lr_schedule"], lr=kw["lr"], epochs=kw["epochs"], milestones=kw["milestones"],
                              gamma=kw["gamma"])
     n_batches = -(-len(train_set) // kw["batch_size"])
@@ -176,16 +185,34 @@ def _compute_run(cp, config, device, progress, checkpoints) -> dict:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     refresh = kernels["refreshed"][-1] if snaps.snapshot_epochs[-1] == kw["epochs"] else None
     test = data.subset(test_set, config["eval"]["n"], seed=cp.seed)
-    torch.manual_seed(cp.seed)
-    clean = evaluate.clean_accuracy(model, test, device=device)
-    robust = evaluate.worst_case_accuracy(model, test, eps=cp.eps, attacks=config["eval"]["attacks"],
-                                          alpha=cp.pgd_alpha, steps=config["eval"]["steps"], device=device)
-    return {"history": history.to_dict(), "kernels": kernels, "probe_y": probe_y,
+    clean, robust = _test_accuracy(cp, config, model, test, device)
+    out = {}
+    if best is not None:
+        best_clean, best_robust = _test_accuracy(cp, config, best.load_into(model_from_profile(cp)).to(device), test,
+                                                 device)
+        out = {"best_epoch": best.best_epoch, "best_clean_acc": best_clean, "best_robust_acc": best_robust,
+               "best_state_dict": best.best_state}
+    return {**out, "history": history.to_dict(), "kernels": kernels, "probe_y": probe_y,
             "lr_time": [schedule.epoch_mean(e, n_batches) for e in range(kw["epochs"])],
             "bn_refresh": refresh, "clean_acc": float(clean), "robust_acc": float(robust),
             "training_time": history.training_time, "cpu_training_time": history.training_time_cpu,
             "cpu_epoch_seconds": history.epoch_training_times(cpu=True), "state_dict": state,
             "compute_seconds": time.perf_counter() - start, "kernel_seconds": history.measurement_time}
+
+
+def _test_accuracy(cp, config, model, test, device) -> tuple[float, float]:
+    """(clean, worst-case robust) accuracy of ``model`` on the test subset, after seeding with the
+    profile's seed: the last and the best checkpoint of a run are evaluated alike."""
+    import torch
+
+    from ntklab import evaluate
+
+    model.eval()
+    torch.manual_seed(cp.seed)
+    clean = evaluate.clean_accuracy(model, test, device=device)
+    robust = evaluate.worst_case_accuracy(model, test, eps=cp.eps, attacks=config["eval"]["attacks"],
+                                          alpha=cp.pgd_alpha, steps=config["eval"]["steps"], device=device)
+    return float(clean), float(robust)
 
 
 class _Tick:
