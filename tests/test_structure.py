@@ -106,7 +106,7 @@ def third_party_imports() -> dict[str, set[str]]:
 
 
 # Imported only by helpers of the book build, never by an experiment: an extra suffices.
-OPTIONAL = {"myst_nb": "book"}
+OPTIONAL = {"myst_nb": "book", "yaml": "book"}
 
 
 def test_every_import_is_a_declared_dependency():
