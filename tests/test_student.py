@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 import re
-import time
 from fractions import Fraction
 
 import pytest
@@ -224,24 +223,27 @@ def test_answer_table_hashes_the_rounded_answer_and_refuses_a_rounding_boundary(
 
 
 # ------------------------------------------------------------------ the edition runs
-def test_the_edition_executes_under_smoke(edition, tmp_path, monkeypatch):
-    """Every chapter of the edition runs from the edition's folder under the smoke profile, with a
-    fresh result cache (so nothing the book computed helps), and its check cells run unanswered."""
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    """One fresh result cache for the chapters of the edition (so nothing the book computed helps;
+    a chapter that reuses another's experiment finds it here)."""
+    return tmp_path_factory.mktemp("student_results")
+
+
+@pytest.mark.parametrize("name", [p.name for p in student.chapters()])
+def test_the_edition_executes_under_smoke(name, edition, smoke_results, monkeypatch):
+    """Each chapter of the edition runs from the edition's folder under the smoke profile, and its
+    check cells run unanswered."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    out, nbs = edition
+    out, _ = edition
     monkeypatch.setenv("NTKLAB_PROFILE", "smoke")
-    monkeypatch.setenv("NTKLAB_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("NTKLAB_RESULTS", str(smoke_results))
     monkeypatch.setenv("NTKLAB_PROGRESS", "0")
-    times = {}
-    for name in nbs:
-        start = time.perf_counter()
-        nb = nbformat.read(out / name, as_version=4)
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": str(out)}}).execute()
-        times[name] = time.perf_counter() - start
-        for cell in nb.cells:
-            if cell.cell_type == "code" and "check_answer(" in cell.source:
-                text = "".join(o.get("text", "") for o in cell.outputs)
-                assert "not answered yet" in text and "right" not in text, name
-    print("edition executed under smoke:", {k: round(v) for k, v in times.items()})
+    nb = nbformat.read(out / name, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(out)}}).execute()
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "check_answer(" in cell.source:
+            text = "".join(o.get("text", "") for o in cell.outputs)
+            assert "not answered yet" in text and "right" not in text
