@@ -121,7 +121,10 @@ class _Scan:
             end = _fence_end(lines, i + 1, m.group(2))
             d = _DIRECTIVE.match(m.group(3))
             name, body = (d.group(1) if d else None), lines[i + 1:end]
-            if name == "solution":
+            if name == "solution-start":                  # sphinx-exercise's gated form: up to its end
+                end = self._gated_end(lines, end + 1)
+                body = lines[i + 1:end]
+            if name in ("solution", "solution-start"):
                 self.solutions.append((d.group(2), body))
                 i = end + 1
                 if self.lines and not self.lines[-1].strip() and i < len(lines) and not lines[i].strip():
@@ -140,6 +143,21 @@ class _Scan:
                 if top:
                     self.lines.append(("exercise", label))
             i = end + 1
+
+    @staticmethod
+    def _gated_end(lines: list[str], start: int) -> int:
+        """Index of the closing line of the ``{solution-end}`` fence after ``start``; a gated solution
+        that does not end in the same markdown cell is refused (it would leave part of it behind)."""
+        i = start
+        while i < len(lines):
+            m = _FENCE.match(lines[i])
+            if m:
+                end = _fence_end(lines, i + 1, m.group(2))
+                if m.group(3).startswith("{solution-end}"):
+                    return min(end, len(lines) - 1)
+                i = end
+            i += 1
+        raise ValueError("a {solution-start} block must end with {solution-end} in the same markdown cell")
 
     def text(self) -> str:
         return "\n".join(x for x in self.lines if isinstance(x, str))
@@ -170,6 +188,9 @@ def book_answers(root=None) -> dict[str, dict[str, tuple[float, int, str]]]:
             for label, body in _Scan("".join(cell["source"]).splitlines()).solutions:
                 for line in body:
                     m = _ANSWER.match(line)
+                    if re.match(r"^\s*%\s*check\b", line) and not m:
+                        raise ValueError(f"{path.name}, solution {label}: cannot read {line.strip()!r}; write "
+                                         "'% check part = value (decimals d): what the part asks'")
                     if m:
                         answers.setdefault(label, {})[m.group(1)] = (float(m.group(2)), int(m.group(3)), m.group(4))
     return answers

@@ -69,6 +69,11 @@ def test_stripping_reads_fences_as_commonmark_does():
     assert "\n\n\n" not in out
     # an unclosed solution runs to the end of the cell, as an unclosed fence does in CommonMark
     assert student.strip_solutions("a\n\n```{solution} x\nopen to the end\n") == "a\n"
+    # sphinx-exercise's gated form goes from its start to its end; one left open is refused
+    gated = "a\n\n```{solution-start} x\n```\nsecret\n```python\ncode = 1\n```\n```{solution-end}\n```\n\nb"
+    assert student.strip_solutions(gated) == "a\n\nb"
+    with pytest.raises(ValueError, match="solution-end"):
+        student.strip_solutions("a\n```{solution-start} x\n```\nsecret\n")
 
 
 # ------------------------------------------------------------------ the edition of the book
@@ -138,6 +143,7 @@ def test_negative_controls_a_book_with_outputs_and_a_nested_solution(tmp_path):
     nb = {"cells": cells, "metadata": {"widgets": {"state": {}}}, "nbformat": 4, "nbformat_minor": 5}
     (tmp_path / "book" / "ch.ipynb").write_text(json.dumps(nb))
     [path] = student.student_edition(tmp_path / "out", root=tmp_path)
+    assert student.book_answers(tmp_path) == {}
     got = json.loads(path.read_text())
     assert "answer = 7" not in path.read_text() and "Do it." in markdown(got)
     assert code(got) == ["x = 1\nx", "hidden_but_kept = 1"]
@@ -247,3 +253,17 @@ def test_the_edition_executes_under_smoke(name, edition, smoke_results, monkeypa
         if cell.cell_type == "code" and "check_answer(" in cell.source:
             text = "".join(o.get("text", "") for o in cell.outputs)
             assert "not answered yet" in text and "right" not in text
+
+
+def test_book_answers_reads_the_check_lines_and_refuses_a_malformed_one(tmp_path):
+    (tmp_path / "book").mkdir()
+    (tmp_path / "_toc.yml").write_text("root: book/ch\n")
+    solution = ["```{solution} ch-ex\n", "Four.\n", "\n", "% check n = 4 (decimals 0): the number\n", "```\n"]
+    nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": solution}], "metadata": {},
+          "nbformat": 4, "nbformat_minor": 4}
+    (tmp_path / "book" / "ch.ipynb").write_text(json.dumps(nb))
+    assert student.book_answers(tmp_path) == {"ch-ex": {"n": (4.0, 0, "the number")}}
+    solution[3] = "% check n = 4: the number\n"
+    (tmp_path / "book" / "ch.ipynb").write_text(json.dumps(nb))
+    with pytest.raises(ValueError, match="ch.ipynb, solution ch-ex: cannot read"):
+        student.book_answers(tmp_path)
