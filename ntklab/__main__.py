@@ -5,6 +5,7 @@
     python -m ntklab run all --profile paper --device cuda --out /data/ntklab-results
     python -m ntklab cache                      # the cache's folder, entries and size
     python -m ntklab cache --clear --stale      # delete what older code computed
+    python -m ntklab student-edition OUT        # the chapters without solutions, for a class
 
 Results go to the result cache (see :mod:`ntklab.experiments.cache`); each run prints where.
 A second run of the same experiment under the same profile and the same code (the experiment's
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the cache folder. Default: $NTKLAB_RESULTS or ~/.cache/ntklab/results.")
     cache.add_argument("--clear", action="store_true", help="delete the entries listed")
     cache.add_argument("--stale", action="store_true", help="only entries made by other code than this")
+    sub.add_parser("student-edition", add_help=False,
+                   help="write the chapters without their solutions, for students (see 'student-edition --help')")
     return parser
 
 
@@ -132,6 +135,11 @@ def _cache_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 success, 2 bad arguments, 1 a failed run, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["student-edition"]:  # a parser of its own: ntklab.student.main
+        from ntklab import student
+
+        return student.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help()

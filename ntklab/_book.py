@@ -59,15 +59,32 @@ _BEFORE = "**Chapters before this one:**"
 
 def chapters(root) -> list[str]:
     """The chapter notebooks of the book at ``root``, in ``_toc.yml`` order: paths relative to
-    ``root`` without suffix (``"book/primer"``), for every toc entry that is an ``.ipynb``."""
+    ``root`` without suffix (``"book/primer"``), for every entry of the toc (its ``root``, and the
+    ``file`` of every part, chapter and section, at any depth) that is an ``.ipynb``."""
     import pathlib
 
     import yaml
 
     root = pathlib.Path(root)
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
-    files = [ch["file"] for part in toc.get("parts", []) for ch in part.get("chapters", [])]
-    return [f for f in files if (root / f"{f}.ipynb").is_file()]
+    found: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key in ("root", "file"):
+                name = node.get(key)
+                if isinstance(name, str):
+                    name = name[:-6] if name.endswith(".ipynb") else name
+                    if (root / f"{name}.ipynb").is_file() and name not in found:
+                        found.append(name)
+            for value in node.values():
+                if isinstance(value, (list, dict)):
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load((root / "_toc.yml").read_text()))
+    return found
 
 
 def objectives(source: str, *, name: str = "chapter") -> dict:

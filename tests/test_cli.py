@@ -1,5 +1,6 @@
 """Tests of the command line, ``python -m ntklab``."""
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -241,3 +242,14 @@ def test_cache_listing_survives_damaged_sidecars_and_symlinks_and_read_only_clea
     assert one_line_error(err) and "is not writable: nothing was cleared" in err and path.exists()
     monkeypatch.undo()
     assert main(["cache", "--clear", "--out", str(tmp_path)]) == 0 and cache.entries(tmp_path) == []
+
+
+def test_student_edition_goes_through_the_command_line(tmp_path):
+    """``python -m ntklab student-edition OUT`` dispatches to ntklab.student (its own tests check
+    the edition): the chapters are written, and the book's own folder is refused with exit code 2."""
+    out = tmp_path / "edition"
+    done = cli("student-edition", str(out))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.glob("*.ipynb")) and (out / "primer.ipynb").is_file()
+    refused = cli("student-edition", str(pathlib.Path(__file__).resolve().parents[1] / "book"))
+    assert refused.returncode == 2 and refused.stderr.startswith("ntklab: error: out must not be the book")
