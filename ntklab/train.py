@@ -366,8 +366,8 @@ def stream_seed(seed: int, stream: str, *, index: int = 0, epoch: int = 0, batch
     batches cannot collide (unlike seeds made by adding offsets, which did).
 
     stream: one of :data:`STREAMS`: ``"attack"`` (everything random in a batch's training step:
-    the attacks' random starts, dropout),
-    ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index`` in the
+    the attacks' random starts, dropout; ``index`` is the process's rank under torchrun, 0 in one
+    process), ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index`` in the
     list the loop runs; its ``on_batch_end`` after batch b uses ``batch=b + 1``, its other hooks
     ``batch=0``). epoch: 0-based; -1 before the first epoch (``on_train_begin``) and ``epochs``
     after the last (``on_train_end``). batch: >= 0.
@@ -1006,8 +1006,9 @@ def _call(cb, hook, *args):
 
 
 def _bar(progress: bool, **kw):
-    """A tqdm.auto bar (a context manager), silent when ``progress`` is off (:mod:`ntklab._progress`)."""
-    return _progress.bar(progress, **kw)
+    """A tqdm.auto bar (a context manager), silent when ``progress`` is off (:mod:`ntklab._progress`)
+    and on every rank but 0 under torchrun."""
+    return _progress.bar(progress and distributed.is_main(), **kw)
 
 
 def _postfix(history: History) -> dict:
