@@ -262,7 +262,8 @@ class _GradScale(torch.autograd.Function):
 class _UpdateModule(nn.Module):
     """What DistributedDataParallel wraps: the model, with its BN layers on global statistics
     (``sync``) and its outputs' gradient scaled by ``scale`` (:func:`shard_weight`). Its parameters
-    are the model's own; its state dict is never saved (the model's is)."""
+    are the model's own; its state dict is never saved (the model's is). Under ``sync_bn`` the
+    attacks use it too (without DistributedDataParallel)."""
 
     def __init__(self, model: nn.Module, sync: bool):
         super().__init__()
@@ -274,25 +275,15 @@ class _UpdateModule(nn.Module):
         return out if self.scale == 1.0 else _GradScale.apply(out, self.scale)
 
 
-class _SyncModule(nn.Module):
-    """The model with its BN layers on global batch statistics during each forward pass (the attacks'
-    view of the model under ``sync_bn``: every rank crafts with the whole batch's statistics when BN
-    uses batch statistics, as one process would)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.module = model
-
-    def forward(self, x):
-        with global_batch_norm(self.module):
-            return self.module(x)
-
-
 def data_parallel(model: nn.Module, device: torch.device, *, sync_bn: bool = False):
     """``(update_model, attack_model)`` for training ``model`` on this rank: the model wrapped in
     ``DistributedDataParallel`` (rank 0's parameters and buffers broadcast to every rank now, the
     gradients averaged at every backward, rank 0's buffers broadcast at every forward), and the
-    model the attacks use (itself, or with global BN statistics under ``sync_bn``). Needs a process
+    model the attacks use: itself, or under ``sync_bn`` the module DistributedDataParallel wraps,
+    whose BN layers use the global batch's statistics where they use batch statistics (train-mode
+    crafting, no running statistics) and whose outputs carry the same weight ``scale`` (an uneven
+    last batch: the sum of the ranks' weighted losses is then the global batch's mean loss up to a
+    constant, so every rank's input gradient points where one process's does). Needs a process
     group; ``update_model.module.scale`` weighs uneven shards (:func:`shard_weight`)."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -305,7 +296,7 @@ def data_parallel(model: nn.Module, device: torch.device, *, sync_bn: bool = Fal
     # rank 0's buffers at every forward: torch >= 2.12 names the option forward_sync_buffers
     sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else "broadcast_buffers")
-    return DistributedDataParallel(inner, device_ids=ids, **{sync: True}), (_SyncModule(model) if sync_bn else model)
+    return DistributedDataParallel(inner, device_ids=ids, **{sync: True}), (inner if sync_bn else model)
 
 
 def broadcast_buffers(model: nn.Module) -> None:

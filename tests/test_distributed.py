@@ -78,6 +78,16 @@ def _snapshots(probe):
     return KernelSnapshots(probe, epochs=[0, 2], ae=False, dtype=torch.float64)
 
 
+def _train_mode_attack_run() -> dict:
+    """One epoch of FGSM crafted with train-mode BN (the batch's statistics: the global batch's under
+    ``sync_bn``, through the attack's view of the model); the final weights."""
+    from ntklab import train as T
+
+    model, train_set, _, config, _ = _run_setup()
+    T.train(model, train_set, config.replace(epochs=1, attack_bn_mode="train"), progress=False)
+    return _weights(model)
+
+
 def _weights(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -122,6 +132,7 @@ def _worker(out: Path) -> None:
         m, data, ev, cfg, _ = _run_setup(**kw)
         T.train(m, data, cfg.replace(epochs=1), progress=False)
         result[key] = _weights(m)
+    result["train_mode_attack"] = _train_mode_attack_run()
 
     # the cache: both ranks compute (as training needs), rank 0 alone writes; then both load
     calls = []
@@ -173,7 +184,8 @@ def single():
     finally:
         T._index_hook = None
     return {"seen": seen, "history": history.to_dict(), "weights": _weights(model),
-            "kernel": ntk.empirical_ntk(model, probe, kind="trace"), "snapshots": snap.kernels("clean")}
+            "kernel": ntk.empirical_ntk(model, probe, kind="trace"), "snapshots": snap.kernels("clean"),
+            "train_mode_attack": _train_mode_attack_run()}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -215,6 +227,11 @@ def test_two_processes_train_as_one(ranks, single):
                              for k in r0["weights"] if r0["weights"][k].is_floating_point())
     assert unsynced_vs_synced > 1e-6
     assert _max_diff(r0["trades"], r1["trades"]) == 0.0
+    # attacks crafted with train-mode BN use the global batch's statistics too
+    diff = _max_diff(r0["train_mode_attack"], single["train_mode_attack"])
+    print(f"\nFGSM crafted with train-mode BN, 2 processes against 1: weights differ by at most {diff:.2e}")
+    assert diff < TOL
+    assert _max_diff(r0["train_mode_attack"], r0["unsynced"]) > 1e-6
 
 
 def test_kernels_agree_and_snapshots_reach_every_rank(ranks, single):
