@@ -37,7 +37,7 @@ from torch import nn
 
 __all__ = ["rank", "world_size", "local_rank", "is_main", "is_distributed", "launched", "barrier",
            "broadcast_object", "all_reduce_sum", "main_only", "init_from_env", "device", "shard",
-           "shard_weight", "global_batch_norm", "broadcast_buffers", "BACKENDS", "TIMEOUT_ENV"]
+           "shard_weight", "data_parallel", "global_batch_norm", "broadcast_buffers", "BACKENDS", "TIMEOUT_ENV"]
 
 BACKENDS = ("nccl", "gloo")
 #: Seconds the other ranks wait for rank 0 (its evaluation, kernel snapshots, AutoAttack) at a
