@@ -145,6 +145,18 @@ def _worker(out: Path) -> None:
     second = cache.cached("ddp_entry", {"a": 1}, compute, root=out / "results", module="ntklab.train")
     result.update(cache_calls=calls, cache_first=first, cache_second=second,
                   cache_files=sorted(p.name for p in (out / "results" / "ddp_entry").iterdir()))
+
+    # the command line under torchrun: every rank runs, rank 0 alone prints
+    import contextlib
+    import io
+
+    import dummy_experiment
+    from ntklab.__main__ import main
+
+    printed = io.StringIO()
+    with dummy_experiment.registered(), contextlib.redirect_stdout(printed):
+        result["cli_code"] = main(["run", "_dummy", "--profile", "smoke", "--device", "cpu", "--out", str(out / "cli")])
+    result["cli_printed"] = printed.getvalue()
     torch.save(result, out / f"rank{r}.pt")
 
 
@@ -269,6 +281,14 @@ def test_the_cache_is_decided_and_written_by_rank_0(ranks):
         assert float(rank["cache_second"]["value"]) == 0.0
     assert r0["cache_files"] == r1["cache_files"]
     assert [name.split(".", 1)[1] for name in r0["cache_files"]] == ["json", "lock", "pt"]
+
+
+def test_the_command_line_runs_on_every_rank_and_prints_on_rank_0(ranks):
+    (r0, r1), out = ranks
+    assert r0["cli_code"] == r1["cli_code"] == 0
+    assert "_dummy (profile smoke, device cpu)" in r0["cli_printed"] and "results (computed)" in r0["cli_printed"]
+    assert r1["cli_printed"] == ""
+    assert len(list((out / "cli" / "_dummy").glob("*.pt"))) == 1
 
 
 # ------------------------------------------------------------------ one process, bad input
