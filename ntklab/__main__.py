@@ -3,6 +3,7 @@
     python -m ntklab list
     python -m ntklab run strategies --profile quick --device auto
     python -m ntklab run all --profile paper --device cuda --out /data/ntklab-results
+    torchrun --nproc_per_node=4 -m ntklab run strategies --profile paper --device cuda   # 4 GPUs
     python -m ntklab cache                      # the cache's folder, entries and size
     python -m ntklab cache --clear --stale      # delete what older code computed
     python -m ntklab student-edition OUT        # the chapters without solutions, for a class
@@ -155,13 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cache":
         return _cache_command(args)
 
-    from ntklab.config import get_device, get_profile
+    from ntklab import distributed
+    from ntklab.config import get_profile
 
-    try:
+    try:  # under torchrun: join the process group; "cuda" is then this rank's GPU, and rank 0 alone prints
+        distributed.init_from_env("gloo" if (args.device or os.environ.get("NTKLAB_DEVICE") or "").startswith("cpu")
+                                  else None)
         profile = get_profile(args.profile)
-        device = get_device(args.device)
+        device = distributed.device(args.device)
     except ValueError as err:
         return _fail(str(err))
+    if not distributed.is_main():
+        args.quiet, sys.stdout = True, open(os.devnull, "w")  # errors still go to stderr (_fail)
     names = sorted(experiments.EXPERIMENTS) if args.name == "all" else [args.name]
     unknown = [n for n in names if n not in experiments.EXPERIMENTS]
     if unknown:

@@ -37,6 +37,20 @@ flip of every clean batch before the attack, :mod:`ntklab.augment`), ``keep_best
 the epoch with the best held-out PGD accuracy, :class:`ntklab.callbacks.BestCheckpoint`, Rice et al.
 2020), and two speed options for GPUs, ``amp="bf16"`` (bfloat16 autocast of the update only) and
 ``channels_last``.
+
+Several processes (``torchrun --nproc_per_node=N``, :mod:`ntklab.distributed`, chapter 9): the same
+:func:`train`, which keeps the GLOBAL batch: every rank draws the same permutation per epoch and takes
+positions ``rank::N`` of each batch of ``batch_size`` (which N must divide; an uneven last batch is
+weighted), so the N processes see exactly the examples one process sees. The update goes through
+``DistributedDataParallel``; each rank crafts its attacks on its share against the model itself
+(float32, eval-mode BN by default), with random starts from its own stream (``"attack"`` with
+``index=rank``: rank 0's are one process's), so a run with random attacks is an equally likely, not
+the same, trajectory; with deterministic attacks (``"normal"``, ``"fgsm"``) and ``sync_bn`` it is
+one process's update up to the order of float sums. Evaluation, callbacks and checkpoints run on
+rank 0; their outcome (the history: ``request_stop``, the automatic switch epoch, the evaluation)
+is broadcast after each epoch, rank 0's buffers (BN running statistics) after each epoch too, and
+the callbacks' states after training, so every rank returns the same history and can read the
+same callbacks. A resumed run loads on every rank the checkpoint rank 0 wrote.
 """
 from __future__ import annotations
 
@@ -53,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ntklab import _checks, _progress, attacks, bn, evaluate
+from ntklab import _checks, _progress, attacks, bn, distributed, evaluate
 from ntklab.augment import AUGMENTATIONS, augment as apply_augment
 from ntklab.bn import eval_mode
 from ntklab.callbacks import AutoSwitch, BestCheckpoint, CatastrophicOverfittingDetector, Callback, KernelSnapshots
@@ -226,6 +240,14 @@ class TrainConfig:
         ``best_state``); its state (the best weights) is in the checkpoint, so a resumed run keeps
         it; ``History.best_epoch``, ``best_pgd_acc`` and ``best_clean_acc`` say which epoch won.
         The model is left with the LAST epoch's weights.
+    sync_bn: under ``torchrun`` with several processes (:mod:`ntklab.distributed`), BN layers
+        normalise the training step's forward passes with the statistics of the whole global batch
+        (all ranks' shares; :func:`ntklab.distributed.global_batch_norm`), and their running
+        statistics are the global batch's, as in one process. Needed where a chapter's subject is
+        the batch statistics (chapter 3, batch normalisation) and wherever kernels are taken in eval
+        mode with running statistics (chapters 4-5 and 8: with ``sync_bn`` those are the global
+        batch's); without it each rank normalises with its own share (``batch_size / world``
+        examples) and the running statistics are rank 0's. No effect in one process.
     """
 
     strategy: str
@@ -258,6 +280,7 @@ class TrainConfig:
     amp: str | None = None
     channels_last: bool = False
     keep_best: bool = False
+    sync_bn: bool = False
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -279,6 +302,8 @@ class TrainConfig:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         if self.clean_update not in (True, False):
             raise ValueError(f"clean_update must be True or False, got {self.clean_update!r}")
+        if self.sync_bn not in (True, False):
+            raise ValueError(f"sync_bn must be True or False, got {self.sync_bn!r}")
         if self.clean_update and self.strategy == "trades":
             raise ValueError("clean_update does not apply to 'trades' (its loss already has a clean term)")
         self._check_switch(schedule)
@@ -321,14 +346,16 @@ class TrainConfig:
         profile's step size and steps (FGSM variants keep their own default step); the profile's
         ``augment`` and ``select_best`` (as ``keep_best``, unless ``overrides`` turn the per-epoch
         evaluation off with an ``eval_every`` other than 1: a run not evaluated every epoch cannot
-        pick its best one); then ``overrides`` (fields of this class)."""
+        pick its best one); ``sync_bn=True``, so that under several processes every experiment of
+        the book normalises with the global batch's statistics as one process does (no effect in one
+        process); then ``overrides`` (fields of this class)."""
         select = bool(getattr(profile, "select_best", False)) and overrides.get("eval_every", 1) == 1
         config = cls(strategy=strategy, epochs=profile.epochs, lr_schedule="multistep", lr=profile.lr,
                      momentum=profile.momentum, weight_decay=profile.weight_decay,
                      milestones=tuple(profile.lr_milestones), gamma=profile.lr_gamma,
                      batch_size=profile.batch_size, eps=profile.eps, eval_size=profile.n_eval,
                      eval_steps=profile.eval_pgd_steps, eval_alpha=profile.pgd_alpha, seed=profile.seed,
-                     augment=getattr(profile, "augment", None), keep_best=select,
+                     augment=getattr(profile, "augment", None), keep_best=select, sync_bn=True,
                      **({"alpha": profile.pgd_alpha, "steps": profile.pgd_steps}
                         if strategy in ("pgd", "trades") else {}))
         return config.replace(**overrides)
@@ -397,8 +424,8 @@ def stream_seed(seed: int, stream: str, *, index: int = 0, epoch: int = 0, batch
     batches cannot collide (unlike seeds made by adding offsets, which did).
 
     stream: one of :data:`STREAMS`: ``"attack"`` (everything random in a batch's training step:
-    the attacks' random starts, dropout),
-    ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index`` in the
+    the attacks' random starts, dropout; ``index`` is the process's rank under torchrun, 0 in one
+    process), ``"eval"`` (the evaluation after an epoch), ``"callback"`` (callback number ``index`` in the
     list the loop runs; its ``on_batch_end`` after batch b uses ``batch=b + 1``, its other hooks
     ``batch=0``), ``"augment"`` (the random crops and flips of a batch, ``TrainConfig.augment``;
     appended last, so that the other streams kept their seeds). epoch: 0-based; -1 before the first
@@ -643,12 +670,12 @@ def train(model: nn.Module, train_set, config: TrainConfig | None = None, *, eva
     Returns the history; the model is left in eval mode. Introduced in chapter 1.
     """
     config = _config(config, overrides)
-    checkpoint = _checkpoint_file(checkpoint_dir)
+    checkpoint = distributed.main_only(_checkpoint_file, checkpoint_dir)
     device = get_device(device)
     model.to(device)
     run = _setup(model, train_set, eval_set, config, _check_callbacks(callbacks), device)
     history = History(switch_epoch=None if config.auto_switch else config.switch_epoch)
-    if checkpoint is not None and checkpoint.exists():
+    if checkpoint is not None and distributed.main_only(checkpoint.exists):  # every rank loads rank 0's
         history = _resume(checkpoint, run)
         if history.finished:
             model.eval()
@@ -678,11 +705,20 @@ def train(model: nn.Module, train_set, config: TrainConfig | None = None, *, eva
             if history.finished:
                 break
     history.finished = True
-    for i, cb in enumerate(run.callbacks):
-        _seed(run, "callback", index=i, epoch=config.epochs)
-        _call(cb, "on_train_end", model, history)
+
+    def train_end():
+        for i, cb in enumerate(run.callbacks):
+            _seed(run, "callback", index=i, epoch=config.epochs)
+            _call(cb, "on_train_end", model, history)
+    _on_main(train_end, history)
+    _share_callbacks(run)
     model.eval()
     return history
+
+
+#: A debug hook of the tests: when set, called as ``_index_hook(epoch, batch, indices)`` with the
+#: indices of the training examples this process takes in every batch (its share under torchrun).
+_index_hook = None
 
 
 @dataclass
@@ -703,6 +739,8 @@ class _Run:
     shuffle: torch.Generator  # the order of the batches: one permutation per epoch
     record: dict  # what a checkpoint must match: the config and the data's fingerprint
     augment_generator: torch.Generator | None = None  # on the device, reseeded per batch ("augment" stream)
+    update_model: nn.Module | None = None  # several processes: the DistributedDataParallel of the update
+    attack_model: nn.Module | None = None  # several processes: the model the attacks craft against
 
     @property
     def n_batches(self) -> int:
@@ -814,9 +852,36 @@ def _setup(model, train_set, eval_set, config: TrainConfig, callbacks: list, dev
                                 bn_x=x, bn_batch_size=config.batch_size), *callbacks]
     if config.keep_best and not any(isinstance(cb, BestCheckpoint) for cb in callbacks):
         callbacks = [*callbacks, BestCheckpoint()]    # last: the other callbacks keep their streams
-    return _Run(config, model, opt, schedule, x, y, eval_xy, attack_kw, callbacks, Clock(device), device,
-                torch.Generator().manual_seed(config.seed), record,
-                torch.Generator(device=device) if config.augment is not None else None)
+    run = _Run(config, model, opt, schedule, x, y, eval_xy, attack_kw, callbacks, Clock(device), device,
+               torch.Generator().manual_seed(config.seed), record,
+               torch.Generator(device=device) if config.augment is not None else None)
+    run.update_model, run.attack_model = _data_parallel(model, config, len(y), device)
+    return run
+
+
+def _data_parallel(model: nn.Module, config: TrainConfig, n: int, device) -> tuple:
+    """Under several processes (:mod:`ntklab.distributed`): the split of the global batches checked,
+    then the models of the update (DistributedDataParallel) and of the attacks; ``(None, None)`` in
+    one process. Each rank takes positions ``rank::world`` of every global batch, so ``batch_size``
+    must be divisible by the number of processes; the last batch of an epoch may split unevenly
+    (e.g. SVHN's 73,257 examples), and then each rank's loss is weighted by its share
+    (:func:`ntklab.distributed.shard_weight`) so that the update is the global batch's."""
+    world = distributed.world_size()
+    if world == 1:
+        return None, None
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes ({world}): "
+                         f"each process takes batch_size / {world} examples of every global batch")
+    last = n % config.batch_size
+    if 0 < last < world:
+        raise ValueError(f"the last batch of every epoch would hold {last} examples ({n} examples, batch_size "
+                         f"{config.batch_size}), fewer than the {world} processes: choose another batch_size "
+                         f"or drop {last} examples")
+    smallest = min(config.batch_size // world, last // world if last else n)
+    if smallest == 1 and not config.sync_bn and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        raise ValueError(f"with batch_size {config.batch_size} over {world} processes a process would normalise "
+                         f"one example per channel in a BatchNorm1d layer: choose a larger batch_size or sync_bn=True")
+    return distributed.data_parallel(model, device, sync_bn=config.sync_bn)
 
 
 def _train_epoch(run: _Run, strategy: str, epoch: int, history: History, bar):
@@ -833,9 +898,18 @@ def _train_epoch(run: _Run, strategy: str, epoch: int, history: History, bar):
         if run.schedule.per_batch:
             for group in opt.param_groups:
                 group["lr"] = run.schedule(epoch, b, len(batches))
-        xb = _batch(run, run.x[idx].to(run.device, non_blocking=True), epoch, b)
+        full = idx
+        if run.update_model is not None:  # several processes: this rank's share of the global batch
+            size, idx = len(idx), distributed.shard(idx)
+            run.update_model.module.scale = distributed.shard_weight(len(idx), size)
+        if _index_hook is not None:
+            _index_hook(epoch, b, idx)
+        if cfg.augment is not None and full is not idx:  # augment the global batch, as one process does
+            xb = distributed.shard(_batch(run, run.x[full].to(run.device, non_blocking=True), epoch, b))
+        else:
+            xb = _batch(run, run.x[idx].to(run.device, non_blocking=True), epoch, b)
         yb = run.y[idx].to(run.device, non_blocking=True)
-        _seed(run, "attack", epoch=epoch, batch=b)
+        _seed(run, "attack", index=distributed.rank(), epoch=epoch, batch=b)
         loss, logits = _train_step(run, strategy, xb, yb)
         loss_sum += loss * len(idx)
         if logits is not None:
@@ -843,6 +917,9 @@ def _train_epoch(run: _Run, strategy: str, epoch: int, history: History, bar):
         _batch_end(run, epoch, b, len(batches), history)
         bar.update(1)
     n = len(run.y)
+    distributed.all_reduce_sum(loss_sum)       # the sums over every rank's share: the global batch's
+    distributed.all_reduce_sum(correct)
+    distributed.broadcast_buffers(model)       # rank 0's running statistics: what it evaluates and saves
     return (loss_sum / n).item(), (None if strategy == "trades" else correct.item() / n)
 
 
@@ -860,8 +937,12 @@ def _batch(run: _Run, xb: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
 
 def _train_step(run: _Run, strategy: str, xb, yb):
     """The update(s) of one batch, timed as attack and update; returns (loss, logits or None), detached.
-    With ``clean_update`` an adversarial batch first gets an update on its clean inputs."""
-    clock, model, opt = run.clock, run.model, run.opt
+    With ``clean_update`` an adversarial batch first gets an update on its clean inputs. Under
+    several processes the update goes through DistributedDataParallel and the attack is crafted on
+    this rank's share with the model itself (with global BN statistics under ``sync_bn``)."""
+    clock, opt = run.clock, run.opt
+    model = run.update_model if run.update_model is not None else run.model
+    target = run.attack_model if run.attack_model is not None else run.model
     if run.config.clean_update and strategy not in ("normal", "trades"):
         start = clock.now()
         sgd_step(model, opt, xb, yb, amp=run.config.amp)
@@ -877,7 +958,7 @@ def _train_step(run: _Run, strategy: str, xb, yb):
         clock.add("update", crafted)
         return loss.detach(), None
     if strategy != "normal":
-        xb = attacks.adversarial_examples(strategy, model, xb, yb, **run.attack_kw)
+        xb = attacks.adversarial_examples(strategy, target, xb, yb, **run.attack_kw)
         crafted = clock.now()
         clock.add("attack", start, crafted)
         start = crafted
@@ -893,32 +974,83 @@ def _clock_name(callback) -> str:
 def _train_begin(run: _Run, history: History) -> None:
     """Every callback's ``on_train_begin``; the time of those that are part of training falls in the
     first epoch's ``time_switch`` (their kernel at initialisation), the others' in ``time_begin``."""
-    for i, cb in enumerate(run.callbacks):
-        _seed(run, "callback", index=i, epoch=-1)
-        with run.clock.interval("switch" if _clock_name(cb) == "switch" else "begin"):
-            _call(cb, "on_train_begin", run.model, history)
-    wall, cpu = run.clock.collect("begin").get("begin", (0.0, 0.0))
-    history.time_begin += wall
-    history.time_begin_cpu += cpu
+    def hooks():
+        for i, cb in enumerate(run.callbacks):
+            _seed(run, "callback", index=i, epoch=-1)
+            with run.clock.interval("switch" if _clock_name(cb) == "switch" else "begin"):
+                _call(cb, "on_train_begin", run.model, history)
+        wall, cpu = run.clock.collect("begin").get("begin", (0.0, 0.0))
+        history.time_begin += wall
+        history.time_begin_cpu += cpu
+    _on_main(hooks, history)
 
 
 def _batch_end(run: _Run, epoch: int, batch: int, num_batches: int, history: History) -> None:
-    for i, cb in enumerate(run.callbacks):
-        if callable(getattr(cb, "on_batch_end", None)):
-            _seed(run, "callback", index=i, epoch=epoch, batch=batch + 1)
-            with run.clock.interval(_clock_name(cb)):
-                _call(cb, "on_batch_end", epoch, batch, num_batches, run.model, history)
+    def hooks():
+        for i, cb in enumerate(run.callbacks):
+            if callable(getattr(cb, "on_batch_end", None)):
+                _seed(run, "callback", index=i, epoch=epoch, batch=batch + 1)
+                with run.clock.interval(_clock_name(cb)):
+                    _call(cb, "on_batch_end", epoch, batch, num_batches, run.model, history)
+    if any(callable(getattr(cb, "on_batch_end", None)) for cb in run.callbacks):
+        distributed.main_only(hooks)
 
 
 def _epoch_end(run: _Run, epoch: int, history: History) -> None:
     """Every callback's ``on_epoch_end`` (the epoch's row is in ``history``); then the times of the
     callbacks (per batch and per epoch) into that row."""
-    for i, cb in enumerate(run.callbacks):
-        _seed(run, "callback", index=i, epoch=epoch)
-        with run.clock.interval(_clock_name(cb)):
-            _call(cb, "on_epoch_end", epoch, run.model, history)
-    for key, value in _times(run.clock.collect("callbacks", "switch")).items():
-        getattr(history, key)[-1] = value
+    def hooks():
+        for i, cb in enumerate(run.callbacks):
+            _seed(run, "callback", index=i, epoch=epoch)
+            with run.clock.interval(_clock_name(cb)):
+                _call(cb, "on_epoch_end", epoch, run.model, history)
+        for key, value in _times(run.clock.collect("callbacks", "switch")).items():
+            getattr(history, key)[-1] = value
+    _on_main(hooks, history)
+
+
+def _on_main(hooks, history: History) -> None:
+    """``hooks()`` (callbacks) on rank 0 only; then every rank's ``history`` is rank 0's, so that what
+    the callbacks decide (``request_stop``, the :class:`AutoSwitch`'s switch epoch, logged values)
+    steers every rank alike. One process: just ``hooks()``."""
+    if distributed.world_size() == 1:
+        hooks()
+        return
+    state = distributed.main_only(lambda: (hooks(), history.to_dict())[1])
+    if not distributed.is_main():
+        vars(history).update(vars(History.from_dict(state)))
+
+
+def _share_callbacks(run: _Run) -> None:
+    """Several processes, after training: rank 0's callback states (``state_dict``) loaded into the
+    other ranks' callbacks, so that every rank can read the kernels and decisions rank 0 took."""
+    if distributed.world_size() == 1:
+        return
+    states = distributed.broadcast_object(
+        [_to_cpu(cb.state_dict()) if callable(getattr(cb, "state_dict", None)) else None for cb in run.callbacks]
+        if distributed.is_main() else None)
+    if not distributed.is_main():
+        for cb, state in zip(run.callbacks, states):
+            if state is not None:
+                cb.load_state_dict(_to_device(state, run.device))
+
+
+def _to_cpu(obj):
+    return _map_tensors(obj, lambda t: t.detach().cpu())
+
+
+def _to_device(obj, device):
+    return _map_tensors(obj, lambda t: t.to(device))
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
 
 
 def _times(totals: dict) -> dict:
@@ -930,7 +1062,12 @@ def _times(totals: dict) -> dict:
 
 
 def _evaluate(run: _Run, epoch: int) -> dict:
-    """Clean and PGD accuracy on the evaluation subset, from the epoch's ``"eval"`` stream."""
+    """Clean and PGD accuracy on the evaluation subset, from the epoch's ``"eval"`` stream (on rank 0,
+    its numbers on every rank)."""
+    return distributed.main_only(_evaluate_here, run, epoch)
+
+
+def _evaluate_here(run: _Run, epoch: int) -> dict:
     cfg = run.config
     _seed(run, "eval", epoch=epoch)
     with run.clock.interval("eval"), eval_mode(run.model):
@@ -975,8 +1112,9 @@ def _call(cb, hook, *args):
 
 
 def _bar(progress: bool, **kw):
-    """A tqdm.auto bar (a context manager), silent when ``progress`` is off (:mod:`ntklab._progress`)."""
-    return _progress.bar(progress, **kw)
+    """A tqdm.auto bar (a context manager), silent when ``progress`` is off (:mod:`ntklab._progress`)
+    and on every rank but 0 under torchrun."""
+    return _progress.bar(progress and distributed.is_main(), **kw)
 
 
 def _postfix(history: History) -> dict:
@@ -1000,6 +1138,11 @@ def _callback_states(callbacks) -> list:
 
 
 def _save(path: Path, run: _Run, history: History) -> None:
+    """The checkpoint, written by rank 0 only; every rank waits until it is written."""
+    distributed.main_only(_write_checkpoint, path, run, history)
+
+
+def _write_checkpoint(path: Path, run: _Run, history: History) -> None:
     atomic_save({"format": CHECKPOINT_FORMAT, "config": run.record, "model": run.model.state_dict(),
                  "optimizer": run.opt.state_dict(), "history": history.to_dict(),
                  "callbacks": _callback_states(run.callbacks)}, path)

@@ -40,6 +40,15 @@ says so. While another process computes an entry, a second one that asks for it 
 (which process, since when); a lock held by a stopped process is reported instead of waited on,
 and ``$NTKLAB_LOCK_TIMEOUT`` (seconds) bounds the wait. Introduced in chapter 1; every chapter loads
 its runs this way.
+
+Under ``torchrun`` with several processes (:mod:`ntklab.distributed`) every rank runs the same
+experiment code (each must, to take part in the training), but rank 0 alone decides whether an
+entry is loaded or computed (and every rank follows, so no rank computes while another loads), and
+rank 0 alone takes the lock and writes the sidecar, the result and the checkpoints (the training
+loop's); the others wait for the write and then read the stored result, so that every rank returns
+rank 0's result and the experiment's next steps agree. A shared file system is assumed (one machine).
+An error in ``compute`` must happen on every rank (the same code on the same data does); an error of
+rank 0's writing or checking is raised on every rank. One process behaves as described above.
 """
 from __future__ import annotations
 
@@ -102,7 +111,14 @@ def check_folder(out: str | os.PathLike | None, *, name: str = "out") -> Path:
     file, and, when it must hold new entries, creatable and writable. A folder that exists but
     cannot be written is accepted (its finished entries load; computing a missing one says so).
     Raises ``ValueError`` naming ``name``. The command line's ``--out`` and
-    :func:`ntklab.experiments.run`'s ``out`` go through it."""
+    :func:`ntklab.experiments.run`'s ``out`` go through it. Under several processes rank 0 checks
+    (and creates) and every rank gets its answer."""
+    from ntklab import distributed
+
+    return distributed.main_only(_check_folder, out, name)
+
+
+def _check_folder(out, name: str) -> Path:
     import tempfile
 
     folder = _folder(out, name) if out is not None else results_root()
@@ -434,6 +450,8 @@ def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool =
     module = _module_for(name, module, getattr(compute, "__module__", None) or "__main__")
     key = _key(name, config, module)
     path = results_root(root) / name / f"{key}.pt"
+    if _world() > 1:
+        return _cached_ranks(name, config, compute, force=force, path=path, key=key, module=module)
     if path.exists() and not force and not _writable(path.parent):  # a read-only folder: read, never lock
         result = _load(path, key)
         _note(path, "loaded")
@@ -474,6 +492,76 @@ def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool =
         shutil.rmtree(path.with_suffix(".checkpoints"), ignore_errors=True)
         _note(path, "computed")
         return result
+
+
+def _world() -> int:
+    from ntklab import distributed
+
+    return distributed.world_size()
+
+
+def _cached_ranks(name: str, config: dict, compute: Callable[[], Any], *, force: bool, path: Path, key: str,
+                  module: str):
+    """:func:`cached` under several processes: rank 0 decides, locks and writes; every rank computes
+    (or loads) alike and returns the stored result (see the module docstring)."""
+    import ntklab
+    from ntklab import distributed
+    from ntklab.data import atomic_save, atomic_write_text, describe_load_error
+
+    with contextlib.ExitStack() as held:  # rank 0's lock on the entry, until every rank is done with it
+        def decide() -> str:
+            if path.exists() and not force and not _writable(path.parent):
+                return "load"
+            if not _writable(path.parent):
+                raise PermissionError(f"the results folder {path.parent} is not writable, and the entry {name!r} "
+                                      f"({key}) is not in it: compute it elsewhere, or set NTKLAB_RESULTS (or --out) "
+                                      f"to a writable folder")
+            held.enter_context(_exclusive(path, name))
+            if path.exists() and not force:
+                try:
+                    entry = _load_entry(path, key)
+                except Exception as err:  # recompute, as one process does
+                    warnings.warn(f"cached result {path} is unreadable ({describe_load_error(err)}); recomputing it",
+                                  stacklevel=5)
+                else:
+                    _tidy(path, entry)
+                    return "load"
+            atomic_write_text(_sidecar_text(entry_of()), path.with_suffix(".json"))
+            return "compute"
+
+        def entry_of() -> dict:
+            code = {"version": ntklab.__version__, "source": code_digest(module), "module": module,
+                    "experiment_version": code_version(module)}
+            return {"format": _FORMAT, "key": key, "name": name, **code, "config": config}
+
+        def store(result) -> None:
+            atomic_save({**entry_of(), "result": result}, path)
+            shutil.rmtree(path.with_suffix(".checkpoints"), ignore_errors=True)
+
+        def forget() -> None:  # a failed computation leaves only its checkpoints, as in one process
+            if not path.exists() and not path.with_suffix(".checkpoints").exists():
+                path.with_suffix(".json").unlink(missing_ok=True)
+
+        if distributed.main_only(decide) == "compute":
+            try:
+                result = _storable(compute())
+                bad = _non_finite(result)
+                if bad:
+                    raise ValueError(f"experiment {name!r} returned a non-finite number at {bad}; a result is "
+                                     f"stored only when every number in it is finite (store None with a reason instead)")
+            except Exception:
+                if distributed.is_main():
+                    forget()
+                raise
+            distributed.main_only(store, result)
+            how = "computed"
+        else:
+            how = "loaded"
+        if not distributed.is_main() or how == "loaded":
+            result = _load(path, key)
+        distributed.barrier()  # every rank has read the entry before rank 0 lets the lock go
+    _note(path, how)
+    return result
 
 
 def _tidy(path: Path, entry: dict) -> None:
