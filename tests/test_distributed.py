@@ -88,6 +88,16 @@ def _train_mode_attack_run() -> dict:
     return _weights(model)
 
 
+def _augmented_run() -> dict:
+    """One epoch with crop-and-flip augmentation: the global batch is augmented as one process
+    augments it, then sharded, so two processes must train as one here too."""
+    from ntklab import train as T
+
+    model, data, _, config, _ = _run_setup()
+    T.train(model, data, config.replace(epochs=1, augment="crop_flip"), progress=False)
+    return _weights(model)
+
+
 def _weights(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -133,6 +143,7 @@ def _worker(out: Path) -> None:
         T.train(m, data, cfg.replace(epochs=1), progress=False)
         result[key] = _weights(m)
     result["train_mode_attack"] = _train_mode_attack_run()
+    result["augmented"] = _augmented_run()
 
     # the cache: both ranks compute (as training needs), rank 0 alone writes; then both load
     calls = []
@@ -197,7 +208,7 @@ def single():
         T._index_hook = None
     return {"seen": seen, "history": history.to_dict(), "weights": _weights(model),
             "kernel": ntk.empirical_ntk(model, probe, kind="trace"), "snapshots": snap.kernels("clean"),
-            "train_mode_attack": _train_mode_attack_run()}
+            "train_mode_attack": _train_mode_attack_run(), "augmented": _augmented_run()}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -364,3 +375,10 @@ def test_bad_input_is_refused(monkeypatch):
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker(Path(sys.argv[sys.argv.index("--worker") + 1]))
+
+
+def test_augmented_batches_are_the_global_batch_s_share(ranks, single):
+    (r0, r1), _ = ranks
+    diff = _max_diff(r0["augmented"], single["augmented"])
+    assert diff < TOL, diff
+    assert _max_diff(r0["augmented"], r0["unsynced"]) > 1e-6   # the check can fail: another run differs
