@@ -9,7 +9,7 @@ from importlib import import_module as _import_module
 __version__ = "0.1.0"
 
 _SUBMODULES = ("config", "data", "models", "ntk", "metrics", "attacks", "train", "callbacks", "evaluate",
-               "experiments", "plots", "widgets", "kernels", "linearize", "claims", "bn", "noise", "clock")
+               "experiments", "plots", "widgets", "kernels", "linearize", "claims", "bn", "noise", "clock", "plan")
 
 __all__ = list(_SUBMODULES) + ["__version__"]
 

@@ -19,8 +19,10 @@ last checkpoint when started again (from its last finished epoch).
 stops with a message and exit code 0 if other shards' runs are not in the cache yet; once every
 shard has finished, the same command without ``--shard`` assembles the result from the cache. The
 sweep that shards is chapter 4's seven training runs (``strategies``); the other experiments
-compute one cache entry each and run whole in every shard that reaches them. Give every shard the
-same ``--out`` (a shared disk) or copy the entries together before assembling.
+compute one cache entry each: ``run all --shard i/n`` deals them out whole, one shard each
+(the heaviest by :mod:`ntklab.plan`'s count first, to the least loaded shard), and every shard takes
+its part of chapter 4. Give every shard the same ``--out``
+(a shared disk) or copy the entries together before assembling.
 
 ``plan`` lists every run an experiment will make under a profile (epochs, examples, passes per
 example, kernels, AutoAttack images, settings; :mod:`ntklab.plan`) without computing or
@@ -72,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--shard", default=None, metavar="I/N",
                      help="compute only shard I of N (1-based) of the sweeps that shard: chapter 4's training runs "
-                          "(strategies); other experiments run whole. A shard stops with exit code 0 when its share "
-                          "is done; then run the same command without --shard to assemble the result from the cache")
+                          "(strategies), and with 'all' the other experiments, dealt out whole. A shard stops with "
+                          "exit code 0 when its share is done; then run the same command without --shard to assemble "
+                          "the result from the cache")
     plan = sub.add_parser(
         "plan", help="list the runs of every experiment under a profile and their cost, computing nothing",
         description="List every training run, kernel and AutoAttack evaluation the experiments make under a "
@@ -235,6 +238,17 @@ def _plan_command(args, experiments) -> int:
     return 0
 
 
+def _weights(profile) -> dict | None:
+    """Image-passes per experiment under ``profile`` (:mod:`ntklab.plan`), to deal out ``run all
+    --shard``'s experiments; ``None`` (deal them in turn) if the plan cannot be made."""
+    from ntklab import plan
+
+    try:
+        return {name: t["image_passes"] for name, t in plan.totals(plan.plan(profile)).items() if name != "total"}
+    except Exception:  # a profile the plan does not know how to count: every shard deals in turn alike
+        return None
+
+
 def _run_command(args, experiments) -> int:
     from ntklab.config import get_device, get_profile
     from ntklab.experiments import _sweep
@@ -251,7 +265,12 @@ def _run_command(args, experiments) -> int:
     problem = _check_out(args.out)
     if problem:
         return _fail(problem)
+    owners = _sweep.owners(names, shard, _weights(profile)) if shard is not None and args.name == "all" else {}
+    left = []
     for name in names:
+        if owners.get(name, shard and shard.index) != (shard and shard.index):
+            left.append(f"{name} (shard {owners[name]}/{shard.count})")
+            continue
         start = time.perf_counter()
         try:
             with experiments.cache.track() as paths, _sweep.sharding(shard, name):
@@ -273,6 +292,9 @@ def _run_command(args, experiments) -> int:
         print(f"{name} (profile {profile.name}, device {device}{shard_note}): {time.perf_counter() - start:.1f} s")
         for path, how in dict.fromkeys(paths):
             print(f"  results ({how}): {path}")
+    if left:
+        print(f"shard {shard} of all: left to the other shards: {', '.join(left)}; when every shard has finished, "
+              f"run `{PROG} run all` without --shard (the same --profile and --out) to assemble")
     return 0
 
 

@@ -380,3 +380,31 @@ def test_run_resumes_after_sigint_from_its_last_epoch(tmp_path):
             assert final[timing][:k] == history[timing][:k]          # measured once, before the interruption
         assert not (out / "kernel_runs" / f"{key}.checkpoints").exists()   # removed once the result is stored
     assert epochs == 4
+
+
+def test_run_all_with_shards_deals_out_the_experiments(monkeypatch, capsys):
+    """``run all --shard i/n``: every experiment that does not shard itself runs in exactly one
+    shard, chapter 4 (whose runs shard) in every one; the dispatch only (experiments.run recorded)."""
+    from ntklab import experiments
+    from ntklab.experiments import _sweep
+
+    ran = []
+    monkeypatch.setattr(experiments, "run", lambda name, *a, **k: ran.append((name, str(_sweep.current()))))
+    seen = []
+    for i in (1, 2, 3):
+        ran.clear()
+        assert main(["run", "all", "--profile", "paper", "--device", "cpu", "--shard", f"{i}/3", "--quiet"]) == 0
+        text = capsys.readouterr().out
+        assert ("strategies", f"{i}/3") in ran and f"shard {i}/3 of all: left to the other shards:" in text
+        assert "run all` without --shard" in text
+        seen += [name for name, _ in ran if name != "strategies"]
+    assert sorted(seen) == sorted(set(experiments.EXPERIMENTS) - {"strategies"})
+
+
+def test_owners_balance_by_weight():
+    from ntklab.experiments._sweep import Shard, owners
+
+    names = ["a", "b", "c", "d", "strategies"]
+    assert owners(names, Shard(1, 2)) == {"a": 1, "b": 2, "c": 1, "d": 2}
+    # the heaviest first, each to the least loaded shard: 10 | 6 + 3 + 1
+    assert owners(names, Shard(2, 2), {"a": 10, "b": 6, "c": 3, "d": 1}) == {"a": 1, "b": 2, "c": 2, "d": 2}

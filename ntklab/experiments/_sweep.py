@@ -12,11 +12,11 @@ finished, ``python -m ntklab run NAME`` without ``--shard`` assembles the result
 The sweeps that shard: the training runs of chapter 4 (``strategies``: seven runs) through
 :func:`ntklab.experiments.runs.kernel_runs`, the one sweep whose runs are cache entries of their
 own. The others run inside one cache entry (chapter 5's switch grid and seeds share checkpoints in
-a temporary folder; chapters 2, 3, 6, 7 and 8 compute one result): they run whole in the shard that
-reaches them, so ``run all --shard i/n`` spreads chapter 4 and runs every other experiment in every
-shard (the results are the same: the cache keeps one). Start the shards with the same code,
-profile and results folder (``--out`` on a shared disk, or copy the ``kernel_runs`` entries
-together before assembling).
+a temporary folder; chapters 2, 3, 6, 7 and 8 compute one result each): they do not shard, and
+``run all --shard i/n`` deals them out whole (:func:`owners`: by their cost in
+:func:`ntklab.plan.plan`, the heaviest first to the least loaded shard) while every shard takes its
+part of chapter 4. Start the shards with the same code, profile and results folder
+(``--out`` on a shared disk, or copy the entries together before assembling).
 
     >>> with sharding(Shard(1, 2), "strategies"):
     ...     results = sweep(items, compute, exists=is_cached)      # raises ShardDone if items are missing
@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-__all__ = ["Shard", "parse_shard", "sharding", "current", "sweep", "ShardDone", "SHARDED_SWEEPS"]
+__all__ = ["Shard", "parse_shard", "sharding", "current", "sweep", "owners", "ShardDone", "SHARDED_SWEEPS"]
 
 #: the experiments whose sweeps shard (see the module docstring)
 SHARDED_SWEEPS = ("strategies",)
@@ -122,3 +122,22 @@ def sweep(items: Sequence, fn: Callable, *, exists: Callable[[object], bool]) ->
     if missing:
         raise ShardDone(experiment, shard, done, len(items), missing)
     return results
+
+
+def owners(names: Sequence[str], shard: Shard, weights: dict[str, float] | None = None) -> dict[str, int]:
+    """For ``run all --shard i/n``: the shard (1-based) that runs each experiment of ``names`` that
+    does not shard itself (those of :data:`SHARDED_SWEEPS` are left out: every shard runs its part
+    of them). Without ``weights``, in turn (position p goes to shard p % n + 1); with ``weights``
+    (experiment -> its cost, e.g. image-passes of :func:`ntklab.plan.totals`), the heaviest first,
+    each to the shard with the least so far (ties: the lowest shard), so that the shards finish
+    close together. The same names and weights give every shard the same answer."""
+    whole = [n for n in names if n not in SHARDED_SWEEPS]
+    if not weights:
+        return {n: p % shard.count + 1 for p, n in enumerate(whole)}
+    load = [0.0] * shard.count
+    out = {}
+    for n in sorted(whole, key=lambda n: (-float(weights.get(n, 0.0)), n)):
+        i = min(range(shard.count), key=lambda j: (load[j], j))
+        out[n] = i + 1
+        load[i] += float(weights.get(n, 0.0))
+    return {n: out[n] for n in whole}
