@@ -18,10 +18,10 @@ last checkpoint when started again (from its last finished epoch).
 (:mod:`ntklab.experiments._sweep`): shard i trains the runs at positions p with p % n == i - 1, then
 stops with a message and exit code 0 if other shards' runs are not in the cache yet; once every
 shard has finished, the same command without ``--shard`` assembles the result from the cache. The
-sweep that shards is chapter 4's seven training runs (``strategies``); the other experiments
-compute one cache entry each: ``run all --shard i/n`` deals them out whole, one shard each
-(the heaviest by :mod:`ntklab.plan`'s count first, to the least loaded shard), and every shard takes
-its part of chapter 4. Give every shard the same ``--out``
+sweeps that shard are chapter 4's seven training runs (``strategies``) and chapter 5's seeds
+(``schedule``); the other experiments compute one cache entry each: ``run all --shard i/n`` deals
+them out whole, one shard each (the heaviest by :mod:`ntklab.plan`'s count first, to the least
+loaded shard), and every shard takes its part of chapters 4 and 5. Give every shard the same ``--out``
 (a shared disk) or copy the entries together before assembling.
 
 ``plan`` lists every run an experiment will make under a profile (epochs, examples, passes per
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--shard", default=None, metavar="I/N",
                      help="compute only shard I of N (1-based) of the sweeps that shard: chapter 4's training runs "
-                          "(strategies), and with 'all' the other experiments, dealt out whole. A shard stops with "
+                          "(strategies) and chapter 5's seeds (schedule), and with 'all' the other experiments, dealt "
+                          "out whole. A shard stops with "
                           "exit code 0 when its share is done; then run the same command without --shard to assemble "
                           "the result from the cache")
     plan = sub.add_parser(

@@ -384,9 +384,12 @@ def test_run_resumes_after_sigint_from_its_last_epoch(tmp_path):
 
 def test_run_all_with_shards_deals_out_the_experiments(monkeypatch, capsys):
     """``run all --shard i/n``: every experiment that does not shard itself runs in exactly one
-    shard, chapter 4 (whose runs shard) in every one; the dispatch only (experiments.run recorded)."""
+    shard, chapters 4 and 5 (whose runs shard) in every one; the dispatch only (experiments.run
+    recorded)."""
     from ntklab import experiments
     from ntklab.experiments import _sweep
+
+    assert set(_sweep.SHARDED_SWEEPS) == {"strategies", "schedule"}
 
     ran = []
     monkeypatch.setattr(experiments, "run", lambda name, *a, **k: ran.append((name, str(_sweep.current()))))
@@ -395,10 +398,35 @@ def test_run_all_with_shards_deals_out_the_experiments(monkeypatch, capsys):
         ran.clear()
         assert main(["run", "all", "--profile", "paper", "--device", "cpu", "--shard", f"{i}/3", "--quiet"]) == 0
         text = capsys.readouterr().out
-        assert ("strategies", f"{i}/3") in ran and f"shard {i}/3 of all: left to the other shards:" in text
-        assert "run all` without --shard" in text
-        seen += [name for name, _ in ran if name != "strategies"]
-    assert sorted(seen) == sorted(set(experiments.EXPERIMENTS) - {"strategies"})
+        assert ("strategies", f"{i}/3") in ran and ("schedule", f"{i}/3") in ran
+        assert f"shard {i}/3 of all: left to the other shards:" in text and "run all` without --shard" in text
+        seen += [name for name, _ in ran if name not in _sweep.SHARDED_SWEEPS]
+    assert sorted(seen) == sorted(set(experiments.EXPERIMENTS) - set(_sweep.SHARDED_SWEEPS))
+
+
+def test_schedule_shards_by_seed(tmp_path, capsys, monkeypatch):
+    """Chapter 5 under smoke (two seeds) with --shard 1/2: the first seed's runs only, one cache
+    entry; then the run without --shard trains the second seed only and loads the first."""
+    import ntklab.train
+    from ntklab.experiments import cache
+
+    out = tmp_path / "results"
+    trained = []
+    real = ntklab.train.train
+    monkeypatch.setattr(ntklab.train, "train", lambda *a, **k: trained.append(1) or real(*a, **k))
+    args = ["run", "schedule", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--quiet"]
+
+    def seeds_in_cache():
+        return {e.key for e in cache.entries(out) if e.name == "schedule_seeds" and e.finished}
+
+    assert main(args + ["--shard", "1/2"]) == 0
+    assert "shard 1/2 of schedule: 1 of 2 runs done here" in capsys.readouterr().out
+    first, per_seed = seeds_in_cache(), len(trained)
+    assert len(first) == 1 and per_seed >= 5 and not (out / "schedule").exists()
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert len(trained) == 2 * per_seed and len(seeds_in_cache()) == 2 and first < seeds_in_cache()
+    assert f"(loaded): {out / 'schedule_seeds' / (next(iter(first)) + '.pt')}" in text
 
 
 def test_owners_balance_by_weight():

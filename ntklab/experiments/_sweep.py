@@ -9,13 +9,13 @@ stops there (the command line prints the message and exits with 0), and once eve
 finished, ``python -m ntklab run NAME`` without ``--shard`` assembles the result from the cache
 (computing nothing that a shard computed). Without ``--shard`` nothing changes.
 
-The sweeps that shard: the training runs of chapter 4 (``strategies``: seven runs) through
-:func:`ntklab.experiments.runs.kernel_runs`, the one sweep whose runs are cache entries of their
-own. The others run inside one cache entry (chapter 5's switch grid and seeds share checkpoints in
-a temporary folder; chapters 2, 3, 6, 7 and 8 compute one result each): they do not shard, and
-``run all --shard i/n`` deals them out whole (:func:`owners`: by their cost in
-:func:`ntklab.plan.plan`, the heaviest first to the least loaded shard) while every shard takes its
-part of chapter 4. Start the shards with the same code, profile and results folder
+The sweeps that shard: the training runs of chapter 4 (``strategies``: seven runs, through
+:func:`ntklab.experiments.runs.kernel_runs`) and the seeds of chapter 5 (``schedule``: each seed's
+switch grid, controls and FGSM-RS run is one cache entry, ``"schedule_seeds"``; the runs of one seed
+share a normal prefix and stay together). The others do not shard: chapters 2, 3, 6, 7 and 8 compute
+one result each (their runs share models or checkpoints inside it), and ``run all --shard i/n``
+deals them out whole (:func:`owners`: by their cost in :func:`ntklab.plan.plan`, the heaviest first
+to the least loaded shard) while every shard takes its part of chapters 4 and 5. Start the shards with the same code, profile and results folder
 (``--out`` on a shared disk, or copy the entries together before assembling).
 
     >>> with sharding(Shard(1, 2), "strategies"):
@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 __all__ = ["Shard", "parse_shard", "sharding", "current", "sweep", "owners", "ShardDone", "SHARDED_SWEEPS"]
 
 #: the experiments whose sweeps shard (see the module docstring)
-SHARDED_SWEEPS = ("strategies",)
+SHARDED_SWEEPS = ("strategies", "schedule")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from ntklab import _progress
-from ntklab.experiments import cached, checkpoint_dir, data_from_profile, model_from_profile, result_path, train_kwargs
+from ntklab.experiments import cached, checkpoint_dir, data_from_profile, model_from_profile, train_kwargs
 
 __all__ = ["RunSettings", "chapter_profile", "run_config", "kernel_run", "kernel_runs", "RUNS_ENTRY", "DECAYS"]
 
@@ -216,6 +216,7 @@ def kernel_runs(profile, specs, *, device=None, force: bool = False, progress=Tr
     --shard i/n`` this process trains only the specs at positions p with ``p % n == i - 1``, loads
     the others' runs that are already cached, and raises
     :class:`ntklab.experiments._sweep.ShardDone` when some are not."""
+    from ntklab.experiments import result_path
     from ntklab.experiments._sweep import sweep
 
     with _progress.bar(progress, total=len(specs) * profile.epochs, desc=desc) as bar:
