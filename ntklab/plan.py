@@ -114,37 +114,40 @@ def passes_per_example(strategy: str, steps: int | None = None, *, clean_update:
     return n + (1.0 if clean_update else 0.0)
 
 
+def _split_size(dataset: str, split: str, n: int | None) -> int:
+    """``n`` examples of ``split`` (``None``: all of it), at most what the split holds: from
+    :data:`TRAIN_SIZES` / :data:`TEST_SIZES`, else from the data set itself when it is on disk
+    (embedded or generated); never downloaded."""
+    total = (TRAIN_SIZES if split == "train" else TEST_SIZES).get(dataset)
+    if total is None:
+        from ntklab import data
+
+        try:
+            total = len(data.load(dataset, split))
+        except Exception as err:  # not on disk: a plan downloads nothing
+            if n is not None:
+                return int(n)
+            raise ValueError(f"the size of the {split} split of data set {dataset!r} is not known to ntklab.plan "
+                             f"and the data are not on disk ({_first_line(err)}); add it to ntklab.plan."
+                             f"{'TRAIN' if split == 'train' else 'TEST'}_SIZES") from None
+    return int(total if n is None else min(int(n), total))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def train_size(profile, n: int | None = None) -> int:
     """Training examples per epoch of a run of ``profile`` on ``n`` examples (default
     ``profile.n_train``; ``None`` means the whole split, :data:`TRAIN_SIZES`), never more than the
     split holds. A data set not in the table is asked for its size only if it is on disk (embedded
     or generated), never downloaded."""
-    n = profile.n_train if n is None else n
-    total = TRAIN_SIZES.get(profile.dataset)
-    if total is None:
-        from ntklab import data
-
-        total = data.info(profile.dataset).get("n_train")
-        if total is None:
-            try:
-                total = len(data.load(profile.dataset, "train"))
-            except Exception as err:  # not on disk: no download from a plan
-                if n is not None:
-                    return int(n)
-                raise ValueError(f"the size of data set {profile.dataset!r} is not known to ntklab.plan and it "
-                                 f"is not on disk ({err}); add it to ntklab.plan.TRAIN_SIZES") from None
-    return int(total if n is None else min(int(n), total))
+    return _split_size(profile.dataset, "train", profile.n_train if n is None else n)
 
 
 def test_size(profile) -> int:
     """Test examples of ``profile`` (``n_test``; ``None``: the whole split, :data:`TEST_SIZES`)."""
-    total = TEST_SIZES.get(profile.dataset)
-    if profile.n_test is not None:
-        return int(profile.n_test if total is None else min(profile.n_test, total))
-    if total is None:
-        raise ValueError(f"the test size of data set {profile.dataset!r} is not known to ntklab.plan; add it to "
-                         "ntklab.plan.TEST_SIZES")
-    return total
+    return _split_size(profile.dataset, "test", profile.n_test)
 
 
 def _short(config) -> str:

@@ -120,8 +120,13 @@ def test_plan_of_every_profile_needs_no_data(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "load", refuse)
     monkeypatch.setenv("NTKLAB_CACHE", str(tmp_path / "empty"))
     assert plan.missing() == []
-    runs = plan.plan("paper")
     from ntklab import experiments
+    from ntklab.config import PROFILES
+
+    for name, profile in PROFILES.items():            # every profile on a data set of the tables
+        if profile.dataset in plan.TRAIN_SIZES:
+            assert {r.experiment for r in plan.plan(name)} == set(experiments.EXPERIMENTS), name
+    runs = plan.plan("paper")
 
     assert {r.experiment for r in runs} == set(experiments.EXPERIMENTS)
     # chapter 3's normal model with buffer is chapter 2's ReLU model: listed twice, counted once
