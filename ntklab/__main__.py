@@ -225,6 +225,9 @@ def _plan_command(args, experiments) -> int:
     print(f"plan of profile {profile.name} ({profile.dataset}, {profile.model}): {len(runs)} runs; "
           "image-passes = forward+backward passes of one image through the profile's model (see ntklab.plan)")
     print(plan.table(runs, costs))
+    for r in (r for r in runs if r.shared):
+        print(f"shared through the result cache, counted once (under {r.settings['shared_with']}): "
+              f"{r.experiment}, {r.label!r}")
     left_out = [n for n in plan.missing() if n in names]
     if left_out:
         print(f"not planned (no plan function): {', '.join(left_out)}")

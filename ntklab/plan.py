@@ -407,7 +407,7 @@ def table(runs, costs: dict | None = None) -> str:
     hours = project(runs, costs) if costs is not None else None
     lines.append("")
     sums = totals(runs)
-    head2 = ("EXPERIMENT", "RUNS", "IMAGE-PASSES", "KERNELS (500-EQUIV.)", "AA IMAGES") + (("HOURS",) if hours else ())
+    head2 = ("EXPERIMENT", "TRAINED/LISTED", "IMAGE-PASSES", "KERNELS (500-EQUIV.)", "AA IMAGES") + (("HOURS",) if hours else ())
     rows2 = []
     for name, t in sums.items():
         h = sum(hours.values()) if (hours and name == "total") else (hours or {}).get(name)
