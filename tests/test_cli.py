@@ -436,3 +436,16 @@ def test_owners_balance_by_weight():
     assert owners(names, Shard(1, 2)) == {"a": 1, "b": 2, "c": 1, "d": 2}
     # the heaviest first, each to the least loaded shard: 10 | 6 + 3 + 1
     assert owners(names, Shard(2, 2), {"a": 10, "b": 6, "c": 3, "d": 1}) == {"a": 1, "b": 2, "c": 2, "d": 2}
+
+
+def test_a_forced_shard_recomputes_its_own_items_only():
+    from ntklab.experiments._sweep import Shard, ShardDone, sharding, sweep
+
+    calls = []
+    with sharding(Shard(2, 2), "x"):
+        out = sweep([0, 1, 2, 3], lambda i: calls.append(("computed", i)) or i, exists=lambda i: True,
+                    load=lambda i: calls.append(("loaded", i)) or -i)
+        assert out == [0, 1, -2, 3] and calls == [("loaded", 0), ("computed", 1), ("loaded", 2), ("computed", 3)]
+        with pytest.raises(ShardDone, match="shard 2/2 of x: 2 of 4 runs done here \\(1 left"):
+            sweep([0, 1, 2, 3], lambda i: i, exists=lambda i: i != 2)
+    assert sweep([0, 1], lambda i: i + 1, exists=lambda i: False) == [1, 2]      # no shard: everything

@@ -186,7 +186,7 @@ def _compute(st: Settings, config, device, progress, force: bool = False) -> dic
            "runs": {}, "kernels": {}, "auto": {}}
     seconds = {"wall": 0.0, "cpu": 0.0}
     with _progress.bar(progress, total=len(st.seeds) * len(st.labels()), desc=f"{NAME}: runs") as bar:
-        def one_seed(seed):
+        def one_seed(seed, force=force):
             def compute():
                 wall, cpu = time.perf_counter(), time.process_time()
                 with tempfile.TemporaryDirectory(prefix="ntklab-schedule-") as work:
@@ -204,7 +204,7 @@ def _compute(st: Settings, config, device, progress, force: bool = False) -> dic
         def exists(seed):
             return result_path(SEEDS_ENTRY, {**config, "seed": seed}).exists()
 
-        for seed, res in sweep(st.seeds, one_seed, exists=exists):
+        for seed, res in sweep(st.seeds, one_seed, exists=exists, load=lambda seed: one_seed(seed, force=False)):
             out["runs"][str(seed)], out["kernels"][str(seed)], out["auto"][str(seed)] = \
                 res["runs"], res["kernels"], res["auto"]
             seconds["wall"] += res["wall_seconds"]

@@ -100,12 +100,13 @@ def current() -> Shard | None:
     return state[0] if state else None
 
 
-def sweep(items: Sequence, fn: Callable, *, exists: Callable[[object], bool]) -> list:
+def sweep(items: Sequence, fn: Callable, *, exists: Callable[[object], bool], load: Callable | None = None) -> list:
     """``[fn(item) for item in items]``, or under :func:`sharding` this shard's part of it.
 
-    exists(item): whether the item's result is in the cache already (then ``fn`` loads it). Under a
-    shard, an item of another shard that does not exist is skipped; if any was skipped, raises
-    :class:`ShardDone` once this shard's items are computed."""
+    exists(item): whether the item's result is in the cache already. Under a shard, an item of
+    another shard is loaded with ``load(item)`` (default ``fn``; give one that never recomputes,
+    so that ``--force`` recomputes this shard's items only) when it exists and skipped otherwise;
+    if any was skipped, raises :class:`ShardDone` once this shard's items are computed."""
     state = _SHARD.get()
     if state is None:
         return [fn(item) for item in items]
@@ -116,7 +117,7 @@ def sweep(items: Sequence, fn: Callable, *, exists: Callable[[object], bool]) ->
             results.append(fn(item))
             done += 1
         elif exists(item):
-            results.append(fn(item))
+            results.append((load or fn)(item))
         else:
             missing += 1
     if missing:

@@ -222,7 +222,7 @@ def kernel_runs(profile, specs, *, device=None, force: bool = False, progress=Tr
     with _progress.bar(progress, total=len(specs) * profile.epochs, desc=desc) as bar:
         done = [0]
 
-        def one(item):
+        def one(item, force=force):
             result = kernel_run(profile, device=device, force=force, progress=bar, **item[1])
             done[0] += 1
             bar.update(max(0, done[0] * profile.epochs - bar.n))
@@ -233,5 +233,5 @@ def kernel_runs(profile, specs, *, device=None, force: bool = False, progress=Tr
             strategy, schedule, ae = spec.pop("strategy"), spec.pop("schedule", "multistep"), spec.pop("ae", False)
             return result_path(RUNS_ENTRY, run_config(profile, strategy, schedule, ae, spec)).exists()
 
-        return sweep(list(enumerate(specs)), one, exists=exists)
+        return sweep(list(enumerate(specs)), one, exists=exists, load=lambda item: one(item, force=False))
 
