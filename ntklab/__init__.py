@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("config", "data", "models", "ntk", "metrics", "attacks", "train", "callbacks", "evaluate",
                "experiments", "plots", "widgets", "kernels", "linearize", "claims", "bn", "noise", "clock", "augment",
-               "student", "distributed")
+               "student", "distributed", "plan")
 
 __all__ = list(_SUBMODULES) + ["__version__"]
 

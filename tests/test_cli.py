@@ -1,4 +1,5 @@
 """Tests of the command line, ``python -m ntklab``."""
+import json
 import os
 import pathlib
 import subprocess
@@ -253,3 +254,210 @@ def test_student_edition_goes_through_the_command_line(tmp_path):
     assert sorted(p.name for p in out.glob("*.ipynb")) and (out / "primer.ipynb").is_file()
     refused = cli("student-edition", str(pathlib.Path(__file__).resolve().parents[1] / "book"))
     assert refused.returncode == 2 and refused.stderr.startswith("ntklab: error: out must not be the book")
+
+
+# ------------------------------------------------------------------ plan, --shard, resume (issue 20)
+def test_plan_lists_every_experiment_without_costs(capsys):
+    from ntklab import experiments
+
+    assert main(["plan", "--profile", "smoke"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.strip()]
+    for name in experiments.EXPERIMENTS:
+        assert rows.count(name) >= 2, name             # its runs and its line of the totals
+    assert "total" in rows and "python bench/gpu.py --out costs.json" in out and "HOURS" not in out
+
+
+def test_plan_of_paper_with_costs(tmp_path, capsys):
+    from ntklab import plan
+
+    costs = {"device": "cpu", "seconds_per_pass": 0.01, "kernel_500_seconds": 100.0,
+             "autoattack_seconds_per_image": 2.0}
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(costs))
+    assert main(["plan", "--profile", "paper", "--costs", str(path), "strategies"]) == 0
+    out = capsys.readouterr().out
+    hours = plan.project([r for r in plan.plan("paper") if r.experiment == "strategies"], costs)["strategies"]
+    assert "HOURS" in out and f"projected hours on cpu: {hours:.3g} in total" in out
+    assert not [line for line in out.splitlines() if line.split()[:1] in (["schedule"], ["theorems"])]
+    lines = [line for line in out.splitlines() if line.startswith("strategies")]
+    assert len(lines) == 7 + 1 and "200" in lines[0] and "50000" in lines[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--costs .*cannot read it"), ("{not json", "--costs .*not JSON"),
+    ('{"seconds_per_pass": 1}', "--costs .*no 'kernel_500_seconds'"),
+])
+def test_plan_with_bad_costs_exits_2(tmp_path, capsys, content, message):
+    import re
+
+    path = tmp_path / "costs.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["plan", "--profile", "smoke", "--costs", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert one_line_error(err) and re.search(message, err), err
+
+
+@pytest.mark.parametrize("shard, message", [
+    ("0/2", "--shard must be i/n with 1 <= i <= n, got 0/2"), ("3/2", "got 3/2"), ("1/0", "got 1/0"),
+    ("a/b", "--shard must be i/n"), ("2", "--shard must be i/n"), ("-1/2", "--shard must be i/n"),
+])
+def test_bad_shard_exits_2(shard, message, capsys):
+    assert main(["run", "strategies", "--profile", "smoke", f"--shard={shard}"]) == 2
+    err = capsys.readouterr().err
+    assert one_line_error(err) and message in err
+
+
+def test_two_shards_split_a_sweep_and_the_run_without_shard_assembles(tmp_path, capsys, monkeypatch):
+    """Chapter 4's seven runs over two shards: disjoint shares (4 and 3 runs), each trained once;
+    the run without --shard trains nothing and loads every run from the cache."""
+    import ntklab.train
+    from ntklab.experiments import cache
+
+    out = tmp_path / "results"
+    trained = []
+    real = ntklab.train.train
+
+    def counting(*args, **kwargs):
+        trained.append(kwargs.get("checkpoint_dir"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ntklab.train, "train", counting)
+    args = ["run", "strategies", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--quiet"]
+
+    def runs_in_cache():
+        return {e.key for e in cache.entries(out) if e.name == "kernel_runs" and e.finished}
+
+    assert main(args + ["--shard", "1/2"]) == 0
+    text = capsys.readouterr().out
+    assert ("shard 1/2 of strategies: 4 of 7 runs done here (3 left to the other shards); when every shard has "
+            "finished, run `python -m ntklab run strategies` without --shard") in text
+    first = runs_in_cache()
+    assert len(trained) == 4 and len(first) == 4
+    assert not (out / "strategies").exists() or not list((out / "strategies").glob("*.pt"))
+    assert main(args + ["--shard", "2/2"]) == 0          # its three runs, the others loaded: it assembles
+    text = capsys.readouterr().out
+    both = runs_in_cache()
+    assert len(trained) == 7 and len(both) == 7 and first < both
+    assert text.count("(computed): ") == 3 + 1 and text.count("(loaded): ") == 4
+    # the run without --shard: from the cache, nothing trained (also with the assembled result deleted)
+    cache.clear(out, names={"strategies"})
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert len(trained) == 7 and text.count("(loaded): ") == 7 and text.count("(computed): ") == 1
+    assert runs_in_cache() == both
+
+
+def test_run_resumes_after_sigint_from_its_last_epoch(tmp_path):
+    """``run strategies`` in a subprocess, interrupted (SIGINT) once a run's checkpoint exists, then
+    run again: it resumes. Evidence a restart could not produce: the measured seconds of the epochs
+    done before the interruption are in the final history, bit for bit (a restart measures anew).
+    With ``--shard 1/7`` each process trains only the first of chapter 4's seven runs (then stops
+    with exit code 0), to keep the test cheap; the resume is train()'s, the same with or without it."""
+    import signal
+    import time as _time
+
+    out = tmp_path / "results"
+    args = [sys.executable, "-m", "ntklab", "run", "strategies", "--profile", "smoke", "--device", "cpu",
+            "--out", str(out), "--quiet", "--shard", "1/7"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = _time.time() + 120
+    try:
+        while not list(out.glob("kernel_runs/*.checkpoints/checkpoint.pt")):
+            assert proc.poll() is None and _time.time() < deadline, "no checkpoint appeared"
+            _time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "strategies interrupted; run the same command again to resume" in err
+    saved = {}
+    for path in out.glob("kernel_runs/*.checkpoints/checkpoint.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved[path.parent.name.split(".")[0]] = (state["history"], path.stat().st_mtime)
+    assert saved, "the interrupted run left no checkpoint"
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "shard 1/7 of strategies: 1 of 7 runs done here" in done.stdout, done.stderr
+    epochs = None
+    for key, (history, _) in saved.items():
+        result = torch.load(out / "kernel_runs" / f"{key}.pt", weights_only=True)["result"]
+        final = result["history"]
+        epochs = len(final["epoch"])
+        k = len(history["epoch"])
+        assert 1 <= k <= epochs == 4
+        for timing in ("time_attack", "time_update", "time_attack_cpu", "time_update_cpu"):
+            assert final[timing][:k] == history[timing][:k]          # measured once, before the interruption
+        assert not (out / "kernel_runs" / f"{key}.checkpoints").exists()   # removed once the result is stored
+    assert epochs == 4
+
+
+def test_run_all_with_shards_deals_out_the_experiments(monkeypatch, capsys):
+    """``run all --shard i/n``: every experiment that does not shard itself runs in exactly one
+    shard, chapters 4 and 5 (whose runs shard) in every one; the dispatch only (experiments.run
+    recorded)."""
+    from ntklab import experiments
+    from ntklab.experiments import _sweep
+
+    assert set(_sweep.SHARDED_SWEEPS) == {"strategies", "schedule"}
+
+    ran = []
+    monkeypatch.setattr(experiments, "run", lambda name, *a, **k: ran.append((name, str(_sweep.current()))))
+    seen = []
+    for i in (1, 2, 3):
+        ran.clear()
+        assert main(["run", "all", "--profile", "paper", "--device", "cpu", "--shard", f"{i}/3", "--quiet"]) == 0
+        text = capsys.readouterr().out
+        assert ("strategies", f"{i}/3") in ran and ("schedule", f"{i}/3") in ran
+        assert f"shard {i}/3 of all: left to the other shards:" in text and "run all` without --shard" in text
+        seen += [name for name, _ in ran if name not in _sweep.SHARDED_SWEEPS]
+    assert sorted(seen) == sorted(set(experiments.EXPERIMENTS) - set(_sweep.SHARDED_SWEEPS))
+
+
+def test_schedule_shards_by_seed(tmp_path, capsys, monkeypatch):
+    """Chapter 5 under smoke (two seeds) with --shard 1/2: the first seed's runs only, one cache
+    entry; then the run without --shard trains the second seed only and loads the first."""
+    import ntklab.train
+    from ntklab.experiments import cache
+
+    out = tmp_path / "results"
+    trained = []
+    real = ntklab.train.train
+    monkeypatch.setattr(ntklab.train, "train", lambda *a, **k: trained.append(1) or real(*a, **k))
+    args = ["run", "schedule", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--quiet"]
+
+    def seeds_in_cache():
+        return {e.key for e in cache.entries(out) if e.name == "schedule_seeds" and e.finished}
+
+    assert main(args + ["--shard", "1/2"]) == 0
+    assert "shard 1/2 of schedule: 1 of 2 runs done here" in capsys.readouterr().out
+    first, per_seed = seeds_in_cache(), len(trained)
+    assert len(first) == 1 and per_seed >= 5 and not list(out.glob("schedule/*.pt"))
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert len(trained) == 2 * per_seed and len(seeds_in_cache()) == 2 and first < seeds_in_cache()
+    assert f"(loaded): {out / 'schedule_seeds' / (next(iter(first)) + '.pt')}" in text
+
+
+def test_owners_balance_by_weight():
+    from ntklab.experiments._sweep import Shard, owners
+
+    names = ["a", "b", "c", "d", "strategies"]
+    assert owners(names, Shard(1, 2)) == {"a": 1, "b": 2, "c": 1, "d": 2}
+    # the heaviest first, each to the least loaded shard: 10 | 6 + 3 + 1
+    assert owners(names, Shard(2, 2), {"a": 10, "b": 6, "c": 3, "d": 1}) == {"a": 1, "b": 2, "c": 2, "d": 2}
+
+
+def test_a_forced_shard_recomputes_its_own_items_only():
+    from ntklab.experiments._sweep import Shard, ShardDone, sharding, sweep
+
+    calls = []
+    with sharding(Shard(2, 2), "x"):
+        out = sweep([0, 1, 2, 3], lambda i: calls.append(("computed", i)) or i, exists=lambda i: True,
+                    load=lambda i: calls.append(("loaded", i)) or -i)
+        assert out == [0, 1, -2, 3] and calls == [("loaded", 0), ("computed", 1), ("loaded", 2), ("computed", 3)]
+        with pytest.raises(ShardDone, match="shard 2/2 of x: 2 of 4 runs done here \\(1 left"):
+            sweep([0, 1, 2, 3], lambda i: i, exists=lambda i: i != 2)
+    assert sweep([0, 1], lambda i: i + 1, exists=lambda i: False) == [1, 2]      # no shard: everything

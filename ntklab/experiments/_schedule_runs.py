@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ntklab.config import Profile
-from ntklab.experiments import RunContext, experiment
+from ntklab.experiments import RunContext, cached, experiment, result_path
 from ntklab.experiments.runs import RunSettings
 
 __all__ = ["run", "make_config", "Settings", "continue_with_switch", "chapter_profile", "NAME"]
 
 NAME = "schedule"
+SEEDS_ENTRY = "schedule_seeds"   # the cache entries of the seeds' runs
 
 
 def chapter_profile(profile: Profile) -> Profile:
@@ -115,7 +116,7 @@ def make_config(profile) -> dict:
                   "automatic switch over several seeds, robustness and measured cost (chapter 5)", make_config)
 def run(ctx: RunContext) -> dict:
     """Train the runs of chapter 5 under ``profile`` (see the module docstring for the result)."""
-    return _compute(Settings.for_profile(ctx.profile), ctx.config, ctx.device, ctx.progress)
+    return _compute(Settings.for_profile(ctx.profile), ctx.config, ctx.device, ctx.progress, ctx.force)
 
 
 # ------------------------------------------------------------------ the shared prefix
@@ -168,11 +169,14 @@ class _CopyCheckpoints:
 
 
 # ------------------------------------------------------------------ computation
-def _compute(st: Settings, config, device, progress) -> dict:
+def _compute(st: Settings, config, device, progress, force: bool = False) -> dict:
+    """The runs of every seed, each seed one cache entry (``"schedule_seeds"``, keyed by the
+    experiment's config and the seed): a sweep that shards (``python -m ntklab run schedule --shard
+    i/n``, :mod:`ntklab.experiments._sweep`), and an interrupted computation keeps its finished seeds."""
     from ntklab import _progress, data
     from ntklab.config import get_device
+    from ntklab.experiments._sweep import sweep
 
-    start, cpu_start = time.perf_counter(), time.process_time()
     cp = st.profile
     device = get_device(device)
     train_set, test_set = _data(cp)
@@ -180,17 +184,37 @@ def _compute(st: Settings, config, device, progress) -> dict:
     test = data.subset(test_set, cp.n_eval, seed=cp.seed)
     out = {"config": config, "seeds": st.seeds, "grid": st.switch_grid, "controls": st.control_switches,
            "runs": {}, "kernels": {}, "auto": {}}
-    with _progress.bar(progress, total=len(st.seeds) * len(st.labels()), desc=f"{NAME}: runs") as bar, \
-            tempfile.TemporaryDirectory(prefix="ntklab-schedule-") as work:
-        for seed in st.seeds:
-            runs, kernels, auto = _seed_runs(st, seed, train_set, probe_x, Path(work) / f"seed{seed}", device, bar)
-            for label, (model, history) in runs.items():
-                runs[label] = _evaluate(st, config, label, model, history, test, probe_x, device)
-            out["runs"][str(seed)], out["kernels"][str(seed)], out["auto"][str(seed)] = runs, kernels, auto
+    seconds = {"wall": 0.0, "cpu": 0.0}
+    with _progress.bar(progress, total=len(st.seeds) * len(st.labels()), desc=f"{NAME}: runs") as bar:
+        def one_seed(seed, force=force):
+            def compute():
+                wall, cpu = time.perf_counter(), time.process_time()
+                with tempfile.TemporaryDirectory(prefix="ntklab-schedule-") as work:
+                    runs, kernels, auto = _seed_runs(st, seed, train_set, probe_x, Path(work) / f"seed{seed}", device,
+                                                     bar)
+                for label, (model, history) in runs.items():
+                    runs[label] = _evaluate(st, config, label, model, history, test, probe_x, device)
+                return {"runs": runs, "kernels": kernels, "auto": auto,
+                        "wall_seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+
+            result = cached(SEEDS_ENTRY, {**config, "seed": seed}, compute, force=force)
+            bar.update(max(0, (st.seeds.index(seed) + 1) * len(st.labels()) - bar.n))
+            return seed, result
+
+        def exists(seed):
+            return result_path(SEEDS_ENTRY, {**config, "seed": seed}).exists()
+
+        for seed, res in sweep(st.seeds, one_seed, exists=exists, load=lambda seed: one_seed(seed, force=False)):
+            out["runs"][str(seed)], out["kernels"][str(seed)], out["auto"][str(seed)] = \
+                res["runs"], res["kernels"], res["auto"]
+            seconds["wall"] += res["wall_seconds"]
+            seconds["cpu"] += res["cpu_seconds"]
     out["lr_time"] = _lr_time(cp, len(train_set))
+    wall, cpu = time.perf_counter(), time.process_time()
     out["step_seconds"] = _step_costs(st, train_set, device)
-    out["compute_seconds"] = time.perf_counter() - start
-    out["cpu_seconds"] = time.process_time() - cpu_start
+    # the seeds' own seconds (also when loaded from their entries), and the rest of this computation
+    out["compute_seconds"] = seconds["wall"] + time.perf_counter() - wall
+    out["cpu_seconds"] = seconds["cpu"] + time.process_time() - cpu
     return out
 
 

@@ -889,3 +889,41 @@ def _autoattack_flags():
 
 def _mean(flags) -> float:
     return float(flags.double().mean())
+
+
+# ------------------------------------------------------------------ plan
+def plan(profile) -> list:
+    """The runs of :func:`run` under ``profile`` (:func:`ntklab.plan.plan`), from :class:`Settings`:
+    the normal model with buffer (:func:`ntklab.experiments.trained_model`, the same cache entry as
+    chapter 2's ReLU network: counted once), the normal model without buffer (its weights copied,
+    no training), and the three PGD-AT models of :func:`adversarial_training` (``switch_epoch``
+    normal epochs first). Each model: the accuracy grid (FGSM and PGD crafted per test batch size and
+    crafting mode, an estimate), AutoAttack on ``n_aa`` (AT models) or ``n_aa_normal`` images, and the
+    full C-NTK and AE-NTK of ``n_ks`` probe images (a full kernel of k outputs as k trace kernels)."""
+    import importlib
+
+    P = importlib.import_module("ntklab.plan")   # not an import statement: see strategies.plan
+    from ntklab import data
+
+    s = Settings.for_profile(profile)
+    k = data.info(profile.dataset)["num_classes"]
+    per_craft = P.worst_case_passes(s.n_eval, profile.eval_pgd_steps)
+    ks = [s.n_ks] * (2 * k)
+    runs = []
+    for name, (strategy, buffer, craft) in MODELS.items():
+        mp = model_profile(profile, buffer)
+        crafts = (1 + 2 * len(s.test_batch_sizes)) if buffer == BUFFERS[0] else 2 * len(s.test_batch_sizes)
+        kw = dict(eval_passes=crafts * per_craft + s.n_gradient, kernel_images=ks, buffer=buffer,
+                  pass_cost=P.relative_cost(mp, profile),
+                  autoattack_images=s.n_aa if strategy == "pgd" else s.n_aa_normal)
+        if strategy == "normal" and buffer == BUFFERS[0]:     # the shared training, then this chapter's evaluation
+            runs.append(P.training_run(NAME, f"{name}: training", mp, "normal", pass_cost=kw["pass_cost"],
+                                       cache=P.models_key(mp, "normal", **train_overrides(profile))))
+            runs.append(P.training_run(NAME, f"{name}: evaluation", mp, "normal", epochs=0, **kw))
+        elif strategy == "normal":
+            runs.append(P.training_run(NAME, f"{name} (weights of the model with buffer: no training)", mp, "normal",
+                                       epochs=0, **kw))
+        else:
+            runs.append(P.training_run(NAME, f"{name} (craft: {craft})", mp, "pgd", steps=s.train_steps or
+                                       profile.pgd_steps, switch_epoch=s.switch_epoch, **kw))
+    return runs

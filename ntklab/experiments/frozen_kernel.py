@@ -502,3 +502,46 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
         out["aa_state"] = trained["AA"].state_dict()
     out["compute_seconds"] = time.perf_counter() - start
     return out
+
+
+# ------------------------------------------------------------------ plan
+def plan(profile) -> list:
+    """The runs of :func:`run` under ``profile`` (:func:`ntklab.plan.plan`), from :class:`Settings`:
+    phase 1 (benign and adversarial, ``epochs1`` on the training set, Loo et al.'s clean update in
+    adversarial epochs), with the kernel of ``n_kernel`` images and the evaluation of every snapshot;
+    at every freeze time the four phase-2 cells on ``n_phase2`` images (a pass of the linearised
+    model counted as 3 of the network, :func:`paper_cost_estimate`'s assumption; the cells AC and AA
+    at t = 0 are CC's and CA's, not trained) and the nonlinear reference; each evaluated with FGSM and
+    PGD on ``n_eval`` images, APGD-CE on ``n_autoattack`` for :data:`HEADLINE`."""
+    import importlib
+
+    P = importlib.import_module("ntklab.plan")   # not an import statement: see strategies.plan
+    s = Settings.for_profile(profile)
+    config = make_config(profile)
+    mp = profile.replace(model_kwargs=s.model_kwargs, eps=s.eps)
+    cost = P.relative_cost(mp, profile)
+    evaluation = P.worst_case_passes(s.n_eval, s.eval_steps)
+    n2 = P.train_size(profile, s.n_phase2)
+    adv = dict(steps=s.train_steps, clean_update=config["clean_update"])
+    strategy = {"C": "normal", "A": s.train_attack}
+    runs = []
+    for p1 in ("C", "A"):
+        runs.append(P.training_run(NAME, f"phase 1 {p1} ({strategy[p1]})", mp, strategy[p1], epochs=s.epochs1,
+                                   eval_passes=len(s.times) * (evaluation + n2 * P.FORWARD),
+                                   kernel_images=[s.n_kernel] * len(s.times), pass_cost=cost, lr=s.lr1,
+                                   **(adv if p1 == "A" else {})))
+    for t in s.times:
+        for cell in CELLS:
+            if cell[0] == "A" and t == 0:
+                continue                     # one initialisation: AC and AA at t = 0 are CC and CA
+            p2 = strategy[cell[1]]
+            aa = s.n_autoattack if cell in HEADLINE else 0
+            runs.append(P.training_run(NAME, f"phase 2 {cell} at t={t:g} (linearised)", mp, p2, epochs=s.epochs2,
+                                       n_train=s.n_phase2, eval_passes=evaluation, autoattack_images=aa,
+                                       pass_cost=3 * cost, lr=s.lr2, batch_size=s.batch2,
+                                       **(adv if p2 != "normal" else {})))
+        runs.append(P.training_run(NAME, f"reference at t={t:g} (nonlinear, centred)", mp, strategy["A"],
+                                   epochs=s.epochs2, n_train=s.n_phase2, eval_passes=evaluation,
+                                   autoattack_images=s.n_autoattack, pass_cost=cost, lr=s.lr2, batch_size=s.batch2,
+                                   **adv))
+    return runs

@@ -699,3 +699,47 @@ def _compute(profile, config, device, progress) -> dict:
             "n_test": len(task.yt), "kernel_widths": list(config["kernel_widths"]), "kernel_rel_error": rel_error,
             "n_probe": n_probe, "predictor": pred, "times": list(config["times"]), "kernel_times": kernel_times,
             "nets": nets, "features": features, "compute_seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------ plan
+def plan(profile) -> list:
+    """The runs of :func:`run` under ``profile`` (:func:`ntklab.plan.plan`), from :class:`Settings`:
+    ``net_seeds`` TwoLayerNets of each of ``widths``, trained by full-batch gradient descent for
+    ``steps`` steps on the pair's kernel images (an epoch per step; a pass of a two-layer net costs
+    its multiply-accumulates relative to the profile's model), with the comparisons at ``times``
+    (gradients of the net, its linearisation and the kernel on the test images, an estimate) and the
+    final attacks; and the kernels: the empirical NTK of each of ``kernel_widths`` on ``n_probe``
+    images, and of the widest net on the kernel images and against the test images. The closed-form
+    NTK and the eigen-features are linear algebra, left out."""
+    import importlib
+
+    P = importlib.import_module("ntklab.plan")   # not an import statement: see strategies.plan
+    from ntklab import data
+
+    s = Settings.for_profile(profile)
+    info = data.info(profile.dataset)
+    d, classes = info["channels"] * info["image_size"] ** 2, info["num_classes"]
+    n_pair = round(P.train_size(profile) * 2 / classes)            # class-balanced data sets: an estimate
+    n = min(n_pair - 1, max(2, round(s.kernel_fraction * n_pair)))
+    n_test = round(P.test_size(profile) * 2 / classes)
+    n_probe = min(profile.n_probe, n)
+
+    def cost(width):
+        return P.relative_cost(None, profile, macs=d * width + 2 * width)
+
+    runs = []
+    for width in s.widths:
+        for seed in range(s.net_seeds):
+            evaluation = len(s.times) * n_test * 6 + n_test * (4 + 2 * s.pgd_steps)
+            runs.append(P.training_run(NAME, f"two-layer net, width {width}, init {seed}", profile, "normal",
+                                       epochs=s.steps, n_train=n, eval_passes=evaluation, pass_cost=cost(width),
+                                       model="two_layer_net", width=width, batch_size=n, eps=s.eps,
+                                       note="full-batch gradient descent, one epoch per step"))
+    widest = max(s.widths)
+    runs.append(P.training_run(NAME, "empirical NTKs at initialisation", profile, "normal", epochs=0, n_train=n,
+                               kernel_images=[n_probe] * len(s.kernel_widths), model="two_layer_net",
+                               pass_cost=cost(max(s.kernel_widths)), width=max(s.kernel_widths)))
+    runs.append(P.training_run(NAME, "empirical NTK of the widest net (kernel and test images)", profile, "normal",
+                               epochs=0, n_train=n, kernel_images=[n, round((n * n_test) ** 0.5)],
+                               model="two_layer_net", pass_cost=cost(widest), width=widest))
+    return runs

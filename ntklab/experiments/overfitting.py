@@ -729,3 +729,44 @@ def claims(analysis: dict, profile) -> list:
                 "batch, interleaved rounds; CPU time on a shared machine did not keep it below 1.2 in every run)",
                 a.get("cost_ratio", math.nan), "<=", MAX_COST_RATIO, profiles=()),
     ]
+
+
+# ------------------------------------------------------------------ plan
+def plan(profile) -> list:
+    """The runs of :func:`run` under ``profile`` (:func:`ntklab.plan.plan`), from :func:`make_config`
+    (:class:`Settings`): every method of :data:`METHODS` for every seed (``one_seed``: the first
+    only), the PGD-AT reference and the runs of ``grid_eps`` (first seed). Each run: per epoch the
+    detector's PGD and the held-out clean and FGSM accuracy on ``n_eval`` images, the final worst
+    case on ``n_final``, AutoAttack on ``n_autoattack`` for the first seed of ``autoattack_methods``
+    (and the reference), the trace C-NTK of ``n_probe`` test images every ``snapshot_every`` epochs
+    in the runs of :data:`KERNEL_METHODS`. The noise statistics and the per-batch step costs are
+    small, left out."""
+    import importlib
+
+    P = importlib.import_module("ntklab.plan")   # not an import statement: see strategies.plan
+    config = make_config(profile)
+    p = Settings.for_profile(profile).profile(profile)
+    first = config["seeds"][0]
+    per_epoch = P.worst_case_passes(p.n_eval, p.eval_pgd_steps)    # detector PGD, held-out clean and FGSM
+    final = P.worst_case_passes(config["n_final"], config["final_steps"])
+    every = config["snapshot_every"]
+    snaps = len(set(range(0, p.epochs + 1, every)) | {p.epochs}) + 1
+
+    def one(label, method, seed, eps, *, kernels=False, autoattack=False):
+        strategy = "pgd" if method == "pgd" else method_spec(method, eps, config)[0]
+        steps = config["pgd_at_steps"] if method == "pgd" else None
+        return P.training_run(NAME, label, p, strategy, steps=steps, eval_passes=p.epochs * per_epoch + final,
+                              kernel_images=[p.n_probe] * snaps if kernels else (), seed=seed,
+                              autoattack_images=config["n_autoattack"] if autoattack else 0,
+                              method=method, schedule=config["lr_schedule"], **({"eps": eps} if eps != p.eps else {}))
+
+    runs = []
+    for method in config["methods"]:
+        seeds = config["seeds"][:1] if method in config["one_seed"] else config["seeds"]
+        runs += [one(f"{LABELS[method]}, seed {seed}", method, seed, p.eps, kernels=method in KERNEL_METHODS,
+                     autoattack=seed == first and method in config["autoattack_methods"]) for seed in seeds]
+    if config["pgd_at"]:
+        runs.append(one(f"{LABELS['pgd']} reference, seed {first}", "pgd", first, p.eps, autoattack=True))
+    for method, radii in config["grid_eps"].items():
+        runs += [one(f"{LABELS[method]} at eps {eps:g}, seed {first}", method, first, eps) for eps in radii]
+    return runs

@@ -237,11 +237,28 @@ def _epoch_bar(progress, total: int, desc: str):
 
 def kernel_runs(profile, specs, *, device=None, force: bool = False, progress=True, desc: str = "") -> list[dict]:
     """:func:`kernel_run` for each dict of keyword arguments in ``specs``, with one progress bar
-    over all their epochs (runs loaded from the cache count as done). Chapters 4 and 5."""
-    results = []
+    over all their epochs (runs loaded from the cache count as done). Chapters 4 and 5.
+
+    A sweep that shards (:mod:`ntklab.experiments._sweep`): under ``python -m ntklab run NAME
+    --shard i/n`` this process trains only the specs at positions p with ``p % n == i - 1``, loads
+    the others' runs that are already cached, and raises
+    :class:`ntklab.experiments._sweep.ShardDone` when some are not."""
+    from ntklab.experiments import result_path
+    from ntklab.experiments._sweep import sweep
+
     with _progress.bar(progress, total=len(specs) * profile.epochs, desc=desc) as bar:
-        for i, spec in enumerate(specs):
-            results.append(kernel_run(profile, device=device, force=force, progress=bar, **spec))
-            bar.update((i + 1) * profile.epochs - bar.n)
-    return results
+        done = [0]
+
+        def one(item, force=force):
+            result = kernel_run(profile, device=device, force=force, progress=bar, **item[1])
+            done[0] += 1
+            bar.update(max(0, done[0] * profile.epochs - bar.n))
+            return result
+
+        def exists(item):
+            spec = dict(item[1])
+            strategy, schedule, ae = spec.pop("strategy"), spec.pop("schedule", "multistep"), spec.pop("ae", False)
+            return result_path(RUNS_ENTRY, run_config(profile, strategy, schedule, ae, spec)).exists()
+
+        return sweep(list(enumerate(specs)), one, exists=exists, load=lambda item: one(item, force=False))
 

@@ -348,3 +348,39 @@ def _thirty_margin(a: dict) -> float:
     if f"s={p30 - 2}" in a["cpu_saving"]:
         out.append(_margin(a["cpu_saving"][f"s={p30 - 2}"], 0.3))
     return min(out) if out else math.inf
+
+
+# ------------------------------------------------------------------ plan
+def plan(profile) -> list:
+    """The runs of :func:`run` under ``profile`` (:func:`ntklab.plan.plan`), from :class:`Settings`,
+    per seed: the shared normal prefix (the switch at the last s of the grid, with the C-NTK up to the
+    first decay and the automatic switch's kernels), the other switches of the grid (continued from
+    the prefix's copy after s epochs: only their E - s PGD-AT epochs are trained), full PGD-AT (with
+    the C-NTK up to the first decay), the late-PGD-AT controls and FGSM-RS; each evaluated (clean,
+    FGSM, PGD, the final C-NTK; APGD-CE on ``autoattack_n`` images for ``apgd_labels``). The
+    per-batch step costs of the end are a few batches, left out."""
+    import importlib
+
+    P = importlib.import_module("ntklab.plan")   # not an import statement: see strategies.plan
+    st = Settings.for_profile(profile)
+    cp, cap, grid, E = st.profile, st.cap, st.switch_grid, st.profile.epochs
+    n = P.train_size(cp)
+    evaluation = P.worst_case_passes(cp.n_eval, cp.eval_pgd_steps)
+    snaps = [cp.n_probe] * (cap + 2)     # the C-NTK after each epoch up to the first decay, and K_0 with default buffers
+
+    def one(label, strategy, seed, **kw):
+        kernels = list(kw.pop("kernels", ())) + [cp.n_probe]            # the final C-NTK of every run
+        aa = st.autoattack_n if label in st.apgd_labels else 0
+        return P.training_run(NAME, f"{label}, seed {seed}", cp, strategy, eval_passes=evaluation + kw.pop("extra", 0),
+                              kernel_images=kernels, autoattack_images=aa, seed=seed, **kw)
+
+    runs = []
+    for seed in st.seeds:
+        last = grid[-1]
+        runs.append(one(f"s={last} (shared normal prefix)", "pgd", seed, switch_epoch=last, kernels=snaps
+                        + [st.auto_probe] * (cap + 1), extra=2 * n * P.FORWARD))   # BN statistics of K_0, twice
+        runs += [one(f"s={s} (continued from the prefix)", "pgd", seed, epochs=E - s) for s in grid[:-1]]
+        runs.append(one("s=0", "pgd", seed, kernels=snaps, extra=n * P.FORWARD))
+        runs += [one(f"late s={s}", "pgd", seed, epochs=E - s) for s in st.control_switches]
+        runs.append(one("fgsm_rs", "fgsm_rs", seed))
+    return runs

@@ -413,3 +413,21 @@ READING_B_STATEMENT = ("Reading B of Li et al. (kernels of different strategies 
 AE_STATEMENT = ("The AE-NTK converges to the C-NTK under adversarial training: their angle at the end is less than "
                 "{ae_convergence:g}x what it was at initialisation for each adversarial strategy, and not under "
                 "normal training (the seed baseline's ratio is at least {ae_normal:g}).")
+
+
+# ------------------------------------------------------------------ plan
+def plan(profile) -> list:
+    """The runs of :func:`run` under ``profile`` (:func:`ntklab.plan.plan`), from :class:`Settings`:
+    each strategy under the step schedule (the adversarial ones with the AE-NTK), the controls under
+    the other schedules, and the seed baseline; every one a :func:`ntklab.experiments.runs.kernel_run`."""
+    import importlib
+
+    # by name, not by an import statement: the result cache keys results by the code of the modules an
+    # experiment imports (ntklab.experiments.cache.code_digest), and the planner is not code the run runs
+    kernel_run_plan = importlib.import_module("ntklab.plan").kernel_run_plan
+    st = Settings.for_profile(profile)
+    runs = [kernel_run_plan(NAME, st.profile, s, schedule=sched, ae=ae) for s, sched, ae in st.run_specs()]
+    base = st.baseline_spec()
+    runs.append(kernel_run_plan(NAME, st.profile, base["strategy"], schedule=base["schedule"], ae=base["ae"],
+                                seed=base["seed"], label=f"normal ({base['schedule']}) + AE-NTK, seed baseline"))
+    return runs

@@ -814,3 +814,45 @@ def claims(analysis: dict, profile) -> list:
                            f"clean line of log error against log gap (0: on the line; ln 2: twice the error the "
                            f"line predicts)", a["adv_residual"], "between", (-math.log(2), math.log(2)), profiles=()))
     return out
+
+
+# ------------------------------------------------------------------ plan
+def plan(profile) -> list:
+    """The runs of :func:`run` under ``profile`` (:func:`ntklab.plan.plan`), from :class:`Settings`:
+    per architecture (:func:`smooth_profile`, :func:`relu_profile`) the normal training of
+    :func:`ntklab.experiments.trained_model` (the ReLU one is chapter 3's normal model with buffer:
+    one cache entry, counted once) and the two-epoch FGSM-RS fine-tune (:data:`AT_FINETUNE`). The
+    kernels: Theorem 1's full NTKs (float64; a cross kernel of m x n images counted as a square one
+    of sqrt(m n), a full kernel of k outputs as k trace kernels) at every eps of :func:`eps_grid`,
+    the Monte-Carlo control, and Theorem 2's trace kernels of every drawn batch."""
+    import importlib
+
+    P = importlib.import_module("ntklab.plan")   # not an import statement: see strategies.plan
+    from ntklab import data
+
+    s, k = Settings.for_profile(profile), data.info(profile.dataset)["num_classes"]
+    grid, n1, n2 = eps_grid(profile), s.n_probe1, s.n_probe2
+    sizes = [b for b in BATCH_SIZES if profile.n_train is None or b <= profile.n_train]
+    n_test = profile.n_test if profile.n_test is not None else profile.n_eval
+    theorem1 = [n1, round(n1 * math.sqrt(8 * len(grid)))] * k
+    runs = []
+    for name, prof in (("smooth", smooth_profile(profile)), ("relu", relu_profile(profile))):
+        cost = P.relative_cost(prof, profile)
+        theorem2 = [n2] * (1 + len(sizes) * (s.batches_per_size + s.adv_batches_per_size))
+        # the Monte-Carlo control (smooth network at initialisation and under AT): M_max draws against X per eps
+        mc = [round(n1 * math.sqrt(max(MC_M)))] * len(MC_EPS) * k if name == "smooth" else []
+        runs.append(P.training_run(NAME, f"{name}: normal training", prof, "normal", pass_cost=cost,
+                                   cache=P.models_key(prof, "normal", **TRAIN_OVERRIDES)))
+        runs.append(P.training_run(
+            NAME, f"{name}, trained: Theorems 1 and 2", prof, "normal", epochs=0, pass_cost=cost,
+            eval_passes=n_test * P.FORWARD + s.n_robust * prof.eval_pgd_steps + s.n_adv * prof.pgd_steps
+            + P.train_size(prof) * P.FORWARD * 2,
+            kernel_images=theorem1 + theorem2, note="Theorem 1 kernels in float64"))
+        runs.append(P.training_run(
+            NAME, f"{name}: AT fine-tune ({AT_FINETUNE['strategy']}, constant lr {AT_FINETUNE['lr']:g})", prof,
+            AT_FINETUNE["strategy"], epochs=AT_FINETUNE["epochs"], pass_cost=cost,
+            eval_passes=n_test * P.FORWARD + s.n_robust * prof.eval_pgd_steps, kernel_images=theorem1 + mc))
+        runs.append(P.training_run(NAME, f"{name}: initialisation (BN statistics only)", prof, "normal", epochs=0,
+                                   pass_cost=cost, eval_passes=P.train_size(prof) * P.FORWARD,
+                                   kernel_images=theorem1 + mc))
+    return runs
