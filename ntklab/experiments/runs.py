@@ -1,11 +1,11 @@
-"""Training runs with a kernel snapshot after every epoch, shared by chapters 4 and 5.
+"""Training runs with a kernel snapshot after every epoch (chapter 4), and the settings chapter 5 starts from.
 
 Chapter 4 (experiment ``strategies``) trains normal training, FGSM-RS, PGD-AT and TRADES under one
-multistep schedule and takes the trace C-NTK of a fixed probe set after every epoch; chapter 5
-(experiment ``schedule``) trains PGD-AT after a switch epoch under the same settings, and shares
-chapter 4's full PGD-AT and normal runs. Each run is one entry of the result cache
-(``"kernel_runs"``, see :func:`kernel_run`), so a chapter asking for a run another chapter made loads
-it. No experiment is registered here.
+multistep schedule and takes the trace C-NTK of a fixed probe set after every epoch. Chapter 5
+(experiment ``schedule``) starts from the same per-profile settings (:class:`RunSettings`) but trains
+its own runs (its switch grid shares a normal prefix, ``ntklab.experiments._schedule_runs``). Each
+run here is one entry of the result cache (``"kernel_runs"``, see :func:`kernel_run`), so asking
+again for a run loads it. No experiment is registered here.
 
 Settings of the runs per profile (:class:`RunSettings`, applied by :func:`chapter_profile`;
 everything else is the profile's own):
