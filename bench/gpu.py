@@ -163,8 +163,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, metavar="FILE.json", help="write the costs and raw timings here")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement (median)")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--kernel-repeats", type=int, default=None,
+                        help="timed runs of each kernel size (default: --repeats); kernels are the slow part on a CPU")
     parser.add_argument("--kernel-n", type=int, nargs="+", default=None,
-                        help="kernel sizes to time (default: 500 on a GPU; 8 16 32 on the CPU, extrapolated)")
+                        help="kernel sizes to time (default: 500 on a GPU; 4 8 16 on the CPU, extrapolated)")
     parser.add_argument("--aa-images", type=int, default=None, help="APGD-CE batch (default 250 GPU, 16 CPU)")
     parser.add_argument("--aa-iterations", type=int, default=None, help="APGD-CE iterations (default 100 GPU, 10 CPU)")
     parser.add_argument("--gpu-tflops", type=float, default=GPU_TFLOPS, help="peak of the GPU of the estimate")
@@ -176,10 +178,11 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
     gpu = device.type == "cuda"
-    sizes = args.kernel_n or ([500] if gpu else [8, 16, 32])
+    sizes = args.kernel_n or ([500] if gpu else [4, 8, 16])
     aa_n = args.aa_images or (250 if gpu else 16)
     aa_iters = args.aa_iterations or (100 if gpu else 10)
     name = device_name(device)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"Device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"PreAct ResNet-18, 10 classes, random 3x32x32 inputs; median of {args.repeats} after a warm-up.")
 
@@ -193,7 +196,7 @@ def main(argv=None) -> dict:
     print(f"PGD-10 training step, batch {args.batch}: {step:.2f} s (runs {', '.join(f'{t:.2f}' for t in steps)}); "
           f"per pass per image {per_pass * 1e3:.2f} ms, {rate / 1e12:.3f} TFLOP/s achieved")
 
-    ktimes = kernel_times(device, sizes, args.repeats)
+    ktimes = kernel_times(device, sizes, args.kernel_repeats or args.repeats)
     extrapolated = sizes != [500]
     a, b, k500 = fit_kernel(ktimes) if extrapolated else (None, None, ktimes[500])
     print("Trace kernel: " + ", ".join(f"n = {n}: {t:.2f} s" for n, t in ktimes.items()) +
@@ -218,7 +221,10 @@ def main(argv=None) -> dict:
                         "assumption)",
                 **{k: v * scale for k, v in costs.items()}}
     result = {"device": str(device), "device_name": name, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "when": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "load_average": {"start": load_before, "end": os.getloadavg() if load_before else None,
+                               "note": "1, 5, 15-minute load averages of the machine: other processes share it"},
+              "when": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               **costs,
               "kernel_extrapolated": extrapolated,
               "raw": {"model": "PreActResNet18(width=64), 10 classes, 11.2M parameters", "batch": args.batch,
@@ -229,7 +235,7 @@ def main(argv=None) -> dict:
                                   "seconds_per_iteration_image": per_iter},
                       "autoattack_passes_per_image": AA_PASSES,
                       "forward_backward_flops_per_image": flops, "achieved_tflops": rate / 1e12,
-                      "repeats": args.repeats},
+                      "repeats": args.repeats, "kernel_repeats": args.kernel_repeats or args.repeats},
               "gpu_estimate": estimate}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
