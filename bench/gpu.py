@@ -30,7 +30,10 @@ on the PGD step, and a FLOP-based estimate for a GPU that is not here (``--gpu-t
 ``--gpu-utilisation``, labelled as an estimate: all three costs scaled by the ratio of that sustained
 rate to the rate achieved here). Then :func:`ntklab.plan.project` of :func:`ntklab.plan.plan` of the
 ``paper`` profile with the measured costs: hours per experiment and in total. Chapter 9 shows the
-committed CPU output (``bench/results/cpu.json``). Not a test: nothing is asserted.
+committed CPU output (``bench/results/cpu.json``: 2 threads, ``OMP_WAIT_POLICY=PASSIVE``, load average
+1.1; the same run while the 2 cores were shared, load 8-9, measured a pass 4x slower: the file records
+the load). On a shared CPU set ``OMP_WAIT_POLICY=PASSIVE`` (see ``bench/ntk.py``). Not a test: nothing
+is asserted.
 """
 from __future__ import annotations
 
@@ -201,7 +204,7 @@ def main(argv=None) -> dict:
     a, b, k500 = fit_kernel(ktimes) if extrapolated else (None, None, ktimes[500])
     print("Trace kernel: " + ", ".join(f"n = {n}: {t:.2f} s" for n, t in ktimes.items()) +
           (f"; fit {a:.3g} n + {b:.3g} n^2 -> n = 500: {k500:.0f} s (EXTRAPOLATED)" if extrapolated
-           else f" (measured at n = 500)"))
+           else " (measured at n = 500)"))
 
     aa = apgd_time(device, aa_n, aa_iters, args.repeats)
     per_iter = statistics.median(aa) / (aa_n * aa_iters)
