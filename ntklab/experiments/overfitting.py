@@ -50,7 +50,8 @@ fgsm_pca and the controls with the first seed only, and shrinks the
 evaluation sets; ``paper`` keeps the profile's model and sizes but trains a short schedule as the CO
 literature does (30 epochs, cosine; Wong et al. train about 15 cyclic epochs, de Jorge et al. 30):
 the book's guess, not a paper's setting; ``paper_cpu`` (the paper-shaped dry run) takes ``paper``'s
-path at its own few epochs, with a kernel every 2 epochs; ``smoke`` is for the unit tests.
+path at its own few epochs, with a kernel every 2 epochs, two seeds, and ``quick``'s one-seed methods
+and AutoAttack methods (on 16 images); ``smoke`` is for the unit tests.
 
 The result (a dict, cached by config and package version):
 
@@ -194,8 +195,9 @@ class Settings:
             changes = dict(epochs=30, lr_schedule="cosine", lr_milestones=())
             own = dict(n_seeds=3, grid_eps={}, pgd_at=True, nfgsm_noise=2.0)
             if p.name == "paper_cpu":   # the dry run: paper's code path at the profile's few epochs, kernels
-                changes["epochs"] = p.epochs   # every 2 epochs (paper's stride > 1), fewer cost rounds and draws
-                own.update(snapshot_every=2, cost_reps=2, cost_batches=2, n_draws=500)
+                changes["epochs"] = p.epochs   # every 2 epochs (paper's stride > 1), fewer seeds, runs and draws
+                own.update(snapshot_every=2, cost_reps=2, cost_batches=2, n_draws=500, n_seeds=2, n_autoattack=16,
+                           one_seed=("fgsm_pca",) + CONTROLS, autoattack_methods=("fgsm", "fgsm_rs", "fgsm_logscale"))
         base = dict(model_kwargs=p.model_kwargs, eps=p.eps, epochs=p.epochs, lr=p.lr, lr_schedule="multistep",
                     batch_size=p.batch_size, lr_milestones=tuple(p.lr_milestones), n_eval=p.n_eval,
                     eval_pgd_steps=p.eval_pgd_steps, n_probe=p.n_probe)
