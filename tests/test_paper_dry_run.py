@@ -52,8 +52,10 @@ def _chapters() -> list[str]:
 
 
 def _snapshot(folder: Path) -> dict:
+    """Size and modification time of every file under ``folder`` but the cache's lock files (loading
+    an entry may open its lock file: as root, where a read-only folder is still written)."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".lock"}
 
 
 def _make_read_only(folder: Path) -> None:
