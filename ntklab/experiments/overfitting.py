@@ -207,11 +207,15 @@ class Settings:
         return cls(**{**changed, **derived, **own})
 
     def profile(self, profile):
-        """``profile`` with the chapter's changes applied (the profile every run trains under)."""
+        """``profile`` with the chapter's changes applied (the profile every run trains under). No
+        best-checkpoint selection (``select_best`` off): the chapter measures catastrophic overfitting
+        itself, with its own held-out PGD after every epoch, and reports the last epoch; picking the
+        best one (Rice et al. 2020) would hide the collapse it is about."""
         return profile.replace(model_kwargs=self.model_kwargs, eps=self.eps, pgd_alpha=profile.pgd_alpha * self.eps
                                / profile.eps if profile.eps else profile.pgd_alpha, epochs=self.epochs, lr=self.lr,
                                batch_size=self.batch_size, lr_milestones=tuple(self.lr_milestones),
-                               n_eval=self.n_eval, eval_pgd_steps=self.eval_pgd_steps, n_probe=self.n_probe)
+                               n_eval=self.n_eval, eval_pgd_steps=self.eval_pgd_steps, n_probe=self.n_probe,
+                               select_best=False)
 
 
 def make_config(profile, methods=METHODS, *, n_seeds: int | None = None, grid_eps=None) -> dict:
