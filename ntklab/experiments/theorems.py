@@ -184,7 +184,9 @@ def relu_profile(profile):
     if width is not None:
         kw["width"] = width
     kw["track_running_stats"] = True
-    return profile.replace(model_kwargs=kw)
+    # no best-checkpoint selection (select_best): the chapter checks the theorems on the networks it
+    # trains, normally without per-epoch evaluation, and fine-tunes them itself
+    return profile.replace(model_kwargs=kw, select_best=False)
 
 
 def smooth_profile(profile):
