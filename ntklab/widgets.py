@@ -42,14 +42,16 @@ def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.
         out.clear_output(wait=True)
         with out:
             fig, axes = plt.subplots(1, 3, figsize=(7, 2.6))
-            delta = (x_adv - x)[0, 0].detach().cpu().numpy()
+            # one channel as it is; several (colour): their mean, on the same signed scale
+            delta = (x_adv - x)[0].detach().mean(0).cpu().numpy() if x.shape[1] > 1 else \
+                (x_adv - x)[0, 0].detach().cpu().numpy()
             axes[0].imshow(x[0].permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             axes[0].set_title(f"clean: {int(p_clean.argmax())} ({float(p_clean.max()):.2f})")
             axes[1].imshow(x_adv[0].permute(1, 2, 0).squeeze(-1).detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             axes[1].set_title(f"adversarial: {int(p_adv.argmax())} ({float(p_adv.max()):.2f})")
             lim = max(float(abs(delta).max()), 1e-8)
             axes[2].imshow(delta, cmap="RdBu_r", vmin=-lim, vmax=lim)
-            axes[2].set_title("perturbation")
+            axes[2].set_title("perturbation" if x.shape[1] == 1 else "perturbation (channel mean)")
             for ax in axes:
                 ax.set_xticks([])
                 ax.set_yticks([])

@@ -124,3 +124,58 @@ def test_profiles_are_checked_when_built_or_replaced(change, message):
     if "epoch" not in change:
         with pytest.raises(ValueError, match=message):
             config.Profile(**{**config.get_profile("smoke").to_dict(), **change})
+
+
+# ---- the paper-scale profiles (issue 20): augmentation, best checkpoint, sources, the dry run -------
+
+def test_paper_profiles_and_their_sources():
+    import dataclasses
+
+    paper = config.get_profile("paper")
+    assert (paper.augment, paper.select_best) == ("crop_flip", True)
+    assert (paper.lr, paper.momentum, paper.weight_decay, paper.batch_size) == (0.1, 0.9, 5e-4, 128)
+    assert paper.pgd_alpha == pytest.approx(2 / 255) and paper.eval_pgd_steps == 20
+    c100, svhn = config.get_profile("paper_cifar100"), config.get_profile("paper_svhn")
+    assert c100.dataset == "cifar100" and svhn.dataset == "svhn" and svhn.lr == 0.01
+    assert svhn.augment is None and c100.augment == "crop_flip"
+    fields = {f.name for f in dataclasses.fields(config.Profile)} - {"name"}
+    for name in ("paper", "paper_cifar100", "paper_svhn", "paper_cpu"):
+        assert set(config.SOURCES[name]) == fields, name          # every setting says where it comes from
+        assert all(isinstance(v, str) and v.strip() for v in config.SOURCES[name].values())
+    # only eps and the decays are attested for Li et al.; the rest is sourced elsewhere
+    li = {k for k, v in config.SOURCES["paper"].items() if "Li et al. 2023" in v}
+    assert li == {"eps", "lr_milestones"}
+    assert "Rice et al. 2020" in config.SOURCES["paper"]["select_best"]
+    assert "book's choice" in config.SOURCES["paper"]["lr"]
+    assert set(config.SOURCES) == {n for n in config.PROFILES if n.startswith("paper")}
+
+
+def test_paper_cpu_has_the_paper_structure_at_a_tiny_size():
+    from ntklab import data
+
+    cpu, paper = config.get_profile("paper_cpu"), config.get_profile("paper")
+    assert cpu.dataset == "synthetic_cifar10" and cpu.dataset in data.SYNTHETIC
+    assert data.info(cpu.dataset)["channels"] == 3 and data.info(cpu.dataset)["image_size"] == 32
+    assert cpu.model == paper.model == "preact_resnet18" and cpu.model_kwargs["width"] < 64
+    assert (cpu.augment, cpu.select_best) == (paper.augment, paper.select_best)
+    assert cpu.eps == paper.eps and len(cpu.lr_milestones) == 2 and max(cpu.lr_milestones) < cpu.epochs
+    assert cpu.epochs <= 6 and cpu.n_train <= 500 and cpu.n_probe <= 32 and cpu.n_eval <= 100
+    assert 0 < cpu.pgd_alpha <= cpu.eps and cpu.pgd_steps < paper.pgd_steps
+    assert "SYNTHETIC" in config.SOURCES["paper_cpu"]["dataset"] and "paper_cpu" in config.__doc__
+    assert config.get_profile("PAPER_CPU") is cpu
+
+
+def test_new_fields_are_checked_and_left_out_of_old_cache_keys():
+    quick = config.get_profile("quick")
+    assert "augment" not in quick.to_dict() and "select_best" not in quick.to_dict()
+    paper = config.get_profile("paper")
+    d = paper.to_dict()
+    assert d["augment"] == "crop_flip" and d["select_best"] is True
+    assert config.Profile(**d) == paper and config.Profile(**quick.to_dict()) == quick
+    for change, message in ((dict(augment="flip"), "augment must be None or one of 'crop_flip'"),
+                            (dict(augment=1), "augment must be None"),
+                            (dict(select_best="yes"), "select_best must be True or False"),
+                            (dict(select_best=1), "select_best must be True or False")):
+        with pytest.raises(ValueError, match=message):
+            quick.replace(**change)
+    assert quick.replace(augment="crop_flip", select_best=True).to_dict()["select_best"] is True

@@ -180,3 +180,54 @@ def test_subset_is_balanced_seeded_and_checked():
 
 def test_package_import_offline_example():
     assert ntklab.data.load("mnist5k")[0][0].shape == (1, 28, 28)
+
+
+# ---- synthetic_cifar10: the generated CIFAR-shaped set of the paper-shaped dry run -------------------
+
+def test_synthetic_cifar10_shapes_range_balance_and_stats():
+    for split, size in (("train", 2000), ("test", 500)):
+        x, y = data.load("synthetic_cifar10", split).tensors
+        assert x.shape == (size, 3, 32, 32) and x.dtype == torch.float32
+        assert y.shape == (size,) and y.dtype == torch.int64
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and bool(x.isfinite().all())
+        assert torch.bincount(y, minlength=10).tolist() == [size // 10] * 10
+        assert (y[1:] != y[:-1]).float().mean() > 0.8          # shuffled, not sorted by class
+    info = data.info("synthetic_cifar10")
+    assert (info["channels"], info["image_size"], info["num_classes"]) == (3, 32, 10)
+    x = data.load("synthetic_cifar10", "train").tensors[0]
+    mean, std = data.stats("synthetic_cifar10")
+    assert x.mean((0, 2, 3)).tolist() == pytest.approx(list(mean), abs=1e-3)
+    assert x.std((0, 2, 3)).tolist() == pytest.approx(list(std), abs=1e-3)
+    assert "synthetic" in data.describe("synthetic_cifar10").lower()
+    assert "synthetic" not in data.describe("cifar10").lower()
+    assert data.SYNTHETIC == ("synthetic_cifar10",)
+    assert "SYNTHETIC" in data.__doc__ and "dry run" in data.__doc__
+
+
+def test_synthetic_cifar10_is_deterministic_and_loads_are_independent(monkeypatch):
+    first = data.load("synthetic_cifar10", "train")
+    first.tensors[0].zero_()                                   # a caller writing into its copy ...
+    monkeypatch.setattr(data, "_SYNTHETIC_CACHE", {})          # ... and a fresh generation
+    a = data.load("synthetic_cifar10", "train").tensors
+    b = data.load("synthetic_cifar10", "train").tensors
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and float(a[0].max()) > 0
+    # a fixed value of the generator (the same on every machine up to float rounding)
+    assert float(a[0].double().mean()) == pytest.approx(0.487394, abs=1e-5)
+    assert (float(a[0][0, 0, 0, 0]), float(a[0][5, 2, 10, 7])) == pytest.approx((0.597647, 0.334832), abs=1e-5)
+    test = data.load("synthetic_cifar10", "test").tensors[0]
+    train_rows = {row.numpy().tobytes() for row in a[0].flatten(1)}
+    assert not any(row.numpy().tobytes() in train_rows for row in test.flatten(1))
+    sub = data.subset(data.load("synthetic_cifar10", "test"), 50, seed=0)
+    assert torch.bincount(sub.tensors[1], minlength=10).tolist() == [5] * 10
+
+
+def test_synthetic_cifar10_is_learnable_by_nearest_class_mean():
+    x, y = data.load("synthetic_cifar10", "train").tensors
+    xt, yt = data.load("synthetic_cifar10", "test").tensors
+    means = torch.stack([x[y == c].mean(0) for c in range(10)]).flatten(1)
+    acc = float((torch.cdist(xt.flatten(1), means).argmin(1) == yt).float().mean())
+    assert acc > 0.5                      # chance is 0.1
+    # the labels carry the signal: with shuffled labels the same classifier is near chance
+    perm = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    shuffled = torch.stack([x[perm == c].mean(0) for c in range(10)]).flatten(1)
+    assert float((torch.cdist(xt.flatten(1), shuffled).argmin(1) == yt).float().mean()) < 0.3

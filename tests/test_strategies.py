@@ -298,3 +298,42 @@ def test_polar_paths_figure(strategies_run):
     with pytest.raises(ValueError, match="radii"):
         ntklab.plots.polar_paths({"x": ([0.0, 1.0], [0.0])}, ax=fig.add_subplot(projection="polar"))
     plt.close("all")
+
+
+def test_smoke_snapshots_every_two_epochs_with_an_uneven_last_stride(monkeypatch):
+    """Kernels every 2 epochs against the per-epoch learning-rate vector ``lr_time`` (the ``paper``
+    structure, issue 20): over 5 epochs the snapshots are 0, 2, 4, 5 (a last stride of one epoch),
+    a decay (after 2) falls on a snapshot and one (after 4, rounded from 3.75) on the last stride.
+    Every per-snapshot number has one entry per snapshot or stride, the per-tau clock sums the
+    epochs' rates over each stride, and what chapter 4's notebook draws from them lines up."""
+    from ntklab.experiments import runs
+
+    monkeypatch.setattr(runs.RunSettings, "for_profile",
+                        classmethod(lambda cls, p: cls(epochs=5, width=8, eps=0.15, pgd_steps=2, n_probe=12,
+                                                       snapshot_every=2)))
+    profile = get_profile("smoke").replace(n_train=128, n_test=64, n_eval=32)
+    result = experiments.run("strategies", profile, "cpu", progress=False)
+    ticks = [0, 2, 4, 5]
+    for group in result["runs"].values():
+        for r in group.values():
+            assert r["kernels"]["epochs"] == ticks and len(r["lr_time"]) == 5
+    a = ch4.analyse(result)
+    assert a["snapshot_epochs"] == ticks and a["velocity_epochs"] == [2, 4, 5]
+    assert a["decays"] == [2, 4] and a["first_decay"] == 2
+    lr = np.asarray(result["runs"]["cosine"]["normal"]["lr_time"])
+    tau = np.concatenate([[0.0], np.cumsum(lr)])[ticks] / profile.lr
+    c = a["runs"]["cosine"]["normal"]
+    assert np.allclose(c["tau"], tau) and len(c["velocity_per_tau"]) == 3
+    K = result["runs"]["cosine"]["normal"]["kernels"]["clean"]
+    assert np.allclose(c["velocity_per_tau"], centred_angles_by_hand(K, tau), rtol=1e-9)
+    assert np.allclose(c["velocity"], centred_angles_by_hand(K, ticks), rtol=1e-9)
+    assert a["cosine_late_epochs"] == [e + 1 for e in range(5) if lr[e] < 0.1 * profile.lr]
+    for s in ch4.STRATEGIES:
+        r = a["runs"]["multistep"][s]
+        assert len(r["floor"]) == 4 and len(r["motion_over_floor"]) == 3 and len(r["velocity_refreshed"]) == 3
+        # the notebook's motion per stride: the velocity times the stride's epochs
+        assert len(np.asarray(r["velocity"]) * np.diff(a["snapshot_epochs"])) == len(a["velocity_epochs"])
+    assert len(a["pairwise"]["pgd"]) == 4 and len(a["polar"]["pgd"]["radius"]) == 4
+    claims = ch4.claims(a, "smoke")
+    assert ntklab.claims.check(claims, "smoke") == []
+    ntklab.claims.table(claims, "smoke")

@@ -51,7 +51,8 @@ class Settings:
     E - s epochs only" controls (half-way to the first decay and at it); auto_threshold, auto_probe:
     the automatic switch's rule (velocity per unit of lr at most this fraction of the first
     epoch's, on a probe of this many training images, at the latest at the first decay);
-    autoattack_n: test images for APGD-CE (smoke 32, quick 200, otherwise ``n_eval``), run on the
+    autoattack_n: test images for APGD-CE (smoke 32, quick 200, otherwise ``n_eval``; ``paper_cpu``, the
+    dry run, takes ``paper``'s path with smoke's two seeds and short cost rounds), run on the
     models ``apgd_labels`` (full PGD-AT, the switch at the first decay, FGSM-RS); cost_rounds,
     cost_batches: the interleaved per-batch step costs.
     """
@@ -67,7 +68,7 @@ class Settings:
     @classmethod
     def for_profile(cls, profile: Profile) -> "Settings":
         cp = chapter_profile(profile)
-        smoke = profile.name == "smoke"
+        smoke = profile.name in ("smoke", "paper_cpu")   # the dry run: two seeds and short cost rounds
         return cls(cp, autoattack_n={"smoke": 32, "quick": 200}.get(profile.name, cp.n_eval),
                    n_seeds=2 if smoke else 3, **({"cost_rounds": 3, "cost_batches": 2} if smoke else {}))
 

@@ -157,7 +157,9 @@ def model_profile(profile, buffer: str):
     if width is not None:
         kw["width"] = width
     kw["track_running_stats"] = buffer == BUFFERS[0]
-    return profile.replace(model_kwargs=kw)
+    # no best-checkpoint selection (select_best): the chapter evaluates the models it trains, and its
+    # normal model is chapter 2's (theorems.relu_profile agrees)
+    return profile.replace(model_kwargs=kw, select_best=False)
 
 
 def train_overrides(profile, strategy: str = "normal") -> dict:

@@ -57,6 +57,9 @@ Settings per profile (:class:`Settings`, ``Settings.for_profile(profile)``):
   same batch boundary are merged (only with a small ``n_train``). The tiny ``paper_profile`` test
   fixture scales all of these by its sizes. Its cost: :func:`paper_cost_estimate` (an estimate).
 * ``smoke``: the smoke model and data, 2 epochs, snapshots 0, 0.5, 2; phase 2 4 epochs on 64 images.
+* ``paper_cpu`` (the paper-shaped dry run): ``paper``'s path at that profile's sizes, phase 2 on 32
+  images, evaluation PGD-5 (step 2 eps / 5), kernels on ``n_probe`` images. No profile's augmentation applies here: both phases
+  train without it, as Loo et al.'s code does.
 
 :func:`analyse` turns a result into the numbers the chapter discusses and :func:`claims` into the
 chapter's claims (:mod:`ntklab.claims`).
@@ -128,11 +131,15 @@ class Settings:
             for t in times:
                 kept.setdefault(-(-t * batches // 1) / batches, t)
             times = sorted(kept.values())
-        return cls(eps=eps, model_kwargs=dict(profile.model_kwargs), epochs1=epochs, lr1=0.1, times=tuple(times),
-                   train_attack="pgd", train_alpha=2 * eps / train_steps, train_steps=train_steps,
-                   n_phase2=profile.n_train, epochs2=epochs, batch2=int(profile.batch_size), lr2=0.01,
-                   n_eval=int(profile.n_eval), eval_steps=eval_steps, eval_alpha=2 * eps / eval_steps,
-                   n_autoattack=int(profile.n_probe), n_kernel=min(500, 5 * int(profile.n_probe)))
+        s = cls(eps=eps, model_kwargs=dict(profile.model_kwargs), epochs1=epochs, lr1=0.1, times=tuple(times),
+                train_attack="pgd", train_alpha=2 * eps / train_steps, train_steps=train_steps,
+                n_phase2=profile.n_train, epochs2=epochs, batch2=int(profile.batch_size), lr2=0.01,
+                n_eval=int(profile.n_eval), eval_steps=eval_steps, eval_alpha=2 * eps / eval_steps,
+                n_autoattack=int(profile.n_probe), n_kernel=min(500, 5 * int(profile.n_probe)))
+        if profile.name == "paper_cpu":   # the dry run: this path, with phase 2 and the kernel probe shrunk
+            s = dataclasses.replace(s, n_phase2=min(32, int(profile.n_train)), n_kernel=int(profile.n_probe),
+                                    eval_steps=5, eval_alpha=2 * eps / 5)
+        return s
 
 
 def make_config(profile) -> dict:

@@ -49,7 +49,9 @@ the radius and schedule where FGSM-AT on the embedded MNIST is first robust and 
 fgsm_pca and the controls with the first seed only, and shrinks the
 evaluation sets; ``paper`` keeps the profile's model and sizes but trains a short schedule as the CO
 literature does (30 epochs, cosine; Wong et al. train about 15 cyclic epochs, de Jorge et al. 30):
-the book's guess, not a paper's setting; ``smoke`` is for the unit tests.
+the book's guess, not a paper's setting; ``paper_cpu`` (the paper-shaped dry run) takes ``paper``'s
+path at its own few epochs, with a kernel every 2 epochs, two seeds, and ``quick``'s one-seed methods
+and AutoAttack methods (on 16 images); ``smoke`` is for the unit tests.
 
 The result (a dict, cached by config and package version):
 
@@ -192,6 +194,10 @@ class Settings:
         else:
             changes = dict(epochs=30, lr_schedule="cosine", lr_milestones=())
             own = dict(n_seeds=3, grid_eps={}, pgd_at=True, nfgsm_noise=2.0)
+            if p.name == "paper_cpu":   # the dry run: paper's code path at the profile's few epochs, kernels
+                changes["epochs"] = p.epochs   # every 2 epochs (paper's stride > 1), fewer seeds, runs and draws
+                own.update(snapshot_every=2, cost_reps=2, cost_batches=2, n_draws=500, n_seeds=2, n_autoattack=16,
+                           one_seed=("fgsm_pca",) + CONTROLS, autoattack_methods=("fgsm", "fgsm_rs", "fgsm_logscale"))
         base = dict(model_kwargs=p.model_kwargs, eps=p.eps, epochs=p.epochs, lr=p.lr, lr_schedule="multistep",
                     batch_size=p.batch_size, lr_milestones=tuple(p.lr_milestones), n_eval=p.n_eval,
                     eval_pgd_steps=p.eval_pgd_steps, n_probe=p.n_probe)
@@ -201,11 +207,15 @@ class Settings:
         return cls(**{**changed, **derived, **own})
 
     def profile(self, profile):
-        """``profile`` with the chapter's changes applied (the profile every run trains under)."""
+        """``profile`` with the chapter's changes applied (the profile every run trains under). No
+        best-checkpoint selection (``select_best`` off): the chapter measures catastrophic overfitting
+        itself, with its own held-out PGD after every epoch, and reports the last epoch; picking the
+        best one (Rice et al. 2020) would hide the collapse it is about."""
         return profile.replace(model_kwargs=self.model_kwargs, eps=self.eps, pgd_alpha=profile.pgd_alpha * self.eps
                                / profile.eps if profile.eps else profile.pgd_alpha, epochs=self.epochs, lr=self.lr,
                                batch_size=self.batch_size, lr_milestones=tuple(self.lr_milestones),
-                               n_eval=self.n_eval, eval_pgd_steps=self.eval_pgd_steps, n_probe=self.n_probe)
+                               n_eval=self.n_eval, eval_pgd_steps=self.eval_pgd_steps, n_probe=self.n_probe,
+                               select_best=False)
 
 
 def make_config(profile, methods=METHODS, *, n_seeds: int | None = None, grid_eps=None) -> dict:

@@ -18,7 +18,9 @@ everything else is the profile's own):
   (full PGD-AT from scratch at eps 0.2 failed to get off the ground for one of three seeds at this
   width), training PGD-3 with step eps/4, a probe of 100 images, 1,000 test images;
 * ``paper``: the profile as it is (200 epochs with decays at 100 and 150, PreAct ResNet-18, eps 8/255,
-  PGD-10, a probe of ``n_probe``), kernels every ``epochs // 50`` epochs.
+  PGD-10, a probe of ``n_probe``), kernels every ``epochs // 50`` epochs;
+* ``paper_cpu`` (the paper-shaped dry run): the profile as it is, like ``paper``, with kernels every
+  2 epochs (so that the snapshots-every-k-epochs path of ``paper`` runs).
 
     >>> from ntklab.experiments import runs
     >>> cp = runs.chapter_profile(ntklab.config.get_profile("quick"))
@@ -64,6 +66,7 @@ class RunSettings:
         small = dict(width=8, eps=0.15, snapshot_every=1)
         return {"smoke": cls(epochs=4, pgd_steps=2, n_probe=16, **small),
                 "quick": cls(epochs=20, pgd_steps=3, n_probe=100, n_eval=1000, **small),
+                "paper_cpu": cls(snapshot_every=2),
                 }.get(profile.name, cls())
 
     def apply(self, profile):

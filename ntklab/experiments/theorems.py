@@ -48,7 +48,8 @@ to 0.3 for Theorem 1; 10 probe images, 20 clean and 5 adversarial batches per si
 Theorem 2, adversarial batches drawn from the adversarial examples of 1,024 training images; 200
 test images for the PGD accuracy of the trained networks; ``smoke``
 smaller; ``paper`` from the profile's ``n_probe`` and ``n_train`` (so that the code-path test stays
-small), its training eps added to the grid, a width-16 smooth SmallCNN.
+small), its training eps added to the grid, a width-16 smooth SmallCNN; ``paper_cpu`` (the
+paper-shaped dry run) takes ``paper``'s path with 4 and 8 probe images and 3 and 2 batches per size.
 
 The result (a dict, cached by config and package version): ``config``; ``compute_seconds`` (wall
 seconds of the computation, model training included); ``cpu_seconds`` (process CPU seconds of
@@ -157,6 +158,9 @@ class Settings:
         if profile.name == "quick":
             return cls(n_probe1=12, n_probe2=10, batches_per_size=20, n_adv=1024, n_robust=200,
                        adv_batches_per_size=5, relu_width=16)
+        if profile.name == "paper_cpu":   # paper's path; the sizes shrunk for a few CPU seconds
+            return cls(n_probe1=4, n_probe2=8, batches_per_size=3, n_adv=min(profile.n_train, 1024),
+                       n_robust=profile.n_eval, adv_batches_per_size=2)
         return cls(n_probe1=min(profile.n_probe, 50), n_probe2=min(profile.n_probe, 100), batches_per_size=5,
                    n_adv=1024, n_robust=min(profile.n_eval, 500),
                    adv_batches_per_size=5)
@@ -180,7 +184,9 @@ def relu_profile(profile):
     if width is not None:
         kw["width"] = width
     kw["track_running_stats"] = True
-    return profile.replace(model_kwargs=kw)
+    # no best-checkpoint selection (select_best): the chapter checks the theorems on the networks it
+    # trains, normally without per-epoch evaluation, and fine-tunes them itself
+    return profile.replace(model_kwargs=kw, select_best=False)
 
 
 def smooth_profile(profile):
