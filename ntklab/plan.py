@@ -426,7 +426,9 @@ def kernel_run_plan(experiment: str, cp, strategy: str, *, schedule: str = "mult
     profile ``cp`` (chapters 4 and 5): the training run, per snapshot the C-NTK and the
     statistics-refreshed C-NTK of the probe (and the AE-NTK with ``ae``, its PGD examples counted as
     passes), the default-buffer K_0, the BN-statistics passes over the training images, and the final
-    clean, FGSM and PGD evaluation on ``n_eval`` test images."""
+    clean, FGSM and PGD evaluation on ``n_eval`` test images; when the run keeps its best checkpoint
+    (the profile's ``select_best``), the clean and PGD evaluation after every epoch and the best
+    weights' final evaluation too."""
     from ntklab.experiments.runs import RunSettings, run_config
 
     config = run_config(cp, strategy, schedule, ae, overrides)
@@ -437,6 +439,9 @@ def kernel_run_plan(experiment: str, cp, strategy: str, *, schedule: str = "mult
     eval_passes = (snapshots + 1) * n * FORWARD + worst_case_passes(config["eval"]["n"], config["eval"]["steps"])
     if ae:
         eval_passes += snapshots * cp.n_probe * cp.pgd_steps
+    if kw.get("keep_best"):  # the held-out evaluation after every epoch, and the best weights evaluated again
+        eval_passes += kw["epochs"] * kw["eval_size"] * (FORWARD + kw["eval_steps"])
+        eval_passes += worst_case_passes(config["eval"]["n"], config["eval"]["steps"])
     extra = {k: v for k, v in overrides.items() if k in ("seed", "switch_epoch")}
     return training_run(experiment, label or f"{strategy} ({schedule}){' + AE-NTK' if ae else ''}", cp, strategy,
                         epochs=kw["epochs"], steps=kw.get("steps"), eval_passes=eval_passes, kernel_images=kernels,

@@ -147,3 +147,19 @@ def test_train_size_table_and_limit():
     assert plan.train_size(p) == 50_000 and plan.train_size(p.replace(dataset="svhn")) == 73_257
     assert plan.train_size(p.replace(n_train=1000)) == 1000
     assert plan.train_size(get_profile("quick")) == 4_000 and plan.train_size(p.replace(n_train=10**6)) == 50_000
+
+
+def test_a_run_that_keeps_its_best_checkpoint_counts_its_per_epoch_evaluation():
+    """Under ``paper`` (select_best: Rice et al.'s best checkpoint) every epoch is evaluated with
+    clean and PGD accuracy on ``n_eval`` images and the best weights are evaluated again; without
+    select_best neither is counted."""
+    from ntklab.experiments.runs import chapter_profile
+
+    cp = chapter_profile(get_profile("paper"))
+    assert cp.select_best
+    best = plan.kernel_run_plan("strategies", cp, "pgd")
+    last = plan.kernel_run_plan("strategies", cp.replace(select_best=False), "pgd")
+    per_epoch = cp.epochs * cp.n_eval * (plan.FORWARD + cp.eval_pgd_steps)
+    again = plan.worst_case_passes(cp.n_eval, cp.eval_pgd_steps)
+    assert best.eval_passes - last.eval_passes == pytest.approx(per_epoch + again)
+    assert (best.epochs, best.n_train, best.passes) == (last.epochs, last.n_train, last.passes)
