@@ -152,6 +152,7 @@ class ClaimsTable:
     def __init__(self, claims: Sequence[Claim], profile):
         self.claims = list(claims)
         self.profile = _profile_name(profile)
+        self.note = _data_note(profile)
 
     def rows(self) -> list[tuple[str, str, str, str, str]]:
         rows = []
@@ -165,7 +166,8 @@ class ClaimsTable:
         return rows
 
     def __str__(self) -> str:
-        return "\n".join(f"{n}. {s} | measured {v} | needs {t} | {h}" for n, s, v, t, h in self.rows())
+        lines = [f"{n}. {s} | measured {v} | needs {t} | {h}" for n, s, v, t, h in self.rows()]
+        return "\n".join(([self.note] if self.note else []) + lines)
 
     __repr__ = __str__
 
@@ -173,7 +175,22 @@ class ClaimsTable:
         head = "".join(f"<th>{h}</th>" for h in ("", "claim", "measured", "threshold", f"under {self.profile}"))
         body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
                        for row in self.rows())
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        note = f"<p><strong>{html.escape(self.note)}</strong></p>" if self.note else ""
+        return f"{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _data_note(profile) -> str:
+    """A warning for a table computed on generated data (``ntklab.data.SYNTHETIC``; ``profile`` a
+    Profile or a profile name), else ``""``."""
+    from ntklab import data
+    from ntklab.config import PROFILES
+
+    dataset = getattr(PROFILES.get(profile) if isinstance(profile, str) else profile, "dataset", None)
+    if dataset not in getattr(data, "SYNTHETIC", ()):
+        return ""
+    return (f"These numbers come from {dataset}, SYNTHETIC CIFAR-shaped images generated for the "
+            f"paper-shaped dry run, not from CIFAR-10: they show that the code runs at the paper's "
+            f"structure, not whether a claim holds.")
 
 
 def table(claims: Sequence[Claim], profile) -> ClaimsTable:

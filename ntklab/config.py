@@ -34,6 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+# Data augmentations a profile can ask for ("crop_flip": a random crop of the image padded by 4 zero
+# pixels and a random horizontal flip, per batch; Rice et al. 2020, Wong et al. 2020's code).
+from ntklab.augment import AUGMENTATIONS
+
 __all__ = ["Profile", "PROFILES", "SOURCES", "AUGMENTATIONS", "get_profile", "get_device", "seed_everything",
            "DEFAULT_PROFILE"]
 
@@ -42,9 +46,6 @@ PROFILE_ENV = "NTKLAB_PROFILE"
 DEVICE_ENV = "NTKLAB_DEVICE"
 SEED_ENV = "NTKLAB_SEED"
 MAX_SEED = 2**63 - 1
-# Data augmentations a profile can ask for: "crop_flip" is a random 32 x 32 crop of the image padded by
-# 4 zero pixels and a random horizontal flip, drawn per batch (Rice et al. 2020, Wong et al. 2020's code).
-AUGMENTATIONS = ("crop_flip",)
 # Fields added after results were first cached: left out of to_dict at their defaults, so the cache
 # keys of the profiles that do not use them (smoke, quick) stay what they were.
 _NEW_FIELDS = {"augment": None, "select_best": False}

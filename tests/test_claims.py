@@ -154,3 +154,18 @@ def test_bootstrap_of_a_mean_matches_the_analytic_standard_error():
     assert v["value"].shape == (2,) and (v["low"] <= v["high"]).all()
     with pytest.raises(ValueError):
         C.bootstrap(lambda i: 0.0, 10, strata=np.zeros(5))
+
+
+def test_a_table_of_synthetic_data_says_so():
+    """Under the paper-shaped dry run (generated data) the claims table says, in text and HTML, that
+    its numbers are not CIFAR-10's; under the book's profiles it says nothing of the kind."""
+    from ntklab import claims
+    from ntklab.config import get_profile
+
+    cl = [claims.compare("k", "a statement", 0.5, ">", 0.1)]
+    dry = claims.table(cl, get_profile("paper_cpu"))
+    assert "SYNTHETIC" in str(dry) and "SYNTHETIC" in dry._repr_html_()
+    for name in ("quick", "smoke", "paper"):
+        table = claims.table(cl, get_profile(name))
+        assert "SYNTHETIC" not in str(table) and "SYNTHETIC" not in table._repr_html_()
+    assert "SYNTHETIC" in str(claims.table(cl, "paper_cpu"))        # a profile's name says it too
