@@ -632,3 +632,67 @@ def noise_explorer(model: torch.nn.Module, X: torch.Tensor, eps: float, *, basis
     box = widgets.VBox([widgets.HBox([scale, floor]), summary, out])
     box.summary = summary
     return box
+
+
+# --- chapter 9: the projected cost, recomputed ---
+__all__ += ["cost_projection", "cost_explorer"]
+
+
+def cost_projection(runs, costs: dict, *, speedup: float = 1.0, gpus: int = 1, efficiency: float = 0.8) -> dict:
+    """Projected wall hours per experiment of the planned ``runs`` (:func:`ntklab.plan.plan`) on a
+    device ``speedup`` times as fast as the one that measured ``costs`` (the three costs of
+    ``bench/gpu.py``, every one divided by ``speedup``), on ``gpus`` GPUs under
+    DistributedDataParallel at parallel ``efficiency`` (a run's time divided by ``gpus *
+    efficiency``; 1 GPU: no division). Recomputes :func:`ntklab.plan.project` on the scaled costs.
+    Chapter 9. Raises ``ValueError`` for a speedup or efficiency outside (0, inf) and (0, 1], or
+    fewer than one GPU."""
+    from ntklab import _checks, plan
+
+    speedup = _checks.number("speedup", speedup, positive=True)
+    efficiency = _checks.number("efficiency", efficiency, positive=True)
+    if efficiency > 1:
+        raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
+    gpus = _checks.count("gpus", gpus)
+    scaled = {k: v / speedup for k, v in costs.items() if k in plan.COST_KEYS}
+    parallel = 1.0 if gpus == 1 else gpus * efficiency
+    return {name: hours / parallel for name, hours in plan.project(runs, scaled).items()}
+
+
+def cost_explorer(runs, costs: dict, *, speedup: float = 1.0, gpus: int = 1, efficiency: float = 0.8):
+    """Sliders for the device's speed over the one that measured ``costs``, the number of GPUs and
+    the parallel efficiency; each move recomputes :func:`cost_projection` and redraws the projected
+    wall hours per experiment (chapter 9). Returns the ipywidgets container; its ``summary`` (an
+    ``HTML`` widget) holds the total."""
+    import ipywidgets as widgets
+
+    cost_projection(runs, costs, speedup=speedup, gpus=gpus, efficiency=efficiency)   # checks the arguments
+    out, summary = widgets.Output(), widgets.HTML()
+    speed = widgets.FloatLogSlider(value=speedup, base=10, min=0, max=4, step=0.1, description="speed-up",
+                                   readout_format=".3g", continuous_update=False)
+    n_gpus = widgets.IntSlider(value=gpus, min=1, max=64, description="GPUs", continuous_update=False)
+    eff = widgets.FloatSlider(value=efficiency, min=0.3, max=1.0, step=0.05, description="DDP efficiency",
+                              continuous_update=False)
+
+    def draw(*_):
+        hours = cost_projection(runs, costs, speedup=speed.value, gpus=n_gpus.value, efficiency=eff.value)
+        names = sorted(hours, key=hours.get)
+        out.clear_output(wait=True)
+        with out:
+            fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1))
+            ax.barh(names, [hours[n] for n in names], color="tab:green")
+            ax.set_xscale("log")
+            ax.set_xlabel("projected wall hours")
+            for h, text in ((24, "a day"), (24 * 7, "a week")):
+                ax.axvline(h, color="k", lw=0.6, ls=":")
+                ax.text(h, -0.6, text, fontsize=8)
+            plt.show()
+        total = sum(hours.values())
+        summary.value = (f"total {total:.3g} wall hours ({total / 24:.3g} days) at {speed.value:.3g}x the measured "
+                         f"device, {n_gpus.value} GPU(s)")
+
+    for w in (speed, n_gpus, eff):
+        w.observe(draw, names="value")
+    draw()
+    box = widgets.VBox([widgets.HBox([speed, n_gpus, eff]), out, summary])
+    box.summary, box.controls = summary, (speed, n_gpus, eff)
+    return box

@@ -264,3 +264,29 @@ def test_noise_explorer_recomputes_the_noise_spectrum_for_the_chosen_floor(train
     assert clipped(box.summary.value) > 0
     with pytest.raises(ValueError, match="eps must be at most 0.5"):
         widgets.noise_start_statistics(trained_cnn, X, 0.6, basis=basis)
+
+
+def test_cost_explorer_recomputes_the_projection_for_the_chosen_device_and_gpus():
+    """Chapter 9's explorer: every slider move recomputes ntklab.plan.project on scaled costs; checked
+    against hours computed by hand from the plan's image-passes, kernels and AutoAttack images."""
+    from ntklab import plan
+
+    runs = [plan.PlannedRun("a", "one", 2, 100, 3.0, eval_passes=40.0, kernel_images=(500, 250), autoattack_images=10),
+            plan.PlannedRun("b", "two", 1, 50, 1.0)]
+    costs = {"seconds_per_pass": 0.36, "kernel_500_seconds": 720.0, "autoattack_seconds_per_image": 36.0}
+    by_hand = {"a": (640 * 0.36 + (1 + 0.25) * 720 + 10 * 36) / 3600, "b": 50 * 0.36 / 3600}
+    assert widgets.cost_projection(runs, costs) == pytest.approx(by_hand)
+    assert widgets.cost_projection(runs, costs, speedup=10, gpus=4, efficiency=0.5) == \
+        pytest.approx({k: v / 10 / 2 for k, v in by_hand.items()})
+    box = widgets.cost_explorer(runs, costs)
+    speed, gpus, eff = box.controls
+    first = box.summary.value
+    assert f"total {sum(by_hand.values()):.3g} wall hours" in first
+    speed.value = 100.0
+    gpus.value = 8
+    assert box.summary.value != first
+    expected = sum(by_hand.values()) / 100 / (8 * eff.value)
+    assert f"total {expected:.3g} wall hours" in box.summary.value
+    for bad in ({"speedup": 0}, {"gpus": 0}, {"efficiency": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            widgets.cost_projection(runs, costs, **bad)
