@@ -15,6 +15,21 @@ from ntklab.bn import eval_mode
 __all__ = ["attack_explorer", "choice_explorer", "spectrum_explorer", "kernel_explorer", "switch_explorer",
            "phase_explorer"]
 
+def _panel(inputs, draw, *below, **attrs):
+    """The explorers' common frame: every control in ``inputs`` redraws through ``draw`` when its
+    value changes, ``draw`` runs once now, and the controls sit in a row above ``below``; ``attrs``
+    become attributes of the returned ``VBox`` (e.g. ``summary``, for tests and chapters)."""
+    import ipywidgets as widgets
+
+    for w in inputs:
+        w.observe(draw, names="value")
+    draw()
+    box = widgets.VBox([widgets.HBox(list(inputs)), *below])
+    for name, value in attrs.items():
+        setattr(box, name, value)
+    return box
+
+
 
 def attack_explorer(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     attack: Callable, *, eps_max: float = 0.3, eps_step: float = 0.01):
@@ -282,12 +297,7 @@ def phase_explorer(curves: dict, epochs, *, lazy_below: float, rise_above: float
             ax.legend(fontsize=8)
             plt.show()
 
-    for w in (run, low, high):
-        w.observe(draw, names="value")
-    draw()
-    box = widgets.VBox([widgets.HBox([run, low, high]), summary, out])
-    box.summary = summary
-    return box
+    return _panel((run, low, high), draw, summary, out, summary=summary)
 
 
 # --- recomputing widgets (issue 21) ---
@@ -397,12 +407,7 @@ def kernel_change_explorer(nets: dict, X: torch.Tensor, *, eps: float = 1e-2, re
             ax.legend(fontsize=7)
             plt.show()
 
-    for w in (network, eps_slider, draw_slider):
-        w.observe(draw, names="value")
-    draw()
-    box = widgets.VBox([widgets.HBox([network, eps_slider, draw_slider]), summary, out])
-    box.summary, box.points = summary, points
-    return box
+    return _panel((network, eps_slider, draw_slider), draw, summary, out, summary=summary, points=points)
 
 
 def batch_statistics_errors(net: torch.nn.Module, X: torch.Tensor, probe: torch.Tensor, batch_size: int, *,
@@ -525,12 +530,7 @@ def batch_statistics_explorer(net: torch.nn.Module, X: torch.Tensor, probe: torc
             ax.legend(fontsize=7)
             plt.show()
 
-    for w in controls:
-        w.observe(draw, names="value")
-    draw()
-    box = widgets.VBox([widgets.HBox(controls), summary, out])
-    box.summary, box.batches = summary, batches
-    return box
+    return _panel(controls, draw, summary, out, summary=summary, batches=batches)
 
 
 def noise_start_statistics(model: torch.nn.Module, X: torch.Tensor, eps: float, *, basis: torch.Tensor,
@@ -626,12 +626,7 @@ def noise_explorer(model: torch.nn.Module, X: torch.Tensor, eps: float, *, basis
             ax.legend(fontsize=8)
             plt.show()
 
-    for w in (scale, floor):
-        w.observe(draw, names="value")
-    draw()
-    box = widgets.VBox([widgets.HBox([scale, floor]), summary, out])
-    box.summary = summary
-    return box
+    return _panel((scale, floor), draw, summary, out, summary=summary)
 
 
 # --- chapter 9: the projected cost, recomputed ---
@@ -690,9 +685,4 @@ def cost_explorer(runs, costs: dict, *, speedup: float = 1.0, gpus: int = 1, eff
         summary.value = (f"total {total:.3g} wall hours ({total / 24:.3g} days) at {speed.value:.3g}x the measured "
                          f"device, {n_gpus.value} GPU(s)")
 
-    for w in (speed, n_gpus, eff):
-        w.observe(draw, names="value")
-    draw()
-    box = widgets.VBox([widgets.HBox([speed, n_gpus, eff]), out, summary])
-    box.summary, box.controls = summary, (speed, n_gpus, eff)
-    return box
+    return _panel((speed, n_gpus, eff), draw, out, summary, summary=summary, controls=(speed, n_gpus, eff))

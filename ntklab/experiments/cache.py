@@ -432,6 +432,17 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
+def _computed(name: str, compute: Callable[[], Any]):
+    """``compute()``'s result in storable form, refused (``ValueError``) if any number in it is not
+    finite."""
+    result = _storable(compute())
+    bad = _non_finite(result)
+    if bad:
+        raise ValueError(f"experiment {name!r} returned a non-finite number at {bad}; a result is stored "
+                         f"only when every number in it is finite (store None with a reason instead)")
+    return result
+
+
 def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool = False,
            root: str | os.PathLike | None = None, module=None):
     """``compute()``'s result for experiment ``name`` under ``config``, from the cache if there.
@@ -479,11 +490,7 @@ def cached(name: str, config: dict, compute: Callable[[], Any], *, force: bool =
         # checkpoints are kept by clear(stale_only=True)), a finished one is complete in one file
         atomic_write_text(_sidecar_text(entry), path.with_suffix(".json"))
         try:
-            result = _storable(compute())
-            bad = _non_finite(result)
-            if bad:
-                raise ValueError(f"experiment {name!r} returned a non-finite number at {bad}; a result is stored "
-                                 f"only when every number in it is finite (store None with a reason instead)")
+            result = _computed(name, compute)
         except Exception:  # a failed computation leaves nothing behind but its checkpoints (an interruption
             if not path.exists() and not path.with_suffix(".checkpoints").exists():  # keeps the sidecar)
                 path.with_suffix(".json").unlink(missing_ok=True)
@@ -544,11 +551,7 @@ def _cached_ranks(name: str, config: dict, compute: Callable[[], Any], *, force:
 
         if distributed.main_only(decide) == "compute":
             try:
-                result = _storable(compute())
-                bad = _non_finite(result)
-                if bad:
-                    raise ValueError(f"experiment {name!r} returned a non-finite number at {bad}; a result is "
-                                     f"stored only when every number in it is finite (store None with a reason instead)")
+                result = _computed(name, compute)
             except Exception:
                 if distributed.is_main():
                     forget()
