@@ -518,10 +518,27 @@ def _batch_kernels(net, X, x_adv, probe_x, draws, config, device, progress) -> d
     res["spearman"] = {s: _spearman(res[s]["gap"], res[s]["error"]) for s in sources}
     within = [_spearman(g, e) for g, e in zip(per_size("clean", "gap"), per_size("clean", "error"))]
     res["spearman"]["within_size"] = float(np.nanmean(within)) if not np.all(np.isnan(within)) else float("nan")
-    res["size_slope"] = {s: float(np.polyfit(np.log(config["batch_sizes"]), np.log(res["median_error"][s]), 1)[0])
-                         for s in sources}
-    res["gap_slope"] = float(np.polyfit(np.log(config["batch_sizes"]), np.log(res["median_gap"]["clean"]), 1)[0])
+    res["size_slope"] = {s: _log_slope(config["batch_sizes"], res["median_error"][s]) for s in sources}
+    res["gap_slope"] = _log_slope(config["batch_sizes"], res["median_gap"]["clean"])
     return res
+
+
+def _log_slope(x, y) -> float | None:
+    """The log-log slope of ``y`` against ``x`` over the points where ``y > 0``; ``None`` (stored in
+    the result: a NaN would be refused) with fewer than two. A median kernel error of exactly 0
+    happens when no batch statistic reaches the kernel: under ``smoke`` with two CPU threads, a
+    trained width-4 network whose ReLUs after BN had all died."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = y > 0
+    if keep.sum() < 2:
+        return None
+    return _line_fit(np.log(x[keep]), np.log(y[keep]))[0]
+
+
+def _nan_if_none(value) -> float:
+    """A stored slope as a float for the analysis: ``None`` (undefined, :func:`_log_slope`) is NaN,
+    so every claim on it comes out False."""
+    return float("nan") if value is None else float(value)
 
 
 def _spearman(a, b) -> float:
@@ -689,8 +706,8 @@ def analyse(result: dict) -> dict:
             "spearman": float(r["spearman"]["clean"]), "spearman_within": float(r["spearman"]["within_size"]),
             "error_first": float(med_err["clean"][0]), "error_last": float(med_err["clean"][-1]),
             "error_factor": _ratio(med_err["clean"][0], med_err["clean"][-1]),
-            "size_slope": float(r["size_slope"]["clean"]), "gap_slope": float(r["gap_slope"]),
-            "adv_size_slope": float(r["size_slope"]["adversarial"]),
+            "size_slope": _nan_if_none(r["size_slope"]["clean"]), "gap_slope": _nan_if_none(r["gap_slope"]),
+            "adv_size_slope": _nan_if_none(r["size_slope"]["adversarial"]),
             "adv_gap_ratio": min(_ratio(a, c) for a, c in zip(med_gap["adversarial"], med_gap["clean"])),
             "adv_error_margin": _ratio(min(med_err["adversarial"]), max(med_err["clean"])),
             "adv_median_gap": float(np.median(r["adversarial"]["gap"])),
