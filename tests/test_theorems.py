@@ -392,3 +392,13 @@ def test_theorem1_inputs_are_the_probe():
     assert torch.allclose(gauss.flatten(1).norm(dim=1), torch.full((len(y),), math.sqrt(X[0].numel()), dtype=torch.float64))
     again = theorems.theorem1_inputs(smoke)
     assert all(torch.equal(u, v) for u, v in zip((X, y, signs, gauss), again))
+
+
+def test_log_slope_uses_positive_medians_and_is_none_without_two():
+    """A median kernel error of exactly 0 (no batch statistic reaches the kernel) cannot enter a
+    log-log fit: the slope uses the positive points, and is None (NaN in the analysis) without two."""
+    sizes = [8, 16, 32, 64]
+    assert theorems._log_slope(sizes, [2 / np.sqrt(b) for b in sizes]) == pytest.approx(-0.5)
+    assert theorems._log_slope(sizes, [0.0, 2 / 4, 2 / np.sqrt(32), 0.25]) == pytest.approx(-0.5)
+    assert theorems._log_slope(sizes, [0.0, 0.0, 0.0, 0.3]) is None
+    assert math.isnan(theorems._nan_if_none(None)) and theorems._nan_if_none(-0.5) == -0.5
