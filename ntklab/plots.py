@@ -456,7 +456,10 @@ def centred_ks_against_robustness(analysis: dict, *, axes=None):
         ks = analysis["ks"][which]
         for key, marker in zip(ks["centred"], "os^vD"):
             v, lo, hi = ks["centred"][key], ks["low"][key], ks["high"][key]
-            ax.errorbar([v], [analysis["robust"][key]], xerr=[[v - lo], [hi - v]], fmt=marker, ms=8, capsize=4,
+            # a percentile interval need not contain the estimate (tiny, degenerate samples: smoke):
+            # the bar then stops at the point rather than pointing the wrong way
+            ax.errorbar([v], [analysis["robust"][key]], xerr=[[max(v - lo, 0.0)], [max(hi - v, 0.0)]], fmt=marker,
+                        ms=8, capsize=4,
                         label=key)
         ax.set_xlabel(f"centred KS of the {title} (bootstrap 95% interval)")
         ax.set_title(title)
