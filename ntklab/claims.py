@@ -201,8 +201,9 @@ def table(claims: Sequence[Claim], profile) -> ClaimsTable:
 def glue(values: dict, prefix: str = "") -> list[str]:
     """Glue every number (and string) of ``values`` for myst-nb, as ``prefix + key``, so that the
     chapter's markdown quotes it with ``{glue:text}`ch5_saving:.0%```. Nested dicts are glued with
-    keys joined by ``_``; other values are skipped. Returns the glued names. Needs ``myst_nb``
-    (installed with the book's requirements)."""
+    keys joined by ``_``; ``None`` (a quantity the run did not reach, e.g. no lazy onset) is glued as
+    NaN, so the sentence quoting it prints "nan" instead of losing its key; other values are skipped.
+    Returns the glued names. Needs ``myst_nb`` (installed with the book's requirements)."""
     from myst_nb import glue as _glue
 
     names = []
@@ -212,6 +213,9 @@ def glue(values: dict, prefix: str = "") -> list[str]:
             name = f"{head}{k}"
             if isinstance(v, dict):
                 walk(v, name + "_")
+            elif v is None:
+                _glue(name, math.nan, display=False)
+                names.append(name)
             elif isinstance(v, (str, bool)) or _is_number(v):
                 _glue(name, v if isinstance(v, str) else (bool(v) if isinstance(v, bool) else _as_float(v, name)),
                       display=False)

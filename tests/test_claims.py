@@ -72,8 +72,9 @@ def test_glue_glues_numbers_and_nested_dicts(monkeypatch):
     myst_nb = pytest.importorskip("myst_nb")
     glued = {}
     monkeypatch.setattr(myst_nb, "glue", lambda name, value, display=True: glued.__setitem__(name, value))
-    names = C.glue({"a": 0.5, "b": {"c": torch.tensor(2.0)}, "skip": [1, 2]}, prefix="ch1_")
-    assert names == ["ch1_a", "ch1_b_c"] and glued == {"ch1_a": 0.5, "ch1_b_c": 2.0}
+    names = C.glue({"a": 0.5, "b": {"c": torch.tensor(2.0)}, "skip": [1, 2], "none": None}, prefix="ch1_")
+    assert names == ["ch1_a", "ch1_b_c", "ch1_none"]
+    assert glued["ch1_a"] == 0.5 and glued["ch1_b_c"] == 2.0 and math.isnan(glued["ch1_none"])
 
 
 def _claims(analysis, profile):
