@@ -308,6 +308,10 @@ def test_figures_of_the_chapter(schedule_run):
     fig, axes = plt.subplots(1, 2)
     ntklab.plots.switch_grid(a, axes=axes)
     assert len(axes[0].get_lines()) >= a["n_seeds"] and list(axes[1].get_xticks()) == [0] + a["grid"]
+    fig, axes = plt.subplots(1, 3)   # with the robust accuracy itself: one line per seed, and the decays
+    ntklab.plots.switch_grid(a, axes=axes)
+    assert len(axes[2].get_lines()) == a["n_seeds"] + 1 + len(a["decays"])
+    assert [line.get_xdata()[0] for line in axes[2].get_lines()[:len(a["decays"])]] == a["decays"]
     fig, ax = plt.subplots()
     ntklab.plots.auto_switch_curves(a, ax=ax)
     assert len(ax.get_legend().get_texts()) == a["n_seeds"] + 2

@@ -8,11 +8,11 @@ training seeds (the profile's seed and the next ones: each seed changes the init
 batch order and the attacks' random starts; the data subsets are the profile's), and per seed:
 
 * **the switch grid**: normal training for the first s epochs, then PGD-AT to the end, for every s
-  in ``Settings.switch_grid`` (every epoch up to the first learning-rate decay under ``quick``),
-  and full PGD-AT (s = 0). All switches of one seed share the normal prefix: the run that switches
-  at the last s of the grid is trained once, its checkpoint (weights, SGD momentum, history) is
-  copied after every epoch, and each other switch resumes from the copy after its s epochs with
-  PGD-AT (:func:`continue_with_switch`). The optimiser state carries over and the learning rate is
+  in ``Settings.switch_grid`` (every epoch, s = 1..E, under ``quick``: before the first learning-rate
+  decay and after it; s = E is the normal run, without a PGD epoch), and full PGD-AT (s = 0). All
+  switches of one seed share the normal prefix: the normal run (s = E) is trained once, its
+  checkpoint (weights, SGD momentum, history) is copied after every s of the grid, and each other
+  switch resumes from the copy after its s epochs with PGD-AT (:func:`continue_with_switch`). The optimiser state carries over and the learning rate is
   the schedule's of each epoch, so a continued run is the run ``train(..., switch_epoch=s)`` would
   make, bit for bit on the CPU (a unit test checks it);
 * **controls**: PGD-AT from scratch for only the last E - s epochs (same initialisation, the same
@@ -136,6 +136,12 @@ def analyse(result: dict) -> dict:
     against 0), ``loss`` (full PGD-AT's robust accuracy minus the schedule's, paired over seeds);
     ``prefix_gain`` (per control s: the switch run's robust accuracy minus the late-PGD-AT-only
     run's); ``fgsm_vs_last`` (FGSM-RS's robust accuracy minus the switch at the first decay's);
+    ``before_decay`` / ``after_decay`` (the switches of the grid up to the first decay, and after it
+    before E); ``grid_min_robust`` (the smallest robust accuracy of a switch up to the first decay
+    over seeds); ``later_cost`` (the first switch of the grid minus the switch at the first decay,
+    paired); ``delay_span`` and ``delay_faster`` (:func:`paired_combination`: the robust accuracy
+    lost per epoch of delay from the first decay to the last decay of the grid, minus that lost per
+    epoch from the first switch of the grid to the first decay, paired over seeds and examples);
     the per-batch costs ``step_ms``, ``step_ratio`` (PGD / normal with bootstrap ``se``),
     ``fgsm_ratio``; ``predicted_saving`` (per s of the grid, from the measured per-batch costs),
     ``pass30`` (the first s that saves 30% of the passes), ``measured30`` (the first s of the grid
@@ -304,6 +310,7 @@ def _quote(a: dict) -> dict:
         q["last_switch_robust"] = a["robust_mean"][f"s={a['grid'][-2]}"] if len(a["grid"]) > 1 else None
         q["last_switch"] = a["grid"][-2] if len(a["grid"]) > 1 else None
     q["p30_margin"] = _margin(a["loss"][at30], THRESHOLDS["p30_loss"])
+    q["p30_loss_seed_se"], q["p30_loss_example_se"] = a["loss"][at30]["seed_se"], a["loss"][at30].get("example_se")
     q["cap_predicted_saving"] = a["predicted_saving"][cap]
     return {k: v for k, v in q.items() if v is not None}
 
@@ -381,7 +388,8 @@ def claims(analysis: dict, profile) -> list[Claim]:
 
 def margins(analysis: dict) -> dict:
     """Each asserted claim's distance from its threshold in standard errors (binomial for an
-    accuracy, over seeds for a paired mean, bootstrap over rounds for the step-cost ratio)."""
+    accuracy, over seeds for a paired mean, bootstrap over rounds for the step-cost ratio), and the
+    observation ``p30_keeps``'s (the reason it is one)."""
     a, T = analysis, THRESHOLDS
     at30 = f"s={a['pass30']}" if f"s={a['pass30']}" in a["loss"] else f"s={a['cap']}"
     low = a["grid_min_robust"]
