@@ -477,9 +477,13 @@ def switch_grid(analysis: dict, *, axes=None):
     """Two panels of a ``schedule`` analysis (:func:`ntklab.experiments.schedule.analyse`). Left:
     the robust accuracy each switch s of the grid loses against full PGD-AT (mean over seeds, 95%
     interval of the paired difference, one thin line per seed), the late-PGD-AT-only controls at
-    their s (crosses) and FGSM-RS (a dashed level). Right: each switch's saving counted in passes,
-    predicted from the measured per-batch step costs, and measured in the runs' CPU seconds (mean and
-    standard error over seeds), with 30% marked. Introduced in chapter 5. Returns the two Axes."""
+    their s (crosses) and FGSM-RS (a dashed level); the grid may run to s = E (the normal run). Right:
+    each switch's saving counted in passes, predicted from the measured per-batch step costs, and
+    measured in the runs' CPU seconds (mean and standard error over seeds), with 30% marked. Both
+    panels mark the learning-rate decays (``analysis["decays"]``: after that many epochs) with dotted
+    lines. With a third Axes in ``axes``, it draws each switch's worst-case robust accuracy itself
+    (one line per seed, the mean as dots, full PGD-AT at s = 0), where the loss panel's intervals
+    carry full PGD-AT's spread over seeds. Introduced in chapter 5. Returns the Axes."""
     import numpy as np
 
     if axes is None:
@@ -501,8 +505,11 @@ def switch_grid(analysis: dict, *, axes=None):
                     else None)
     ax.axhline(analysis["loss"]["fgsm_rs"]["mean"], color="tab:green", ls="--", lw=1, label="FGSM-RS, all epochs")
     ax.axhline(0, color="gray", lw=0.8)
+    for ax_ in axes:
+        for i, m in enumerate(analysis.get("decays", [])):
+            ax_.axvline(m, color="gray", ls=":", lw=1, label="learning-rate decays" if i == 0 else None)
     ax.set_xticks(grid)
-    ax.set_xlabel("s (normal epochs before PGD-AT)")
+    ax.set_xlabel(f"s (normal epochs before PGD-AT; s = {analysis['epochs']}: normal training only)")
     ax.set_ylabel("robust accuracy lost vs full PGD-AT")
     ax.legend(fontsize=8)
     ax = axes[1]
@@ -519,6 +526,17 @@ def switch_grid(analysis: dict, *, axes=None):
     ax.set_xlabel("s (normal epochs before PGD-AT)")
     ax.set_ylabel("saving vs full PGD-AT")
     ax.legend(fontsize=8)
+    if len(axes) > 2:
+        ax = axes[2]
+        robust = np.array([analysis["robust"][l] for l in labels])
+        for i in range(robust.shape[1]):
+            ax.plot(grid, robust[:, i], color="tab:blue", lw=0.8, alpha=0.35)
+        ax.plot(grid, robust.mean(axis=1), "o", color="tab:blue", label="mean over seeds (thin lines: each seed)")
+        ax.set_xticks(grid)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("s (normal epochs before PGD-AT)")
+        ax.set_ylabel("worst-case robust accuracy")
+        ax.legend(fontsize=8)
     return axes
 
 

@@ -201,7 +201,9 @@ def switch_explorer(velocity, *, cap: int, threshold: float = 0.2, outcomes: dic
     measures it; entry t is epoch t + 1 (epochs are numbered from 1: a switch s trains epochs 1..s
     normally). cap: the latest switch. outcomes: ``{s: text}``, what the runs that switched after s
     epochs showed (e.g. their robust accuracy lost and time saved), printed below the plot for the
-    chosen s. Returns the ipywidgets container; its ``summary`` (an ``HTML`` widget) holds the text.
+    chosen s; the outcomes of every s (the whole grid, also past the cap, where the rule never
+    switches) are listed below it, the chosen one in bold. Returns the ipywidgets container; its
+    ``summary`` (an ``HTML`` widget) holds the text, its ``grid`` (an ``HTML`` widget) the list.
     """
     import ipywidgets as widgets
     import numpy as np
@@ -211,7 +213,7 @@ def switch_explorer(velocity, *, cap: int, threshold: float = 0.2, outcomes: dic
     v = np.asarray(velocity, dtype=float)
     AutoSwitch.decide(list(v), threshold, cap)  # checks the curve and the arguments
     outcomes = {int(k): str(t) for k, t in (outcomes or {}).items()}
-    out, summary = widgets.Output(), widgets.HTML()
+    out, summary, grid = widgets.Output(), widgets.HTML(), widgets.HTML()
     slider = widgets.FloatLogSlider(value=threshold, base=10, min=-2, max=-0.05, step=0.05,
                                     description="threshold", readout_format=".3f", continuous_update=False)
 
@@ -232,11 +234,16 @@ def switch_explorer(velocity, *, cap: int, threshold: float = 0.2, outcomes: dic
             summary.value = "no switch within the curve"
         else:
             summary.value = f"switch after epoch {s}: " + outcomes.get(s, "no run switched there")
+        rows = []
+        for e in sorted(outcomes):
+            row = f"s = {e}: {outcomes[e]}" + (" (past the cap)" if e > cap else "")
+            rows.append(f"<b>{row}</b>" if e == s else row)
+        grid.value = "<br>".join(rows)
 
     slider.observe(draw, names="value")
     draw()
-    box = widgets.VBox([slider, out, summary])
-    box.summary = summary
+    box = widgets.VBox([slider, out, summary, grid])
+    box.summary, box.grid = summary, grid
     return box
 
 

@@ -24,16 +24,19 @@ def test_settings_per_profile(paper_profile):
     quick = ch5.Settings.for_profile(get_profile("quick"))
     cp = quick.profile
     assert (cp.epochs, cp.lr_milestones, cp.n_train, cp.batch_size, cp.eps, cp.pgd_steps) == (10, (5, 8), 1000, 64, 0.15, 3)
-    assert quick.cap == 5 and quick.switch_grid == [1, 2, 3, 4, 5] and quick.control_switches == [2, 5]
+    assert quick.cap == 5 and quick.switch_grid == list(range(1, 11)) and quick.control_switches == [2, 5]
     assert quick.seeds == [0, 1, 2] and quick.apgd_labels == ["s=0", "s=5", "fgsm_rs"]
-    assert quick.labels() == ["s=0", "s=1", "s=2", "s=3", "s=4", "s=5", "late s=2", "late s=5", "fgsm_rs"]
+    assert quick.labels() == ["s=0"] + [f"s={s}" for s in range(1, 11)] + ["late s=2", "late s=5", "fgsm_rs"]
     assert (quick.autoattack_n, quick.auto_threshold, quick.auto_probe) == (200, 0.2, 32)
     seeded = ch5.Settings.for_profile(get_profile("quick").replace(seed=7))
     assert seeded.seeds == [7, 8, 9]
     smoke = ch5.Settings.for_profile(get_profile("smoke"))
-    assert smoke.n_seeds == 2 and smoke.switch_grid == [1, 2] and (smoke.cost_rounds, smoke.cost_batches) == (3, 2)
+    assert smoke.n_seeds == 2 and smoke.switch_grid == [1, 2, 3, 4] and (smoke.cost_rounds, smoke.cost_batches) == (3, 2)
+    # paper: every 20th epoch, the decays and the normal run's 200 (the book's coarser grid)
     paper = ch5.Settings.for_profile(get_profile("paper"))
-    assert paper.cap == 100 and paper.switch_grid == list(range(10, 101, 10)) and paper.control_switches == [50, 100]
+    assert paper.cap == 100 and paper.control_switches == [50, 100]
+    assert paper.switch_grid == [20, 40, 60, 80, 100, 120, 140, 150, 160, 180, 200]
+    assert sum(200 - s for s in paper.switch_grid) == 950   # PGD-AT epochs of the grid per seed, as documented
 
 
 def test_continued_run_is_the_switched_run(tmp_path):
@@ -49,21 +52,25 @@ def test_continued_run_is_the_switched_run(tmp_path):
         return experiments.model_from_profile(cp)
 
     config = TrainConfig.from_profile(cp, "pgd", seed=3, eval_every=0)
-    direct = fresh()
-    h_direct = train(direct, train_set, config.replace(switch_epoch=1), progress=False)
-    # the prefix: a run that switches at 2, its checkpoint after 1 epoch copied, continued with a switch at 1
+    E = cp.epochs
+    # the prefix: the normal run (switch at E), its checkpoint copied after 1 and E - 1 epochs (before the decay
+    # and after it), each copy continued with its switch
     prefix = tmp_path / "prefix"
-    train(fresh(), train_set, config.replace(switch_epoch=2), checkpoint_dir=prefix, progress=False,
-          callbacks=[_CopyCheckpoints(prefix, 1)])
-    assert (prefix / "after_1.pt").exists() and not (prefix / "after_2.pt").exists()
-    ch5.continue_with_switch(prefix / "after_1.pt", 1, config.replace(switch_epoch=1), tmp_path / "cont")
-    continued = fresh()
-    h_cont = train(continued, train_set, config.replace(switch_epoch=1), checkpoint_dir=tmp_path / "cont",
-                   progress=False)
-    for k, v in direct.state_dict().items():
-        assert torch.equal(v, continued.state_dict()[k]), k
-    assert h_cont.strategy == h_direct.strategy == ["normal"] + ["pgd"] * (cp.epochs - 1)
-    assert h_cont.loss == h_direct.loss and h_cont.switch_epoch == h_direct.switch_epoch == 1
+    train(fresh(), train_set, config.replace(switch_epoch=E), checkpoint_dir=prefix, progress=False,
+          callbacks=[_CopyCheckpoints(prefix, [1, E - 1])])
+    assert sorted(p.name for p in prefix.glob("after_*.pt")) == ["after_1.pt", f"after_{E - 1}.pt"]
+    for s in (1, E - 1):
+        direct = fresh()
+        h_direct = train(direct, train_set, config.replace(switch_epoch=s), progress=False)
+        ch5.continue_with_switch(prefix / f"after_{s}.pt", s, config.replace(switch_epoch=s), tmp_path / f"cont{s}")
+        continued = fresh()
+        h_cont = train(continued, train_set, config.replace(switch_epoch=s), checkpoint_dir=tmp_path / f"cont{s}",
+                       progress=False)
+        for k, v in direct.state_dict().items():
+            assert torch.equal(v, continued.state_dict()[k]), (s, k)
+        assert h_cont.strategy == h_direct.strategy == ["normal"] * s + ["pgd"] * (E - s)
+        assert h_cont.loss == h_direct.loss and h_cont.switch_epoch == h_direct.switch_epoch == s
+        assert h_cont.lr == h_direct.lr
     with pytest.raises(ValueError, match="switch_epoch must be 2"):
         ch5.continue_with_switch(prefix / "after_1.pt", 2, config.replace(switch_epoch=1), tmp_path / "x")
     with pytest.raises(ValueError, match="not 2 normal"):
@@ -73,11 +80,11 @@ def test_continued_run_is_the_switched_run(tmp_path):
 def test_smoke_run(schedule_run):
     result = schedule_run
     cp = ch5.chapter_profile(get_profile("smoke"))
-    assert result["seeds"] == [0, 1] and result["grid"] == [1, 2] and result["controls"] == [1, 2]
+    assert result["seeds"] == [0, 1] and result["grid"] == [1, 2, 3, 4] and result["controls"] == [1, 2]
     for seed in ("0", "1"):
         runs = result["runs"][seed]
-        assert list(runs) == ["s=0", "s=1", "s=2", "late s=1", "late s=2", "fgsm_rs"]
-        for s in (0, 1, 2):
+        assert list(runs) == ["s=0", "s=1", "s=2", "s=3", "s=4", "late s=1", "late s=2", "fgsm_rs"]
+        for s in (0, 1, 2, 3, 4):   # s = 4 = E: the normal run, the shared prefix
             assert runs[f"s={s}"]["history"]["strategy"] == ["normal"] * s + ["pgd"] * (cp.epochs - s)
         for s in (1, 2):  # the late controls: PGD-AT for the last E - s epochs, at the switched run's rates
             h = runs[f"late s={s}"]["history"]
@@ -87,7 +94,7 @@ def test_smoke_run(schedule_run):
             assert len(r["robust_flags"]) == cp.n_eval and r["robust_acc"] == np.mean(r["robust_flags"])
             assert 0 <= r["robust_acc"] <= r["clean_acc"] <= 1
             assert len(r["cpu_epoch_seconds"]) == len(r["history"]["epoch"])
-        assert [runs[l]["apgd_acc"] is None for l in runs] == [False, True, False, True, True, False]
+        assert [runs[l]["apgd_acc"] is None for l in runs] == [False, True, False, True, True, True, True, False]
         kern = result["kernels"][seed]
         assert kern["epochs"] == [0, 1, 2] and kern["normal"].shape == kern["pgd"].shape == (3, cp.n_probe, cp.n_probe)
         assert torch.equal(kern["normal"][0], kern["pgd"][0])  # one initialisation, one reference kernel
@@ -101,7 +108,7 @@ def test_smoke_run(schedule_run):
 
 def test_schedule_paper_code_path(paper_profile):
     result = experiments.run("schedule", paper_profile, "cpu", progress=False)
-    assert result["grid"] == [1] and result["controls"] == [1] and len(result["seeds"]) == 3
+    assert result["grid"] == [1, 2] and result["controls"] == [1] and len(result["seeds"]) == 3
     a = ch5.analyse(result)
     assert a["cap"] == 1 and a["auto_switch"] == [1, 1, 1]
     assert ntklab.claims.check(ch5.claims(a, "paper"), "paper") == []
@@ -123,6 +130,25 @@ def test_paired_over_seeds_by_hand():
     assert q["example_se"] == pytest.approx(pooled.std() / np.sqrt(8)) and q["se"] == max(q["seed_se"], q["example_se"])
 
 
+def test_paired_combination_by_hand():
+    """The rate comparison of claim delay_faster: per seed and per pooled example, by hand."""
+    values = {"a": [0.8, 0.7], "b": [0.6, 0.6], "c": [0.3, 0.5]}
+    flags = {"a": [[1, 1, 0, 1], [1, 0, 1, 1]], "b": [[1, 0, 0, 1], [0, 1, 1, 0]], "c": [[0, 0, 0, 1], [0, 0, 1, 0]]}
+    w = {"a": -1 / 2, "b": 1 / 2 + 1 / 3, "c": -1 / 3}
+    p = ch5.paired_combination(w, values, flags)
+    d = np.array([(0.6 - 0.3) / 3 - (0.8 - 0.6) / 2, (0.6 - 0.5) / 3 - (0.7 - 0.6) / 2])
+    assert p["diffs"] == pytest.approx(d) and p["mean"] == pytest.approx(d.mean())
+    assert p["seed_se"] == pytest.approx(np.std(d, ddof=1) / np.sqrt(2))
+    fa, fb, fc = (np.array(sum(flags[k], []), dtype=float) for k in "abc")
+    per = (fb - fc) / 3 - (fa - fb) / 2
+    assert p["example_se"] == pytest.approx(per.std() / np.sqrt(8)) and p["se"] == max(p["seed_se"], p["example_se"])
+    # two labels with weights 1, -1: the paired difference
+    q = ch5.paired_combination({"a": 1, "b": -1}, values, flags)
+    r = ch5.paired_over_seeds(values["a"], values["b"], flags["a"], flags["b"])
+    assert q["mean"] == pytest.approx(r["mean"]) and q["se"] == pytest.approx(r["se"])
+    assert np.isnan(ch5.paired_combination({}, values, flags)["mean"])
+
+
 def test_step_ratio_se_by_hand():
     steps = {"normal": [1.0, 1.1, 0.9, 1.0], "pgd": [3.0, 3.3, 2.7, 3.1]}
     r = ch5.step_ratio_se(steps)
@@ -135,7 +161,7 @@ def test_analyse_on_the_smoke_run(schedule_run):
     a = ch5.analyse(result)
     k, E, seeds = 2, 4, ["0", "1"]
     R = result["runs"]
-    assert (a["epochs"], a["cap"], a["pgd_steps"], a["grid"], a["n_seeds"]) == (E, 2, k, [1, 2], 2)
+    assert (a["epochs"], a["cap"], a["pgd_steps"], a["grid"], a["n_seeds"]) == (E, 2, k, [1, 2, 3, 4], 2)
     for label in a["labels"]:
         h = R["0"][label]["history"]["strategy"]
         assert a["passes"][label] == h.count("normal") + (k + 1) * h.count("pgd") + 2 * h.count("fgsm_rs")
@@ -146,10 +172,19 @@ def test_analyse_on_the_smoke_run(schedule_run):
         assert a["cpu_saving"][label]["mean"] == pytest.approx(np.mean(saving))
         loss = [R[s]["s=0"]["robust_acc"] - R[s][label]["robust_acc"] for s in seeds]
         assert a["loss"][label]["diffs"] == pytest.approx(loss)
-    for s in (1, 2):
+    for s in (1, 2, 3, 4):
         assert a["pass_saving"][f"s={s}"] == pytest.approx(s / E * k / (k + 1))
+    for s in (1, 2):
         gain = [R[x][f"s={s}"]["robust_acc"] - R[x][f"late s={s}"]["robust_acc"] for x in seeds]
         assert a["prefix_gain"][s]["diffs"] == pytest.approx(gain)
+    # the switches up to the first decay, and claim delay_faster by hand: the loss per epoch of delay from 2 to 3
+    # (the last decay) minus the loss per epoch from 1 to 2 (the first decay), per seed
+    assert a["before_decay"] == [1, 2] and a["after_decay"] == [3]
+    assert a["grid_min_robust"] == min(R[x][f"s={s}"]["robust_acc"] for x in seeds for s in (1, 2))
+    assert a["delay_span"] == {"before": [1, 2], "after": [2, 3]}
+    rate = [(R[x]["s=2"]["robust_acc"] - R[x]["s=3"]["robust_acc"]) - (R[x]["s=1"]["robust_acc"] - R[x]["s=2"]["robust_acc"])
+            for x in seeds]
+    assert a["delay_faster"]["diffs"] == pytest.approx(rate)
     # the automatic schedule is the grid's run at its switch, its cost plus the measurements'
     for i, s in enumerate(seeds):
         e = result["auto"][s]["switch_epoch"]
@@ -180,8 +215,9 @@ def good_analysis() -> dict:
     def paired(mean, se=0.01):
         return {"mean": mean, "se": se, "seed_se": se, "low": mean - 4.3 * se, "high": mean + 4.3 * se, "diffs": [mean] * 3}
 
-    labels = ["s=0", "s=1", "s=2", "s=3", "s=4", "s=5", "late s=2", "late s=5", "fgsm_rs"]
-    a = {"labels": labels, "grid": [1, 2, 3, 4, 5], "controls": [2, 5], "cap": 5, "epochs": 10, "pgd_steps": 3,
+    labels = ["s=0"] + [f"s={s}" for s in range(1, 11)] + ["late s=2", "late s=5", "fgsm_rs"]
+    a = {"labels": labels, "grid": list(range(1, 11)), "controls": [2, 5], "cap": 5, "epochs": 10, "pgd_steps": 3,
+         "delay_span": {"before": [1, 5], "after": [5, 8]},
          "n_seeds": 3, "n_eval": 500, "step_ratio": 4.2, "step_ratio_se": 0.1, "pass30": 4, "measured30": 4,
          "robust": {"s=0": [0.72, 0.70, 0.71]}, "grid_min_robust": 0.6, "auto_gap": [0, 1, 0],
          "measure_share": [0.05, 0.06, 0.04], "switch_distance": [0.02, 0.02, 0.01], "seed_distance": [0.02, 0.02, 0.02]}
@@ -190,6 +226,7 @@ def good_analysis() -> dict:
     a["cpu_saving"] = {f"s={s}": paired(0.08 * s) for s in range(1, 6)}
     a["saving_ratio"] = paired(1.05, 0.03)
     a["later_cost"] = paired(0.15)
+    a["delay_faster"] = paired(0.04)
     a["prefix_gain"] = {2: paired(0.25), 5: paired(0.4)}
     a["fgsm_vs_last"] = paired(-0.02)
     return a
@@ -204,6 +241,7 @@ CONTROLS = {
     "switches_train": _set("grid_min_robust", 0.49),
     "p30_keeps": _set("loss", "s=4", _paired(0.1)),                        # exactly the threshold: not less
     "later_costs": _set("later_cost", _paired(0.08)),
+    "delay_faster": _set("delay_faster", _paired(0.01)),                   # no faster after the decay than the threshold
     "prefix_helps": _set("prefix_gain", 5, _paired(0.2)),
     "step_cost": _set("step_ratio", 2.9),                                   # cheaper than the passes say
     "saving_measured": _set("saving_ratio", _paired(1.3)),
@@ -231,16 +269,18 @@ def test_margins_in_standard_errors():
     a = good_analysis()
     m = ch5.margins(a)
     assert m["later_costs"] == pytest.approx((0.15 - ch5.THRESHOLDS["later_cost"]) / 0.01)
+    assert m["delay_faster"] == pytest.approx((0.04 - ch5.THRESHOLDS["delay_faster"]) / 0.01)
     assert m["switches_train"] == pytest.approx((0.6 - ch5.THRESHOLDS["robust"]) / np.sqrt(0.6 * 0.4 / 500))
     assert m["thirty_where_counted"] == pytest.approx(min(abs(0.4 - 0.3), abs(0.16 - 0.3)) / 0.01)
 
 
 def test_observations_are_never_asserted():
     spoiled = good_analysis()
-    for key in ("full_pgd_trains", "fgsm_rs_reliable", "kernels_at_switch"):
+    for key in ("full_pgd_trains", "p30_keeps", "fgsm_rs_reliable", "kernels_at_switch"):
         CONTROLS[key](spoiled)
     cl = ch5.claims(spoiled, "quick")
-    assert sorted(c.key for c in cl if not c.holds) == ["fgsm_rs_reliable", "full_pgd_trains", "kernels_at_switch"]
+    assert sorted(c.key for c in cl if not c.holds) == ["fgsm_rs_reliable", "full_pgd_trains", "kernels_at_switch",
+                                                         "p30_keeps"]
     assert ntklab.claims.check(cl, "quick")  # nothing raised
 
 
@@ -268,6 +308,10 @@ def test_figures_of_the_chapter(schedule_run):
     fig, axes = plt.subplots(1, 2)
     ntklab.plots.switch_grid(a, axes=axes)
     assert len(axes[0].get_lines()) >= a["n_seeds"] and list(axes[1].get_xticks()) == [0] + a["grid"]
+    fig, axes = plt.subplots(1, 3)   # with the robust accuracy itself: one line per seed, and the decays
+    ntklab.plots.switch_grid(a, axes=axes)
+    assert len(axes[2].get_lines()) == a["n_seeds"] + 1 + len(a["decays"])
+    assert [line.get_xdata()[0] for line in axes[2].get_lines()[:len(a["decays"])]] == a["decays"]
     fig, ax = plt.subplots()
     ntklab.plots.auto_switch_curves(a, ax=ax)
     assert len(ax.get_legend().get_texts()) == a["n_seeds"] + 2

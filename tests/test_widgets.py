@@ -85,12 +85,16 @@ def test_switch_explorer_marks_the_epoch_autoswitch_chooses():
                                   outcomes={3: "loses 0.01", 4: "loses 0.05"})
     slider = box.children[0]
     assert box.summary.value == "switch after epoch 4: loses 0.05"   # 0.15 <= 0.2 in epoch 4
+    assert box.grid.value == "s = 3: loses 0.01<br><b>s = 4: loses 0.05</b>"
+    past = widgets.switch_explorer([1.0, 0.5, 0.3], cap=2, outcomes={2: "a", 3: "b"})   # the grid runs past the cap
+    assert past.grid.value == "<b>s = 2: a</b><br>s = 3: b (past the cap)"
     spans = []
     real = plt.Axes.axvspan
     plt.Axes.axvspan = lambda self, a, b, **kw: spans.append(a - 0.5) or real(self, a, b, **kw)
     try:
         slider.value = 0.4   # 0.3 <= 0.4 in epoch 3 (1-based): 3 normal epochs, AT from epoch 4
         assert box.summary.value == "switch after epoch 3: loses 0.01"
+        assert box.grid.value == "<b>s = 3: loses 0.01</b><br>s = 4: loses 0.05"
         slider.value = 0.05  # never lazy: the cap
     finally:
         plt.Axes.axvspan = real

@@ -45,11 +45,14 @@ class Settings:
     """Chapter 5 under one profile.
 
     profile: :func:`chapter_profile`; n_seeds: training seeds (the profile's seed and the next
-    ones); switch_grid: the switch epochs s (number of normal epochs) of the grid, ``quick``: every
-    epoch up to the first decay, ``paper``: ten evenly spaced (a guess of the book: a grid of 100
-    runs of 200 epochs is beyond any budget); control_switches: the s of the "PGD-AT for the last
-    E - s epochs only" controls (half-way to the first decay and at it); auto_threshold, auto_probe:
-    the automatic switch's rule (velocity per unit of lr at most this fraction of the first
+    ones); switch_grid: the switch epochs s (number of normal epochs) of the grid, from every
+    ``max(1, E // 10)``-th epoch (``quick`` and ``smoke``: every epoch), the learning-rate decays and
+    E itself (the normal run, no PGD epoch: the shared prefix, the grid's endpoint), so ``quick``
+    runs s = 1..10 and ``paper`` (E = 200) s = 20, 40, ..., 180, the decays 100 and 150, and 200 (a
+    choice of the book: every epoch would be 199 runs of up to 200 epochs; this grid trains 950
+    PGD-AT epochs per seed, under five full PGD-AT runs); control_switches: the s of the "PGD-AT for
+    the last E - s epochs only" controls (half-way to the first decay and at it); auto_threshold,
+    auto_probe: the automatic switch's rule (velocity per unit of lr at most this fraction of the first
     epoch's, on a probe of this many training images, at the latest at the first decay);
     autoattack_n: test images for APGD-CE (smoke 32, quick 200, otherwise ``n_eval``; ``paper_cpu``, the
     dry run, takes ``paper``'s path with smoke's two seeds and short cost rounds), run on the
@@ -84,8 +87,9 @@ class Settings:
 
     @property
     def switch_grid(self) -> list[int]:
-        step = 1 if self.profile.name in ("smoke", "quick") else max(1, self.cap // 10)
-        return sorted(set(range(step, self.cap + 1, step)) | {self.cap})
+        E = self.profile.epochs
+        step = max(1, E // 10)
+        return sorted(set(range(step, E, step)) | {m for m in self.profile.lr_milestones if 0 < m < E} | {self.cap, E})
 
     @property
     def control_switches(self) -> list[int]:
@@ -157,15 +161,17 @@ def continue_with_switch(prefix_checkpoint, switch_epoch: int, config, checkpoin
 
 class _CopyCheckpoints:
     """After every epoch the run's ``checkpoint.pt`` holds the state after the previous epochs:
-    copy it to ``after_<epochs>.pt`` while the run is still normal (epochs 1..``last``)."""
+    copy it to ``after_<epochs>.pt`` after the epochs in ``epochs`` (an int ``last``: epochs
+    1..``last``; or a collection of epoch numbers), while the run is still normal."""
 
-    def __init__(self, folder: Path, last: int):
-        self.folder, self.last = Path(folder), last
+    def __init__(self, folder: Path, epochs):
+        self.folder = Path(folder)
+        self.epochs = set(range(1, epochs + 1)) if isinstance(epochs, int) else {int(e) for e in epochs}
 
     def on_epoch_end(self, epoch, model, history):
         from ntklab.train import CHECKPOINT_NAME
 
-        if 1 <= epoch <= self.last:
+        if epoch in self.epochs:
             shutil.copyfile(self.folder / CHECKPOINT_NAME, self.folder / f"after_{epoch}.pt")
 
 
@@ -261,7 +267,8 @@ def _seed_runs(st: Settings, seed: int, train_set, probe_x, work: Path, device, 
         return KernelSnapshots(probe_x, None, snap_epochs, kind="trace", ae=False, statistics_x=x,
                                statistics_batch_size=cp.batch_size)
 
-    # the shared normal prefix: the run that switches at the last s of the grid, checkpoint copies after every epoch
+    # the shared normal prefix: the normal run (s = E, the grid's endpoint), its checkpoint copied after every s of the
+    # grid; each other switch continues from its copy
     last = grid[-1]
     prefix_dir = work / f"s={last}"
     schedule = make_schedule("multistep", lr=cp.lr, epochs=cp.epochs, milestones=cp.lr_milestones, gamma=cp.lr_gamma)
@@ -274,7 +281,7 @@ def _seed_runs(st: Settings, seed: int, train_set, probe_x, work: Path, device, 
     normal_snaps = snapshots()
     model = _fresh_model(cp, seed)
     history = train(model, train_set, _config(cp, "pgd", seed, switch_epoch=last), device=device,
-                    callbacks=[normal_snaps, auto, _CopyCheckpoints(prefix_dir, last - 1)],
+                    callbacks=[normal_snaps, auto, _CopyCheckpoints(prefix_dir, grid[:-1])],
                     checkpoint_dir=prefix_dir, progress=False)
     runs[f"s={last}"] = (model, history)
     bar.update(1)
@@ -282,6 +289,7 @@ def _seed_runs(st: Settings, seed: int, train_set, probe_x, work: Path, device, 
         config = _config(cp, "pgd", seed, switch_epoch=s)
         folder = work / f"s={s}"
         continue_with_switch(prefix_dir / f"after_{s}.pt", s, config, folder)
+        (prefix_dir / f"after_{s}.pt").unlink()   # one copy per switch (a paper-scale model's copies add up)
         model = _fresh_model(cp, seed)
         runs[f"s={s}"] = (model, train(model, train_set, config, device=device, checkpoint_dir=folder, progress=False))
         bar.update(1)
