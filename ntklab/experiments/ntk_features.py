@@ -507,8 +507,8 @@ def margins(analysis: dict) -> dict:
         return [r, r - u]
 
     boot = bootstrap(rhos, len(rob), draws=200, seed=0)["se"]
-    out["robustness_at_the_top"] = min(_z(-0.5 - fe["spearman"], boot[0]),
-                                       _z(-0.3 - (fe["spearman"] - fe["usefulness_spearman"]), boot[1]))
+    out["robustness_at_the_top"] = min(_z(-0.5 - fe["spearman"], float(boot[0])),
+                                       _z(-0.3 - (fe["spearman"] - fe["usefulness_spearman"]), float(boot[1])))
     se_spot = binomial_se(ss["robust"], n)
     out["sweet_spot_robust"] = min(
         _binomial_margin(ss["clean"], cmin, n),
