@@ -150,6 +150,11 @@ def _check_result(res, config):
         assert all(0 <= r <= c <= 1 for r, c in zip(row["robust"], row["clean"]))
     for m in frozen_kernel.HEADLINE:
         assert len(res["autoattack"]["apgd"][m]) == len(res["autoattack"]["worst"][m]) == T
+    final = res["final"]
+    assert 0 <= final["n"] <= config["n_final"]
+    for m in (frozen_kernel.FINAL if final["n"] else ()):
+        assert len(final[m]["robust_flags"]) == len(final[m]["clean_flags"]) == final["n"]
+        assert all(r <= c for r, c in zip(final[m]["robust_flags"], final[m]["clean_flags"]))
     assert res["compute_seconds"] > 0
 
 
@@ -164,6 +169,13 @@ def test_smoke_run_and_cache(tmp_path):
     lin.load_state_dict(res["aa_state"])
     a = frozen_kernel.analyse(res)
     _check_analysis(res, a)
+    assert res["final"]["n"] == 16 and a["n_final_eval"] == len(res["cells"]["AA"]["robust_flags"][-1]) + 16
+    # the last freeze time's differences pair the evaluation images and the extra ones
+    import numpy as np
+    ac = np.array(res["cells"]["AC"]["robust_flags"][-1] + res["final"]["AC"]["robust_flags"], float)
+    base = np.array(res["base"]["A"]["robust_flags"][-1] + res["final"]["base_A"]["robust_flags"], float)
+    assert abs(a["ac_minus_base_a"]["diff"] - (ac - base).mean()) < 1e-12
+    assert abs(a["ac_minus_base_a"]["se"] - (ac - base).std() / np.sqrt(len(ac))) < 1e-12
     # at t = 0 both phase-1 runs are the same initialisation (with the same data BN statistics): the
     # cells that differ only in phase 1 are the same model, exactly
     assert a["same_at_0"] is True
@@ -324,6 +336,53 @@ def test_claims_have_negative_controls():
     assert spoiled["kernel_converges_fast"] is False
     # asserted only under quick
     assert not any(c.asserted_under("paper") or c.asserted_under("smoke") for c in frozen_kernel.claims(good, "paper"))
+
+
+def test_tail_share_se_by_hand():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    loss = list(2.0 / (1 + np.arange(20)) + 0.01 * rng.standard_normal(20))
+    tail = np.array(loss[-10:])
+    sigma2 = (np.diff(tail) ** 2).sum() / (2 * 9)
+    by_hand = np.sqrt(sigma2 * 2 / 5) / (loss[0] - np.mean(loss[-5:]))
+    assert frozen_kernel.tail_share_se(loss) == pytest.approx(by_hand)
+    assert frozen_kernel.tail_share_se([1.0, 1.0, 1.0, 1.0]) != frozen_kernel.tail_share_se([1.0, 1.0, 1.0, 1.0])
+    # a noisier loss has a larger SE
+    noisy = list(2.0 / (1 + np.arange(20)) + 0.05 * rng.standard_normal(20))
+    assert frozen_kernel.tail_share_se(noisy) > frozen_kernel.tail_share_se(loss)
+
+
+def test_margins_in_standard_errors():
+    a = frozen_kernel.analyse(_result())
+    m = frozen_kernel.margins(a)
+    assert set(m) == {c.key for c in frozen_kernel.claims(a, "quick") if c.asserted_under("quick")}
+    d = a["ac_minus_base_a"]
+    assert m["ac_near_its_network"] == pytest.approx((d["diff"] + frozen_kernel.AC_BELOW_BASE) / d["se"])
+    d = a["aa_minus_ca"]
+    assert m["benign_kernel_limits"] == pytest.approx((d["diff"] - frozen_kernel.AA_OVER_CA) / d["se"])
+    assert m["aa_rises_with_t"] == pytest.approx(min(s["diff"] / s["se"] for s in a["aa_steps"]))
+    converged = [(frozen_kernel.TAIL_SHARE - s) / se for c in a["tail_share"]
+                 for s, se in zip(a["tail_share"][c], a["tail_share_se"][c])]
+    assert m["phase2_converged"] == pytest.approx(min(converged))
+    # a value nearer its threshold has a smaller margin; one beyond it a negative margin
+    a["ac_minus_base_a"]["diff"] = -frozen_kernel.AC_BELOW_BASE - 0.01
+    assert frozen_kernel.margins(a)["ac_near_its_network"] < 0
+
+
+def test_the_last_freeze_time_uses_the_extra_images():
+    """With ``final`` in the result, the last freeze time's differences pair the evaluation images
+    and the extra ones; the other differences stay on the evaluation images."""
+    res = _result()
+    extra = {m: {"clean_flags": [1] * 100, "robust_flags": [1] * 50 + [0] * 50} for m in frozen_kernel.FINAL}
+    extra["AC"]["robust_flags"] = [1] * 100
+    res["final"] = {"n": 100, **extra}
+    a, before = frozen_kernel.analyse(res), frozen_kernel.analyse(_result())
+    assert a["n_final_eval"] == N + 100 and before["n_final_eval"] == N
+    d = (before["ac_minus_base_a"]["diff"] * N + 50) / (N + 100)
+    assert a["ac_minus_base_a"]["diff"] == pytest.approx(d)
+    assert a["ac_minus_cc"]["diff"] == pytest.approx((before["ac_minus_cc"]["diff"] * N + 50) / (N + 100))
+    assert a["aa_gain"] == before["aa_gain"] and a["aa_steps"] == before["aa_steps"]
 
 
 def test_paper_cost_estimate_arithmetic():

@@ -28,8 +28,11 @@ def _check_result(res, config):
             h = rec["hits"]
             assert set(h) == {"clean", "own_fgsm", "own_pgd", "kernel_fgsm", "kernel_pgd", "random_sign",
                               "surrogate_fgsm", "surrogate_pgd"}
-            assert abs(sum(h["clean"]) / len(h["clean"]) - rec["clean"][-1]) < 1e-12
-            assert abs(sum(h["kernel_fgsm"]) / len(h["clean"]) - rec["kernel_fgsm"][-1]) < 1e-12
+            # the final attacks run on the held-out images: the test images first, then the validation ones
+            n_test = res["n_test"]
+            assert len(h["clean"]) == res["n_heldout"] == n_test + res["n_val"]
+            assert abs(sum(h["clean"][:n_test]) / n_test - rec["clean"][-1]) < 1e-12
+            assert abs(sum(h["kernel_fgsm"][:n_test]) / n_test - rec["kernel_fgsm"][-1]) <= 1 / n_test
             for key, hk in h.items():          # robust hits are clean hits too
                 assert len(hk) == len(h["clean"]) and all(a <= c for a, c in zip(hk, h["clean"])), key
                 if not isinstance(rec.get(key), list) and key != "clean":   # the final-only attacks
@@ -42,6 +45,12 @@ def _check_result(res, config):
     q = len(fe["robustness"])
     assert len(fe["random_k"]["robust"]) == len(fe["ks"]) and 0.5 <= fe["best_constant"] <= 1
     assert abs(sum(fe["full"]["robust_hits"]) / len(fe["full"]["robust_hits"]) - fe["full"]["robust"]) < 1e-12
+    assert len(fe["full"]["val_robust_hits"]) == res["n_val"]
+    assert [sum(h) / res["n_val"] for h in fe["robust_first"]["val_robust_hits"]] == fe["robust_first"]["val_robust"]
+    assert [sum(d) / len(d) for d in fe["random_k"]["robust_draws"]] == pytest.approx(fe["random_k"]["robust"])
+    assert len(res["kernel_rel_error_inits"]) == len(config["kernel_widths"])
+    assert all(len(e) == config["kernel_inits"] for e in res["kernel_rel_error_inits"])
+    assert res["kernel_rel_error"] == pytest.approx([np.mean(e) for e in res["kernel_rel_error_inits"]])
     assert len(fe["usefulness"]) == q == len(fe["eigenvalues"]) and q <= config["n_features"]
     assert (fe["eigenvalues"][:-1] >= fe["eigenvalues"][1:]).all()
     assert all(0 <= r <= u + 1e-12 for r, u in zip(fe["robustness"], fe["usefulness"]))
@@ -139,6 +148,30 @@ def _check_analysis(res, a):
     gain = np.array(rf["robust_hits"][k_best], float) - np.array(fe["full"]["robust_hits"], float)
     assert math.isclose(ss["gain_over_full"], gain.mean(), abs_tol=1e-12)
     assert ss["random_robust"] == fe["random_k"]["robust"][k_best]
+    assert math.isclose(ss["random_robust_se"], np.std(fe["random_k"]["robust_draws"][k_best], ddof=1)
+                        / np.sqrt(len(fe["random_k"]["robust_draws"][k_best])), abs_tol=1e-12)
+    back = np.array(rf["robust_hits"][-1], float) - np.array(rf["robust_hits"][k_best], float)
+    assert math.isclose(ss["last_minus_spot"], back.mean(), abs_tol=1e-12)
+    assert math.isclose(ss["last_minus_spot_se"], back.std() / np.sqrt(len(back)), abs_tol=1e-12)
+    # cross-fitting: the number chosen on the test images, the gain measured on the validation images
+    tc, tr = np.array(rf["clean"]), np.array(rf["robust"])
+    tr_ok = np.where(tc >= ntk_features.CLEAN_MIN, tr, -np.inf)
+    k_test = int(np.argmax(tr_ok)) if np.isfinite(tr_ok).any() else int(np.argmax(tr))
+    gain_val = np.array(rf["val_robust_hits"][k_test], float) - np.array(fe["full"]["val_robust_hits"], float)
+    assert ss["k_test"] == fe["ks"][k_test]
+    assert math.isclose(ss["gain_crossed"], (gain.mean() + gain_val.mean()) / 2, abs_tol=1e-12)
+    se_val = gain_val.std() / np.sqrt(len(gain_val))
+    assert math.isclose(ss["gain_crossed_se"], np.hypot(gain.std() / np.sqrt(len(gain)), se_val) / 2, abs_tol=1e-12)
+    # the kernel's distance: standard errors over the initialisations, carried into the slope by hand
+    inits = np.array(res["kernel_rel_error_inits"])
+    se = inits.std(axis=1, ddof=1) / np.sqrt(inits.shape[1])
+    assert a["kernel_rel_error_se"] == pytest.approx(se)
+    lx = np.log(res["kernel_widths"])
+    w = (lx - lx.mean()) / ((lx - lx.mean()) ** 2).sum()
+    assert math.isclose(a["kernel_error_slope_se"], np.sqrt((w ** 2 * (se / inits.mean(axis=1)) ** 2).sum()),
+                        rel_tol=1e-9)
+    m = ntk_features.margins(a)
+    assert set(m) == {c.key for c in ntk_features.claims(a, "quick") if c.asserted_under("quick")}
     assert math.isclose(a["kernel_error_largest_step"], np.diff(res["kernel_rel_error"]).max())
     assert a["predictor"]["agreement"] == res["predictor"]["agreement"]
 
@@ -168,6 +201,8 @@ def _good_analysis():
     """A synthetic analysis on which every claim of chapter 7 holds (with margin)."""
     t = {"own_fgsm": -0.18, "own_pgd": -0.12, "surrogate_fgsm": -0.16, "surrogate_pgd": -0.14, "random_sign": -0.35}
     return {"kernel_error_largest_step": -0.05, "kernel_error_slope": -0.52, "kernel_rel_error_widest": 0.02,
+            "kernel_rel_error": [0.3, 0.1, 0.04, 0.02], "kernel_rel_error_se": [0.02, 0.005, 0.002, 0.001],
+            "kernel_error_slope_se": 0.02, "n_test": 200,
             "predictor": {"agreement": 0.98}, "clean_min": 0.8,
             "widest": {"clean": [0.99, 0.99, 0.98], "cos": [0.45, 0.50, 0.48], "cos_lin": [0.980, 0.985, 0.983],
                        "cos_frozen": [0.997, 0.998, 0.996]},
@@ -176,9 +211,12 @@ def _good_analysis():
             "full_alignment_gap": 0.38,
             "kernel_machine": {"drop_z": 3.0, "clean_at_peak": 0.92, "end_clean": 0.99},
             "features": {"spearman": -0.8, "usefulness_spearman": -0.2, "n_above_chance": 0, "full_robust": 0.40,
-                         "full_clean": 0.985, "best_constant": 0.5},
-            "sweet_spot": {"robust": 0.65, "clean": 0.93, "random_robust": 0.15, "gain_over_full": 0.25,
-                           "last_robust": 0.45}}
+                         "full_clean": 0.985, "best_constant": 0.5,
+                         "robustness": [0.5 - 0.004 * i + 0.02 * ((7 * i) % 5 - 2) for i in range(100)],
+                         "usefulness": [0.7 - 0.001 * i + 0.03 * ((3 * i) % 7 - 3) for i in range(100)]},
+            "sweet_spot": {"robust": 0.65, "clean": 0.93, "random_robust": 0.15, "random_robust_se": 0.03,
+                           "gain_over_full": 0.25, "gain_se": 0.03, "gain_crossed": 0.22, "gain_crossed_se": 0.025,
+                           "last_robust": 0.45, "last_minus_spot": -0.20, "last_minus_spot_se": 0.03}}
 
 
 def _every_predictor_constant(a):
@@ -187,7 +225,8 @@ def _every_predictor_constant(a):
     a["widest"]["clean"] = [0.5, 0.5, 0.5]
     a["transfer"] = [_transfer(dict.fromkeys(a["transfer"][0], 0.0)) for _ in range(3)]
     a["features"].update(spearman=0.0, usefulness_spearman=0.0)
-    a["sweet_spot"].update(robust=0.5, clean=0.5, random_robust=0.5, gain_over_full=0.0, last_robust=0.5)
+    a["sweet_spot"].update(robust=0.5, clean=0.5, random_robust=0.5, gain_over_full=0.0, gain_crossed=0.0,
+                           last_robust=0.5)
 
 
 ROBUSTNESS_CLAIMS = ("kernel_attack_transfers", "kernel_attack_beats_noise", "robustness_at_the_top",
@@ -237,7 +276,7 @@ def test_no_robustness_claim_holds_for_constant_predictors():
 
 
 def test_sweet_spot_parts_each_fail_alone():
-    for key, value in (("robust", 0.5), ("random_robust", 0.56), ("gain_over_full", 0.09)):
+    for key, value in (("robust", 0.5), ("random_robust", 0.56), ("gain_crossed", 0.09)):
         a = _good_analysis()
         a["sweet_spot"][key] = value
         assert not {c.key: c.holds for c in ntk_features.claims(a, "quick")}["sweet_spot_robust"], key
@@ -252,6 +291,52 @@ def test_claims_keep_the_chapters_thresholds_at_the_boundary():
                     "no_feature_robust_alone", "sweet_spot_costs_accuracy"}
     for c in ntk_features.claims(a, "quick"):
         assert c.profiles == (() if c.key in observations else ("quick",)), c.key
+
+
+def test_margins_in_standard_errors():
+    """Each asserted claim's distance from its threshold over its standard error, by hand."""
+    from scipy.stats import spearmanr
+
+    a = _good_analysis()
+    m = ntk_features.margins(a)
+    assert set(m) == {c.key for c in ntk_features.claims(a, "quick") if c.asserted_under("quick")}
+    se = a["kernel_rel_error_se"]
+    assert m["kernel_error_falls"] == pytest.approx(min((0.3 - 0.1) / np.hypot(0.02, 0.005),
+                                                        (0.1 - 0.04) / np.hypot(0.005, 0.002),
+                                                        (0.04 - 0.02) / np.hypot(0.002, 0.001)))
+    assert m["kernel_error_slope"] == pytest.approx((0.15 - 0.02) / 0.02)
+    assert m["kernel_error_widest"] == pytest.approx((0.05 - 0.02) / se[-1])
+    assert m["predictor_agreement"] == pytest.approx(0.03 / np.sqrt(0.95 * 0.05 / 200))    # the SE at the threshold
+    # transfer: the smallest over seeds and parts; the clean parts binomial, the differences paired
+    assert m["kernel_attack_transfers"] == pytest.approx(min((-0.05 + 0.12) / 0.025, 0.18 / np.sqrt(0.8 * 0.2 / 200)))
+    assert m["kernel_attack_beats_noise"] == pytest.approx((-0.20 + 0.35) / 0.025)
+    wl, nl = a["widest"]["cos_lin"], a["narrowest"]["cos_lin"]
+    assert m["lazy_alignment_grows"] == pytest.approx((min(wl) - max(nl)) / np.sqrt(np.var(wl, ddof=1)
+                                                                                   + np.var(nl, ddof=1)))
+    gaps = np.array(a["widest"]["cos_frozen"]) - np.array(wl)
+    assert m["lazy_is_frozen_gate"] == pytest.approx(gaps.min() / gaps.std(ddof=1))
+    spread = np.sqrt(np.var(a["narrowest"]["cos"], ddof=1) + np.var(a["widest"]["cos"], ddof=1))
+    assert m["full_alignment_falls"] == pytest.approx((0.38 - 0.1) / spread)
+    # the Spearman correlations: a bootstrap over the features, by hand with the same resamples
+    rob, use = np.array(a["features"]["robustness"]), np.array(a["features"]["usefulness"])
+    rng = np.random.default_rng(0)
+    boot = []
+    for _ in range(200):
+        i = rng.choice(len(rob), size=len(rob))
+        r, u = spearmanr(i, rob[i]).statistic, spearmanr(i, use[i]).statistic
+        boot.append((r, r - u))
+    sd = np.std(boot, axis=0, ddof=1)
+    assert m["robustness_at_the_top"] == pytest.approx(min((-0.5 + 0.8) / sd[0], (-0.3 + 0.6) / sd[1]))
+    ss = a["sweet_spot"]
+    se_spot = np.sqrt(0.65 * 0.35 / 200)
+    assert m["sweet_spot_robust"] == pytest.approx(min((0.93 - 0.8) / np.sqrt(0.8 * 0.2 / 200),
+                                                       (0.65 - 0.5) / np.sqrt(0.5 * 0.5 / 200),
+                                                       (0.65 - 0.15 - 0.10) / np.hypot(se_spot, 0.03),
+                                                       (0.22 - 0.10) / 0.025))
+    assert m["vulnerability_returns"] == pytest.approx((-0.05 + 0.20) / ss["last_minus_spot_se"])
+    # a thinner value gives a smaller margin
+    a["sweet_spot"]["gain_crossed"] = 0.13
+    assert ntk_features.margins(a)["sweet_spot_robust"] == pytest.approx(0.03 / 0.025)
 
 
 def test_above_chance():

@@ -43,7 +43,9 @@ Settings per profile (:class:`Settings`, ``Settings.for_profile(profile)``):
   decay, FGSM with a uniform random start (step 1.25 eps; Wong et al. 2020) as the cheap training
   attack, snapshots at t = 0, 0.25, 1, 3 epochs; phase 2: 16 epochs on 256 class-balanced training
   images in batches of 32 at lr 0.01; evaluation on 250 test images with FGSM and PGD-10 (step
-  eps/4, random start); APGD-CE on 50; kernels on 100 training images.
+  eps/4, random start), and at the last freeze time the models the claims compare there (the four
+  cells, the reference and the phase-1 A network) on 500 more test images, 750 in all; APGD-CE on
+  50; kernels on 100 training images.
 * ``paper`` (their code): CIFAR-10 without augmentation, the profile's PreAct ResNet-18 (theirs is
   a Haiku ResNet-18 v1 with a zero-initialised last layer), eps 4/255, training PGD with
   ``2 * profile.pgd_steps`` steps (20) of step 2 eps / steps (eps/10), evaluation PGD with
@@ -56,7 +58,8 @@ Settings per profile (:class:`Settings`, ``Settings.for_profile(profile)``):
   (their code saves more; which ones the paper plots is not known). Snapshot times that fall on the
   same batch boundary are merged (only with a small ``n_train``). The tiny ``paper_profile`` test
   fixture scales all of these by its sizes. Its cost: :func:`paper_cost_estimate` (an estimate).
-* ``smoke``: the smoke model and data, 2 epochs, snapshots 0, 0.5, 2; phase 2 4 epochs on 64 images.
+* ``smoke``: the smoke model and data, 2 epochs, snapshots 0, 0.5, 2; phase 2 4 epochs on 64 images;
+  16 extra images at the last freeze time.
 * ``paper_cpu`` (the paper-shaped dry run): ``paper``'s path at that profile's sizes, phase 2 on 32
   images, evaluation PGD-5 (step 2 eps / 5), kernels on ``n_probe`` images. No profile's augmentation applies here: both phases
   train without it, as Loo et al.'s code does.
@@ -74,12 +77,14 @@ from dataclasses import dataclass
 from ntklab.claims import Claim, compare
 from ntklab.experiments import RunContext, data_from_profile, experiment, model_from_profile
 
-__all__ = ["run", "make_config", "Settings", "analyse", "claims", "tail_share", "paper_cost_estimate", "NAME",
-           "CELLS", "HEADLINE"]
+__all__ = ["run", "make_config", "Settings", "analyse", "claims", "margins", "tail_share", "tail_share_se",
+           "paper_cost_estimate", "NAME", "CELLS", "HEADLINE"]
 
 NAME = "frozen_kernel"
 CELLS = ("CC", "AC", "CA", "AA")
 HEADLINE = ("AA", "reference")     # the models APGD-CE checks at every freeze time
+FINAL = ("CC", "AC", "CA", "AA", "reference", "base_A")   # the models the last freeze time's claims compare
+FINAL_IMAGES = 500                 # under quick, test images beyond n_eval on which FINAL are measured
 _PAPER_TIMES = (0, 0.125, 0.25, 0.5, 1, 2, 5, 20, 100)
 
 
@@ -90,7 +95,9 @@ class Settings:
     ``times``, training attack ``train_attack`` with step ``train_alpha`` and ``train_steps``);
     phase 2 (``epochs2`` on ``n_phase2`` training images in batches of ``batch2`` at ``lr2``);
     evaluation on ``n_eval`` test images with PGD of ``eval_steps`` steps of ``eval_alpha``, APGD-CE
-    on ``n_autoattack`` of them; the kernels on ``n_kernel`` class-balanced training images."""
+    on ``n_autoattack`` of them; the kernels on ``n_kernel`` class-balanced training images; at the
+    last freeze time the models of :data:`FINAL` also on ``n_final`` more test images (the next ones
+    of the same class-balanced draw), for the paired differences the claims compare there."""
 
     eps: float
     model_kwargs: dict
@@ -109,6 +116,7 @@ class Settings:
     eval_alpha: float
     n_autoattack: int
     n_kernel: int
+    n_final: int = 0
 
     @classmethod
     def for_profile(cls, profile) -> "Settings":
@@ -120,7 +128,7 @@ class Settings:
                        train_alpha=1.25 * eps, train_steps=None, n_phase2=256 if quick else 64,
                        epochs2=16 if quick else 4, batch2=32, lr2=0.01, n_eval=250 if quick else 64,
                        eval_steps=10 if quick else 3, eval_alpha=eps / 4, n_autoattack=50 if quick else 16,
-                       n_kernel=100 if quick else 16)
+                       n_kernel=100 if quick else 16, n_final=FINAL_IMAGES if quick else 16)
         eps = 4 / 255
         epochs = max(1, int(profile.epochs) // 2)
         train_steps, eval_steps = 2 * int(profile.pgd_steps), 5 * int(profile.eval_pgd_steps)
@@ -163,8 +171,10 @@ def run(ctx: RunContext) -> dict:
     loss of phase 2); ``kernels[p1]``: per t the eval-mode trace NTK (float64, CPU) of the phase-1
     network on ``n_kernel`` class-balanced training images; ``autoattack``: ``{"n", "apgd": {m:
     [per t]}, "worst": {m: [per t]}}`` for m in :data:`HEADLINE` (APGD-CE accuracy, and the
-    FGSM/PGD worst case on the same images); ``aa_state``: the state dict of the AA linearised
-    model at the last t (for the chapter's explorer); ``compute_seconds``.
+    FGSM/PGD worst case on the same images); ``final``: ``{"n", m: {"clean_flags", "robust_flags"}}``
+    for m in :data:`FINAL`, the last freeze time's models on ``n_final`` more test images;
+    ``aa_state``: the state dict of the AA linearised model at the last t (for the chapter's
+    explorer); ``compute_seconds``.
     """
     return _compute(ctx.profile, ctx.config, ctx.device, ctx.progress, ctx.checkpoints)
 
@@ -184,6 +194,24 @@ def tail_share(loss) -> float:
     return (sum(q3) / len(q3) - end) / total if total > 0 else math.nan
 
 
+def tail_share_se(loss) -> float:
+    """A standard error of :func:`tail_share` from the epoch-to-epoch noise of the loss: the noise's
+    standard deviation estimated from the successive differences of the last ``2 q`` epochs (half
+    the mean squared difference, which a slow trend hardly changes), carried into the difference of
+    the two quarters' means and divided by the total decrease. NaN where :func:`tail_share` is."""
+    loss = [float(v) for v in loss]
+    share = tail_share(loss)
+    if share != share:
+        return math.nan
+    q = max(1, len(loss) // 4)
+    tail = loss[-2 * q:]
+    if len(tail) < 3:
+        return math.nan
+    sigma2 = sum((b - a) ** 2 for a, b in zip(tail, tail[1:])) / (2 * (len(tail) - 1))
+    end = sum(loss[-q:]) / q
+    return math.sqrt(sigma2 * 2 / q) / (loss[0] - end)
+
+
 def _paired(a, b) -> dict:
     from ntklab.claims import paired_difference
 
@@ -199,11 +227,14 @@ def analyse(result: dict) -> dict:
 
     Per freeze time (lists over ``times``): ``robust[m]``, ``clean[m]`` and ``robust_se[m]``
     (binomial) for each cell m and ``"reference"``; ``base_robust[p1]``/``base_clean[p1]`` of the
-    phase-1 networks; ``final_loss[m]`` and ``tail_share[m]`` (:func:`tail_share`; NaN for a phase 2 of one
-    epoch) of phase 2, and ``tail_share_max``, the largest over cells and times (NaN if any is). Paired differences on the same test images
-    (``{"diff", "se"}``, :func:`ntklab.claims.paired_difference`) at the last time ``last``:
-    ``ac_minus_cc``, ``aa_minus_ca``, ``ac_minus_base_a`` (AC against the network its kernel was
-    frozen from), ``aa_minus_reference``; ``aa_gain`` (AA at the last time minus the first);
+    phase-1 networks; ``final_loss[m]``, ``tail_share[m]`` (:func:`tail_share`; NaN for a phase 2 of one
+    epoch) and ``tail_share_se[m]`` (:func:`tail_share_se`) of phase 2, and ``tail_share_max``, the
+    largest over cells and times (NaN if any is). Paired differences on the same test images
+    (``{"diff", "se"}``, :func:`ntklab.claims.paired_difference`) at the last time, on the
+    ``n_final_eval`` images of the evaluation set and the extra ones of the result's ``final``
+    (robust accuracies there: ``last_all``): ``ac_minus_cc``, ``aa_minus_ca``, ``ac_minus_base_a``
+    (AC against the network its kernel was frozen from), ``aa_minus_reference``; on the evaluation
+    set: ``aa_gain`` (AA at the last time minus the first);
     ``aa_steps`` (AA's change from one time to the next), ``aa_worst_step`` (the smallest).
     ``same_at_0``: whether CC = AC and CA = AA at t = 0 (equal flags and losses; by construction).
     ``kernel``: per t, ``angle_to_last[p1]`` (:func:`ntklab.metrics.kernel_angle` of the centred
@@ -233,6 +264,12 @@ def analyse(result: dict) -> dict:
     def pair(a, b):
         d = _paired(a, b)
         return {"diff": d["diff"], "se": d["se"]}
+
+    # the last freeze time: the flags on the evaluation images and, where measured, on the extra ones
+    final = result.get("final", {"n": 0})
+    last_flags = {m: list(flags[m][-1]) + (list(final[m]["robust_flags"]) if final["n"] else [])
+                  for m in ("CC", "AC", "CA", "AA", "reference")}
+    last_flags["base_A"] = list(base_flags[-1]) + (list(final["base_A"]["robust_flags"]) if final["n"] else [])
 
     kernels = result["kernels"]
     angle_to_last = {p1: [metrics.kernel_angle(K, kernels[p1][-1], center=True) for K in kernels[p1]] for p1 in kernels}
@@ -282,12 +319,16 @@ def analyse(result: dict) -> dict:
                  "base_C_robust": float(result["base"]["C"]["robust"][-1])},
         "final_loss": {m: [float(loss[-1]) for loss in cells[m]["loss"]] for m in models},
         "tail_share": shares,
+        "tail_share_se": {m: [tail_share_se(loss) if len(loss) >= 2 else math.nan for loss in cells[m]["loss"]]
+                          for m in models},
         "tail_share_max": math.nan if any(math.isnan(v) for v in all_shares) else max(all_shares),
         "epochs2": len(cells["AA"]["loss"][0]),
-        "ac_minus_cc": pair(flags["AC"][-1], flags["CC"][-1]),
-        "aa_minus_ca": pair(flags["AA"][-1], flags["CA"][-1]),
-        "ac_minus_base_a": pair(flags["AC"][-1], base_flags[-1]),
-        "aa_minus_reference": pair(flags["AA"][-1], flags["reference"][-1]),
+        "n_final_eval": len(last_flags["AA"]),
+        "last_all": {f"{m}_robust": sum(f) / len(f) for m, f in last_flags.items()},
+        "ac_minus_cc": pair(last_flags["AC"], last_flags["CC"]),
+        "aa_minus_ca": pair(last_flags["AA"], last_flags["CA"]),
+        "ac_minus_base_a": pair(last_flags["AC"], last_flags["base_A"]),
+        "aa_minus_reference": pair(last_flags["AA"], last_flags["reference"]),
         "aa_gain": pair(flags["AA"][-1], flags["AA"][0]),
         "aa_steps": [pair(b, a) for a, b in zip(flags["AA"], flags["AA"][1:])],
         "aa_worst_step": min((a1 - a0_ for a0_, a1 in zip(aa, aa[1:])), default=0.0),
@@ -336,8 +377,14 @@ def paper_cost_estimate(*, images: int = 50_000, epochs: int = 100, freeze_times
 # accuracies on the same 250 test images, or a bootstrap SE over the kernel's probe images. Seed 0
 # measured (value, SE): AC - CC 0.296 (0.031); AC - base A -0.044 (0.021); AA gain 0.640 (0.030);
 # AA's smallest step +0.084 (0.022); AA - reference +0.068 (0.020); AA - CA 0.224 (0.028); largest
-# tail share 0.137 (the reference at t = 0; no SE: the threshold says what "levelling off" means,
-# a loss that falls steadily to the end makes about a quarter of its decrease in its last quarter).
+# tail share 0.137 (the reference at t = 0; the threshold says what "levelling off" means, a loss
+# that falls steadily to the end makes about a quarter of its decrease in its last quarter).
+# Later the differences at the last t were measured on 750 test images (the 250 and the next 500 of
+# the same draw, :data:`FINAL_IMAGES`; on 250 images AC - base A was 1.6 SE from its threshold on
+# seed 2), and the tail share got an SE from the epoch-to-epoch noise (:func:`tail_share_se`); the
+# thresholds stayed. Seed 0 then: AC - CC 0.327 (0.018); AC - base A -0.031 (0.012); AA - reference
+# +0.067 (0.012); AA - CA 0.208 (0.016); tail share 0.137 (0.034). :func:`margins` gives every
+# claim's distance in SE.
 AC_OVER_CC = 0.20          # AC - CC at the last t
 AC_BELOW_BASE = 0.10       # base A - AC at the last t
 AA_GAIN = 0.50             # AA(last t) - AA(0)
@@ -395,6 +442,33 @@ def claims(analysis: dict, profile) -> list[Claim]:
     ]
 
 
+def margins(analysis: dict) -> dict:
+    """Each asserted claim's distance from its threshold in standard errors, positive where it
+    holds (+-inf for a zero SE): the paired SE of a
+    difference of robust accuracies on the same test images (for ``aa_rises_with_t``, the smallest
+    step's own), and for ``phase2_converged`` the smallest over the cells and freeze times of
+    (threshold - tail share) over :func:`tail_share_se`."""
+    a = analysis
+
+    def z(distance, se):
+        if se > 0 or se != se:
+            return distance / se
+        return math.inf if distance > 0 else -math.inf if distance < 0 else math.nan
+
+    def paired(d, threshold):
+        return z(d["diff"] - threshold, d["se"])
+
+    converged = [z(TAIL_SHARE - s, se)
+                 for m in a["tail_share"] for s, se in zip(a["tail_share"][m], a["tail_share_se"][m])]
+    return {"phase2_converged": min(converged) if converged else math.nan,
+            "adversarial_kernel_carries_robustness": paired(a["ac_minus_cc"], AC_OVER_CC),
+            "ac_near_its_network": paired(a["ac_minus_base_a"], -AC_BELOW_BASE),
+            "aa_gains_with_t": paired(a["aa_gain"], AA_GAIN),
+            "aa_rises_with_t": min((paired(d, AA_STEP) for d in a["aa_steps"]), default=math.nan),
+            "aa_near_reference": paired(a["aa_minus_reference"], -AA_BELOW_REFERENCE),
+            "benign_kernel_limits": paired(a["aa_minus_ca"], AA_OVER_CA)}
+
+
 def _same_state(a: dict, b: dict) -> bool:
     """Whether two state dicts hold the same tensors exactly."""
     import torch
@@ -418,6 +492,13 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
     train_set, test_set = data_from_profile(profile)
     phase2_set = data.subset(train_set, config["n_phase2"], seed=profile.seed)
     eval_set = data.subset(test_set, config["n_eval"], seed=profile.seed)
+    # the next n_final images of the same class-balanced draw (the first n_eval of a larger draw are eval_set)
+    n_final = max(0, min(config.get("n_final", 0), len(test_set) - 1 - config["n_eval"]))
+    if n_final:
+        more = data.subset(test_set, config["n_eval"] + n_final, seed=profile.seed).tensors
+        if not torch.equal(more[0][:config["n_eval"]], eval_set.tensors[0]):
+            raise RuntimeError("the extra evaluation images do not extend the evaluation set")
+        final_set = torch.utils.data.TensorDataset(more[0][config["n_eval"]:], more[1][config["n_eval"]:])
     aa_set = data.subset(test_set, config["n_autoattack"], seed=profile.seed)   # the images APGD-CE attacks
     x_kernel = data.subset(train_set, config["n_kernel"], seed=profile.seed).tensors[0].to(device)
     attack_kw = {"eps": eps, "alpha": config["train_alpha"], "steps": config["train_steps"]}
@@ -461,6 +542,7 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
     strategy = {"C": "normal", "A": config["train_attack"]}
     snaps, out = {}, {"config": config, "times": list(config["times"]), "actual_times": {}, "phase1": {},
                       "base": {}, "cells": {c: row() for c in CELLS}, "reference": row(), "kernels": {},
+                      "final": {"n": n_final, **{m: {} for m in FINAL}},
                       "autoattack": {"n": config["n_autoattack"], "attacks": "apgd-ce",
                                      "apgd": {m: [] for m in HEADLINE}, "worst": {m: [] for m in HEADLINE}}}
     for p1 in ("C", "A"):
@@ -507,6 +589,11 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
             flags = measure(model, aa_set)[1]
             out["autoattack"]["worst"][m].append(sum(flags) / len(flags))
         out["aa_state"] = trained["AA"].state_dict()
+    if n_final:                              # the last freeze time's models on the extra images
+        trained["base_A"] = build(snaps["A"].state(config["times"][-1]))
+        for m in FINAL:
+            clean, robust = measure(trained[m].eval(), final_set)
+            out["final"][m] = {"clean_flags": clean, "robust_flags": robust}
     out["compute_seconds"] = time.perf_counter() - start
     return out
 
@@ -519,7 +606,8 @@ def plan(profile) -> list:
     at every freeze time the four phase-2 cells on ``n_phase2`` images (a pass of the linearised
     model counted as 3 of the network, :func:`paper_cost_estimate`'s assumption; the cells AC and AA
     at t = 0 are CC's and CA's, not trained) and the nonlinear reference; each evaluated with FGSM and
-    PGD on ``n_eval`` images, APGD-CE on ``n_autoattack`` for :data:`HEADLINE`."""
+    PGD on ``n_eval`` images, APGD-CE on ``n_autoattack`` for :data:`HEADLINE`; at the last freeze
+    time the models of :data:`FINAL` also on ``n_final`` more images."""
     import importlib
 
     P = importlib.import_module("ntklab.plan")   # not an import statement: see strategies.plan
@@ -528,13 +616,15 @@ def plan(profile) -> list:
     mp = profile.replace(model_kwargs=s.model_kwargs, eps=s.eps)
     cost = P.relative_cost(mp, profile)
     evaluation = P.worst_case_passes(s.n_eval, s.eval_steps)
+    final = P.worst_case_passes(s.n_final, s.eval_steps) if s.n_final else 0   # FINAL at the last t, more images
     n2 = P.train_size(profile, s.n_phase2)
     adv = dict(steps=s.train_steps, clean_update=config["clean_update"])
     strategy = {"C": "normal", "A": s.train_attack}
     runs = []
     for p1 in ("C", "A"):
         runs.append(P.training_run(NAME, f"phase 1 {p1} ({strategy[p1]})", mp, strategy[p1], epochs=s.epochs1,
-                                   eval_passes=len(s.times) * (evaluation + n2 * P.FORWARD),
+                                   eval_passes=len(s.times) * (evaluation + n2 * P.FORWARD)
+                                   + (final if p1 == "A" else 0),
                                    kernel_images=[s.n_kernel] * len(s.times), pass_cost=cost, lr=s.lr1,
                                    **(adv if p1 == "A" else {})))
     for t in s.times:
@@ -543,12 +633,14 @@ def plan(profile) -> list:
                 continue                     # one initialisation: AC and AA at t = 0 are CC and CA
             p2 = strategy[cell[1]]
             aa = s.n_autoattack if cell in HEADLINE else 0
+            extra = final if t == s.times[-1] and cell in FINAL else 0
             runs.append(P.training_run(NAME, f"phase 2 {cell} at t={t:g} (linearised)", mp, p2, epochs=s.epochs2,
-                                       n_train=s.n_phase2, eval_passes=evaluation, autoattack_images=aa,
+                                       n_train=s.n_phase2, eval_passes=evaluation + extra, autoattack_images=aa,
                                        pass_cost=3 * cost, lr=s.lr2, batch_size=s.batch2,
                                        **(adv if p2 != "normal" else {})))
         runs.append(P.training_run(NAME, f"reference at t={t:g} (nonlinear, centred)", mp, strategy["A"],
-                                   epochs=s.epochs2, n_train=s.n_phase2, eval_passes=evaluation,
+                                   epochs=s.epochs2, n_train=s.n_phase2,
+                                   eval_passes=evaluation + (final if t == s.times[-1] else 0),
                                    autoattack_images=s.n_autoattack, pass_cost=cost, lr=s.lr2, batch_size=s.batch2,
                                    **adv))
     return runs

@@ -7,7 +7,8 @@ eigen-features) and :mod:`ntklab.linearize`.
 
 1. **Kernels.** The closed-form NTK on the ``n_kernel`` training images of the two classes, and the
    empirical NTK at initialisation of TwoLayerNets of growing width on ``n_probe`` of them (relative
-   Frobenius error to the closed form, per width, and its log-log slope against the width); the
+   Frobenius error to the closed form, per width its mean over ``kernel_inits`` initialisations,
+   and its log-log slope against the width); the
    kernel predictor of the widest empirical kernel against the closed-form one.
 2. **Transfer.** TwoLayerNets (NTK parameterisation, second layer frozen) of ``widths``, ``net_seeds``
    initialisations each, trained by full-batch gradient descent on the squared loss to one-hot
@@ -23,16 +24,19 @@ eigen-features) and :mod:`ntklab.linearize`.
    *frozen-gate* kernel gradient (``two_layer_ntk(..., frozen_gates=True)``, its infinite-width
    limit, which lacks the arc-cosine derivative term of the kernel's own gradient), and the net's
    accuracy clean, under its own FGSM and under the kernel's FGSM (the "training-free" attack). At
-   the end, with per-image hits: its own FGSM and PGD, the kernel's FGSM and PGD, the FGSM and PGD
-   of the next net of the same width (another initialisation, the standard transfer surrogate) and
-   a random +-eps step.
+   the end, with per-image hits on the held-out images (the test images, then the validation
+   images, which train neither the nets nor the kernel): its own FGSM and PGD, the kernel's FGSM and
+   PGD, the FGSM and PGD of the next net of the same width (another initialisation, the standard
+   transfer surrogate) and a random +-eps step.
 3. **Eigen-features** of the converged kernel predictor (ridge ``1e-3`` times the mean diagonal):
    usefulness (clean accuracy) and robustness (accuracy under FGSM on the feature itself) of the first
    ``n_features`` on a validation split; the input gradients of the first 8 features on one test
    image; kernels made of the k most robust or the k most useful features (ranked on validation),
    clean and robust on the test images (and, for the most robust, on the validation images, where
    the chapter picks k), also under the full kernel's FGSM; ``random_subsets`` draws of k random
-   features as a baseline; the best constant predictor.
+   features as a baseline; the best constant predictor. The gain of the most robust features over
+   the full kernel is cross-fitted: their number chosen on the validation images and the gain
+   measured on the test images, and the other way round (:func:`analyse`).
 
 Robustness is claimed only where the predictor is accurate (clean accuracy >= :data:`CLEAN_MIN`):
 on the balanced pair a constant predictor scores 0.5 both clean and "robust" (FGSM cannot move
@@ -61,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -68,7 +73,8 @@ from ntklab import _progress
 from ntklab.claims import Claim, all_of, compare
 from ntklab.experiments import RunContext, data_from_profile, experiment
 
-__all__ = ["run", "make_config", "Settings", "pair_data", "analyse", "claims", "above_chance", "CLEAN_MIN", "NAME"]
+__all__ = ["run", "make_config", "Settings", "pair_data", "analyse", "claims", "margins", "above_chance", "CLEAN_MIN",
+           "NAME"]
 
 NAME = "ntk_features"
 
@@ -80,7 +86,9 @@ class Settings:
     each; gradient-descent ``steps``; ``eps``; the first ``n_features`` eigen-features and the
     numbers ``ks`` of them kept; the ``kernel_widths`` of the empirical NTKs compared with the
     closed form; the ``eps_grid`` of the kernel predictor's accuracy curves; ``pgd_steps``;
-    ``random_subsets`` draws of k random eigen-features per k. Under ``paper`` the widths, steps and
+    ``random_subsets`` draws of k random eigen-features per k; ``kernel_inits`` initialisations per
+    width of the empirical NTKs (their mean distance to the closed form, and its standard error).
+    Under ``paper`` the widths, steps and
     eps (the profile's 8/255) are the book's guesses (see the module docstring)."""
 
     classes: tuple[int, int]
@@ -97,6 +105,7 @@ class Settings:
     ridge_rel: float = 1e-3
     n_gradient_features: int = 8
     random_subsets: int = 3
+    kernel_inits: int = 8
 
     @classmethod
     def for_profile(cls, profile) -> "Settings":
@@ -169,18 +178,21 @@ def pair_data(profile, classes=None, kernel_fraction: float = 0.75) -> dict:
 def run(ctx: RunContext) -> dict:
     """Run the chapter 7 experiment under ``profile`` (see the module docstring).
 
-    Returns a dict with ``config``; ``lr``; ``kernel_widths`` and ``kernel_rel_error`` (per width);
+    Returns a dict with ``config``; ``lr``; ``kernel_widths``, ``kernel_rel_error`` (per width, the
+    mean over initialisations) and ``kernel_rel_error_inits`` (per width, per initialisation);
+    ``n_test`` and ``n_heldout`` (test and validation images, those of the final attacks);
     ``predictor``: ``{"clean_inf", "clean_emp", "agreement", "eps_grid", "fgsm", "pgd"}`` (the
     kernel predictor after ``steps`` steps, accuracies on the test images); ``kernel_times``:
     ``{"clean", "fgsm", "fgsm_hits", "cos_frozen"}`` per time; ``nets[str(width)]``: lists over
     seeds of dicts with per-time lists ``cos``, ``cos_lin``, ``cos_frozen``, ``flip_ratio`` (mean
     norm of the net's input gradient minus its linearisation's, over the mean norm of the latter),
-    ``clean``, ``own_fgsm``, ``kernel_fgsm``, the final ``own_pgd``, ``kernel_pgd``,
-    ``surrogate_fgsm``, ``surrogate_pgd``, ``random_sign`` and ``hits`` (per-image 0/1 of every
-    final attack); ``features``: ``{"eigenvalues", "usefulness", "robustness", "spearman",
-    "grad_images", "grad_image_x", "ks", "robust_first", "useful_first", "random_k",
-    "best_constant", "full"}``;
-    ``compute_seconds``.
+    ``clean``, ``own_fgsm``, ``kernel_fgsm`` (on the test images), the final ``own_pgd``,
+    ``kernel_pgd``, ``surrogate_fgsm``, ``surrogate_pgd``, ``random_sign`` and ``hits`` (per-image 0/1
+    of every final attack, on the ``n_heldout`` held-out images); ``features``: ``{"eigenvalues",
+    "usefulness", "robustness", "spearman", "grad_images", "grad_image_x", "ks", "robust_first",
+    "useful_first", "random_k", "best_constant", "full"}`` (``robust_first`` with the validation
+    images' per-image hits, ``random_k`` with each draw's robust accuracy, ``full`` with its FGSM
+    hits on the test and on the validation images); ``compute_seconds``.
     """
     return _compute(ctx.profile, ctx.config, ctx.device, ctx.progress)
 
@@ -209,6 +221,17 @@ def _log_slope(x, y) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
+def _slope_se(x, y, se) -> float:
+    """The standard error of :func:`_log_slope`'s slope from the standard errors ``se`` of the
+    ``y`` (each log y's SE taken as ``se / y``); NaN with fewer than 2 points."""
+    if len(x) < 2:
+        return math.nan
+    lx = [math.log(v) for v in x]
+    mx = sum(lx) / len(lx)
+    sxx = sum((a - mx) ** 2 for a in lx)
+    return math.sqrt(sum(((a - mx) / sxx) ** 2 * (e / v) ** 2 for a, v, e in zip(lx, y, se)))
+
+
 def _spearman(x, y) -> float:
     from scipy.stats import spearmanr
 
@@ -225,8 +248,10 @@ def analyse(result: dict) -> dict:
     ``random_sign``; ``widest`` lists per seed the widest nets' final numbers and ``transfer`` the
     paired differences (``diff``, ``se``) of the kernel's FGSM accuracy with the surrogate net's
     FGSM and PGD, the net's own FGSM and PGD and the random-sign step (``transfer_range``: their
-    smallest and largest difference and largest SE over seeds); ``kernel_error_slope``: the log-log slope of
-    the empirical NTK's distance to the closed form against the width; ``full_alignment_gap``: the
+    smallest and largest difference and largest SE over seeds), on the held-out images;
+    ``kernel_error_slope``: the log-log slope of the empirical NTK's (mean) distance to the closed
+    form against the width, ``kernel_rel_error_se`` the standard errors of the means over the
+    initialisations and ``kernel_error_slope_se`` the slope's; ``full_alignment_gap``: the
     narrowest seeds' worst full-gradient alignment minus the widest seeds' best (positive: the
     widest align worse at every seed); ``kernel_machine``: the peak of the kernel predictor's FGSM
     accuracy along gradient descent among the steps with clean accuracy >= ``CLEAN_MIN``, where it
@@ -235,8 +260,12 @@ def analyse(result: dict) -> dict:
     above chance (by 2 binomial SE on the validation images), the full kernel, the best constant
     predictor; ``sweet_spot``: the number of most-robust-first features with the best validation
     robust accuracy among those with validation clean accuracy >= ``CLEAN_MIN``, its test numbers,
-    the paired difference of its robust accuracy with the full kernel's, the random-subset baseline
-    at the same k, and the last ``k``.
+    the paired difference of its robust accuracy with the full kernel's (``gain_over_full``), the
+    same with the number chosen on the test images and the gain measured on the validation images
+    (``k_test``, ``gain_over_full_val``) and their mean (``gain_crossed``, SE ``gain_crossed_se``), the
+    random-subset baseline at the same k (``random_robust``, SE over the draws ``random_robust_se``),
+    and the last ``k`` (``last_minus_spot``: its robust accuracy minus the sweet spot's, paired).
+    Everything :func:`margins` needs.
     """
     from ntklab.claims import binomial_se, paired_difference
 
@@ -267,10 +296,27 @@ def analyse(result: dict) -> dict:
     cand = [i for i, c in enumerate(rf["val_clean"]) if c >= CLEAN_MIN] or list(range(len(ks)))
     k_best = max(cand, key=lambda i: (rf["val_robust"][i], -i))
     vs_full = paired_difference(rf["robust_hits"][k_best], fe["full"]["robust_hits"])
+    # the same choice the other way round: k chosen on the test images, the gain measured on the
+    # validation images; the mean of both gains is measured on all the held-out images (cross-fitting)
+    cand_t = [i for i, c in enumerate(rf["clean"]) if c >= CLEAN_MIN] or list(range(len(ks)))
+    k_test = max(cand_t, key=lambda i: (rf["robust"][i], -i))
+    if "val_robust_hits" in rf and "val_robust_hits" in fe["full"]:
+        vs_full_val = paired_difference(rf["val_robust_hits"][k_test], fe["full"]["val_robust_hits"])
+        crossed = {"diff": (vs_full["diff"] + vs_full_val["diff"]) / 2,
+                   "se": math.hypot(vs_full["se"], vs_full_val["se"]) / 2}
+    else:
+        vs_full_val, crossed = {"diff": math.nan, "se": math.nan}, {"diff": math.nan, "se": math.nan}
     n_above = sum(1 for r in rob if r - 0.5 > 2 * binomial_se(r, n_val))
+    returns = paired_difference(rf["robust_hits"][-1], rf["robust_hits"][k_best])
+    draws = fe["random_k"].get("robust_draws")
+    random_se = (statistics.stdev(draws[k_best]) / math.sqrt(len(draws[k_best]))
+                 if draws is not None and len(draws[k_best]) > 1 else math.nan)
+    inits = result.get("kernel_rel_error_inits", [[e] for e in result["kernel_rel_error"]])
+    err_se = [statistics.stdev(e) / math.sqrt(len(e)) if len(e) > 1 else math.nan for e in inits]
     return {
         "lr": float(result["lr"]), "n_kernel": int(result["n_kernel"]), "n_val": n_val,
-        "n_test": n_test, "steps": int(times[-1]), "eps": float(config["eps"]), "clean_min": CLEAN_MIN,
+        "n_test": n_test, "n_heldout": int(result.get("n_heldout", n_test)), "steps": int(times[-1]),
+        "eps": float(config["eps"]), "clean_min": CLEAN_MIN,
         "widest_width": widths[-1], "narrowest_width": widths[0], "n_probe": int(result["n_probe"]),
         "kernel_widths": [int(w) for w in result["kernel_widths"]],
         "kernel_rel_error": [float(e) for e in result["kernel_rel_error"]],
@@ -279,6 +325,8 @@ def analyse(result: dict) -> dict:
                                                                     result["kernel_rel_error"][1:])), default=-math.inf),
         "kernel_error_slope": _log_slope(result["kernel_widths"], result["kernel_rel_error"])
         if len(result["kernel_widths"]) > 1 else math.nan,
+        "kernel_inits": len(inits[0]), "kernel_rel_error_se": err_se,
+        "kernel_error_slope_se": _slope_se(result["kernel_widths"], result["kernel_rel_error"], err_se),
         "predictor": {"clean_inf": float(p["clean_inf"]), "clean_emp": float(p["clean_emp"]),
                       "agreement": float(p["agreement"]),
                       "fgsm_at_eps": float(p["fgsm"][p["eps_grid"].index(config["eps"])])
@@ -299,7 +347,9 @@ def analyse(result: dict) -> dict:
                            "clean_at_peak": float(kt["clean"][best]), "end_fgsm": float(kt["fgsm"][-1]),
                            "end_clean": float(kt["clean"][-1]), "drop": drop["diff"], "drop_se": drop["se"],
                            "drop_z": drop["diff"] / drop["se"] if drop["se"] > 0 else 0.0},
-        "features": {"n": len(rob), "spearman": float(fe["spearman"]), "usefulness_spearman": _spearman(range(len(use)), use),
+        "features": {"n": len(rob), "spearman": float(fe["spearman"]),
+                     "robustness": [float(r) for r in rob], "usefulness": [float(u) for u in use],
+                     "usefulness_spearman": _spearman(range(len(use)), use),
                      "n_above_chance": n_above, "max_usefulness": max(float(u) for u in use),
                      "robustness_top10": sum(rob[:10]) / len(rob[:10]),
                      "robustness_51_100": sum(rob[50:]) / len(rob[50:]) if len(rob) > 50 else math.nan,
@@ -312,9 +362,13 @@ def analyse(result: dict) -> dict:
                        "robust_se": binomial_se(float(rf["robust"][k_best]), n_test),
                        "val_clean": float(rf["val_clean"][k_best]), "val_robust": float(rf["val_robust"][k_best]),
                        "gain_over_full": vs_full["diff"], "gain_se": vs_full["se"],
-                       "random_robust": float(fe["random_k"]["robust"][k_best]),
+                       "k_test": int(ks[k_test]), "gain_over_full_val": vs_full_val["diff"],
+                       "gain_val_se": vs_full_val["se"], "gain_crossed": crossed["diff"],
+                       "gain_crossed_se": crossed["se"],
+                       "random_robust": float(fe["random_k"]["robust"][k_best]), "random_robust_se": random_se,
                        "random_clean": float(fe["random_k"]["clean"][k_best]),
                        "last_k": int(ks[-1]), "last_robust": float(rf["robust"][-1]),
+                       "last_minus_spot": returns["diff"], "last_minus_spot_se": returns["se"],
                        "last_clean": float(rf["clean"][-1])},
     }
 
@@ -326,7 +380,8 @@ def claims(analysis: dict, profile) -> list[Claim]:
     tr, cmin = analysis["transfer"], analysis["clean_min"]
     return [
         compare("kernel_error_falls", "The distance of the empirical NTK at initialisation to the closed form "
-                "falls with every increase of the width (largest change from one width to the next)",
+                f"(mean over {analysis.get('kernel_inits', 1)} initialisations per width) falls with every increase of "
+                "the width (largest change from one width to the next)",
                 analysis["kernel_error_largest_step"], "<", 0),
         compare("kernel_error_slope", "It falls like m^(-1/2), the rate of an average of m independent units: "
                 "|log-log slope + 1/2|", abs(analysis["kernel_error_slope"] + 0.5), "<", 0.15),
@@ -373,11 +428,13 @@ def claims(analysis: dict, profile) -> list[Claim]:
         all_of("sweet_spot_robust", f"The kernel of the most robust features (their number chosen on the validation "
                f"images among those with clean accuracy >= {cmin}) is accurate (test clean >= {cmin}), robust above "
                "the best constant predictor and above as many random eigen-features, and more than 10 points more "
-               "robust than the full kernel (paired difference)",
+               "robust than the full kernel (paired difference, cross-fitted on all the held-out images: the mean "
+               "of the gain on the test images with the number chosen on the validation images and of the gain on "
+               "the validation images with the number chosen on the test images)",
                [compare("clean", "", ss["clean"], ">=", cmin),
                 compare("vs_constant", "", ss["robust"], ">", fe["best_constant"]),
                 compare("vs_random", "", ss["robust"], ">", ss["random_robust"] + 0.10),
-                compare("vs_full", "", ss["gain_over_full"], ">", 0.10)]),
+                compare("vs_full", "", ss["gain_crossed"], ">", 0.10)]),
         compare("sweet_spot_costs_accuracy", "At that number of features the robust features cost clean accuracy "
                 "(full kernel minus sweet spot, clean); an observation", fe["full_clean"] - ss["clean"], ">", 0,
                 profiles=()),
@@ -385,6 +442,81 @@ def claims(analysis: dict, profile) -> list[Claim]:
                 "accuracy at the largest number of features more than 5 points below the sweet spot",
                 ss["last_robust"], "<", ss["robust"] - 0.05),
     ]
+
+
+def _z(distance: float, se: float) -> float:
+    """``distance / se``, signed (positive where the claim holds); +-inf for a zero SE."""
+    if se > 0 or se != se:            # (a NaN SE gives NaN)
+        return distance / se
+    return math.inf if distance > 0 else -math.inf if distance < 0 else math.nan
+
+
+def _binomial_margin(value: float, threshold: float, n: int) -> float:
+    """How many binomial SE an accuracy lies above a threshold (the larger of the SEs at the value
+    and at the threshold: at an accuracy of 1 the SE at the value is 0)."""
+    from ntklab.claims import binomial_se
+
+    se = max(binomial_se(value, n), binomial_se(min(max(threshold, 0.0), 1.0), n))
+    return _z(value - threshold, se)
+
+
+def _seed_margin(distance: float, *groups) -> float:
+    """A distance over the seed-to-seed spread: the standard deviations (ddof 1) of ``groups``
+    (lists over seeds) added in quadrature."""
+    return _z(distance, math.sqrt(sum(statistics.variance(g) for g in groups if len(g) > 1)))
+
+
+def margins(analysis: dict) -> dict:
+    """Each asserted claim's distance from its threshold in standard errors, positive where it
+    holds (for a claim made of parts, the smallest over its parts):
+
+    * the kernel's distance to the closed form: its spread over the ``kernel_inits``
+      initialisations of each width (``kernel_rel_error_se``), carried into the log-log slope;
+    * accuracies and agreement: binomial on the test images (the larger of the SEs at the value and
+      at the threshold); paired differences on the same test images: their paired SE;
+    * the alignments: the seed-to-seed spread of the cosines (three initialisations per width);
+    * the Spearman correlations: a bootstrap over the eigen-features (200 resamples);
+    * the random-feature baseline: its draw-to-draw spread and the binomial SE of the sweet spot.
+    """
+    import numpy as np
+
+    from ntklab.claims import binomial_se, bootstrap
+
+    a, n = analysis, analysis["n_test"]
+    cmin, wd, nw, fe, ss = a["clean_min"], a["widest"], a["narrowest"], a["features"], a["sweet_spot"]
+    errors, se = a["kernel_rel_error"], a["kernel_rel_error_se"]
+    steps = [_z(e1 - e2, math.hypot(s1, s2)) for e1, e2, s1, s2 in zip(errors, errors[1:], se, se[1:])]
+    out = {"kernel_error_falls": min(steps) if steps else math.nan,
+           "kernel_error_slope": _z(0.15 - abs(a["kernel_error_slope"] + 0.5), a["kernel_error_slope_se"]),
+           "kernel_error_widest": _z(0.05 - a["kernel_rel_error_widest"], se[-1]),
+           "predictor_agreement": _binomial_margin(a["predictor"]["agreement"], 0.95, n)}
+    out["kernel_attack_transfers"] = min(
+        [_binomial_margin(c, cmin, n) for c in wd["clean"]]
+        + [_z(-0.05 - t[o]["diff"], t[o]["se"]) for t in a["transfer"]
+           for o in ("own_fgsm", "own_pgd", "surrogate_fgsm", "surrogate_pgd")])
+    out["kernel_attack_beats_noise"] = min(_z(-0.20 - t["random_sign"]["diff"], t["random_sign"]["se"])
+                                           for t in a["transfer"])
+    out["lazy_alignment_grows"] = _seed_margin(min(wd["cos_lin"]) - max(nw["cos_lin"]), wd["cos_lin"], nw["cos_lin"])
+    gaps = [f - c for f, c in zip(wd["cos_frozen"], wd["cos_lin"])]
+    out["lazy_is_frozen_gate"] = _seed_margin(min(gaps), gaps)
+    out["full_alignment_falls"] = _seed_margin(a["full_alignment_gap"] - 0.1, nw["cos"], wd["cos"])
+    rob, use = np.asarray(fe["robustness"]), np.asarray(fe["usefulness"])
+
+    def rhos(idx):
+        r, u = _spearman(idx, rob[idx]), _spearman(idx, use[idx])
+        return [r, r - u]
+
+    boot = bootstrap(rhos, len(rob), draws=200, seed=0)["se"]
+    out["robustness_at_the_top"] = min(_z(-0.5 - fe["spearman"], float(boot[0])),
+                                       _z(-0.3 - (fe["spearman"] - fe["usefulness_spearman"]), float(boot[1])))
+    se_spot = binomial_se(ss["robust"], n)
+    out["sweet_spot_robust"] = min(
+        _binomial_margin(ss["clean"], cmin, n),
+        _binomial_margin(ss["robust"], fe["best_constant"], n),
+        _z(ss["robust"] - ss["random_robust"] - 0.10, math.hypot(se_spot, ss["random_robust_se"])),
+        _z(ss["gain_crossed"] - 0.10, ss["gain_crossed_se"]))
+    out["vulnerability_returns"] = _z(-0.05 - ss["last_minus_spot"], ss["last_minus_spot_se"])
+    return out
 
 
 # ------------------------------------------------------------------ the computation
@@ -458,6 +590,9 @@ class _Task:
         self.X, self.y = (t.to(device) for t in d["kernel"])
         self.Xv, self.yv = (t.to(device) for t in d["val"])
         self.Xt, self.yt = (t.to(device) for t in d["test"])
+        # the held-out images of the final attacks on the nets: test and validation images (neither
+        # trains the nets nor the kernel; the validation images choose only part 3's number of features)
+        self.Xe, self.ye = torch.cat([self.Xt, self.Xv]), torch.cat([self.yt, self.yv])
         self.meta, self.device, self.seed = info(profile.dataset), device, profile.seed
         self.kernel_fn = functools.partial(kernels.two_layer_ntk, mean=self.meta["mean"], std=self.meta["std"])
         self.n = len(self.y)
@@ -488,10 +623,13 @@ def _kernel_limit(task: _Task, config, n_probe: int) -> tuple[list, dict]:
 
     X, Y, K, Xt, yt, steps = task.X, task.Y, task.K, task.Xt, task.yt, config["steps"]
     K_probe = K[:n_probe, :n_probe]
-    rel_error = []
+    rel_error = []                       # per width, per initialisation (the first from the profile's seed)
     for width in config["kernel_widths"]:
-        K_emp = ntk.empirical_ntk(task.net(width, task.seed), X[:n_probe], kind="logit", logit=0).double()
-        rel_error.append(float((K_emp - K_probe).norm() / K_probe.norm()))
+        rel_error.append([])
+        for j in range(config.get("kernel_inits", 1)):
+            seed = task.seed if j == 0 else 10_000 * (task.seed + 1) + j
+            K_emp = ntk.empirical_ntk(task.net(width, seed), X[:n_probe], kind="logit", logit=0).double()
+            rel_error[-1].append(float((K_emp - K_probe).norm() / K_probe.norm()))
     widest = task.net(config["widths"][-1], task.seed)
     K_emp = ntk.empirical_ntk(widest, X, kind="logit", logit=0).double()
     K_emp_test = ntk.empirical_ntk(widest, Xt, X, kind="logit", logit=0).double()
@@ -509,12 +647,13 @@ def _kernel_limit(task: _Task, config, n_probe: int) -> tuple[list, dict]:
     return rel_error, pred
 
 
-def _kernel_path(task: _Task, config) -> tuple[dict, dict, object]:
+def _kernel_path(task: _Task, config) -> tuple[dict, dict, dict]:
     """Part 2, the kernel side: the kernel predictor after each of the ``times``, with its FGSM
     examples, its input gradients on the test images and the input gradients of the same predictor
     with frozen gates (``{t: (predictor, x_fgsm, grad, grad_frozen)}``); per time its clean and FGSM
     accuracy, the per-image FGSM hits and the mean cosine of the frozen-gate gradient with the
-    kernel's (``cos_frozen``); its PGD examples at the end."""
+    kernel's (``cos_frozen``); at the end its FGSM and PGD examples of the held-out images ``Xe``
+    (``{"fgsm", "pgd"}``)."""
     import functools
 
     import torch.nn.functional as F
@@ -529,16 +668,18 @@ def _kernel_path(task: _Task, config) -> tuple[dict, dict, object]:
         P = kernels.KernelPredictor(task.kernel_fn, task.X, alpha).to(task.device)
         P_frozen = kernels.KernelPredictor(frozen_fn, task.X, alpha).to(task.device)
         kern[t] = (P, attacks.fgsm(P, Xt, yt, eps=eps), _loss_grad(P, Xt, yt), _loss_grad(P_frozen, Xt, yt))
-    x_kernel_pgd = attacks.pgd(kern[config["steps"]][0], Xt, yt, eps=eps, steps=config["pgd_steps"])
+    P_end = kern[config["steps"]][0]
+    x_kernel = {"fgsm": attacks.fgsm(P_end, task.Xe, task.ye, eps=eps),
+                "pgd": attacks.pgd(P_end, task.Xe, task.ye, eps=eps, steps=config["pgd_steps"])}
     hits = [_hits(kern[t][0], Xt, yt, kern[t][1]) for t in config["times"]]
     kernel_times = {"clean": [_acc(kern[t][0], Xt, yt) for t in config["times"]],
                     "fgsm": [sum(h) / len(h) for h in hits], "fgsm_hits": hits,
                     "cos_frozen": [float(F.cosine_similarity(kern[t][3], kern[t][2], dim=1).mean())
                                    for t in config["times"]]}
-    return kern, kernel_times, x_kernel_pgd
+    return kern, kernel_times, x_kernel
 
 
-def _train_net(task: _Task, config, net, kern: dict, x_kernel_pgd, seed: int) -> tuple[dict, dict]:
+def _train_net(task: _Task, config, net, kern: dict, x_kernel: dict, seed: int) -> tuple[dict, dict]:
     """Part 2, one net: full-batch gradient descent on the centred squared loss at the kernel's
     rate; at each of the kernel's times the input-gradient alignments and accuracies (see
     :func:`run`); at the end PGD (its own and the kernel's), a random-sign step (seeded by
@@ -575,15 +716,16 @@ def _train_net(task: _Task, config, net, kern: dict, x_kernel_pgd, seed: int) ->
             rec["clean"].append(_acc(model, Xt, yt))
             rec["own_fgsm"].append(_robust_acc(model, Xt, yt, eps))
             rec["kernel_fgsm"].append(_robust_acc(model, Xt, yt, eps, x_k))
-    x_own_fgsm = attacks.fgsm(model, Xt, yt, eps=eps)
-    x_own_pgd = attacks.pgd(model, Xt, yt, eps=eps, steps=config["pgd_steps"])
-    hits = {"clean": _hits(model, Xt, yt), "own_fgsm": _hits(model, Xt, yt, x_own_fgsm),
-            "own_pgd": _hits(model, Xt, yt, x_own_pgd), "kernel_fgsm": _hits(model, Xt, yt, kern[config["steps"]][1]),
-            "kernel_pgd": _hits(model, Xt, yt, x_kernel_pgd),
-            "random_sign": _hits(model, Xt, yt, _random_sign(Xt, eps, seed))}
+    Xe, ye = task.Xe, task.ye             # the final attacks: on the held-out images
+    x_own_fgsm = attacks.fgsm(model, Xe, ye, eps=eps)
+    x_own_pgd = attacks.pgd(model, Xe, ye, eps=eps, steps=config["pgd_steps"])
+    hits = {"clean": _hits(model, Xe, ye), "own_fgsm": _hits(model, Xe, ye, x_own_fgsm),
+            "own_pgd": _hits(model, Xe, ye, x_own_pgd), "kernel_fgsm": _hits(model, Xe, ye, x_kernel["fgsm"]),
+            "kernel_pgd": _hits(model, Xe, ye, x_kernel["pgd"]),
+            "random_sign": _hits(model, Xe, ye, _random_sign(Xe, eps, seed))}
     rec["hits"] = hits
     for key in ("own_pgd", "kernel_pgd", "random_sign"):
-        rec[key] = sum(hits[key]) / len(yt)
+        rec[key] = sum(hits[key]) / len(ye)
     rec["final_loss"] = loss.item()
     return rec, {"model": model, "fgsm": x_own_fgsm, "pgd": x_own_pgd}
 
@@ -592,7 +734,7 @@ def _surrogates(task: _Task, recs: list, nets: list) -> None:
     """Each net attacked by the FGSM and PGD examples of the next net of the same width (another
     initialisation, trained the same way): ``surrogate_fgsm``, ``surrogate_pgd`` and their hits,
     added to ``recs`` in place."""
-    Xt, yt = task.Xt, task.yt
+    Xt, yt = task.Xe, task.ye                 # the held-out images of the final attacks
     for i, (rec, own) in enumerate(zip(recs, nets)):
         other = nets[(i + 1) % len(nets)]
         for key in ("fgsm", "pgd"):
@@ -644,7 +786,8 @@ def _eigen_features(task: _Task, config) -> dict:
     ks = [k for k in config["ks"] if k <= q]
     seqs = {}
     for name, order in (("robust_first", order_r), ("useful_first", order_u)):
-        rows = {"clean": [], "robust": [], "transfer": [], "robust_hits": [], "val_clean": [], "val_robust": []}
+        rows = {"clean": [], "robust": [], "transfer": [], "robust_hits": [], "val_clean": [], "val_robust": [],
+                "val_robust_hits": []}
         for k in ks:
             P = full.with_alpha(alphas[order[:k]].sum(0))
             rows["clean"].append(_acc(P, Xt, yt))
@@ -653,25 +796,30 @@ def _eigen_features(task: _Task, config) -> dict:
             rows["transfer"].append(_robust_acc(P, Xt, yt, eps, x_full_fgsm))
             if name == "robust_first":     # the number of features is chosen on the validation images
                 rows["val_clean"].append(_acc(P, task.Xv, task.yv))
-                rows["val_robust"].append(_robust_acc(P, task.Xv, task.yv, eps))
+                rows["val_robust_hits"].append(_hits(P, Xv, yv, attacks.fgsm(P, Xv, yv, eps=eps)))
+                rows["val_robust"].append(sum(rows["val_robust_hits"][-1]) / len(yv))
         seqs[name] = rows
     # the baseline of k eigen-features drawn at random among the first q
     rng = np.random.default_rng(task.seed)
     draws = config["random_subsets"]
-    rand = {"clean": [], "robust": []}
+    rand = {"clean": [], "robust": [], "robust_draws": []}
     for k in ks:
-        c = r = 0.0
+        c, r = 0.0, []
         for _ in range(draws):
             P = full.with_alpha(alphas[torch.as_tensor(rng.choice(q, size=k, replace=False))].sum(0))
-            c, r = c + _acc(P, Xt, yt) / draws, r + _robust_acc(P, Xt, yt, eps) / draws
+            c += _acc(P, Xt, yt) / draws
+            r.append(_robust_acc(P, Xt, yt, eps))
         rand["clean"].append(c)
-        rand["robust"].append(r)
+        rand["robust"].append(sum(r) / draws)
+        rand["robust_draws"].append(r)
     full_hits = _hits(full, Xt, yt, x_full_fgsm)
+    full_val_hits = _hits(full, Xv, yv, attacks.fgsm(full, Xv, yv, eps=eps))
     return {"eigenvalues": eigenvalues[:q].float(), "usefulness": usefulness, "robustness": robustness,
             "spearman": float(rho) if math.isfinite(rho) else 0.0, "grad_images": torch.stack(grads).cpu(),
             "grad_image_x": x_img[0].cpu(), "grad_image_y": int(yt[0]), "ks": ks, **seqs,
             "random_k": rand, "best_constant": max(float((yt == c).double().mean()) for c in (0, 1)),
-            "full": {"clean": _acc(full, Xt, yt), "robust": sum(full_hits) / len(yt), "robust_hits": full_hits},
+            "full": {"clean": _acc(full, Xt, yt), "robust": sum(full_hits) / len(yt), "robust_hits": full_hits,
+                     "val_robust_hits": full_val_hits},
             "ridge": ridge}
 
 
@@ -683,20 +831,21 @@ def _compute(profile, config, device, progress) -> dict:
     task = _Task(profile, config, device)
     n_probe = min(profile.n_probe, task.n)
     rel_error, pred = _kernel_limit(task, config, n_probe)
-    kern, kernel_times, x_kernel_pgd = _kernel_path(task, config)
+    kern, kernel_times, x_kernel = _kernel_path(task, config)
     nets = {}
     runs = [(w, s) for w in config["widths"] for s in range(config["net_seeds"])]
     trained = {}
     for width, s in _progress.bar(progress, runs, desc="two-layer nets"):
         seed = 1000 * (profile.seed + 1) + s
-        rec, own = _train_net(task, config, task.net(width, seed), kern, x_kernel_pgd, seed)
+        rec, own = _train_net(task, config, task.net(width, seed), kern, x_kernel, seed)
         nets.setdefault(str(width), []).append(rec)
         trained.setdefault(str(width), []).append(own)
     for width in nets:
         _surrogates(task, nets[width], trained[width])
     features = _eigen_features(task, config)
     return {"config": config, "lr": task.lr, "lambda_max": task.lam_max, "n_kernel": task.n, "n_val": len(task.yv),
-            "n_test": len(task.yt), "kernel_widths": list(config["kernel_widths"]), "kernel_rel_error": rel_error,
+            "n_test": len(task.yt), "n_heldout": len(task.ye), "kernel_widths": list(config["kernel_widths"]),
+            "kernel_rel_error": [sum(e) / len(e) for e in rel_error], "kernel_rel_error_inits": rel_error,
             "n_probe": n_probe, "predictor": pred, "times": list(config["times"]), "kernel_times": kernel_times,
             "nets": nets, "features": features, "compute_seconds": time.perf_counter() - start}
 
@@ -708,8 +857,9 @@ def plan(profile) -> list:
     ``steps`` steps on the pair's kernel images (an epoch per step; a pass of a two-layer net costs
     its multiply-accumulates relative to the profile's model), with the comparisons at ``times``
     (gradients of the net, its linearisation and the kernel on the test images, an estimate) and the
-    final attacks; and the kernels: the empirical NTK of each of ``kernel_widths`` on ``n_probe``
-    images, and of the widest net on the kernel images and against the test images. The closed-form
+    final attacks (on the test and validation images); and the kernels: the empirical NTK of
+    ``kernel_inits`` nets of each of ``kernel_widths`` on ``n_probe`` images, and of the widest net on
+    the kernel images and against the test images. The closed-form
     NTK and the eigen-features are linear algebra, left out."""
     import importlib
 
@@ -730,14 +880,14 @@ def plan(profile) -> list:
     runs = []
     for width in s.widths:
         for seed in range(s.net_seeds):
-            evaluation = len(s.times) * n_test * 6 + n_test * (4 + 2 * s.pgd_steps)
+            evaluation = len(s.times) * n_test * 6 + (n_test + n_pair - n) * (4 + 2 * s.pgd_steps)
             runs.append(P.training_run(NAME, f"two-layer net, width {width}, init {seed}", profile, "normal",
                                        epochs=s.steps, n_train=n, eval_passes=evaluation, pass_cost=cost(width),
                                        model="two_layer_net", width=width, batch_size=n, eps=s.eps,
                                        note="full-batch gradient descent, one epoch per step"))
     widest = max(s.widths)
     runs.append(P.training_run(NAME, "empirical NTKs at initialisation", profile, "normal", epochs=0, n_train=n,
-                               kernel_images=[n_probe] * len(s.kernel_widths), model="two_layer_net",
+                               kernel_images=[n_probe] * (len(s.kernel_widths) * s.kernel_inits), model="two_layer_net",
                                pass_cost=cost(max(s.kernel_widths)), width=max(s.kernel_widths)))
     runs.append(P.training_run(NAME, "empirical NTK of the widest net (kernel and test images)", profile, "normal",
                                epochs=0, n_train=n, kernel_images=[n, round((n * n_test) ** 0.5)],
