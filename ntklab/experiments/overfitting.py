@@ -129,7 +129,8 @@ ISOTROPIC_ABOVE = 0.8      # uniform, log-uniform and Gaussian noise: effective 
 LEARNED_ABOVE = 0.5        # a method "learned" when its mean clean accuracy is at least this
 MIN_SPECTRAL_SEEDS = 2     # the kernel claim: in at least 2 of the 3 seeds
 #: GradAlign's weight under ``quick``: the book's choice for MNIST at eps 0.28 (the authors give none
-#: for MNIST; 0.2 at 8/255 on CIFAR-10), picked on the first seed among 0.1, 0.3 and 1 (prototype runs).
+#: for MNIST; 0.2 at 8/255 on CIFAR-10), picked on the first seed between 0.3 and 1 (prototype runs: with
+#: 1, FGSM-AT plus GradAlign hardly became robust in ten epochs).
 GRADALIGN_LAMBDA = 0.3
 MAX_GRADALIGN_COST = 4.0   # GradAlign's cost per batch at most 4 times FGSM-AT's (reported; 5 passes against 2)
 
