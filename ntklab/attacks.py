@@ -10,6 +10,8 @@
   importable from here too): the book's data-derived anisotropic noise;
 * :func:`pgd` — Madry et al. 2018, PGD-k with random start and restarts;
 * :func:`trades_loss` — Zhang et al. 2019, the TRADES training loss and its adversarial examples;
+* :func:`gradalign_loss` — Andriushchenko & Flammarion 2020, FGSM-AT's loss plus GradAlign's
+  gradient-alignment regulariser (chapter 6);
 * :func:`adversarial_examples` — any of :data:`ATTACKS` by name (the training loop uses it).
 
 Every attack takes ``model`` (logits out), ``x`` of shape (N, C, H, W) with values in [0, 1] and
@@ -50,7 +52,7 @@ from ntklab.noise import check_basis, pca_noise, pca_noise_basis
 _number, _count = _checks.number, _checks.count
 
 __all__ = ["fgsm", "fgsm_rs", "n_fgsm", "fgsm_logscale", "fgsm_aniso", "fgsm_pca", "pca_noise_basis", "pca_noise", "pgd",
-           "pgd_alpha", "trades_loss", "adversarial_examples", "attack_mode", "ATTACKS", "DEPRECATED", "BN_MODES"]
+           "pgd_alpha", "trades_loss", "gradalign_loss", "adversarial_examples", "attack_mode", "ATTACKS", "DEPRECATED", "BN_MODES"]
 
 ATTACKS = ("fgsm", "fgsm_rs", "n_fgsm", "fgsm_logscale", "fgsm_pca", "pgd")
 #: Old attack names that :func:`adversarial_examples` still accepts, with a ``DeprecationWarning``,
@@ -464,6 +466,69 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     loss_robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.log_softmax(logits, dim=1),
                            reduction="batchmean", log_target=True)
     return F.cross_entropy(logits, y) + beta * loss_robust, x_adv
+
+
+def gradalign_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, lam: float = 0.2,
+                   bn_mode: str = "eval", generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The GradAlign training loss: FGSM-AT plus a gradient-alignment regulariser (Andriushchenko &
+    Flammarion, NeurIPS 2020, "Understanding and improving fast adversarial training").
+
+    Distance: L-inf. Crafting: FGSM from ``x`` with step ``eps`` (:func:`fgsm`, BN in ``bn_mode``).
+    Then, in the model's own mode (train mode inside a training loop),
+
+        ``loss = CE(f(x'), y) + lam * (1 - mean_i cos(g_i(x_i), g_i(x_i + eta_i)))``,
+
+    where ``g_i(z) = grad_z CE(f(z), y)`` is the input gradient of the batch's mean cross-entropy at
+    the clean image and at a uniformly random point of the eps-ball (``eta ~ U[-eps, eps]^d``; the
+    point is clipped to [0, 1], the book's image domain, where the authors' code does not clip), the
+    cosine taken per example over all pixels. As in the authors' code, the gradient at ``x`` is a
+    constant (detached) and the one at the random point is differentiated through (double
+    backpropagation, ``create_graph=True``), and examples with a zero gradient at either point are
+    left out of the mean (none left: the regulariser is 0). ``lam = 0`` is FGSM-AT's loss.
+
+    Cost: FGSM's forward and backward pass, one more at ``x`` and one at the random point (the latter
+    kept in the graph), the forward pass on ``x'``, and a backward pass through the double-backward
+    graph: about three times FGSM-AT's per batch (chapter 6 measures it). In train mode each of the
+    three forward passes in the model's mode (``x'``, ``x``, the random point) updates the BN running
+    statistics, as in the authors' code.
+
+    ``lam``: the authors tune it per radius on CIFAR-10 (0.2 at eps = 8/255, their scripts
+    interpolating log-linearly in eps) and give none for MNIST; the default 0.2 is that CIFAR-10
+    value, and chapter 6's value for MNIST is the book's choice.
+
+    Arguments:
+        model, x, y, bn_mode: as in :func:`fgsm` (``bn_mode`` applies to the FGSM step only).
+        eps (float): L-inf radius, >= 0 (0: ``x' = x`` and the random point is ``x``).
+        lam (float): weight of the regulariser, a finite number >= 0.
+        generator (torch.Generator, optional): for the random point (on x's device).
+
+    Returns ``(loss, logits, x_adv)``: a scalar tensor attached to the parameters (ready for
+    ``loss.backward()``), the detached logits of ``x'`` (N, K) and the detached adversarial examples
+    ``x'`` (N, C, H, W) in [0, 1] within eps of ``x``. Chapter 6.
+
+    Example::
+
+        >>> loss, logits, x_adv = ntklab.attacks.gradalign_loss(model, x, y, eps=0.3, lam=1.0)
+        >>> loss.backward()
+    """
+    x, y = _check_inputs(x, y, eps=eps, bn_mode=bn_mode, model=model)
+    lam = _number("lam", lam)
+    x_adv = fgsm(model, x, y, eps=eps, bn_mode=bn_mode)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y)
+    if lam > 0:
+        with torch.enable_grad():
+            x1 = x.clone().requires_grad_(True)
+            (g1,) = torch.autograd.grad(F.cross_entropy(model(x1), y), x1)
+            x2 = torch.clamp(x + _uniform(x, eps, generator), 0, 1).requires_grad_(True)
+            (g2,) = torch.autograd.grad(F.cross_entropy(model(x2), y), x2, create_graph=True)
+        g1, g2 = g1.detach().flatten(1), g2.flatten(1)
+        n1, n2 = g1.norm(dim=1), g2.norm(dim=1)
+        keep = (n1 > 0) & (n2 > 0)
+        if keep.any():
+            cos = (g1[keep] * g2[keep]).sum(1) / (n1[keep] * n2[keep])
+            loss = loss + lam * (1 - cos.mean())
+    return loss, logits.detach(), x_adv
 
 
 # ------------------------------------------------------------------ by name

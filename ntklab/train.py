@@ -12,7 +12,9 @@ Strategies (``TrainConfig.strategy``), each a minimisation of the cross-entropy 
 * ``"fgsm_pca"``: FGSM after Gaussian noise with the training images' covariance, optionally plus an
   isotropic floor (the book's data-derived anisotropic noise, :func:`ntklab.attacks.fgsm_pca`; chapter 6);
 * ``"pgd"``: PGD-k examples (Madry et al. 2018);
-* ``"trades"``: the TRADES loss, clean cross-entropy plus beta times the KL term (Zhang et al. 2019).
+* ``"trades"``: the TRADES loss, clean cross-entropy plus beta times the KL term (Zhang et al. 2019);
+* ``"gradalign"``: FGSM-AT's loss plus ``gradalign_lambda`` times GradAlign's gradient-alignment
+  regulariser (Andriushchenko & Flammarion 2020, :func:`ntklab.attacks.gradalign_loss`; chapter 6).
 
 ``switch_epoch=s`` trains normally for epochs 0..s-1 and with ``strategy`` from epoch s on: the
 cost-saving schedule that Li et al. derive from the "kernel learning, lazy training, kernel learning"
@@ -81,7 +83,7 @@ __all__ = ["train", "training_step_costs", "TrainConfig", "History", "STRATEGIES
            "CHECKPOINT_FORMAT", "BestCheckpoint", "AMP_MODES"]
 
 STRATEGIES = ("normal", "fgsm", "fgsm_rs", "n_fgsm", "fgsm_logscale", "fgsm_pca", "pgd", "trades",
-              "fgsm_aniso")   # the last: the deprecated name of "fgsm_logscale"
+              "fgsm_aniso", "gradalign")   # the last: the deprecated name of "fgsm_logscale"
 SCHEDULES = ("multistep", "cosine", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
 #: The layout of ``checkpoint.pt``. A checkpoint of another format is refused (``ValueError`` saying
@@ -191,6 +193,8 @@ class TrainConfig:
     eps, alpha, steps, beta, attack_bn_mode: the attack's L-inf radius (pixel scale), step size
         (``None``: the attack's default; eps / 4 for PGD and TRADES), steps (``None``: 10 for PGD
         and TRADES), the TRADES weight, and the BN mode during the attack ("eval" or "train").
+    gradalign_lambda: the weight of GradAlign's regulariser (``"gradalign"`` only; its FGSM step is
+        eps, so ``alpha`` must be ``None``, and it takes no ``attack_kwargs`` and no ``amp``).
     attack_kwargs: further keyword arguments of the attack, passed at every batch to
         :func:`ntklab.attacks.adversarial_examples` (not for ``"normal"`` and ``"trades"``), e.g.
         ``{"low": 0.1}`` for ``"fgsm_logscale"``, ``{"noise": 0.3}`` for ``"n_fgsm"``, ``{"basis": B,
@@ -263,6 +267,7 @@ class TrainConfig:
     alpha: float | None = None
     steps: int | None = None
     beta: float = 6.0
+    gradalign_lambda: float = 0.2
     attack_bn_mode: str = "eval"
     attack_kwargs: dict | None = None
     clean_update: bool = False
@@ -291,7 +296,7 @@ class TrainConfig:
             raise ValueError(f"milestones must be a sequence of epochs, got {self.milestones!r}")
         object.__setattr__(self, "milestones", tuple(self.milestones))
         schedule = self.schedule()                                 # checks lr, gamma, milestones
-        for name in ("momentum", "weight_decay", "beta"):
+        for name in ("momentum", "weight_decay", "beta", "gradalign_lambda"):
             _checks.number(name, getattr(self, name))
         _checks.count("eval_every", self.eval_every, minimum=0)
         _checks.count("eval_size", self.eval_size, allow_none=True)
@@ -317,8 +322,9 @@ class TrainConfig:
             raise ValueError(f"augment must be None or one of {', '.join(map(repr, AUGMENTATIONS))}, got {self.augment!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
-        if self.amp is not None and self.strategy == "trades":
-            raise ValueError("amp does not apply to 'trades' (its loss runs the attack inside; attacks stay float32)")
+        if self.amp is not None and self.strategy in ("trades", "gradalign"):
+            raise ValueError(f"amp does not apply to {self.strategy!r} (its loss runs the attack inside; attacks "
+                             "stay float32)")
         for name in ("channels_last", "keep_best"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -468,15 +474,15 @@ def attack_arguments(strategy: str, eps, alpha=None, steps=None, bn_mode: str = 
         steps = 10 if steps is None else steps
     elif steps not in (None, 1):
         raise ValueError(f"{strategy!r} makes no multi-step attack: steps must be None or 1, got {steps!r}")
-    if strategy == "fgsm" and alpha is not None:
-        raise ValueError("'fgsm' takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' for another step")
+    if strategy in ("fgsm", "gradalign") and alpha is not None:
+        raise ValueError(f"{strategy!r} takes no alpha (its step is eps); use 'fgsm_rs' or 'n_fgsm' for another step")
     return {"eps": eps, "alpha": alpha, "steps": steps, "bn_mode": bn_mode}
 
 
 def _check_extra(strategy: str, attack_kwargs) -> None:
     if attack_kwargs is not None and not isinstance(attack_kwargs, dict):
         raise ValueError(f"attack_kwargs must be a dict or None, got {attack_kwargs!r}")
-    if attack_kwargs and strategy in ("normal", "trades"):
+    if attack_kwargs and strategy in ("normal", "trades", "gradalign"):
         raise ValueError(f"attack_kwargs is for the attacks of the single-step strategies and 'pgd', "
                          f"not for {strategy!r}")
     taken = sorted(set(attack_kwargs or {}) & {"eps", "alpha", "steps", "bn_mode", "beta"})
@@ -957,6 +963,17 @@ def _train_step(run: _Run, strategy: str, xb, yb):
         opt.step()
         clock.add("update", crafted)
         return loss.detach(), None
+    if strategy == "gradalign":  # FGSM and the regulariser's input gradients live inside the loss: timed as attack
+        kw = run.attack_kw
+        loss, logits, _ = attacks.gradalign_loss(model, xb, yb, eps=kw["eps"], lam=run.config.gradalign_lambda,
+                                                 bn_mode=kw["bn_mode"])
+        crafted = clock.now()
+        clock.add("attack", start, crafted)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        clock.add("update", crafted)
+        return loss.detach(), logits
     if strategy != "normal":
         xb = attacks.adversarial_examples(strategy, target, xb, yb, **run.attack_kw)
         crafted = clock.now()

@@ -361,7 +361,7 @@ def test_every_attack_function_is_listed_in_attacks():
     found = {name for name in attacks.__all__
              if inspect.isfunction(getattr(attacks, name))
              and list(inspect.signature(getattr(attacks, name)).parameters)[:4] == ["model", "x", "y", "eps"]}
-    assert found - {"trades_loss"} - set(attacks.DEPRECATED) == set(attacks.ATTACKS)
+    assert found - {"trades_loss", "gradalign_loss"} - set(attacks.DEPRECATED) == set(attacks.ATTACKS)   # losses
     assert all(callable(getattr(attacks, name)) for name in attacks.ATTACKS)
 
 
@@ -451,3 +451,100 @@ def test_pgd_matches_torchattacks(trained_cnn, mnist_small):
     theirs = torchattacks.PGD(trained_cnn, eps=EPS, alpha=EPS / 4, steps=10, random_start=False)(x, y)
     assert abs(accuracy(trained_cnn, ours, y) - accuracy(trained_cnn, theirs, y)) <= 0.01
     assert (ours - theirs).abs().gt(1e-5).float().mean() < 0.01  # the same points, nearly everywhere
+
+
+# ------------------------------------------------------------------ GradAlign (chapter 6)
+def _smooth_net(seed=0):
+    """A tiny float64 network with a smooth activation (the double backward pass is not zero)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.Softplus(), nn.Linear(6, 3)).double()
+
+
+def _tiny_batch(seed=1, n=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _gradalign_by_hand(model, x, y, eps, lam, gen_seed):
+    """The loss written out: FGSM from x (step eps, clipped), CE there, plus lam (1 - mean cos) of the
+    input gradients at x (a constant) and at the clipped uniform point (differentiable), cosines by
+    F.cosine_similarity."""
+    xa = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xa), y), xa)
+    x_adv = torch.clamp(x + eps * g.sign(), 0, 1)
+    loss = F.cross_entropy(model(x_adv), y)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(gen_seed), dtype=x.dtype)
+    x2 = torch.clamp(x + (2 * u - 1) * eps, 0, 1).requires_grad_(True)
+    x1 = x.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(F.cross_entropy(model(x1), y), x1)
+    (g2,) = torch.autograd.grad(F.cross_entropy(model(x2), y), x2, create_graph=True)
+    cos = F.cosine_similarity(g1.flatten(1), g2.flatten(1), dim=1)
+    return loss + lam * (1 - cos.mean()), x_adv
+
+
+def test_gradalign_loss_matches_a_hand_computation_in_float64():
+    model = _smooth_net()
+    x, y = _tiny_batch()
+    eps, lam = 0.3, 0.7
+    loss, logits, x_adv = attacks.gradalign_loss(model, x, y, eps=eps, lam=lam,
+                                                 generator=torch.Generator().manual_seed(5))
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    ref, ref_adv = _gradalign_by_hand(model, x, y, eps, lam, 5)
+    theirs = torch.autograd.grad(ref, list(model.parameters()))
+    assert torch.equal(x_adv, ref_adv) and torch.allclose(logits, model(ref_adv), atol=1e-12)
+    assert abs(loss.item() - ref.item()) < 1e-12
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ours, theirs))
+    # the regulariser is really differentiated (double backprop): its parameter gradient is not zero
+    fgsm_only = torch.autograd.grad(F.cross_entropy(model(ref_adv), y), list(model.parameters()))
+    assert max((a - b).abs().max().item() for a, b in zip(ours, fgsm_only)) > 1e-4
+    # negative control: a hand computation that also differentiates the gradient at x differs
+    x1 = x.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(F.cross_entropy(model(x1), y), x1, create_graph=True)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    x2 = torch.clamp(x + (2 * u - 1) * eps, 0, 1).requires_grad_(True)
+    (g2,) = torch.autograd.grad(F.cross_entropy(model(x2), y), x2, create_graph=True)
+    both = F.cross_entropy(model(ref_adv), y) + lam * (1 - F.cosine_similarity(g1.flatten(1), g2.flatten(1)).mean())
+    other = torch.autograd.grad(both, list(model.parameters()))
+    assert max((a - b).abs().max().item() for a, b in zip(ours, other)) > 1e-6
+
+
+def test_gradalign_with_lambda_zero_is_fgsm_at_loss():
+    model = _smooth_net(2)
+    x, y = _tiny_batch(3)
+    loss, logits, x_adv = attacks.gradalign_loss(model, x, y, eps=0.2, lam=0.0)
+    expected = F.cross_entropy(model(attacks.fgsm(model, x, y, eps=0.2)), y)
+    assert torch.equal(x_adv, attacks.fgsm(model, x, y, eps=0.2))
+    assert abs(loss.item() - expected.item()) < 1e-14
+    assert (x_adv - x).abs().max() <= 0.2 + 1e-12 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not logits.requires_grad and not x_adv.requires_grad
+
+
+def test_gradalign_cosine_term_is_in_range_and_zero_for_aligned_gradients():
+    # a linear model of two classes has input gradients (p_1 - y_1)(w_1 - w_0): one direction, the
+    # same sign for a label, so cos = 1 and the regulariser vanishes
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).double()
+    x, y = _tiny_batch(4)
+    loss, _, x_adv = attacks.gradalign_loss(linear, x, y % 2, eps=0.25, lam=3.0)
+    assert abs(loss.item() - F.cross_entropy(linear(x_adv), y % 2).item()) < 1e-10
+    model = _smooth_net(1)                          # a nonlinear one: 0 <= reg <= 2 lam, here > 0
+    loss, _, x_adv = attacks.gradalign_loss(model, x, y, eps=0.25, lam=1.0)
+    reg = loss.item() - F.cross_entropy(model(x_adv), y).item()
+    assert 0 < reg <= 2
+
+
+def test_gradalign_checks_its_arguments():
+    model = _smooth_net()
+    x, y = _tiny_batch()
+    for bad in (-0.1, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="lam"):
+            attacks.gradalign_loss(model, x, y, eps=0.1, lam=bad)
+    with pytest.raises(ValueError, match="eps"):
+        attacks.gradalign_loss(model, x, y, eps=-0.1)
+    with pytest.raises(ValueError):
+        attacks.gradalign_loss(model, x.float(), y, eps=0.1)    # dtype not the model's
+    with pytest.raises(ValueError, match="bn_mode"):
+        attacks.gradalign_loss(model, x, y, eps=0.1, bn_mode="nope")
+    before = [p.detach().clone() for p in model.parameters()]
+    attacks.gradalign_loss(model, x, y, eps=0.1, lam=1.0)
+    assert all(torch.equal(a, b) and b.grad is None for a, b in zip(before, model.parameters()))

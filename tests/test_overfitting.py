@@ -1,6 +1,7 @@
 """The ``overfitting`` experiment (chapter 6): result shapes and invariants under ``smoke``, the
 cache, the book's collapse rule, and the ``paper`` profile's code path on a tiny CPU subset."""
 import copy
+import math
 import dataclasses
 import os
 
@@ -84,6 +85,8 @@ def test_method_specs():
     assert co.method_spec("gauss", 0.28, cfg) == ("fgsm_logscale", None, {"low": 0.357, "high": 0.357})
     assert co.method_spec("pca_floor", 0.28, cfg) == ("fgsm_pca", None, {"floor": cfg["pca_floor"]})
     assert co.method_spec("n_fgsm", 0.2, cfg) == ("n_fgsm", None, {"noise": pytest.approx(0.2 * cfg["nfgsm_noise"])})
+    assert co.method_spec("gradalign", 0.28, cfg) == ("gradalign", None, {})        # a strategy, lambda in config
+    assert cfg["gradalign_lambda"] > 0 and set(co.REMEDIES) <= set(co.METHODS)
     assert set(co.SPECS) == set(co.METHODS) and set(co.CONTROLS) <= set(co.METHODS)
 
 
@@ -176,6 +179,8 @@ def test_make_config_per_profile(paper_profile):
     # the PGD step scales with the radius: eps / 4 as in the profile
     assert quick["profile"]["pgd_alpha"] == pytest.approx(s.eps / 4)
     assert quick["seeds"] == [0, 1, 2] and quick["channels_last"] and not quick["pgd_at"]
+    assert quick["profile"]["n_train"] == s.n_train == 2500 and quick["gradalign_lambda"] == co.GRADALIGN_LAMBDA
+    assert "gradalign" in quick["one_seed"]
     assert co.make_config(get_profile("quick").replace(seed=2))["seeds"] == [2, 3, 4]
     paper = co.make_config(paper_profile)
     # the paper profile keeps its model and sizes (here: the tiny fixture's) and trains a short
@@ -292,7 +297,15 @@ def test_analyse_on_a_smoke_run(overfitting_run):
         assert s["erank"]["control"] == pytest.approx([centred_erank(K) for K in c["kernels"]["clean"]], rel=1e-6,
                                                       nan_ok=True)
     cl = co.claims(a, "smoke")
-    assert len(cl) == len({c.key for c in cl}) == 13
+    assert len(cl) == len({c.key for c in cl}) == 16
+    ga = a["methods"]["gradalign"]       # GradAlign: by hand from its run
+    assert ga["min_after_robust"] == pytest.approx([co._min_after(r["history"]["extra"]["co_robust_acc"], 0.25)
+                                                    for r in result["runs"]["gradalign"]], nan_ok=True)
+    seed = result["runs"]["gradalign"][0]["seed"]        # smoke trains every seed (one_seed is empty)
+    assert seed == result["seeds"][0] and a["gradalign_seed"] == seed and "gradalign" not in result["config"]["one_seed"]
+    same = [r for r in result["runs"]["fgsm"] if r["seed"] == seed][0]
+    assert a["gradalign_gap"] == pytest.approx(result["runs"]["gradalign"][0]["robust_acc"] - same["robust_acc"])
+    assert a["gradalign_cost_ratio"] == pytest.approx(steps["gradalign"] / steps["fgsm"])
     assert C.check(cl, "smoke") == []          # nothing is asserted at the smoke scale
 
 
@@ -330,8 +343,12 @@ def good_analysis():
         "noise": {"d": 784, "fgsm_pca": {"erank": 60.0}},
         "methods": {"fgsm": {"collapsed": 2}, "fgsm_logscale": {"collapsed": 0}, "fgsm_pca": {"collapsed": 1},
                     "fgsm_rs": {"collapsed": 0}, "rs_step": {"collapsed": 0}, "gauss": {"collapsed": 0},
-                    "pca_floor": {"collapsed": 0}, "n_fgsm": {"collapsed": 0}},
+                    "pca_floor": {"collapsed": 0}, "n_fgsm": {"collapsed": 0},
+                    "gradalign": {"collapsed": 0, "min_after_robust": [0.1]}},
+        "co_robust": 0.25, "co_floor": 0.1,
         "logscale_gap_min": 0.1,
+        "gradalign_gap": 0.1,
+        "gradalign_cost_ratio": 4.0,
         "cost_ratio": 1.2,
         "kernel": {"n_rise": 2, "n_faster": 2},
     }
@@ -352,6 +369,9 @@ def test_claims_negative_controls():
         "kernel_rise": _set(("kernel", "n_rise"), 1),
         "kernel_moves": _set(("kernel", "n_faster"), 1),
         "logscale_cost": _set(("cost_ratio",), 1.2001),
+        "gradalign_holds": _set(("methods", "gradalign", "min_after_robust"), [0.0999]),
+        "gradalign_gap": _set(("gradalign_gap",), 0.0999),
+        "gradalign_cost": _set(("gradalign_cost_ratio",), 4.001),
     })
 
 
@@ -369,6 +389,11 @@ def test_which_claims_are_asserted():
     bad = good_analysis()
     del bad["methods"]["fgsm_pca"]
     assert {c.key: c.holds for c in co.claims(bad, "quick")}["pca_collapses"] is False
+    del bad["methods"]["gradalign"]                 # and a GradAlign run that never became robust (NaN)
+    assert {c.key: c.holds for c in co.claims(bad, "quick")}["gradalign_holds"] is False
+    bad = good_analysis()
+    bad["methods"]["gradalign"]["min_after_robust"] = [math.nan]
+    assert {c.key: c.holds for c in co.claims(bad, "quick")}["gradalign_holds"] is False
 
 
 #: The claims asserted under quick (the others did not hold on every seed or are not predicted).
@@ -394,3 +419,15 @@ def test_seed_curves_draws_seeds_and_means():
     with pytest.raises(ValueError, match="2 values for 3 x values"):
         plots.seed_curves([1, 2, 3], {"c": [[0.1, 0.2]]}, ax=ax)
     plt.close(fig)
+
+
+def test_min_after_robust_by_hand():
+    assert co._min_after([0.1, 0.3, 0.05, 0.4], 0.25) == 0.05       # from the first robust epoch on
+    assert co._min_after([0.3, 0.2, 0.26], 0.25) == 0.2
+    assert co._min_after([0.05, 0.2, 0.24], 0.25) != co._min_after([0.05, 0.2, 0.24], 0.25)   # never robust: NaN
+
+
+def test_remedy_seed():
+    runs = [{"seed": 4, "collapse_epoch": None}, {"seed": 5, "collapse_epoch": 3}, {"seed": 6, "collapse_epoch": 1}]
+    assert co.remedy_seed(runs, [4, 5, 6]) == 5
+    assert co.remedy_seed(runs[:1], [4, 5, 6]) == 4 and co.remedy_seed([], [7, 8]) == 7

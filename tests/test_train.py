@@ -621,3 +621,19 @@ def test_new_fields_come_last_in_order():
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     assert names.index("seed") < names.index("augment") < names.index("amp") < names.index("channels_last") \
         < names.index("keep_best")
+
+
+# ---------------------------------------------------------------- GradAlign (chapter 6)
+def test_gradalign_with_lambda_zero_trains_as_fgsm(tiny):
+    m1, h1 = fit(tiny[0], strategy="fgsm", eps=0.1)
+    m2, h2 = fit(tiny[0], strategy="gradalign", eps=0.1, gradalign_lambda=0.0)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert h2.train_acc[0] is not None and abs(h1.train_acc[0] - h2.train_acc[0]) < 1e-9
+    m3, _ = fit(tiny[0], strategy="gradalign", eps=0.1, gradalign_lambda=1.0)     # the regulariser acts
+    assert max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m3.parameters())) > 1e-4
+
+
+def test_gradalign_refuses_what_it_does_not_use(tiny):
+    for bad in ({"alpha": 0.1}, {"attack_kwargs": {"noise": 0.1}}, {"amp": "bf16"}, {"gradalign_lambda": -1.0}):
+        with pytest.raises(ValueError):
+            TrainConfig(strategy="gradalign", epochs=1, eps=0.1, **bad)
