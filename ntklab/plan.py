@@ -14,7 +14,9 @@ How the cost is counted (the book's model, an estimate, not a measurement):
   forward and one backward pass of one image through the run's model. ``passes`` per example and
   epoch: normal training 1; the single-step attacks (``fgsm``, ``fgsm_rs``, ``n_fgsm``,
   ``fgsm_logscale``, ``fgsm_pca``) 2 (the attack's pass and the update's); PGD-k k + 1; TRADES-k
-  k + 2 (k steps, the clean and the adversarial logits of the update); ``clean_update`` (chapter 8)
+  k + 2 (k steps, the clean and the adversarial logits of the update); ``gradalign`` 5 (FGSM's two,
+  the input gradient at a random point of the ball, and its double backward counted as two; chapter 6
+  measured about 10 on the CPU, so the count is low for it); ``clean_update`` (chapter 8)
   adds 1; a run that switches after s normal epochs (chapter 5) averages its epochs. The noise,
   projection and optimiser work are left out;
 * ``eval_passes`` are the other image-passes of a run, in total (not per example): attacks at test
@@ -108,9 +110,11 @@ def passes_per_example(strategy: str, steps: int | None = None, *, clean_update:
         n = steps + 1.0
     elif strategy == "trades":
         n = steps + 2.0
+    elif strategy == "gradalign":
+        n = 5.0
     else:
         raise ValueError(f"strategy {strategy!r} has no pass count; known: normal, {', '.join(SINGLE_STEP)}, "
-                         "pgd, trades")
+                         "pgd, trades, gradalign")
     return n + (1.0 if clean_update else 0.0)
 
 

@@ -16,7 +16,7 @@ COSTS = {"seconds_per_pass": 0.002, "kernel_500_seconds": 40.0, "autoattack_seco
 @pytest.mark.parametrize("strategy, steps, clean_update, expected", [
     ("normal", None, False, 1), ("fgsm", None, False, 2), ("fgsm_rs", None, False, 2), ("n_fgsm", None, False, 2),
     ("fgsm_logscale", None, False, 2), ("fgsm_pca", None, False, 2), ("pgd", 10, False, 11), ("pgd", None, False, 11),
-    ("pgd", 3, True, 5), ("trades", 10, False, 12), ("fgsm_rs", None, True, 3),
+    ("pgd", 3, True, 5), ("trades", 10, False, 12), ("fgsm_rs", None, True, 3), ("gradalign", None, False, 5),
 ])
 def test_passes_per_example(strategy, steps, clean_update, expected):
     assert plan.passes_per_example(strategy, steps, clean_update=clean_update) == expected

@@ -476,6 +476,36 @@ def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _row() -> dict:
+    """One model's (or cell's) series over the freeze times."""
+    return {"clean": [], "robust": [], "clean_flags": [], "robust_flags": [], "loss": []}
+
+
+def _empty_result(config, n_final: int) -> dict:
+    """The result :func:`_compute` fills: its keys, every series empty."""
+    return {"config": config, "times": list(config["times"]), "actual_times": {}, "phase1": {}, "base": {},
+            "cells": {c: _row() for c in CELLS}, "reference": _row(), "kernels": {},
+            "final": {"n": n_final, **{m: {} for m in FINAL}},
+            "autoattack": {"n": config["n_autoattack"], "attacks": "apgd-ce",
+                           "apgd": {m: [] for m in HEADLINE}, "worst": {m: [] for m in HEADLINE}}}
+
+
+def _final_set(test_set, eval_set, config, seed):
+    """``(n_final, data set)``: the next ``n_final`` images of the class-balanced draw whose first
+    ``n_eval`` are ``eval_set`` (at most what the test set holds beyond them; ``(0, None)`` without)."""
+    import torch
+
+    from ntklab import data
+
+    n_final = max(0, min(config.get("n_final", 0), len(test_set) - 1 - config["n_eval"]))
+    if not n_final:
+        return 0, None
+    more = data.subset(test_set, config["n_eval"] + n_final, seed=seed).tensors
+    if not torch.equal(more[0][:config["n_eval"]], eval_set.tensors[0]):
+        raise RuntimeError("the extra evaluation images do not extend the evaluation set")
+    return n_final, torch.utils.data.TensorDataset(more[0][config["n_eval"]:], more[1][config["n_eval"]:])
+
+
 def _compute(profile, config, device, progress, checkpoints) -> dict:
     import torch
 
@@ -492,13 +522,7 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
     train_set, test_set = data_from_profile(profile)
     phase2_set = data.subset(train_set, config["n_phase2"], seed=profile.seed)
     eval_set = data.subset(test_set, config["n_eval"], seed=profile.seed)
-    # the next n_final images of the same class-balanced draw (the first n_eval of a larger draw are eval_set)
-    n_final = max(0, min(config.get("n_final", 0), len(test_set) - 1 - config["n_eval"]))
-    if n_final:
-        more = data.subset(test_set, config["n_eval"] + n_final, seed=profile.seed).tensors
-        if not torch.equal(more[0][:config["n_eval"]], eval_set.tensors[0]):
-            raise RuntimeError("the extra evaluation images do not extend the evaluation set")
-        final_set = torch.utils.data.TensorDataset(more[0][config["n_eval"]:], more[1][config["n_eval"]:])
+    n_final, final_set = _final_set(test_set, eval_set, config, profile.seed)
     aa_set = data.subset(test_set, config["n_autoattack"], seed=profile.seed)   # the images APGD-CE attacks
     x_kernel = data.subset(train_set, config["n_kernel"], seed=profile.seed).tensors[0].to(device)
     attack_kw = {"eps": eps, "alpha": config["train_alpha"], "steps": config["train_steps"]}
@@ -536,15 +560,8 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
         net.load_state_dict(state)
         return net.to(device).eval()
 
-    def row():
-        return {"clean": [], "robust": [], "clean_flags": [], "robust_flags": [], "loss": []}
-
     strategy = {"C": "normal", "A": config["train_attack"]}
-    snaps, out = {}, {"config": config, "times": list(config["times"]), "actual_times": {}, "phase1": {},
-                      "base": {}, "cells": {c: row() for c in CELLS}, "reference": row(), "kernels": {},
-                      "final": {"n": n_final, **{m: {} for m in FINAL}},
-                      "autoattack": {"n": config["n_autoattack"], "attacks": "apgd-ce",
-                                     "apgd": {m: [] for m in HEADLINE}, "worst": {m: [] for m in HEADLINE}}}
+    snaps, out = {}, _empty_result(config, n_final)
     for p1 in ("C", "A"):
         seed_everything(profile.seed)           # one initialisation for both
         net = model_from_profile(model_profile)
@@ -553,7 +570,7 @@ def _compute(profile, config, device, progress, checkpoints) -> dict:
         history = fit(net, train_set, 1, strategy[p1], (f"phase1_{p1}", [snaps[p1]]))
         out["phase1"][p1] = history.to_dict()
         out["actual_times"][p1] = snaps[p1].actual_times
-        out["base"][p1] = row()
+        out["base"][p1] = _row()
         out["kernels"][p1] = []
         for t in config["times"]:
             model = build(snaps[p1].state(t))

@@ -835,16 +835,13 @@ def plan(profile) -> list:
     def one(label, method, seed, eps, *, kernels=False, autoattack=False):
         strategy = "pgd" if method == "pgd" else method_spec(method, eps, config)[0]
         steps = config["pgd_at_steps"] if method == "pgd" else None
-        if strategy == "gradalign":   # ntklab.plan has no count for GradAlign: its 5 passes per example (FGSM's,
-            strategy, steps = "pgd", 4   # the gradients at x and at the random point, the update's, the double
-        run = P.training_run(NAME, label, p, strategy, steps=steps,   # backward) are counted as PGD-4's 5
+        run = P.training_run(NAME, label, p, strategy, steps=steps,
                              eval_passes=p.epochs * per_epoch + final,
                              kernel_images=[p.n_probe] * snaps if kernels else (), seed=seed,
                              autoattack_images=config["n_autoattack"] if autoattack else 0,
                              method=method, schedule=config["lr_schedule"], **({"eps": eps} if eps != p.eps else {}))
         if method == "gradalign":
-            run.settings.pop("steps", None)
-            run.settings.update(strategy="gradalign", gradalign_lambda=config["gradalign_lambda"])
+            run.settings.update(gradalign_lambda=config["gradalign_lambda"])
         return run
 
     runs = []
