@@ -954,19 +954,13 @@ def _train_step(run: _Run, strategy: str, xb, yb):
         sgd_step(model, opt, xb, yb, amp=run.config.amp)
         clock.add("update", start)
     start = clock.now()
-    if strategy == "trades":  # the inner maximisation lives inside the loss: timed as attack
-        loss, _ = attacks.trades_loss(model, xb, yb, beta=run.config.beta, **run.attack_kw)
-        crafted = clock.now()
-        clock.add("attack", start, crafted)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        clock.add("update", crafted)
-        return loss.detach(), None
-    if strategy == "gradalign":  # FGSM and the regulariser's input gradients live inside the loss: timed as attack
-        kw = run.attack_kw
-        loss, logits, _ = attacks.gradalign_loss(model, xb, yb, eps=kw["eps"], lam=run.config.gradalign_lambda,
-                                                 bn_mode=kw["bn_mode"])
+    if strategy in ("trades", "gradalign"):   # the inner maximisation (TRADES), FGSM and the regulariser's
+        kw = run.attack_kw                     # input gradients (GradAlign) live inside the loss: timed as attack
+        if strategy == "trades":
+            loss, logits = attacks.trades_loss(model, xb, yb, beta=run.config.beta, **kw)[0], None
+        else:
+            loss, logits, _ = attacks.gradalign_loss(model, xb, yb, eps=kw["eps"], lam=run.config.gradalign_lambda,
+                                                     bn_mode=kw["bn_mode"])
         crafted = clock.now()
         clock.add("attack", start, crafted)
         opt.zero_grad(set_to_none=True)
