@@ -488,7 +488,9 @@ def gradalign_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
 
     Cost: FGSM's forward and backward pass, one more at ``x`` and one at the random point (the latter
     kept in the graph), the forward pass on ``x'``, and a backward pass through the double-backward
-    graph: about three times FGSM-AT's per batch (chapter 6 measures it). In train mode each of the
+    graph: five passes by the count against FGSM-AT's two, and about five times FGSM-AT's per batch as
+    chapter 6 measured it on the CPU (a backward pass through a backward pass costs more than a plain
+    one; :func:`ntklab.plan.passes_per_example` keeps the count). In train mode each of the
     three forward passes in the model's mode (``x'``, ``x``, the random point) updates the BN running
     statistics, as in the authors' code.
 
