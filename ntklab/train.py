@@ -77,7 +77,7 @@ from ntklab.clock import Clock, step_cost
 from ntklab.config import get_device
 from ntklab.data import as_tensors, atomic_save, describe_load_error, subset
 
-__all__ = ["train", "training_step_costs", "TrainConfig", "History", "STRATEGIES", "SCHEDULES", "STREAMS", "LRSchedule", "MultiStepLR",
+__all__ = ["train", "training_step_costs", "loss_step", "TrainConfig", "History", "STRATEGIES", "SCHEDULES", "STREAMS", "LRSchedule", "MultiStepLR",
            "CosineLR", "ConstantLR", "make_schedule", "stream_seed", "attack_arguments", "extra_attack_arguments",
            "sgd_step", "Callback", "KernelSnapshots", "CatastrophicOverfittingDetector", "CHECKPOINT_NAME",
            "CHECKPOINT_FORMAT", "BestCheckpoint", "AMP_MODES"]
@@ -508,10 +508,17 @@ def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb:
     with _autocast(amp, xb.device):
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
+    loss_step(opt, loss)
+    return loss.detach(), logits.detach()
+
+
+def loss_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step on a scalar ``loss`` attached to the parameters (gradients zeroed, the loss
+    backpropagated, ``opt.step()``): the update of :func:`sgd_step` and of the strategies whose loss
+    is not a plain cross-entropy (TRADES, GradAlign)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach(), logits.detach()
 
 
 def _autocast(amp: str | None, device: torch.device):
@@ -963,9 +970,7 @@ def _train_step(run: _Run, strategy: str, xb, yb):
                                                      bn_mode=kw["bn_mode"])
         crafted = clock.now()
         clock.add("attack", start, crafted)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss_step(opt, loss)
         clock.add("update", crafted)
         return loss.detach(), logits
     if strategy != "normal":

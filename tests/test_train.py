@@ -637,3 +637,20 @@ def test_gradalign_refuses_what_it_does_not_use(tiny):
     for bad in ({"alpha": 0.1}, {"attack_kwargs": {"noise": 0.1}}, {"amp": "bf16"}, {"gradalign_lambda": -1.0}):
         with pytest.raises(ValueError):
             TrainConfig(strategy="gradalign", epochs=1, eps=0.1, **bad)
+
+
+def test_loss_step_is_one_sgd_update_from_zeroed_gradients():
+    """ntklab.train.loss_step zeroes stale gradients, backpropagates the loss and steps: the weights
+    move by -lr times the loss's own gradient (checked by hand), whatever gradient was left before."""
+    from ntklab.train import loss_step
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    w0 = lin.weight.detach().clone()
+    (lin(x) ** 2).sum().backward()                     # a stale gradient that must not leak in
+    loss = lin(x).sum()
+    grad = torch.autograd.grad(loss, lin.weight, retain_graph=True)[0]
+    loss_step(torch.optim.SGD(lin.parameters(), lr=0.1), loss)
+    assert torch.allclose(lin.weight, w0 - 0.1 * grad, atol=1e-14)
+    assert not torch.allclose(grad, torch.zeros_like(grad))

@@ -468,7 +468,7 @@ def _step_costs(p, config, train_set, device) -> dict:
     from ntklab import attacks
     from ntklab.clock import step_cost
     from ntklab.config import seed_everything
-    from ntklab.train import attack_arguments, extra_attack_arguments, sgd_step  # the loop's own pieces
+    from ntklab.train import attack_arguments, extra_attack_arguments, loss_step, sgd_step  # the loop's own pieces
 
     seed_everything(p.seed)
     net0 = model_from_profile(p).to(device)
@@ -494,10 +494,7 @@ def _step_costs(p, config, train_set, device) -> dict:
             def one_gradalign():
                 xb, yb = next(cycle)
                 net.train()
-                loss, _, _ = attacks.gradalign_loss(net, xb, yb, eps=p.eps, lam=config["gradalign_lambda"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                loss_step(opt, attacks.gradalign_loss(net, xb, yb, eps=p.eps, lam=config["gradalign_lambda"])[0])
             return one_gradalign
         kw = attack_arguments(attack, p.eps, alpha, steps, "eval")
         kw.update(extra_attack_arguments(attack, extra or None, x_all, device))   # fgsm_pca: the data's basis
